@@ -1,0 +1,1 @@
+"""Classification transfer (finetune, linear probe, kNN) of CrossMAE encoders. Not yet built."""

@@ -1,0 +1,170 @@
+"""What MAE (arXiv:2111.06377) and CrossMAE (arXiv:2401.14391) pretraining models share: the ViT
+encoder run on visible patches, the mask, the choice of encoder feature maps for inter-block
+attention, and the pixel target.
+
+Mask convention: ``mask[n, l] = 1`` where patch ``l`` is predicted, 0 where visible or ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .masking import (
+    MASKINGS,
+    MaskCounts,
+    gather_tokens,
+    grid_shuffle,
+    mask_counts,
+    normalize_patches,
+    patchify,
+    random_shuffle,
+)
+from .vit import VisionTransformer, grid_of
+
+
+def resolve_use_fm(use_fm: Sequence[int], depth: int) -> list[int]:
+    """Encoder blocks whose outputs feed inter-block attention, in the official ``use_fm`` form:
+    ``[-1]`` alone = every block; otherwise block indices, negatives counting from the end."""
+    use_fm = [int(i) for i in use_fm]
+    if not use_fm:
+        raise ValueError("use_fm is empty: name at least one encoder block (or [-1] for all)")
+    if use_fm == [-1]:
+        return list(range(depth))
+    bad = [i for i in use_fm if not -depth <= i < depth]
+    if bad:
+        raise ValueError(f"use_fm indices {bad} are out of range for an encoder of depth {depth}")
+    out = [i % depth for i in use_fm]
+    if len(set(out)) != len(out):
+        raise ValueError(f"use_fm {use_fm} names an encoder block twice")
+    return sorted(out)
+
+
+class MaskedAutoencoderBase(nn.Module):
+    """Encoder half of a masked autoencoder; subclasses add the decoder and the loss.
+
+    Args:
+        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps,
+            drop_path_rate: the ViT encoder (see ``VisionTransformer``).
+        mask_ratio: p, the fraction of patches hidden from the encoder.
+        masking: ``"random"`` (the paper) or ``"grid"`` (keep one of every four, Table 15).
+        norm_pix_loss: regress per-patch normalised pixels.
+        weight_fm: inter-block attention over several encoder maps; False = the last map, after
+            the encoder's final ``norm``.
+        use_fm: encoder blocks feeding inter-block attention (official form, see ``resolve_use_fm``).
+        use_input: also feed the encoder's input tokens (cls + visible patches) to it.
+    """
+
+    def __init__(
+        self,
+        *,
+        img_size: int | Sequence[int],
+        patch_size: int,
+        in_chans: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        norm_eps: float,
+        drop_path_rate: float,
+        mask_ratio: float,
+        masking: str,
+        norm_pix_loss: bool,
+        weight_fm: bool,
+        use_fm: Sequence[int],
+        use_input: bool,
+    ):
+        super().__init__()
+        if masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
+        self.encoder = VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate,
+            norm_eps=norm_eps,
+            final_norm=not weight_fm,
+        )
+        self.patch_size = patch_size
+        self.grid_size = grid_of(img_size, patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.mask_ratio = mask_ratio
+        self.masking = masking
+        self.norm_pix_loss = norm_pix_loss
+        self.weight_fm = weight_fm
+        self.use_input = use_input
+        self.fm_blocks = resolve_use_fm(use_fm, depth)
+        self.num_maps = len(self.fm_blocks) + int(use_input) if weight_fm else 1
+
+    # ----------------------------------------------------------------------------- mask
+    def mask_counts(self, mask_ratio: float, pred_ratio: float | None) -> MaskCounts:
+        """Visible / ignored / predicted counts for these ratios (errors on invalid ones)."""
+        if self.masking == "grid" and mask_ratio != 0.75:
+            raise ValueError(
+                f"grid masking keeps one patch in four: mask_ratio must be 0.75, got {mask_ratio}"
+            )
+        return mask_counts(self.num_patches, mask_ratio, pred_ratio)
+
+    def make_mask(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float,
+        pred_ratio: float | None,
+        ids_shuffle: torch.Tensor | None,
+    ) -> tuple[MaskCounts, torch.Tensor]:
+        """Counts of the split and the (N, L) permutation (drawn here unless given)."""
+        counts = self.mask_counts(mask_ratio, pred_ratio)
+        N = imgs.shape[0]
+        if ids_shuffle is None:
+            if self.masking == "grid":
+                ids_shuffle = grid_shuffle(N, self.grid_size, imgs.device)
+            else:
+                ids_shuffle = random_shuffle(N, self.num_patches, imgs.device)
+        elif tuple(ids_shuffle.shape) != (N, self.num_patches) or ids_shuffle.is_floating_point():
+            raise ValueError(
+                f"ids_shuffle must be an integer tensor of shape (N, L) = ({N}, "
+                f"{self.num_patches}), got {ids_shuffle.dtype} {tuple(ids_shuffle.shape)}"
+            )
+        return counts, ids_shuffle
+
+    # ----------------------------------------------------------------------------- encoder
+    def encode(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> list[torch.Tensor]:
+        """Run the encoder on the visible patches.
+
+        Returns the feature maps the decoder reads, each (N, 1 + n_keep, D) with the cls token
+        first: with ``weight_fm`` the input tokens (if ``use_input``) then the outputs of the
+        ``fm_blocks``; without it, the last block's output after the encoder's ``norm``.
+        """
+        enc = self.encoder
+        x = gather_tokens(enc.patch_tokens(imgs), ids_keep)  # (N, n_keep, D)
+        x = enc.prepend_cls(x)  # (N, 1 + n_keep, D)
+        maps = [x] if self.weight_fm and self.use_input else []
+        for i, blk in enumerate(enc.blocks):
+            x = blk(x)
+            if self.weight_fm and i in self.fm_blocks:
+                maps.append(x)
+        return maps if self.weight_fm else [enc.norm(x)]
+
+    # ----------------------------------------------------------------------------- target
+    def pixel_target(self, imgs: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Regression target (N, L or n, p*p*C): patches at ``ids`` (all if None), per-patch
+        normalised with ``norm_pix_loss``."""
+        target = patchify(imgs, self.patch_size)
+        if ids is not None:
+            target = gather_tokens(target, ids)
+        if self.norm_pix_loss:
+            target = normalize_patches(target)[0]
+        return target
+
+
+def init_args(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments as a plain dict (for self-describing checkpoints)."""
+    out = {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -1,0 +1,273 @@
+"""Transformer building blocks shared by the ViT encoder and the MAE / CrossMAE decoders.
+
+Parameter names follow timm's ``vision_transformer.py`` and the official MAE / CrossMAE code
+(``norm1``, ``attn.qkv``, ``attn.proj``, ``norm2``, ``mlp.fc1``, ``mlp.fc2``; cross-attention blocks
+use ``cross_attn.q``, ``cross_attn.kv``, ``cross_attn.proj``), so checkpoints map one-to-one.
+Attention runs through ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NORM_EPS = 1e-6
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (Huang et al. 2016): drops the residual branch of a sample.
+
+    Args:
+        p: probability of dropping the branch.
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with exact GELU.
+
+    Args:
+        dim: input and output width.
+        hidden_dim: hidden width.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads; must divide ``dim``.
+        qkv_bias: bias on the fused q/k/v projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from ``x`` (decoder width), keys/values from ``y``.
+
+    The projection of ``y`` (encoder width) to decoder width lives inside ``kv``, as in CrossMAE
+    Sec. 3.2 ("we embed the projection within the multi-head cross-attention module").
+
+    Args:
+        dim: query / output width (decoder width).
+        kv_dim: width of the key/value tokens (encoder width).
+        num_heads: attention heads; must divide ``dim``.
+    """
+
+    def __init__(self, dim: int, kv_dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(kv_dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B, Nq, C = x.shape
+        Nk = y.shape[1]
+        h = self.num_heads
+        q = self.q(x).view(B, Nq, h, C // h).transpose(1, 2)  # (B, heads, Nq, head_dim)
+        kv = self.kv(y).view(B, Nk, 2, h, C // h)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, Nk, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Nq, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(B, Nq, C))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / ``dim``.
+        drop_path: stochastic-depth probability of both residual branches.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        norm_eps: float = NORM_EPS,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class CrossBlock(nn.Module):
+    """CrossMAE decoder block (Fig. 4b): cross-attention from queries to encoder tokens, then MLP.
+
+    With ``self_attn`` the queries first attend to each other (the ablation of Sec. 4.3 / App. A.4,
+    Fig. 6: no causal mask): ``x + self_attn(norm0(x))``.
+
+    Args:
+        dim: decoder width.
+        kv_dim: encoder width.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / ``dim``.
+        self_attn: add self-attention among the queries.
+        norm_eps: LayerNorm epsilon.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kv_dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        self_attn: bool = False,
+        norm_eps: float = NORM_EPS,
+    ):
+        super().__init__()
+        if self_attn:
+            self.norm0 = nn.LayerNorm(dim, eps=norm_eps)
+            self.self_attn = Attention(dim, num_heads)
+        self.has_self_attn = self_attn
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.cross_attn = CrossAttention(dim, kv_dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        if self.has_self_attn:
+            x = x + self.self_attn(self.norm0(x))
+        x = x + self.cross_attn(self.norm1(x), kv)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens with a strided convolution.
+
+    Args:
+        patch_size: square patch side in pixels.
+        in_chans: image channels.
+        embed_dim: token width.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D), raster order
+
+
+def init_weights_(module: nn.Module) -> None:
+    """The MAE / CrossMAE initialisation: Xavier-uniform Linear weights (the patch-embedding
+    convolution viewed as a Linear), zero biases, LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PatchEmbed):
+            w = m.proj.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(m.proj.bias)
+
+
+IBA_MODES = ("linear", "softmax", "linear_proj")
+
+
+class InterBlockAttention(nn.Module):
+    """Inter-block attention (CrossMAE Sec. 3.4, Eq. 1): each of ``num_outputs`` decoder blocks
+    reads its own weighted sum of ``num_maps`` encoder feature maps, ``t_k = sum_j w_kj f_j``.
+
+    Modes:
+        ``"linear"``: the paper's free linear weights (default).
+        ``"softmax"``: weights normalised by a softmax over the maps (Table 8).
+        ``"linear_proj"``: a Linear projection of each map before the weighted sum (Table 9, "+LP").
+
+    ``weight`` is (num_outputs, num_maps), the layout of the official ``wfm.linear.weight``. It is
+    initialised Xavier-uniform: the paper's text says N(0, 1/n), but the official code overwrites
+    that with its global Xavier init, which is what the released models were trained with.
+
+    Instead of stacking the maps into (B, N, C, k) and mixing along the trailing axis, the maps are
+    stacked on a leading axis and mixed by one (num_outputs, k) @ (k, B*N*C) product.
+
+    Args:
+        num_maps: number of encoder feature maps mixed (k).
+        num_outputs: number of mixtures (the decoder depth; 1 for MAE + IBA).
+        dim: width of the feature maps (used by ``"linear_proj"``).
+        mode: one of ``IBA_MODES``.
+    """
+
+    def __init__(self, num_maps: int, num_outputs: int, dim: int, mode: str = "linear"):
+        super().__init__()
+        if mode not in IBA_MODES:
+            raise ValueError(f"inter-block attention mode must be one of {IBA_MODES}, got {mode!r}")
+        if num_maps < 1:
+            raise ValueError("inter-block attention needs at least one feature map")
+        self.mode = mode
+        self.weight = nn.Parameter(torch.empty(num_outputs, num_maps))
+        nn.init.xavier_uniform_(self.weight)
+        if mode == "linear_proj":
+            self.proj = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_maps))
+
+    def mixing_weights(self) -> torch.Tensor:
+        """The effective (num_outputs, num_maps) weights."""
+        return self.weight.softmax(dim=-1) if self.mode == "softmax" else self.weight
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """maps: k tensors (B, N, C) -> (num_outputs, B, N, C)."""
+        if len(maps) != self.weight.shape[1]:
+            raise ValueError(f"expected {self.weight.shape[1]} feature maps, got {len(maps)}")
+        if self.mode == "linear_proj":
+            maps = [proj(m) for proj, m in zip(self.proj, maps, strict=True)]
+        stacked = torch.stack(maps, dim=0)  # (k, B, N, C)
+        w = self.mixing_weights().to(stacked.dtype)
+        mixed = w @ stacked.flatten(1)  # (num_outputs, B*N*C)
+        return mixed.view(w.shape[0], *stacked.shape[1:])  # (num_outputs, B, N, C)

@@ -1,0 +1,1 @@
+"""ViTDet Mask R-CNN detection transfer of CrossMAE encoders. Not yet built."""

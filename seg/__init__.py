@@ -1,0 +1,1 @@
+"""UperNet semantic segmentation transfer of CrossMAE encoders. Not yet built."""
