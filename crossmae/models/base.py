@@ -54,7 +54,7 @@ class MaskedAutoencoderBase(nn.Module):
         norm_pix_loss: regress per-patch normalised pixels.
         weight_fm: inter-block attention over several encoder maps; False = the last map, after
             the encoder's final ``norm``.
-        use_fm: encoder blocks feeding inter-block attention (official form, see ``resolve_use_fm``).
+        use_fm: encoder blocks feeding inter-block attention (official form: ``resolve_use_fm``).
         use_input: also feed the encoder's input tokens (cls + visible patches) to it.
     """
 
@@ -95,12 +95,14 @@ class MaskedAutoencoderBase(nn.Module):
         self.patch_size = patch_size
         self.grid_size = grid_of(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if masking == "grid" and (self.grid_size[0] % 2 or self.grid_size[1] % 2):
+            raise ValueError(f"grid masking needs an even patch grid, got {self.grid_size}")
         self.mask_ratio = mask_ratio
         self.masking = masking
         self.norm_pix_loss = norm_pix_loss
         self.weight_fm = weight_fm
         self.use_input = use_input
-        self.fm_blocks = resolve_use_fm(use_fm, depth)
+        self.fm_blocks = frozenset(resolve_use_fm(use_fm, depth))
         self.num_maps = len(self.fm_blocks) + int(use_input) if weight_fm else 1
 
     # ----------------------------------------------------------------------------- mask

@@ -183,4 +183,10 @@ class MAE(MaskedAutoencoderBase):
         mask = mask.to(target.dtype)
         per_patch = (pred.to(target.dtype) - target).pow(2).mean(dim=-1)  # (N, L)
         loss = (per_patch * mask).sum() / mask.sum()
-        return {"loss": loss, "loss_recon": loss, "pred": pred, "mask": mask, "ids_shuffle": ids_shuffle}
+        return {
+            "loss": loss,
+            "loss_recon": loss,
+            "pred": pred,
+            "mask": mask,
+            "ids_shuffle": ids_shuffle,
+        }

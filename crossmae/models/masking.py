@@ -32,8 +32,8 @@ def mask_counts(num_patches: int, mask_ratio: float, pred_ratio: float | None = 
     """Split ``num_patches`` into visible / ignored / predicted counts (module docstring).
 
     ``pred_ratio`` (γ) is the fraction of ALL patches predicted; None means γ = p (MAE).
-    Ratios outside 0 < γ <= p < 1, or a split that leaves nothing visible or nothing predicted,
-    are errors.
+    Ratios outside 0 < γ <= p < 1, or a split that leaves nothing visible, are errors; at least
+    one patch is always predicted (n_pred >= L * γ > 0).
     """
     L, p = num_patches, float(mask_ratio)
     g = p if pred_ratio is None else float(pred_ratio)
@@ -48,8 +48,6 @@ def mask_counts(num_patches: int, mask_ratio: float, pred_ratio: float | None = 
     n_pred = L - n_keep - n_ignore
     if n_keep < 1:
         raise ValueError(f"mask_ratio {p} leaves no visible patch out of {L}")
-    if n_pred < 1:
-        raise ValueError(f"pred_ratio {g} with mask_ratio {p} predicts no patch out of {L}")
     return MaskCounts(n_keep, n_ignore, n_pred)
 
 

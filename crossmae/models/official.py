@@ -124,7 +124,9 @@ def model_kwargs_from_official(config: Mapping[str, Any], *, kind: str) -> dict[
     names = {**_CONFIG_KEYS["common"], **_CONFIG_KEYS[kind]}
     unknown = sorted(set(config) - set(names))
     if unknown:
-        raise KeyError(f"official {kind} config: unknown settings {unknown}; known: {sorted(names)}")
+        raise KeyError(
+            f"official {kind} config: unknown settings {unknown}; known: {sorted(names)}"
+        )
     return {names[k]: v for k, v in config.items()}
 
 

@@ -30,7 +30,9 @@ def sincos_2d(
         (1, [1 +] rows * cols, embed_dim) in raster order.
     """
     if embed_dim % 4:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {embed_dim}")
+        raise ValueError(
+            f"sin-cos position embedding needs a width divisible by 4, got {embed_dim}"
+        )
     rows, cols = grid
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")  # (rows, cols)
     emb = torch.cat([_sincos_1d(embed_dim // 2, c), _sincos_1d(embed_dim // 2, r)], dim=1)

@@ -54,7 +54,7 @@ class VisionTransformer(nn.Module):
         norm_eps: LayerNorm epsilon.
         final_norm: LayerNorm ``norm`` after the last block (absent in CrossMAE with inter-block
             attention and in MAE finetuning with average pooling).
-        global_pool: ``"token"`` (cls token) or ``"avg"`` (mean of patch tokens) for ``forward_head``.
+        global_pool: ``"token"`` (cls token) or ``"avg"`` (patch-token mean) in ``forward_head``.
         fc_norm: LayerNorm ``fc_norm`` after pooling (the MAE finetune recipe with ``"avg"``).
         num_classes: classifier width; 0 = no ``head``.
         pos_embed_trainable: whether ``pos_embed`` is a trained parameter (False in pretraining:
@@ -112,7 +112,7 @@ class VisionTransformer(nn.Module):
         if imgs.ndim != 4:
             raise ValueError(f"expected images (N, C, H, W), got shape {tuple(imgs.shape)}")
         H, W = imgs.shape[-2:]
-        if (H, W) != self.img_size:
+        if self.img_size != (H, W):
             raise ValueError(
                 f"input is {H}x{W} but this encoder is set up for {self.img_size[0]}x"
                 f"{self.img_size[1]} (patch {self.patch_size}); call set_img_size(({H}, {W})) "
@@ -199,7 +199,9 @@ class VisionTransformer(nn.Module):
         out = []
         for i in indices:
             if not -self.depth <= i < self.depth:
-                raise ValueError(f"block index {i} is out of range for an encoder of depth {self.depth}")
+                raise ValueError(
+                    f"block index {i} is out of range for an encoder of depth {self.depth}"
+                )
             out.append(i % self.depth)
         if len(set(out)) != len(out):
             raise ValueError(f"block indices {list(indices)} name a block twice")

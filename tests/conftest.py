@@ -1,0 +1,38 @@
+"""Shared test helpers. The one place that finds ``../shared`` (real data and parity fixtures)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ENV = "CROSSMAE_SHARED"
+
+
+def shared_root() -> Path:
+    """``$CROSSMAE_SHARED`` if set, else ``../shared`` beside the repository."""
+    return Path(os.environ.get(SHARED_ENV, REPO.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared folder; skipped when absent, except under CI (CI=true), where that fails."""
+    root = shared_root()
+    if not (root / "fixtures").is_dir() or not (root / "data").is_dir():
+        msg = f"shared folder (fixtures/, data/) not found at {root}; set {SHARED_ENV} to it"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return root
+
+
+@pytest.fixture
+def float64():
+    """Run a test with float64 as the default dtype (parity tests need it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
