@@ -4,7 +4,9 @@ with ``torch.load(weights_only=True)``; strict loading by assertion on the exact
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,3 +40,83 @@ def load_state_dict_strict(
     if problems:
         raise KeyError(f"{what} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(dict(state_dict), strict=not allow)
+
+
+# ----------------------------------------------------------------------------- files
+LAST = "checkpoint-last.pt"
+PRETRAIN_FORMAT = "crossmae-pretrain-v1"
+ENCODER_FORMAT = "crossmae-encoder-v1"
+
+
+def save_atomic(obj: dict, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it:
+    a crash at any point leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load one of our checkpoints (plain dicts, ``weights_only``), with a clear error otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise ValueError(f"{path} is not a crossmae checkpoint (no 'format' key)")
+    return ckpt
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint ``--resume auto`` continues from, if the folder holds one."""
+    path = Path(out_dir) / LAST
+    return path if path.is_file() else None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP and ``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        else:
+            return model
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the pretraining model a checkpoint describes and load its weights strictly."""
+    from .models import create_model
+
+    if ckpt.get("format") != PRETRAIN_FORMAT:
+        raise ValueError(f"expected a {PRETRAIN_FORMAT} checkpoint, got {ckpt.get('format')!r}")
+    model = create_model(ckpt["model_name"], **ckpt["model_config"])
+    load_state_dict_strict(model, ckpt["model"], what=f"{ckpt['model_name']} checkpoint")
+    return model
+
+
+def encoder_export(model: nn.Module, *, model_name: str, extra: dict | None = None) -> dict:
+    """Encoder-only checkpoint: timm / official-MAE key names under ``"encoder"``, the encoder's
+    constructor settings under ``"encoder_config"`` (``VisionTransformer(**encoder_config)``)."""
+    from . import __version__
+
+    model = unwrap(model)
+    return {
+        "format": ENCODER_FORMAT,
+        "version": __version__,
+        "model_name": model_name,
+        "encoder": {k: v.detach().cpu() for k, v in model.encoder.state_dict().items()},
+        "encoder_config": dict(model.encoder.config),
+        **(extra or {}),
+    }

@@ -16,6 +16,6 @@ def test_models_params_prints_the_reference_counts(capsys):
 
 def test_models_lists_names(capsys):
     assert main(["models", "mae_*"]) == 0
-    sizes = ["base_patch16", "huge_patch14", "large_patch16", "small_patch16"]
+    sizes = ["base_patch16", "huge_patch14", "large_patch16", "small_patch16", "tiny_patch16"]
     assert capsys.readouterr().out.split() == [f"mae_vit_{s}" for s in sizes]
     assert main(["models", "nothing*"]) == 1

@@ -8,20 +8,17 @@ Mask convention: ``mask[n, l] = 1`` where patch ``l`` is predicted, 0 where visi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from .masking import (
-    MASKINGS,
     MaskCounts,
+    MaskSampler,
     gather_tokens,
-    grid_shuffle,
     mask_counts,
     normalize_patches,
     patchify,
-    random_shuffle,
 )
 from .vit import VisionTransformer, grid_of
 
@@ -78,8 +75,6 @@ class MaskedAutoencoderBase(nn.Module):
         use_input: bool,
     ):
         super().__init__()
-        if masking not in MASKINGS:
-            raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
         self.encoder = VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
@@ -95,8 +90,7 @@ class MaskedAutoencoderBase(nn.Module):
         self.patch_size = patch_size
         self.grid_size = grid_of(img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        if masking == "grid" and (self.grid_size[0] % 2 or self.grid_size[1] % 2):
-            raise ValueError(f"grid masking needs an even patch grid, got {self.grid_size}")
+        self.mask_sampler = MaskSampler(self.grid_size, masking)
         self.mask_ratio = mask_ratio
         self.masking = masking
         self.norm_pix_loss = norm_pix_loss
@@ -125,10 +119,7 @@ class MaskedAutoencoderBase(nn.Module):
         counts = self.mask_counts(mask_ratio, pred_ratio)
         N = imgs.shape[0]
         if ids_shuffle is None:
-            if self.masking == "grid":
-                ids_shuffle = grid_shuffle(N, self.grid_size, imgs.device)
-            else:
-                ids_shuffle = random_shuffle(N, self.num_patches, imgs.device)
+            ids_shuffle = self.mask_sampler(N, imgs.device)
         elif tuple(ids_shuffle.shape) != (N, self.num_patches) or ids_shuffle.is_floating_point():
             raise ValueError(
                 f"ids_shuffle must be an integer tensor of shape (N, L) = ({N}, "
@@ -164,9 +155,3 @@ class MaskedAutoencoderBase(nn.Module):
         if self.norm_pix_loss:
             target = normalize_patches(target)[0]
         return target
-
-
-def init_args(local_vars: dict[str, Any]) -> dict[str, Any]:
-    """A constructor's arguments as a plain dict (for self-describing checkpoints)."""
-    out = {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -16,10 +16,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import MaskedAutoencoderBase, init_args
+from .base import MaskedAutoencoderBase
 from .layers import NORM_EPS, CrossBlock, InterBlockAttention, init_weights_
 from .masking import gather_tokens, split_shuffle
 from .pos_embed import sincos_2d
+from .vit import init_args
 
 
 class CrossMAEDecoder(nn.Module):
@@ -133,7 +134,7 @@ class CrossMAE(MaskedAutoencoderBase):
         drop_path_rate: float = 0.0,
         norm_eps: float = NORM_EPS,
     ):
-        self_config = init_args(locals())
+        config = init_args(locals())
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -151,7 +152,7 @@ class CrossMAE(MaskedAutoencoderBase):
             use_fm=use_fm,
             use_input=use_input,
         )
-        self.config = self_config
+        self.config = config
         self.pred_ratio = pred_ratio
         self.mask_counts(mask_ratio, pred_ratio)  # invalid ratios fail at construction
         self.decoder = CrossMAEDecoder(

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .base import MaskedAutoencoderBase, init_args
+from .base import MaskedAutoencoderBase
 from .layers import NORM_EPS, Block, InterBlockAttention, init_weights_
 from .masking import split_shuffle
 from .pos_embed import sincos_2d
+from .vit import init_args
 
 
 class MAEDecoder(nn.Module):
@@ -121,7 +122,7 @@ class MAE(MaskedAutoencoderBase):
         drop_path_rate: float = 0.0,
         norm_eps: float = NORM_EPS,
     ):
-        self_config = init_args(locals())
+        config = init_args(locals())
         super().__init__(
             img_size=img_size,
             patch_size=patch_size,
@@ -139,7 +140,7 @@ class MAE(MaskedAutoencoderBase):
             use_fm=use_fm,
             use_input=use_input,
         )
-        self.config = self_config
+        self.config = config
         self.mask_counts(mask_ratio, None)  # invalid ratios fail at construction
         self.decoder = MAEDecoder(
             num_maps=self.num_maps if weight_fm else None,

@@ -15,6 +15,7 @@ MAE is the case γ = p.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -51,28 +52,64 @@ def mask_counts(num_patches: int, mask_ratio: float, pred_ratio: float | None = 
     return MaskCounts(n_keep, n_ignore, n_pred)
 
 
-def random_shuffle(n: int, num_patches: int, device: torch.device | None = None) -> torch.Tensor:
+def random_shuffle(
+    n: int,
+    num_patches: int,
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Per-sample uniform random permutation, as the official ``argsort(rand(N, L))``: (N, L)."""
-    noise = torch.rand(n, num_patches, device=device)
+    noise = torch.rand(n, num_patches, device=device, generator=generator)
     return torch.argsort(noise, dim=1)
 
 
-def grid_shuffle(n: int, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+def grid_shuffle(
+    n: int,
+    grid: tuple[int, int],
+    device: torch.device | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Grid masking ("keep one of every four", MAE Fig. 6; CrossMAE Table 15): the top-left
     patch of every 2x2 cell comes first (visible), the other patches follow in random order.
 
     Returns (N, L); needs an even grid so that exactly a quarter of the patches is visible.
     """
     rows, cols = grid
-    if rows % 2 or cols % 2:
-        raise ValueError(f"grid masking needs an even patch grid, got {rows}x{cols}")
     ids = torch.arange(rows * cols, device=device).view(rows, cols)
     keep = ids[::2, ::2].reshape(-1)  # (L/4,)
     rest = torch.ones(rows, cols, dtype=torch.bool, device=device)
     rest[::2, ::2] = False
     rest = ids[rest]  # (3L/4,)
-    order = torch.argsort(torch.rand(n, rest.numel(), device=device), dim=1)
+    order = torch.argsort(torch.rand(n, rest.numel(), device=device, generator=generator), dim=1)
     return torch.cat([keep.expand(n, -1), rest[order]], dim=1)
+
+
+@dataclass(frozen=True)
+class MaskSampler:
+    """Draws ``ids_shuffle`` permutations for a patch grid; picklable, so data-loader workers can
+    draw each sample's mask from that sample's own generator.
+
+    Args:
+        grid: patch grid (rows, cols).
+        masking: ``"random"`` or ``"grid"``.
+    """
+
+    grid: tuple[int, int]
+    masking: str = "random"
+
+    def __post_init__(self):
+        if self.masking not in MASKINGS:
+            raise ValueError(f"masking must be one of {MASKINGS}, got {self.masking!r}")
+        if self.masking == "grid" and (self.grid[0] % 2 or self.grid[1] % 2):
+            raise ValueError(f"grid masking needs an even patch grid, got {self.grid}")
+
+    def __call__(
+        self, n: int, device: torch.device | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """(n, L) permutations."""
+        if self.masking == "grid":
+            return grid_shuffle(n, self.grid, device, generator)
+        return random_shuffle(n, self.grid[0] * self.grid[1], device, generator)
 
 
 def split_shuffle(

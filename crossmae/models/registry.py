@@ -21,6 +21,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 # encoder / decoder sizes of the paper's ViTs
 VIT_SIZES: dict[str, dict] = {
+    # not in the paper: DeiT-Ti widths, for CPU demos and small-data experiments
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                 decoder_embed_dim=128, decoder_num_heads=4),
     "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
                   decoder_embed_dim=256, decoder_num_heads=8),
     "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,

@@ -12,12 +12,20 @@ This encoder API is the contract for the task packages (cls/, det/, seg/): ``for
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .layers import NORM_EPS, Block, PatchEmbed, init_weights_
 from .pos_embed import resample_abs_pos_embed, sincos_2d
+
+
+def init_args(local_vars: dict[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments (its ``locals()``) as a plain dict, for self-describing
+    checkpoints: ``type(model)(**model.config)`` rebuilds the model."""
+    out = {k: v for k, v in local_vars.items() if k not in ("self", "__class__")}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def to_2tuple(size: int | Sequence[int]) -> tuple[int, int]:
@@ -78,7 +86,9 @@ class VisionTransformer(nn.Module):
         num_classes: int = 0,
         pos_embed_trainable: bool = False,
     ):
+        config = init_args(locals())
         super().__init__()
+        self.config = config
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
         self.img_size = to_2tuple(img_size)

@@ -1,0 +1,112 @@
+"""Image sources: an ImageFolder tree (ImageNet layout), a flat folder of unlabelled images, and the
+photos bundled with scikit-image (the no-download demo). A source lists files up front and loads
+one image on demand; loading errors are raised and handled by the caller, which skips and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
+
+# real photographs that ship inside scikit-image (public domain / CC0)
+SKIMAGE_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+    "retina", "camera", "brick", "grass", "gravel", "coins", "moon", "clock",
+)  # fmt: skip
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image fully (truncated or non-image files raise) as RGB."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+class ImageFiles:
+    """Images under ``root``: class sub-folders (ImageFolder: ``root/<class>/**/<img>``) or, when
+    ``root`` holds images directly, a flat unlabelled folder (``root/**/<img>``, label -1).
+
+    A missing path, a path that is not a folder, or a folder with no image files is an error
+    raised here, before any training starts. Files without an image extension are ignored and
+    counted in ``ignored``.
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser()
+        if not self.root.exists():
+            raise FileNotFoundError(f"data path {self.root} does not exist")
+        if not self.root.is_dir():
+            raise NotADirectoryError(f"data path {self.root} is not a folder")
+        direct = any(_is_image(p) for p in self.root.iterdir())
+        subdirs = sorted(d for d in self.root.iterdir() if d.is_dir())
+        self.files: list[Path] = []
+        self.labels: list[int] = []
+        self.ignored = 0
+        if direct or not subdirs:
+            self.layout, self.classes = "flat", []
+            self._scan(self.root, -1)
+        else:
+            self.layout, self.classes = "imagefolder", [d.name for d in subdirs]
+            for label, d in enumerate(subdirs):
+                self._scan(d, label)
+        if not self.files:
+            raise FileNotFoundError(
+                f"no image files under {self.root} (extensions {', '.join(IMG_EXTENSIONS)})"
+            )
+        if self.ignored:
+            log.warning("%s: ignored %d files without an image extension", self.root, self.ignored)
+
+    def _scan(self, folder: Path, label: int) -> None:
+        for p in sorted(folder.rglob("*")):
+            if _is_image(p):
+                self.files.append(p)
+                self.labels.append(label)
+            elif p.is_file():
+                self.ignored += 1
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, i: int) -> str:
+        return str(self.files[i])
+
+    def load(self, i: int) -> Image.Image:
+        return load_rgb(self.files[i])
+
+
+class BuiltinPhotos:
+    """scikit-image's bundled photographs, repeated to ``length`` items per epoch (each item is
+    then randomly cropped, so an epoch sees ``length`` different crops)."""
+
+    def __init__(self, length: int = 2048, names: tuple[str, ...] = SKIMAGE_PHOTOS):
+        import skimage.data
+
+        if length < 1:
+            raise ValueError(f"length must be positive, got {length}")
+        self.length = length
+        self.names = list(names)
+        self.photos = []
+        for n in names:
+            a = np.asarray(getattr(skimage.data, n)())
+            if a.ndim == 2:
+                a = np.repeat(a[..., None], 3, axis=2)
+            self.photos.append(Image.fromarray(a[..., :3].astype(np.uint8)))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def name(self, i: int) -> str:
+        return f"skimage.data.{self.names[i % len(self.photos)]}"
+
+    def load(self, i: int) -> Image.Image:
+        return self.photos[i % len(self.photos)]

@@ -1,0 +1,164 @@
+"""Pretraining data pipeline: a resumable, rank-sharded sampler whose items carry their own seed,
+and a dataset wrapper that skips (and reports) unreadable files.
+
+Every sample's crop, flip and mask are drawn from a generator seeded by (run seed, epoch, index),
+so a batch is a pure function of (epoch, step): resuming mid-epoch replays nothing and skips
+nothing, and 1 process with global batch B sees the same batches as N processes with B / N each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_BAD = 50
+
+
+def sample_seed(*keys: int) -> int:
+    """A 63-bit seed from non-negative integer keys: (seed, epoch) for an epoch's permutation,
+    (seed, epoch, index) for one sample."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+class ResumableSampler(Sampler):
+    """Shuffled per epoch from (seed, epoch), trimmed to whole global steps, sharded over ranks,
+    and able to start at any sample of the epoch. Yields ``(index, sample_seed)`` pairs.
+
+    Rank r takes positions r, r + R, r + 2R, ... of the epoch's permutation, so the global step s
+    (``per_rank_step`` samples per rank) covers positions [s * R * per_rank_step, (s+1) * ...)
+    whatever the number of ranks R.
+
+    Args:
+        num_samples: dataset length.
+        per_rank_step: samples one rank consumes per optimizer step (micro batch x accumulation).
+        num_replicas, rank: the process group.
+        seed: run seed.
+        shuffle: permute per epoch (else in order).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        per_rank_step: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ):
+        self.num_samples = num_samples
+        self.per_rank_step = per_rank_step
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.steps_per_epoch = num_samples // (per_rank_step * num_replicas)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of "
+                f"{per_rank_step * num_replicas}"
+            )
+        self.epoch = 0
+        self.start_step = 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Select the epoch and the step within it to start from (for resume)."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.per_rank_step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=g)
+        else:
+            order = torch.arange(self.num_samples)
+        total = self.steps_per_epoch * self.per_rank_step * self.num_replicas
+        mine = order[:total][self.rank :: self.num_replicas]
+        for i in mine[self.start_step * self.per_rank_step :].tolist():
+            yield i, sample_seed(self.seed, self.epoch, i)
+
+
+@dataclass
+class Sample:
+    image: torch.Tensor  # (3, H, W) normalised
+    ids_shuffle: torch.Tensor | None  # (L,) mask permutation
+    label: int
+    skipped: list[str]  # files that failed to load on the way to this sample
+
+
+class PretrainSamples(Dataset):
+    """Wraps an image source (``datasets.ImageFiles`` / ``BuiltinPhotos``) with a seeded transform
+    and a mask sampler. An unreadable, truncated or non-image file is skipped: the next index is
+    used instead and the failure is reported with the sample.
+
+    Args:
+        source: has ``__len__``, ``load(i) -> PIL image``, ``name(i)`` and optionally ``labels``.
+        transform: ``(image, generator) -> tensor``.
+        mask_sampler: ``(n, device, generator) -> (n, L)`` permutations, or None.
+    """
+
+    def __init__(self, source, transform: Callable, mask_sampler: Callable | None = None):
+        self.source = source
+        self.transform = transform
+        self.mask_sampler = mask_sampler
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        g = torch.Generator().manual_seed(seed)
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_BAD):
+            i = (index + attempt) % len(self.source)
+            try:
+                img: Image.Image = self.source.load(i)
+                break
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+                skipped.append(f"{self.source.name(i)} ({type(e).__name__}: {e})")
+        else:
+            raise RuntimeError(
+                f"{MAX_CONSECUTIVE_BAD} unreadable files in a row, from {self.source.name(index)}"
+            )
+        image = self.transform(img, g)
+        ids = self.mask_sampler(1, None, g)[0] if self.mask_sampler is not None else None
+        labels = getattr(self.source, "labels", None)
+        return Sample(image, ids, labels[i] if labels else -1, skipped)
+
+
+def collate(samples: list[Sample]) -> dict:
+    """Samples -> {"images" (N, 3, H, W), "ids_shuffle" (N, L) or None, "labels" (N,),
+    "skipped" [file names]}."""
+    ids = [s.ids_shuffle for s in samples]
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "ids_shuffle": torch.stack(ids) if ids[0] is not None else None,
+        "labels": torch.tensor([s.label for s in samples]),
+        "skipped": [name for s in samples for name in s.skipped],
+    }
+
+
+def make_loader(
+    dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=False,  # the sampler already trims to whole steps
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # worker seeds must not consume the global RNG (exact resume)
+    )

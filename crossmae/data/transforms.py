@@ -1,0 +1,90 @@
+"""Image transforms driven by an explicit ``torch.Generator``, so that every sample's augmentation
+is a pure function of its seed (exact resume, and the same batches for 1 or N processes)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _uniform(lo: float, hi: float, g: torch.Generator) -> float:
+    return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+
+def rrc_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    g: torch.Generator,
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop box (top, left, h, w), torchvision's algorithm on generator ``g``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * _uniform(scale[0], scale[1], g)
+        aspect = math.exp(_uniform(log_ratio[0], log_ratio[1], g))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=g))
+            left = int(torch.randint(0, width - w + 1, (), generator=g))
+            return top, left, h, w
+    # fallback: central crop at the nearest allowed aspect ratio
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class PretrainTransform:
+    """MAE pretraining augmentation: RandomResizedCrop(size, scale, bicubic) + horizontal flip +
+    ImageNet normalisation.
+
+    Args:
+        size: output side.
+        scale: crop area range as a fraction of the image.
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0)):
+        self.size = size
+        self.scale = tuple(scale)
+
+    def __call__(self, img: Image.Image, g: torch.Generator) -> torch.Tensor:
+        top, left, h, w = rrc_params(img.height, img.width, self.scale, (3 / 4, 4 / 3), g)
+        img = TF.resized_crop(
+            img, top, left, h, w, [self.size, self.size], InterpolationMode.BICUBIC
+        )
+        if torch.rand((), generator=g).item() < 0.5:
+            img = TF.hflip(img)
+        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+class EvalTransform:
+    """Deterministic view: resize the shorter side to ``size`` (bicubic), centre crop, normalise."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image, g: torch.Generator | None = None) -> torch.Tensor:
+        img = TF.resize(img, self.size, InterpolationMode.BICUBIC)
+        img = TF.center_crop(img, [self.size, self.size])
+        return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Normalised (..., 3, H, W) -> pixels in [0, 1]."""
+    mean = x.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)

@@ -1,0 +1,65 @@
+"""Optimiser parameter groups (weight-decay exclusions, layer-wise lr decay) and learning-rate
+schedules as pure functions of the step. The one implementation every task uses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import nn
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    *,
+    layer_decay: float | None = None,
+    layer_id: Callable[[str], int] | None = None,
+    num_layers: int | None = None,
+    no_decay_names: set[str] = frozenset(),
+) -> list[dict]:
+    """AdamW parameter groups.
+
+    Biases, every 1-d parameter (norms) and ``no_decay_names`` get no weight decay. With
+    ``layer_decay`` (BEiT / MAE finetuning), a parameter at depth ``layer_id(name)`` of
+    ``num_layers + 1`` gets ``lr_scale = layer_decay ** (num_layers + 1 - depth)``; each group
+    carries ``lr_scale``, which the training loop multiplies into the scheduled lr.
+    """
+    if layer_decay is not None and (layer_id is None or num_layers is None):
+        raise ValueError("layer_decay needs layer_id and num_layers")
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_decay_names)
+        depth = layer_id(name) if layer_decay is not None else 0
+        key = (depth, decay)
+        if key not in groups:
+            scale = 1.0 if layer_decay is None else layer_decay ** (num_layers + 1 - depth)
+            groups[key] = {
+                "params": [],
+                "names": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "lr_scale": scale,
+            }
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_at(
+    step: int, *, base_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0
+) -> float:
+    """Linear warmup from 0 over ``warmup_steps``, then half-cycle cosine from ``base_lr`` down to
+    ``min_lr`` at ``total_steps`` (MAE's per-iteration schedule)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def pretrain_lr(blr: float, global_batch: int, mask_ratio: float, pred_ratio: float) -> float:
+    """CrossMAE App. A.6: ``lr = blr * batch / 256 * (γ / p)`` (MAE: γ = p)."""
+    return blr * global_batch / 256 * (pred_ratio / mask_ratio)

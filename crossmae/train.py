@@ -1,0 +1,505 @@
+"""The pretraining loop for CrossMAE and MAE: one function, ``pretrain(cfg)``, read top to bottom.
+
+Single process, torchrun (DDP; NCCL on GPU, gloo on CPU) and the submitit launcher all end here.
+A run folder holds ``config.yaml``, ``log.txt``, ``metrics.jsonl``, TensorBoard events,
+``checkpoint-last.pt`` (full state, exact resume), ``encoder.pt`` (encoder-only export),
+``loss.png`` and ``recon/epoch-*.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import __version__
+from . import distributed as du
+from .checkpoint import (
+    LAST,
+    PRETRAIN_FORMAT,
+    encoder_export,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_atomic,
+)
+from .config import ConfigError, ModelConfig, to_plain
+from .data import (
+    BuiltinPhotos,
+    EvalTransform,
+    ImageFiles,
+    PretrainSamples,
+    PretrainTransform,
+    ResumableSampler,
+    collate,
+    make_loader,
+)
+from .models import create_model
+from .optim import lr_at, param_groups, pretrain_lr
+from .reconstruction import reconstruct
+from .visualize import save_loss_curve, save_reconstruction_grid
+
+log = logging.getLogger("crossmae")
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+# ----------------------------------------------------------------------------- building blocks
+def build_model(mcfg: ModelConfig) -> nn.Module:
+    """The registered model named by the config, with the config's settings applied."""
+    kwargs = dict(mcfg.kwargs)
+    kwargs.update(
+        img_size=mcfg.img_size,
+        mask_ratio=mcfg.mask_ratio,
+        norm_pix_loss=mcfg.norm_pix_loss,
+        drop_path_rate=mcfg.drop_path_rate,
+    )
+    for key in ("patch_size", "decoder_depth", "pred_ratio"):
+        if getattr(mcfg, key) is not None:
+            kwargs[key] = getattr(mcfg, key)
+    try:
+        return create_model(mcfg.name, **kwargs)
+    except TypeError as e:  # an argument the model does not take (e.g. pred_ratio for MAE)
+        raise ConfigError(f"model {mcfg.name!r}: {e}") from None
+
+
+def plan_batches(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
+    """(per-process micro batch, accumulation steps) that make up ``global_batch``."""
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by {world} processes")
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if micro <= 0 or per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch={micro} does not divide the per-process batch {per_rank} "
+            f"(batch_size {global_batch} / {world} processes)"
+        )
+    return micro, per_rank // micro
+
+
+def default_output_dir(mcfg: ModelConfig) -> Path:
+    return Path("runs") / f"{mcfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+class StopRequest:
+    """Records SIGTERM / SIGUSR1 / SIGUSR2 so the loop can checkpoint at the next step boundary.
+    On exit, the previous handlers come back; ``forward()`` then re-raises the signal to a
+    previous Python handler (e.g. submitit's, which requeues the job)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequest:
+        for s in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def forward(self) -> None:
+        prev = self._previous.get(self.signum)
+        if self.signum is not None and callable(prev):
+            signal.raise_signal(self.signum)
+
+
+def setup_logging(out_dir: Path | None, rank: int) -> None:
+    """Rank 0 logs INFO to stderr and ``log.txt``; other ranks only warnings."""
+    logger = logging.getLogger("crossmae")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if out_dir is not None and rank == 0:
+        handlers.append(logging.FileHandler(out_dir / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past ``last_step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.is_file():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= last_step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- the loop
+def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
+    """Pretrain the model of ``cfg`` (a ``config.PretrainConfig``).
+
+    Args:
+        cfg: the merged config.
+        resume: ``"auto"`` (continue from the output folder's last checkpoint, or start fresh),
+            a checkpoint path, or None (a fresh run; an output folder holding a run is an error).
+
+    Returns:
+        A summary: output folder, steps done, final loss, whether the run was interrupted,
+        skipped files.
+    """
+    tc, oc, lc = cfg.train, cfg.optim, cfg.log
+    if tc.precision not in PRECISIONS:
+        raise ConfigError(
+            f"train.precision must be one of {sorted(PRECISIONS)}, got {tc.precision!r}"
+        )
+    device = du.init_from_env(tc.device)
+    rank, world = du.rank(), du.world_size()
+
+    # output folder (rank 0 names it; everyone uses that name)
+    if resume == "auto" and cfg.output_dir is None:
+        raise ConfigError("--resume auto needs output_dir=... (the run folder to continue)")
+    out_dir = Path(du.all_gather_objects(str(cfg.output_dir or default_output_dir(cfg.model)))[0])
+    if rank == 0:
+        if resume is None and latest_checkpoint(out_dir) is not None:
+            raise FileExistsError(
+                f"{out_dir} already holds a run; continue it with --resume auto or choose "
+                "another output_dir"
+            )
+        (out_dir / "recon").mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    setup_logging(out_dir, rank)
+
+    # model and data (a bad data path fails here, before training)
+    torch.manual_seed(tc.seed)  # the same initial weights on every process
+    model = build_model(cfg.model).to(device)
+    mask_ratio = model.mask_ratio
+    pred_ratio = getattr(model, "pred_ratio", mask_ratio)
+    if cfg.data.path:
+        source = ImageFiles(cfg.data.path)
+        log.info("data: %d images in %s (%s layout)", len(source), source.root, source.layout)
+    else:
+        source = BuiltinPhotos(cfg.data.demo_samples_per_epoch)
+        log.info(
+            "data: %d crops per epoch of %d scikit-image photos", len(source), len(source.photos)
+        )
+    dataset = PretrainSamples(
+        source,
+        PretrainTransform(cfg.model.img_size, tuple(cfg.data.crop_scale)),
+        model.mask_sampler,
+    )
+    micro, accum = plan_batches(tc.batch_size, world, tc.micro_batch)
+    sampler = ResumableSampler(
+        len(dataset), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=tc.seed
+    )
+    loader = make_loader(dataset, sampler, micro, cfg.data.num_workers, device.type == "cuda")
+    steps_per_epoch = sampler.steps_per_epoch
+    total_steps = tc.epochs * steps_per_epoch
+    last_step = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
+
+    # optimizer and schedule (derived values are logged, not written into the config)
+    base_lr = (
+        oc.lr if oc.lr is not None else pretrain_lr(oc.blr, tc.batch_size, mask_ratio, pred_ratio)
+    )
+    warmup_steps = round(oc.warmup_epochs * steps_per_epoch)
+    groups = param_groups(model, oc.weight_decay)
+    optimizer = torch.optim.AdamW(
+        groups, lr=base_lr, betas=tuple(oc.betas), fused=device.type == "cuda"
+    )
+    amp_dtype = PRECISIONS[tc.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+
+    # resume: model, optimizer, scaler, RNG, position
+    step = 0
+    skipped: list[str] = []
+    ckpt_path = latest_checkpoint(out_dir) if resume == "auto" else resume
+    if ckpt_path:
+        ckpt = load_checkpoint(ckpt_path)
+        load_state_dict_strict(model, ckpt["model"], what=str(ckpt_path))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        step, skipped = ckpt["step"], list(ckpt.get("skipped", []))
+        if ckpt["steps_per_epoch"] != steps_per_epoch:
+            raise ConfigError(
+                f"{ckpt_path} was written with {ckpt['steps_per_epoch']} steps per epoch, this "
+                f"run has {steps_per_epoch}: resume with the same data and batch size"
+            )
+        log.info("resumed from %s at step %d (epoch %d)", ckpt_path, step, step // steps_per_epoch)
+    elif resume == "auto":
+        log.info("no checkpoint in %s: starting a fresh run", out_dir)
+    if rank == 0:
+        OmegaConf.save(cfg, out_dir / "config.yaml")
+        truncate_metrics(out_dir / "metrics.jsonl", step)
+
+    # wrappers: DDP, then torch.compile
+    ddp_model = (
+        DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    )
+    forward = torch.compile(ddp_model) if tc.compile else ddp_model
+
+    # fixed images for the reconstruction PNGs
+    span = len(source.photos) if isinstance(source, BuiltinPhotos) else len(source)
+    vis_idx = torch.linspace(0, span - 1, min(lc.vis_images, span)).long().tolist()
+    vis_set = PretrainSamples(source, EvalTransform(cfg.model.img_size), model.mask_sampler)
+    vis_batch = collate([vis_set[(i, tc.seed + i)] for i in vis_idx])
+
+    writer = None
+    if rank == 0 and lc.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out_dir / "tb", purge_step=step)
+    metrics_file = open(out_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    progress = None
+    if rank == 0 and lc.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=last_step, initial=step, unit="step", dynamic_ncols=True)
+
+    log.info(
+        "%s: %.2fM params, p=%.2f γ=%.2f | %d process(es) x micro-batch %d x %d accumulation = "
+        "batch %d | %d steps/epoch, %d epochs, stop at step %d | lr %.3g (warmup %d steps), "
+        "precision %s, compile %s, device %s",
+        cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, mask_ratio, pred_ratio,
+        world, micro, accum, tc.batch_size, steps_per_epoch, tc.epochs, last_step, base_lr,
+        warmup_steps, tc.precision, tc.compile, device,
+    )  # fmt: skip
+
+    def save(tag: str = LAST) -> None:
+        if rank != 0:
+            return
+        state = {
+            "format": PRETRAIN_FORMAT,
+            "version": __version__,
+            "model_name": cfg.model.name,
+            "model_config": model.config,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "epoch": step // steps_per_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+            },
+            "mask_ratio": mask_ratio,
+            "pred_ratio": pred_ratio,
+            "norm_pix_loss": model.norm_pix_loss,
+            "img_size": cfg.model.img_size,
+            "patch_size": model.patch_size,
+            "config": to_plain(cfg),
+            "skipped": skipped,
+        }
+        save_atomic(state, out_dir / tag)
+
+    def visualise(epoch: int) -> None:
+        if rank != 0:
+            return
+        imgs = vis_batch["images"].to(device)
+        rec = reconstruct(model, imgs, vis_batch["ids_shuffle"].to(device), pred_ratio=mask_ratio)
+        title = f"{cfg.model.name}  epoch {epoch}  step {step}  (all masked patches decoded)"
+        save_reconstruction_grid(rec, out_dir / "recon" / f"epoch-{epoch:04d}.png", title)
+        save_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
+
+    interrupted = False
+    nonfinite_run = 0
+    window = {"loss": torch.zeros((), device=device), "steps": 0, "images": 0, "data": 0.0}
+    t_window = time.perf_counter()
+    loss_value = float("nan")
+    grad_norm = None
+    model.train()
+    with StopRequest() as stop:
+        while step < last_step and not interrupted:
+            epoch, start = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start)
+            batches = iter(loader)
+            for _ in range(start, steps_per_epoch):
+                # schedule
+                lr = lr_at(
+                    step, base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                    min_lr=oc.min_lr,
+                )  # fmt: skip
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+
+                # forward + backward, accumulated over micro-batches
+                step_loss = torch.zeros((), device=device)
+                for k in range(accum):
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    window["data"] += time.perf_counter() - t0
+                    skipped += batch["skipped"]
+                    for name in batch["skipped"]:
+                        log.warning("skipped unreadable file %s", name)
+                    imgs = batch["images"].to(device, non_blocking=True)
+                    ids = batch["ids_shuffle"].to(device, non_blocking=True)
+                    no_sync = world > 1 and k < accum - 1
+                    with ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+                        with torch.autocast(
+                            device.type, dtype=amp_dtype, enabled=amp_dtype is not None
+                        ):
+                            out = forward(imgs, ids_shuffle=ids)
+                        loss = sum(v for n, v in out.items() if n.startswith("loss_"))
+                        scaler.scale(loss / accum).backward()
+                    step_loss += loss.detach() / accum
+                    window["images"] += len(imgs) * world
+
+                # backward + step; all processes agree on skipping a non-finite step and on stopping
+                flags = torch.tensor(
+                    [float(not torch.isfinite(step_loss)), float(stop.signum is not None)],
+                    device=device,
+                )
+                nonfinite, stopping = du.all_reduce_max(flags).tolist()
+                if nonfinite:
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite_run += 1
+                    log.warning(
+                        "step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_run
+                    )
+                    if nonfinite_run >= tc.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"the loss was non-finite for {nonfinite_run} steps in a row (last at "
+                            f"step {step}); lower the learning rate, set optim.clip_grad, or use "
+                            f"train.precision=bf16/fp32. Last good state: {out_dir / LAST}"
+                        )
+                else:
+                    nonfinite_run = 0
+                    logging_now = (step + 1) % lc.every_steps == 0 or step + 1 == last_step
+                    if oc.clip_grad is not None or logging_now:
+                        scaler.unscale_(optimizer)
+                        grad_norm = nn.utils.clip_grad_norm_(
+                            model.parameters(), oc.clip_grad or math.inf
+                        )
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    window["loss"] += step_loss
+                    window["steps"] += 1
+                step += 1
+
+                # log
+                if step % lc.every_steps == 0 or step == last_step or stopping:
+                    n = max(window["steps"], 1)
+                    loss_value = du.all_reduce_mean(window["loss"] / n).item()
+                    dt = time.perf_counter() - t_window
+                    record = {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "img_per_s": window["images"] / dt,
+                        "data_time_frac": window["data"] / dt,
+                        "skipped_files": len(skipped),
+                    }
+                    if grad_norm is not None:
+                        record["grad_norm"] = float(grad_norm)
+                        grad_norm = None
+                    if device.type == "cuda":
+                        record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    if writer is not None:
+                        for key, value in record.items():
+                            if key != "step":
+                                writer.add_scalar(f"train/{key}", value, step)
+                    if progress is not None:
+                        progress.set_postfix(
+                            loss=f"{loss_value:.4f}",
+                            lr=f"{lr:.2e}",
+                            img_s=f"{record['img_per_s']:.0f}",
+                        )
+                    window = {
+                        "loss": torch.zeros((), device=device),
+                        "steps": 0,
+                        "images": 0,
+                        "data": 0.0,
+                    }
+                    t_window = time.perf_counter()
+                if progress is not None:
+                    progress.update(1)
+
+                # checkpoint
+                if stopping:
+                    save()
+                    log.warning(
+                        "signal %s: checkpoint written at step %d; continue with --resume auto",
+                        signal.Signals(stop.signum).name if stop.signum else "from another rank",
+                        step,
+                    )
+                    interrupted = True
+                    break
+                if lc.ckpt_every_steps and step % lc.ckpt_every_steps == 0:
+                    save()
+                if step >= last_step:
+                    break
+
+            # end of epoch
+            if interrupted:
+                break
+            epoch_done = step % steps_per_epoch == 0
+            done_epoch = step // steps_per_epoch
+            save()
+            if epoch_done and lc.keep_every_epochs and done_epoch % lc.keep_every_epochs == 0:
+                save(f"checkpoint-epoch{done_epoch}.pt")
+            if epoch_done and lc.vis_every_epochs and done_epoch % lc.vis_every_epochs == 0:
+                visualise(done_epoch)
+
+    # wrap up
+    if progress is not None:
+        progress.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    if writer is not None:
+        writer.close()
+    all_skipped = sorted({n for names in du.all_gather_objects(skipped) for n in names})
+    summary = {
+        "output_dir": str(out_dir),
+        "step": step,
+        "epoch": step / steps_per_epoch,
+        "final_loss": loss_value,
+        "interrupted": interrupted,
+        "skipped_files": len(all_skipped),
+    }
+    if rank == 0:
+        if not interrupted:
+            if step % steps_per_epoch:  # stopped mid-epoch by max_steps
+                visualise(step // steps_per_epoch)
+            export = encoder_export(
+                model,
+                model_name=cfg.model.name,
+                extra={"step": step, "pretrain_config": to_plain(cfg)},
+            )
+            save_atomic(export, out_dir / "encoder.pt")
+        (out_dir / "summary.json").write_text(
+            json.dumps({**summary, "skipped": all_skipped}, indent=1)
+        )
+        if all_skipped:
+            log.warning(
+                "skipped %d unreadable files: %s", len(all_skipped), ", ".join(all_skipped[:10])
+            )
+        log.info("done: %s", json.dumps(summary))
+    du.barrier()
+    if interrupted:
+        stop.forward()
+    return summary

@@ -1,0 +1,68 @@
+"""PNG outputs of a run: reconstruction grids and the loss curve."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_reconstruction_grid(
+    rec: dict[str, torch.Tensor], path: str | Path, title: str = ""
+) -> Path:
+    """One row per image: original | masked | prediction (visible patches pasted back)."""
+    plt = _pyplot()
+    cols = [("original", "original"), ("masked", "masked input"), ("pasted", "reconstruction")]
+    n = rec["original"].shape[0]
+    fig, axes = plt.subplots(n, len(cols), figsize=(2.2 * len(cols), 2.2 * n), squeeze=False)
+    for r in range(n):
+        for c, (key, label) in enumerate(cols):
+            img = rec[key][r].permute(1, 2, 0).clamp(0, 1).cpu().numpy()
+            ax = axes[r][c]
+            ax.imshow(img, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / n if title else 1))
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
+    """Training loss (and lr) against the step, from a ``metrics.jsonl``; None if it has none."""
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    if not rows:
+        return None
+    plt = _pyplot()
+    steps = np.array([r["step"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["loss"] for r in rows], color="tab:blue", label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reconstruction loss")
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.5, lw=1)
+    ax2.set_ylabel("lr", color="tab:gray")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

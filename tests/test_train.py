@@ -1,0 +1,234 @@
+"""The pretraining loop end to end on CPU: run folder, DDP equivalence, exact resume after
+SIGKILL, SIGTERM, atomic saves, bad files, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import crossmae.train as train_mod
+from crossmae.checkpoint import LAST, load_checkpoint, model_from_checkpoint, save_atomic
+from crossmae.config import ConfigError, PretrainConfig, load_config
+from crossmae.models import VisionTransformer
+from crossmae.train import pretrain
+from test_data import add_bad_files, cifar_folder
+
+TINY = [
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.decoder_depth=2",
+    "model.kwargs.embed_dim=32",
+    "model.kwargs.depth=2",
+    "model.kwargs.num_heads=2",
+    "model.kwargs.decoder_embed_dim=16",
+    "model.kwargs.decoder_num_heads=2",
+    "data.num_workers=0",
+    "data.demo_samples_per_epoch=64",
+    "train.batch_size=16",
+    "train.epochs=2",
+    "train.precision=fp32",
+    "train.device=cpu",
+    "log.every_steps=1",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.vis_images=2",
+]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows]
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "crossmae", "pretrain", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw,
+    )  # fmt: skip
+
+
+def wait_for_step(run: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and any(s >= step for s, _ in losses_safe(metrics)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {step}:\n{proc.stdout.read()}")
+        time.sleep(0.01)
+    pytest.fail(f"step {step} not reached in {timeout}s")
+
+
+def losses_safe(metrics: Path) -> list[tuple[int, float]]:
+    out = []
+    for line in metrics.read_text().splitlines():
+        try:
+            r = json.loads(line)
+            out.append((r["step"], r["loss"]))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return out
+
+
+def test_run_folder_checkpoint_and_encoder_export(tmp_path):
+    run = tmp_path / "run"
+    summary = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
+    assert summary["step"] == 8 and not summary["interrupted"]
+    for f in ("config.yaml", "log.txt", "metrics.jsonl", "loss.png", "summary.json", "encoder.pt",
+              "recon/epoch-0001.png", "recon/epoch-0002.png", LAST):  # fmt: skip
+        assert (run / f).is_file(), f
+    assert [s for s, _ in losses(run)] == list(range(1, 9))
+    ckpt = load_checkpoint(run / LAST)  # weights_only
+    assert ckpt["step"] == 8 and ckpt["mask_ratio"] == 0.75 and ckpt["patch_size"] == 8
+    assert ckpt["config"]["model"]["name"] == "crossmae_vit_tiny_patch16" and ckpt["version"]
+    model = model_from_checkpoint(ckpt)
+    assert model.config["embed_dim"] == 32
+    enc = torch.load(run / "encoder.pt", weights_only=True)
+    vit = VisionTransformer(**enc["encoder_config"])
+    vit.load_state_dict(enc["encoder"], strict=True)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, model.encoder.blocks[0].attn.qkv.weight)
+    # a second fresh run into the same folder is refused; --resume auto needs a folder
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
+    with pytest.raises(ConfigError, match="output_dir"):
+        pretrain(load_config(PretrainConfig, [], TINY), resume="auto")
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    full = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'a'}"]))
+    accum = pretrain(
+        load_config(
+            PretrainConfig, [], [*TINY, "train.micro_batch=4", f"output_dir={tmp_path / 'b'}"]
+        )
+    )
+    a, b = losses(Path(full["output_dir"])), losses(Path(accum["output_dir"]))
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    one = cli(*TINY, f"output_dir={tmp_path / 'one'}")
+    assert one.wait(timeout=300) == 0, one.stdout.read()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "crossmae", "pretrain", *TINY, f"output_dir={tmp_path / 'two'}"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
+
+
+LONG = [*TINY, "data.demo_samples_per_epoch=640", "train.epochs=1"]  # 40 steps in one epoch
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    ref = cli(*LONG, f"output_dir={tmp_path / 'ref'}")
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    run = tmp_path / "run"
+    proc = cli(*LONG, "log.ckpt_every_steps=1", f"output_dir={run}")
+    wait_for_step(run, proc, 5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(run / LAST)["step"]
+    assert 0 < killed_at < 40  # mid-epoch
+
+    res = cli(*LONG, "log.ckpt_every_steps=1", f"output_dir={run}", "--resume", "auto")
+    out, _ = res.communicate(timeout=300)
+    assert res.returncode == 0, out
+    assert f"resumed from {run / LAST} at step {killed_at}" in out
+    assert losses(run) == losses(tmp_path / "ref")  # bit for bit
+
+
+def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(*LONG, f"output_dir={run}")
+    wait_for_step(run, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "checkpoint written" in out and "--resume auto" in out
+    ckpt = load_checkpoint(run / LAST)
+    assert 3 <= ckpt["step"] < 40 and json.loads((run / "summary.json").read_text())["interrupted"]
+    model_from_checkpoint(ckpt)
+    res = cli(*LONG, f"output_dir={run}", "--resume", "auto")
+    assert res.wait(timeout=300) == 0
+    assert [s for s, _ in losses(run)] == list(range(1, 41))
+
+
+def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / LAST
+    save_atomic({"format": "x", "step": 1, "w": torch.ones(3)}, path)
+
+    def torn_save(obj, f):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic({"format": "x", "step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAST]  # no temporary file left
+
+
+def test_bad_files_are_skipped_counted_and_reported(shared_dir, tmp_path):
+    root = cifar_folder(shared_dir, tmp_path / "data", per_class=10, classes=2)
+    add_bad_files(root / "airplane", next((root / "airplane").iterdir()))
+    cfg = load_config(PretrainConfig, [], [*TINY, f"data.path={root}", f"output_dir={tmp_path / 'run'}",
+                                           "train.batch_size=8", "train.epochs=2"])  # fmt: skip
+    summary = pretrain(cfg)
+    assert summary["step"] == 2 * (23 // 8) and summary["skipped_files"] == 3
+    report = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {Path(s.split(" (")[0]).name for s in report["skipped"]} == {
+        "corrupt.jpg",
+        "truncated.jpg",
+        "fake.png",
+    }
+
+
+class NanAfter(torch.nn.Module):
+    """Wraps a model; its loss is NaN on the calls listed."""
+
+    def __init__(self, model, nan_calls):
+        super().__init__()
+        self.model, self.nan_calls, self.calls = model, set(nan_calls), 0
+        self.config, self.mask_sampler = model.config, model.mask_sampler
+        self.mask_ratio, self.pred_ratio = model.mask_ratio, model.pred_ratio
+        self.patch_size, self.grid_size = model.patch_size, model.grid_size
+        self.norm_pix_loss, self.encoder = model.norm_pix_loss, model.encoder
+
+    def mask_counts(self, *a):
+        return self.model.mask_counts(*a)
+
+    def forward(self, imgs, **kw):
+        out = self.model(imgs, **kw)
+        self.calls += 1
+        if self.calls in self.nan_calls:
+            out["loss_recon"] = out["loss_recon"] * float("nan")
+        return out
+
+
+def test_nonfinite_losses_skip_the_step_then_stop_the_run(tmp_path, monkeypatch):
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), {2}))
+    summary = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'a'}"]))
+    assert summary["step"] == 8 and summary["final_loss"] == summary["final_loss"]  # finite
+    monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), range(3, 100)))
+    cfg = load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'b'}",
+                                           "train.max_nonfinite_steps=3"])  # fmt: skip
+    with pytest.raises(FloatingPointError, match="non-finite for 3 steps in a row"):
+        pretrain(cfg)

@@ -1,0 +1,75 @@
+"""Submit ``crossmae pretrain`` to Slurm through submitit, one task per GPU.
+
+    python tools/submit.py --nodes 4 --gpus-per-node 8 --partition learn --timeout-min 4320 \
+        --config configs/pretrain/crossmae_vit_base_800ep_pred0.75.yaml \
+        data.path=/data/imagenet/train output_dir=runs/crossmae_b_800
+
+Every task runs with ``--resume auto``. Slurm signals the job (USR2) before its time limit, and
+submitit forwards preemption as well: the training loop then finishes its step, writes
+``checkpoint-last.pt``, and hands the signal back to submitit, which requeues the job; the
+requeued job continues from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import submitit
+
+
+class PretrainTask(submitit.helpers.Checkpointable):
+    """A picklable callable: set torch.distributed's variables from Slurm's, then pretrain.
+    ``checkpoint()`` (inherited) resubmits the same arguments, which resume automatically."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = argv
+
+    def __call__(self) -> int:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        from crossmae.cli import main
+
+        return main(["pretrain", *self.argv, "--resume", "auto"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--cpus-per-task", type=int, default=10)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--timeout-min", type=int, default=72 * 60)
+    parser.add_argument(
+        "--signal-delay-s", type=int, default=120, help="USR2 this early before the limit"
+    )
+    parser.add_argument("--job-name", default="crossmae")
+    parser.add_argument("--config", action="append", default=[])
+    parser.add_argument("overrides", nargs="*", help="key=value; output_dir=... is required")
+    args = parser.parse_args()
+
+    out = [o.split("=", 1)[1] for o in args.overrides if o.startswith("output_dir=")]
+    if not out:
+        parser.error("output_dir=... is required: requeued jobs resume from it")
+    log_dir = Path(out[-1]) / "slurm"
+    executor = submitit.AutoExecutor(folder=log_dir)
+    executor.update_parameters(
+        name=args.job_name,
+        nodes=args.nodes,
+        tasks_per_node=args.gpus_per_node,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        timeout_min=args.timeout_min,
+        slurm_partition=args.partition,
+        slurm_signal_delay_s=args.signal_delay_s,
+    )
+    argv = [a for c in args.config for a in ("--config", c)] + args.overrides
+    job = executor.submit(PretrainTask(argv))
+    print(f"submitted job {job.job_id}; logs in {log_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
