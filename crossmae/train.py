@@ -121,6 +121,15 @@ class StopRequest:
             signal.raise_signal(self.signum)
 
 
+class TqdmHandler(logging.Handler):
+    """Writes log lines above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 def setup_logging(out_dir: Path | None, rank: int) -> None:
     """Rank 0 logs INFO to stderr and ``log.txt``; other ranks only warnings."""
     logger = logging.getLogger("crossmae")
@@ -130,7 +139,7 @@ def setup_logging(out_dir: Path | None, rank: int) -> None:
         logger.removeHandler(h)
         h.close()
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [TqdmHandler()]
     if out_dir is not None and rank == 0:
         handlers.append(logging.FileHandler(out_dir / "log.txt"))
     for h in handlers:
@@ -173,33 +182,38 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     device = du.init_from_env(tc.device)
     rank, world = du.rank(), du.world_size()
 
+    # data source first: a wrong path or an empty folder fails before anything is written
+    if cfg.data.path:
+        source = ImageFiles(cfg.data.path)
+    else:
+        source = BuiltinPhotos(cfg.data.demo_samples_per_epoch)
+
     # output folder (rank 0 names it; everyone uses that name)
     if resume == "auto" and cfg.output_dir is None:
         raise ConfigError("--resume auto needs output_dir=... (the run folder to continue)")
     out_dir = Path(du.all_gather_objects(str(cfg.output_dir or default_output_dir(cfg.model)))[0])
+    if resume is None and latest_checkpoint(out_dir) is not None:
+        raise FileExistsError(
+            f"{out_dir} already holds a run; continue it with --resume auto or choose "
+            "another output_dir"
+        )
     if rank == 0:
-        if resume is None and latest_checkpoint(out_dir) is not None:
-            raise FileExistsError(
-                f"{out_dir} already holds a run; continue it with --resume auto or choose "
-                "another output_dir"
-            )
         (out_dir / "recon").mkdir(parents=True, exist_ok=True)
     du.barrier()
     setup_logging(out_dir, rank)
 
-    # model and data (a bad data path fails here, before training)
-    torch.manual_seed(tc.seed)  # the same initial weights on every process
-    model = build_model(cfg.model).to(device)
-    mask_ratio = model.mask_ratio
-    pred_ratio = getattr(model, "pred_ratio", mask_ratio)
-    if cfg.data.path:
-        source = ImageFiles(cfg.data.path)
+    # model and data
+    if isinstance(source, ImageFiles):
         log.info("data: %d images in %s (%s layout)", len(source), source.root, source.layout)
     else:
-        source = BuiltinPhotos(cfg.data.demo_samples_per_epoch)
         log.info(
-            "data: %d crops per epoch of %d scikit-image photos", len(source), len(source.photos)
+            "data: %d crops of %d scikit-image photos per epoch", len(source), len(source.photos)
         )
+    torch.manual_seed(tc.seed)  # the same initial weights on every process
+    model = build_model(cfg.model).to(device)
+    torch.manual_seed(tc.seed + rank)  # then per-process randomness (drop path)
+    mask_ratio = model.mask_ratio
+    pred_ratio = getattr(model, "pred_ratio", mask_ratio)
     dataset = PretrainSamples(
         source,
         PretrainTransform(cfg.model.img_size, tuple(cfg.data.crop_scale)),
@@ -235,9 +249,14 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         load_state_dict_strict(model, ckpt["model"], what=str(ckpt_path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        rngs = ckpt["rng"]
+        if len(rngs) == world:  # each process continues its own random stream
+            torch.set_rng_state(rngs[rank]["torch"])
+            if device.type == "cuda" and rngs[rank]["cuda"] is not None:
+                torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
+        else:
+            torch.manual_seed(tc.seed + rank + ckpt["step"])
+            log.warning("%d processes now, %d at save: random streams reseeded", world, len(rngs))
         step, skipped = ckpt["step"], list(ckpt.get("skipped", []))
         if ckpt["steps_per_epoch"] != steps_per_epoch:
             raise ConfigError(
@@ -285,6 +304,11 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )  # fmt: skip
 
     def save(tag: str = LAST) -> None:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        rngs = du.all_gather_objects(rng)  # every process's stream, for exact resume
         if rank != 0:
             return
         state = {
@@ -298,10 +322,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
             "step": step,
             "epoch": step // steps_per_epoch,
             "steps_per_epoch": steps_per_epoch,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-            },
+            "rng": rngs,
             "mask_ratio": mask_ratio,
             "pred_ratio": pred_ratio,
             "norm_pix_loss": model.norm_pix_loss,
@@ -323,8 +344,12 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
 
     interrupted = False
     nonfinite_run = 0
-    window = {"loss": torch.zeros((), device=device), "steps": 0, "images": 0, "data": 0.0}
-    t_window = time.perf_counter()
+
+    def new_window() -> dict:
+        return {"loss": torch.zeros((), device=device), "good": 0, "steps": 0, "images": 0,
+                "data": 0.0, "t0": time.perf_counter()}  # fmt: skip
+
+    window = new_window()
     loss_value = float("nan")
     grad_norm = None
     model.train()
@@ -394,21 +419,22 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                     window["loss"] += step_loss
-                    window["steps"] += 1
+                    window["good"] += 1
                 step += 1
+                window["steps"] += 1
 
                 # log
                 if step % lc.every_steps == 0 or step == last_step or stopping:
-                    n = max(window["steps"], 1)
-                    loss_value = du.all_reduce_mean(window["loss"] / n).item()
-                    dt = time.perf_counter() - t_window
+                    loss_value = du.all_reduce_mean(window["loss"] / max(window["good"], 1)).item()
+                    dt = time.perf_counter() - window["t0"]
                     record = {
                         "step": step,
                         "epoch": step / steps_per_epoch,
                         "loss": loss_value,
                         "lr": lr,
                         "img_per_s": window["images"] / dt,
-                        "data_time_frac": window["data"] / dt,
+                        "step_time_s": dt / window["steps"],
+                        "data_time_s": window["data"] / window["steps"],
                         "skipped_files": len(skipped),
                     }
                     if grad_norm is not None:
@@ -429,13 +455,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                             lr=f"{lr:.2e}",
                             img_s=f"{record['img_per_s']:.0f}",
                         )
-                    window = {
-                        "loss": torch.zeros((), device=device),
-                        "steps": 0,
-                        "images": 0,
-                        "data": 0.0,
-                    }
-                    t_window = time.perf_counter()
+                    window = new_window()
                 if progress is not None:
                     progress.update(1)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from crossmae.cli import main
 from crossmae.config import ConfigError, PretrainConfig, load_config
 from crossmae.optim import pretrain_lr

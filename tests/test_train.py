@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data import add_bad_files, cifar_folder
 
 import crossmae.train as train_mod
 from crossmae.checkpoint import LAST, load_checkpoint, model_from_checkpoint, save_atomic
 from crossmae.config import ConfigError, PretrainConfig, load_config
 from crossmae.models import VisionTransformer
 from crossmae.train import pretrain
-from test_data import add_bad_files, cifar_folder
 
 TINY = [
     "model.img_size=32",
@@ -188,8 +188,8 @@ def test_a_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch
 def test_bad_files_are_skipped_counted_and_reported(shared_dir, tmp_path):
     root = cifar_folder(shared_dir, tmp_path / "data", per_class=10, classes=2)
     add_bad_files(root / "airplane", next((root / "airplane").iterdir()))
-    cfg = load_config(PretrainConfig, [], [*TINY, f"data.path={root}", f"output_dir={tmp_path / 'run'}",
-                                           "train.batch_size=8", "train.epochs=2"])  # fmt: skip
+    overrides = [f"data.path={root}", f"output_dir={tmp_path / 'run'}", "train.batch_size=8"]
+    cfg = load_config(PretrainConfig, [], [*TINY, *overrides])
     summary = pretrain(cfg)
     assert summary["step"] == 2 * (23 // 8) and summary["skipped_files"] == 3
     report = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -8,6 +8,9 @@ Every task runs with ``--resume auto``. Slurm signals the job (USR2) before its 
 submitit forwards preemption as well: the training loop then finishes its step, writes
 ``checkpoint-last.pt``, and hands the signal back to submitit, which requeues the job; the
 requeued job continues from that checkpoint.
+
+``--cluster local --wait`` runs the same task on this machine through submitit's local executor
+(``--gpus-per-node 0 --tasks-per-node 2`` for a CPU check with gloo).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
     parser.add_argument("--cpus-per-task", type=int, default=10)
     parser.add_argument("--partition", default=None)
     parser.add_argument("--timeout-min", type=int, default=72 * 60)
@@ -46,6 +51,7 @@ def main() -> int:
         "--signal-delay-s", type=int, default=120, help="USR2 this early before the limit"
     )
     parser.add_argument("--job-name", default="crossmae")
+    parser.add_argument("--wait", action="store_true", help="block until the job ends")
     parser.add_argument("--config", action="append", default=[])
     parser.add_argument("overrides", nargs="*", help="key=value; output_dir=... is required")
     args = parser.parse_args()
@@ -54,11 +60,11 @@ def main() -> int:
     if not out:
         parser.error("output_dir=... is required: requeued jobs resume from it")
     log_dir = Path(out[-1]) / "slurm"
-    executor = submitit.AutoExecutor(folder=log_dir)
+    executor = submitit.AutoExecutor(folder=log_dir, cluster=args.cluster)
     executor.update_parameters(
         name=args.job_name,
         nodes=args.nodes,
-        tasks_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node or args.gpus_per_node,
         gpus_per_node=args.gpus_per_node,
         cpus_per_task=args.cpus_per_task,
         timeout_min=args.timeout_min,
@@ -68,6 +74,10 @@ def main() -> int:
     argv = [a for c in args.config for a in ("--config", c)] + args.overrides
     job = executor.submit(PretrainTask(argv))
     print(f"submitted job {job.job_id}; logs in {log_dir}")
+    if args.wait:
+        codes = job.results()  # raises with the task's traceback if one failed
+        print(f"job {job.job_id} finished: exit codes {codes}")
+        return max(codes)
     return 0
 
 
