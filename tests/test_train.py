@@ -232,3 +232,12 @@ def test_nonfinite_losses_skip_the_step_then_stop_the_run(tmp_path, monkeypatch)
                                            "train.max_nonfinite_steps=3"])  # fmt: skip
     with pytest.raises(FloatingPointError, match="non-finite for 3 steps in a row"):
         pretrain(cfg)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_clipping_run(tmp_path, precision):
+    overrides = [f"train.precision={precision}", "train.max_steps=3", "optim.clip_grad=1.0"]
+    cfg = load_config(PretrainConfig, [], [*TINY, *overrides, f"output_dir={tmp_path}"])
+    summary = pretrain(cfg)
+    assert summary["step"] == 3 and summary["final_loss"] == summary["final_loss"]
+    assert all("grad_norm" in json.loads(line) for line in (tmp_path / "metrics.jsonl").open())
