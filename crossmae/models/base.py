@@ -8,6 +8,7 @@ Mask convention: ``mask[n, l] = 1`` where patch ``l`` is predicted, 0 where visi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,61 +44,43 @@ def resolve_use_fm(use_fm: Sequence[int], depth: int) -> list[int]:
 class MaskedAutoencoderBase(nn.Module):
     """Encoder half of a masked autoencoder; subclasses add the decoder and the loss.
 
-    Args:
-        img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps,
-            drop_path_rate: the ViT encoder (see ``VisionTransformer``).
-        mask_ratio: p, the fraction of patches hidden from the encoder.
-        masking: ``"random"`` (the paper) or ``"grid"`` (keep one of every four, Table 15).
-        norm_pix_loss: regress per-patch normalised pixels.
-        weight_fm: inter-block attention over several encoder maps; False = the last map, after
-            the encoder's final ``norm``.
-        use_fm: encoder blocks feeding inter-block attention (official form: ``resolve_use_fm``).
-        use_input: also feed the encoder's input tokens (cls + visible patches) to it.
+    Built from the subclass's constructor arguments (``config``), of which it reads:
+    img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, norm_eps,
+    drop_path_rate (the ViT encoder); mask_ratio (p); masking (``"random"``, or ``"grid"``: keep one
+    of every four, Table 15); norm_pix_loss; weight_fm (inter-block attention over several encoder
+    maps; False = the last map after the encoder's final ``norm``); use_fm (encoder blocks feeding
+    inter-block attention, official form: ``resolve_use_fm``); use_input (also feed the encoder's
+    input tokens, cls + visible patches).
     """
 
-    def __init__(
-        self,
-        *,
-        img_size: int | Sequence[int],
-        patch_size: int,
-        in_chans: int,
-        embed_dim: int,
-        depth: int,
-        num_heads: int,
-        mlp_ratio: float,
-        norm_eps: float,
-        drop_path_rate: float,
-        mask_ratio: float,
-        masking: str,
-        norm_pix_loss: bool,
-        weight_fm: bool,
-        use_fm: Sequence[int],
-        use_input: bool,
-    ):
+    def __init__(self, config: dict[str, Any]):
         super().__init__()
+        self.config = config
+        c = config
+        patch_size, weight_fm = c["patch_size"], c["weight_fm"]
         self.encoder = VisionTransformer(
-            img_size=img_size,
+            img_size=c["img_size"],
             patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            drop_path_rate=drop_path_rate,
-            norm_eps=norm_eps,
+            in_chans=c["in_chans"],
+            embed_dim=c["embed_dim"],
+            depth=c["depth"],
+            num_heads=c["num_heads"],
+            mlp_ratio=c["mlp_ratio"],
+            drop_path_rate=c["drop_path_rate"],
+            norm_eps=c["norm_eps"],
             final_norm=not weight_fm,
         )
         self.patch_size = patch_size
-        self.grid_size = grid_of(img_size, patch_size)
+        self.grid_size = grid_of(c["img_size"], patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.mask_sampler = MaskSampler(self.grid_size, masking)
-        self.mask_ratio = mask_ratio
-        self.masking = masking
-        self.norm_pix_loss = norm_pix_loss
+        self.mask_sampler = MaskSampler(self.grid_size, c["masking"])
+        self.mask_ratio = c["mask_ratio"]
+        self.masking = c["masking"]
+        self.norm_pix_loss = c["norm_pix_loss"]
         self.weight_fm = weight_fm
-        self.use_input = use_input
-        self.fm_blocks = frozenset(resolve_use_fm(use_fm, depth))
-        self.num_maps = len(self.fm_blocks) + int(use_input) if weight_fm else 1
+        self.use_input = c["use_input"]
+        self.fm_blocks = frozenset(resolve_use_fm(c["use_fm"], c["depth"]))
+        self.num_maps = len(self.fm_blocks) + int(self.use_input) if weight_fm else 1
 
     # ----------------------------------------------------------------------------- mask
     def mask_counts(self, mask_ratio: float, pred_ratio: float | None) -> MaskCounts:

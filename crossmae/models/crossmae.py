@@ -70,6 +70,8 @@ class CrossMAEDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.pred = nn.Linear(dim, patch_pixels)
+        init_weights_(self)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     def key_values(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Encoder maps -> the key/value tokens of each block, each (N, T, embed_dim)."""
@@ -134,25 +136,7 @@ class CrossMAE(MaskedAutoencoderBase):
         drop_path_rate: float = 0.0,
         norm_eps: float = NORM_EPS,
     ):
-        config = init_args(locals())
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            norm_eps=norm_eps,
-            drop_path_rate=drop_path_rate,
-            mask_ratio=mask_ratio,
-            masking=masking,
-            norm_pix_loss=norm_pix_loss,
-            weight_fm=weight_fm,
-            use_fm=use_fm,
-            use_input=use_input,
-        )
-        self.config = config
+        super().__init__(init_args(locals()))
         self.pred_ratio = pred_ratio
         self.mask_counts(mask_ratio, pred_ratio)  # invalid ratios fail at construction
         self.decoder = CrossMAEDecoder(
@@ -168,8 +152,6 @@ class CrossMAE(MaskedAutoencoderBase):
             self_attn=self_attn,
             norm_eps=norm_eps,
         )
-        init_weights_(self.decoder)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def forward(
         self,

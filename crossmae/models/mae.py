@@ -67,6 +67,8 @@ class MAEDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.pred = nn.Linear(dim, patch_pixels)
+        init_weights_(self)
+        nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, maps: list[torch.Tensor], ids_shuffle: torch.Tensor) -> torch.Tensor:
         """maps: each (N, 1 + n_keep, D) -> prediction for every patch (N, L, p*p*C)."""
@@ -122,25 +124,7 @@ class MAE(MaskedAutoencoderBase):
         drop_path_rate: float = 0.0,
         norm_eps: float = NORM_EPS,
     ):
-        config = init_args(locals())
-        super().__init__(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            norm_eps=norm_eps,
-            drop_path_rate=drop_path_rate,
-            mask_ratio=mask_ratio,
-            masking=masking,
-            norm_pix_loss=norm_pix_loss,
-            weight_fm=weight_fm,
-            use_fm=use_fm,
-            use_input=use_input,
-        )
-        self.config = config
+        super().__init__(init_args(locals()))
         self.mask_counts(mask_ratio, None)  # invalid ratios fail at construction
         self.decoder = MAEDecoder(
             num_maps=self.num_maps if weight_fm else None,
@@ -154,8 +138,6 @@ class MAE(MaskedAutoencoderBase):
             fm_weighting=fm_weighting,
             norm_eps=norm_eps,
         )
-        init_weights_(self.decoder)
-        nn.init.normal_(self.decoder.mask_token, std=0.02)
 
     def forward(
         self,
