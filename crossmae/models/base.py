@@ -122,8 +122,8 @@ class MaskedAutoencoderBase(nn.Module):
         x = gather_tokens(enc.patch_tokens(imgs), ids_keep)  # (N, n_keep, D)
         x = enc.prepend_cls(x)  # (N, 1 + n_keep, D)
         maps = [x] if self.weight_fm and self.use_input else []
-        for i, blk in enumerate(enc.blocks):
-            x = blk(x)
+        for i in range(enc.depth):
+            x = enc.run_block(i, x)
             if self.weight_fm and i in self.fm_blocks:
                 maps.append(x)
         return maps if self.weight_fm else [enc.norm(x)]

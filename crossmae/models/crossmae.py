@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import MaskedAutoencoderBase
@@ -70,15 +71,43 @@ class CrossMAEDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.pred = nn.Linear(dim, patch_pixels)
+        self.fused = True  # fast path of ``key_values``; False = the plain per-block path
         init_weights_(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def key_values(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Encoder maps -> the key/value tokens of each block, each (N, T, embed_dim)."""
+    def kv_inputs(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder maps -> the tokens each block reads, each (N, T, embed_dim): its normalised
+        inter-block-attention mixture, or the one normalised last map."""
         if self.iba is None:
             return [maps[-1]] * len(self.blocks)
         mixed = self.iba(maps)  # (depth, N, T, embed_dim)
         return [norm(mixed[i]) for i, norm in enumerate(self.kv_norms)]
+
+    def key_values(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder maps -> projected keys/values of each block, each (N, T, 2 * dec).
+
+        Plain path (``fused = False``): per block, LayerNorm then its ``cross_attn.kv`` Linear.
+        Fast path: the LayerNorms of all blocks as one op on the stacked mixtures and the K/V
+        projections of all blocks as one batched product (one wide product without inter-block
+        attention, where every block reads the same map). Same parameters, same numbers.
+        """
+        kv_layers = [blk.cross_attn.kv for blk in self.blocks]
+        if not self.fused:
+            return [kv(y) for kv, y in zip(kv_layers, self.kv_inputs(maps), strict=True)]
+        depth = len(kv_layers)
+        W = torch.cat([kv.weight for kv in kv_layers])  # (depth * 2dec, C)
+        b = torch.cat([kv.bias for kv in kv_layers])  # (depth * 2dec,)
+        if self.iba is None:
+            kv = F.linear(maps[-1], W, b)  # (N, T, depth * 2dec)
+            return list(kv.chunk(depth, dim=-1))
+        mixed = self.iba(maps)  # (depth, N, T, C)
+        _, N, T, C = mixed.shape
+        gamma = torch.stack([n.weight for n in self.kv_norms])[:, None, None]  # (depth, 1, 1, C)
+        beta = torch.stack([n.bias for n in self.kv_norms])[:, None, None]
+        y = F.layer_norm(mixed, (C,), eps=self.kv_norms[0].eps) * gamma + beta  # (depth, N, T, C)
+        W = W.view(depth, -1, C).transpose(1, 2)  # (depth, C, 2dec)
+        kv = torch.baddbmm(b.view(depth, 1, -1), y.view(depth, N * T, C), W)  # (depth, N*T, 2dec)
+        return list(kv.view(depth, N, T, -1).unbind(0))
 
     def queries(self, ids_pred: torch.Tensor) -> torch.Tensor:
         """(N, n_pred) patch indices -> (N, n_pred, dec) initial queries."""

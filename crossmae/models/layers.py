@@ -81,10 +81,13 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head cross-attention: queries from ``x`` (decoder width), keys/values from ``y``.
+    """Multi-head cross-attention: queries from ``x`` (decoder width), keys/values projected from
+    encoder tokens ``y``.
 
     The projection of ``y`` (encoder width) to decoder width lives inside ``kv``, as in CrossMAE
     Sec. 3.2 ("we embed the projection within the multi-head cross-attention module").
+    ``forward`` takes the projected keys/values, so a decoder can project for all its blocks in
+    one batched product (``CrossMAEDecoder``); ``project_kv`` is the per-block projection.
 
     Args:
         dim: query / output width (decoder width).
@@ -101,12 +104,16 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(kv_dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def project_kv(self, y: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens (B, Nk, kv_dim) -> keys and values (B, Nk, 2 * dim)."""
+        return self.kv(y)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """x (B, Nq, dim) queries, kv (B, Nk, 2 * dim) projected keys/values -> (B, Nq, dim)."""
         B, Nq, C = x.shape
-        Nk = y.shape[1]
         h = self.num_heads
         q = self.q(x).view(B, Nq, h, C // h).transpose(1, 2)  # (B, heads, Nq, head_dim)
-        kv = self.kv(y).view(B, Nk, 2, h, C // h)
+        kv = kv.view(B, kv.shape[1], 2, h, C // h)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, Nk, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Nq, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, Nq, C))
@@ -178,6 +185,7 @@ class CrossBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """x (B, Nq, dim) queries, kv (B, Nk, 2 * dim) projected keys/values."""
         if self.has_self_attn:
             x = x + self.self_attn(self.norm0(x))
         x = x + self.cross_attn(self.norm1(x), kv)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import NORM_EPS, Block, PatchEmbed, init_weights_
 from .pos_embed import resample_abs_pos_embed, sincos_2d
@@ -113,6 +114,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else nn.Identity()
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
+        self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
         init_weights_(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
@@ -147,11 +149,18 @@ class VisionTransformer(nn.Module):
         self.img_size, self.grid_size = to_2tuple(img_size), new_grid
 
     # ----------------------------------------------------------------------------- forward
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` on tokens (N, T, D), with activation checkpointing when enabled."""
+        blk = self.blocks[i]
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
+
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> all tokens after the blocks and ``norm``: (N, 1 + L, D)."""
         x = self.prepend_cls(self.patch_tokens(imgs))
-        for blk in self.blocks:
-            x = blk(x)
+        for i in range(self.depth):
+            x = self.run_block(i, x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -187,8 +196,8 @@ class VisionTransformer(nn.Module):
         take = self.resolve_block_indices(indices)
         x = self.prepend_cls(self.patch_tokens(imgs))
         outs = []
-        for i, blk in enumerate(self.blocks[: max(take) + 1]):
-            x = blk(x)
+        for i in range(max(take) + 1):
+            x = self.run_block(i, x)
             if i in take:
                 y = self.norm(x) if norm else x
                 prefix, y = y[:, : self.num_prefix_tokens], y[:, self.num_prefix_tokens :]
