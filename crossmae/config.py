@@ -36,6 +36,7 @@ class DataConfig:
     path: str | None = None  # ImageFolder root or a flat image folder; None = built-in photos
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     num_workers: int = 2  # loader processes per training process
+    gpu_decode: bool = False  # decode JPEGs and crop on the device (needs data.path)
     demo_samples_per_epoch: int = 2048  # random crops per epoch of the built-in photos
 
 

@@ -45,6 +45,7 @@ from .data import (
     collate,
     make_loader,
 )
+from .data.gpu import JpegSamples, collate_raw, decode_batch
 from .models import create_model
 from .optim import lr_at, param_groups, pretrain_lr
 from .reconstruction import reconstruct
@@ -214,16 +215,29 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     torch.manual_seed(tc.seed + rank)  # then per-process randomness (drop path)
     mask_ratio = model.mask_ratio
     pred_ratio = getattr(model, "pred_ratio", mask_ratio)
-    dataset = PretrainSamples(
-        source,
-        PretrainTransform(cfg.model.img_size, tuple(cfg.data.crop_scale)),
-        model.mask_sampler,
-    )
+    scale = tuple(cfg.data.crop_scale)
+    if cfg.data.gpu_decode:  # workers read bytes; the device decodes, crops and resizes
+        dataset = JpegSamples(source, cfg.model.img_size, model.mask_sampler, scale)
+        collate_fn = collate_raw
+
+        def to_images(batch: dict) -> torch.Tensor:
+            return decode_batch(batch, cfg.model.img_size, device)
+    else:
+        dataset = PretrainSamples(
+            source, PretrainTransform(cfg.model.img_size, scale), model.mask_sampler
+        )
+        collate_fn = collate
+
+        def to_images(batch: dict) -> torch.Tensor:
+            return batch["images"].to(device, non_blocking=True)
+
     micro, accum = plan_batches(tc.batch_size, world, tc.micro_batch)
     sampler = ResumableSampler(
         len(dataset), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=tc.seed
     )
-    loader = make_loader(dataset, sampler, micro, cfg.data.num_workers, device.type == "cuda")
+    loader = make_loader(
+        dataset, sampler, micro, cfg.data.num_workers, device.type == "cuda", collate_fn
+    )
     steps_per_epoch = sampler.steps_per_epoch
     total_steps = tc.epochs * steps_per_epoch
     last_step = min(total_steps, tc.max_steps) if tc.max_steps else total_steps
@@ -372,11 +386,11 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 for k in range(accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
+                    imgs = to_images(batch)
                     window["data"] += time.perf_counter() - t0
                     skipped += batch["skipped"]
                     for name in batch["skipped"]:
                         log.warning("skipped unreadable file %s", name)
-                    imgs = batch["images"].to(device, non_blocking=True)
                     ids = batch["ids_shuffle"].to(device, non_blocking=True)
                     no_sync = world > 1 and k < accum - 1
                     with ddp_model.no_sync() if no_sync else contextlib.nullcontext():

@@ -17,6 +17,16 @@ def shared_root() -> Path:
     return Path(os.environ.get(SHARED_ENV, REPO.parent / "shared")).resolve()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The shared folder; skipped when absent, except under CI (CI=true), where that fails."""

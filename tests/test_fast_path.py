@@ -58,3 +58,41 @@ def test_activation_checkpointing_matches():
     loss, grads = loss_and_grads(model, imgs, ids)
     assert torch.equal(loss, loss_ref)
     assert all(torch.allclose(grads[n], grads_ref[n], atol=1e-6) for n in grads)
+
+
+@pytest.mark.parametrize("name", ["crossmae_vit_base_patch16", "mae_vit_base_patch16"])
+def test_the_step_compiles_without_graph_breaks(name):
+    import crossmae
+
+    model = crossmae.create_model(name, **TINY)
+    imgs = torch.randn(2, 3, 32, 32)
+    explained = torch._dynamo.explain(model)(imgs, ids_shuffle=model.mask_sampler(2))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    explained = torch._dynamo.explain(model)(imgs)  # mask drawn inside
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.gpu
+def test_fused_path_on_cuda_bf16_compiled():
+    torch.manual_seed(0)
+    model = CrossMAE(**{**TINY, "pred_ratio": 0.25}).cuda()
+    imgs = torch.randn(8, 3, 32, 32, device="cuda")
+    ids = model.mask_sampler(8, "cuda")
+    model.decoder.fused = False
+    loss_ref, grads_ref = loss_and_grads_on(model, imgs, ids)
+    model.decoder.fused = True
+    loss, grads = loss_and_grads_on(torch.compile(model), imgs, ids)
+    assert rel(loss, loss_ref) <= 3e-2
+    assert all(rel(grads[n], grads_ref[n]) <= 5e-2 for n in grads)
+
+
+def loss_and_grads_on(model, imgs, ids):
+    """bf16 autocast on CUDA."""
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.grad = None
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(imgs, ids_shuffle=ids)
+    out["loss"].backward()
+    names = {n.removeprefix("_orig_mod."): p for n, p in params.items() if p.requires_grad}
+    return out["loss"].detach(), {n: p.grad.clone() for n, p in names.items()}

@@ -241,3 +241,12 @@ def test_mixed_precision_and_clipping_run(tmp_path, precision):
     summary = pretrain(cfg)
     assert summary["step"] == 3 and summary["final_loss"] == summary["final_loss"]
     assert all("grad_norm" in json.loads(line) for line in (tmp_path / "metrics.jsonl").open())
+
+
+def test_device_decode_pipeline_trains(shared_dir, tmp_path):
+    root = cifar_folder(shared_dir, tmp_path / "data", per_class=16, classes=1)
+    overrides = [f"data.path={root}", "data.gpu_decode=true", "train.max_steps=2"]
+    summary = pretrain(
+        load_config(PretrainConfig, [], [*TINY, *overrides, f"output_dir={tmp_path / 'r'}"])
+    )
+    assert summary["step"] == 2 and summary["final_loss"] == summary["final_loss"]

@@ -149,14 +149,19 @@ def collate(samples: list[Sample]) -> dict:
 
 
 def make_loader(
-    dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int, pin_memory: bool
+    dataset: Dataset,
+    sampler: Sampler,
+    batch_size: int,
+    num_workers: int,
+    pin_memory: bool,
+    collate_fn: Callable = collate,
 ) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=False,  # the sampler already trims to whole steps
         persistent_workers=num_workers > 0,

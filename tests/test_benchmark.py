@@ -1,0 +1,56 @@
+"""tools/benchmark.py at a tiny size on CPU, and the FLOP counts that MFU is computed from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from torch.utils.flop_counter import FlopCounterMode
+
+import crossmae
+
+
+def run_tool(*args: str) -> list[dict]:
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark.py"), *args],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def test_step_benchmark_runs_on_cpu_at_tiny_size():
+    rows = run_tool("step", "--tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
+                    "--modes", "eager", "--pred-ratios", "0.25")  # fmt: skip
+    assert [(r["model"], r["pred_ratio"]) for r in rows] == [
+        ("crossmae_vit_base_patch16", 0.25), ("mae_vit_base_patch16", None)
+    ]  # fmt: skip
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["device"] == "cpu"
+    # CrossMAE at γ = 0.25 does less work than MAE decoding every patch
+    assert rows[0]["gflop_per_img"] < rows[1]["gflop_per_img"]
+
+
+def test_data_benchmark_runs(shared_dir):
+    (row,) = run_tool("data", "--folder", str(shared_dir / "data" / "imagenette" / "train"),
+                      "--images", "20", "--no-gpu")  # fmt: skip
+    assert row["images"] == 20 and row["img_per_s_per_worker"] > 0
+
+
+@pytest.mark.parametrize(
+    "name, pred_ratio, gflop",
+    [("crossmae_vit_base_patch16", 0.25, 38.2), ("crossmae_vit_base_patch16", 0.75, 56.9),
+     ("mae_vit_base_patch16", None, 56.3)],
+)  # fmt: skip
+def test_training_flops_match_the_reference(name, pred_ratio, gflop):
+    # REFERENCE.md: forward + backward per 224^2 image, counted with torch.utils.flop_counter
+    model = crossmae.create_model(
+        name, **({} if pred_ratio is None else {"pred_ratio": pred_ratio})
+    )
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, 224, 224))["loss"].backward()
+    assert counter.get_total_flops() / 1e9 == pytest.approx(gflop, abs=0.05)

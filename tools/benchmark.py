@@ -1,0 +1,243 @@
+"""Benchmarks: the pretraining step (img/s, step time, peak memory, FLOPs, MFU) and the image
+pipeline (decoded + augmented images per second).
+
+    # training step, real sizes, on a GPU (one JSON line per run, then a table)
+    python tools/benchmark.py step --models crossmae_vit_base_patch16 mae_vit_base_patch16 \
+        --pred-ratios 0.25 0.75 --batch 256 --modes eager compiled
+    # the same at a tiny size on CPU (what CI runs)
+    python tools/benchmark.py step --tiny --batch 8 --steps 3 --warmup 1
+    # image pipeline: CPU decode + RandomResizedCrop per worker, and the GPU decode path
+    python tools/benchmark.py data --folder ../shared/data/imagenette/train --images 300
+
+Synthetic images and masks live on the device before timing starts; a step is forward + backward
++ AdamW (fused on CUDA) under bf16 autocast. FLOPs per image are counted with
+``torch.utils.flop_counter`` on one step; MFU divides achieved FLOP/s by the card's measured bf16
+matmul peak (an 8192^3 product), or by ``--peak-tflops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from crossmae import create_model
+from crossmae.models import CrossMAE
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
+            decoder_num_heads=2, decoder_depth=2)  # fmt: skip
+
+# REFERENCE.md: the official code on one H100, torch 2.11, batch 256 ViT-B, AdamW included
+OFFICIAL_H100 = {
+    ("mae_vit_base_patch16", None, "fp16 eager"): 2962,
+    ("crossmae_vit_base_patch16", 0.75, "fp16 eager"): 2199,
+    ("crossmae_vit_base_patch16", 0.25, "fp16 eager"): 2686,
+    ("crossmae_vit_base_patch16", 0.25, "bf16 eager"): 2882,
+    ("crossmae_vit_base_patch16", 0.25, "bf16 compiled"): 4456,
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    """Measured dense bf16 matmul throughput of the card (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    n = 20
+    for _ in range(n):
+        a @ b
+    sync(device)
+    return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
+
+
+def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: torch.device) -> dict:
+    """Time forward + backward + AdamW of one model configuration."""
+    kw = dict(TINY) if args.tiny else {}
+    if args.decoder_depth is not None:
+        kw["decoder_depth"] = args.decoder_depth
+    torch.manual_seed(0)
+    model = create_model(name, **kw)
+    if isinstance(model, CrossMAE) and pred_ratio is not None:
+        model.pred_ratio = pred_ratio
+    model.encoder.grad_checkpointing = args.grad_checkpointing
+    model.to(device).train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
+    size = model.grid_size[0] * model.patch_size
+    imgs = torch.randn(args.batch, 3, size, size, device=device)
+    masks = [model.mask_sampler(args.batch, device) for _ in range(4)]
+    fwd = torch.compile(model) if mode == "compiled" else model
+
+    def step(i: int) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = fwd(imgs, ids_shuffle=masks[i % len(masks)])
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out["loss"]
+
+    # FLOPs of one step (eager, counted once)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = model(imgs, ids_shuffle=masks[0])
+        out["loss"].backward()
+    opt.zero_grad(set_to_none=True)
+    flops_per_img = counter.get_total_flops() / args.batch
+
+    for i in range(args.warmup):
+        step(i)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for i in range(args.steps):
+        loss = step(i)
+    sync(device)
+    dt = (time.perf_counter() - t) / args.steps
+    rec = {
+        "model": name,
+        "tiny": args.tiny,
+        "pred_ratio": getattr(model, "pred_ratio", None),
+        "decoder_depth": len(model.decoder.blocks),
+        "mode": f"bf16 {mode}",
+        "batch": args.batch,
+        "img_per_s": args.batch / dt,
+        "step_ms": dt * 1e3,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+        "gflop_per_img": flops_per_img / 1e9,
+        "loss": float(loss),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    if args.peak_tflops:
+        rec["mfu"] = rec["img_per_s"] * flops_per_img / (args.peak_tflops * 1e12)
+    official = OFFICIAL_H100.get(
+        (name, rec["pred_ratio"] if "crossmae" in name else None, rec["mode"])
+    )
+    if official and not args.tiny:
+        rec["official_h100_img_per_s"] = official
+    return rec
+
+
+def cmd_step(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.peak_tflops is None:
+        args.peak_tflops = matmul_peak_tflops(device)
+    rows = []
+    for name in args.models:
+        ratios = args.pred_ratios if name.startswith("crossmae") else [None]
+        for g in ratios:
+            for mode in args.modes:
+                rec = bench_step(name, g, mode, args, device)
+                rec["peak_tflops"] = args.peak_tflops
+                print(json.dumps(rec), flush=True)
+                rows.append(rec)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"\n{'model':35s} {'γ':>5s} {'mode':14s} {'img/s':>8s} {'ms':>7s} {'GiB':>6s} "
+          f"{'GFLOP/img':>9s} {'MFU':>6s}  official")  # fmt: skip
+    for r in rows:
+        mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        g = f"{r['pred_ratio']:.2f}" if r["pred_ratio"] is not None else "-"
+        name = r["model"] + (" (tiny)" if r["tiny"] else "")
+        official = r.get("official_h100_img_per_s", "")
+        print(
+            f"{name:35s} {g:>5s} {r['mode']:14s} {r['img_per_s']:8.0f} {r['step_ms']:7.1f} "
+            f"{mem:>6s} {r['gflop_per_img']:9.3f} {mfu:>6s}  {official}"
+        )
+    return 0
+
+
+def cmd_data(args) -> int:
+    from crossmae.data import ImageFiles, PretrainSamples, PretrainTransform, sample_seed
+    from crossmae.models.masking import MaskSampler
+
+    source = ImageFiles(args.folder)
+    n = min(args.images, len(source))
+    keys = [(i, sample_seed(0, 0, i)) for i in range(n)]
+    grid = (args.img_size // 16, args.img_size // 16)
+    ds = PretrainSamples(source, PretrainTransform(args.img_size), MaskSampler(grid))
+    ds[keys[0]]  # warm the file cache and imports
+    t = time.perf_counter()
+    for k in keys:
+        ds[k]
+    cpu_rate = n / (time.perf_counter() - t)
+    rec = {"pipeline": "cpu decode + RRC + flip (PIL)", "images": n, "img_size": args.img_size,
+           "img_per_s_per_worker": cpu_rate, "folder": args.folder}  # fmt: skip
+    print(json.dumps(rec))
+    if torch.cuda.is_available() and not args.no_gpu:
+        from crossmae.data.gpu import JpegSamples, collate_raw, decode_batch
+
+        device = torch.device("cuda")
+        raw = JpegSamples(source, args.img_size, MaskSampler(grid))
+        batches = [
+            collate_raw([raw[k] for k in keys[i : i + args.batch]]) for i in range(0, n, args.batch)
+        ]
+        decode_batch(batches[0], args.img_size, device)  # warm-up (nvjpeg init)
+        sync(device)
+        t = time.perf_counter()
+        for b in batches:
+            decode_batch(b, args.img_size, device)
+        sync(device)
+        rate = n / (time.perf_counter() - t)
+        rec = {"pipeline": "GPU decode_jpeg + RRC + flip", "images": n, "img_size": args.img_size,
+               "img_per_s": rate, "device": torch.cuda.get_device_name()}  # fmt: skip
+        print(json.dumps(rec))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("step", help="training-step throughput")
+    p.add_argument(
+        "--models", nargs="+", default=["crossmae_vit_base_patch16", "mae_vit_base_patch16"]
+    )
+    p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
+    p.add_argument("--decoder-depth", type=int, default=None)
+    p.add_argument(
+        "--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"]
+    )
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--tiny", action="store_true", help="tiny widths (CPU / CI)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU only)")
+    p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.set_defaults(func=cmd_step)
+    p = sub.add_parser("data", help="image pipeline throughput")
+    p.add_argument("--folder", required=True, type=str)
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--no-gpu", action="store_true")
+    p.set_defaults(func=cmd_data)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
