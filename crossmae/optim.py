@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 
@@ -63,3 +64,44 @@ def lr_at(
 def pretrain_lr(blr: float, global_batch: int, mask_ratio: float, pred_ratio: float) -> float:
     """CrossMAE App. A.6: ``lr = blr * batch / 256 * (γ / p)`` (MAE: γ = p)."""
     return blr * global_batch / 256 * (pred_ratio / mask_ratio)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017, arXiv:1708.03888) as MAE's linear probe uses it: for weights
+    (ndim > 1) the update ``g + wd * p`` is scaled by ``trust * ||p|| / ||g + wd * p||``; biases
+    and norm parameters get the plain momentum update without weight decay.
+
+    Args:
+        params: parameters or groups.
+        lr: learning rate.
+        weight_decay: decoupled into the update of weights only.
+        momentum: heavy-ball momentum.
+        trust_coefficient: the LARS trust ratio scale.
+    """
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):  # fmt: skip
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                        trust_coefficient=trust_coefficient)  # fmt: skip
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=g["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    ratio = torch.where(
+                        (p_norm > 0) & (u_norm > 0), g["trust_coefficient"] * p_norm / u_norm, 1.0
+                    )
+                    update = update.mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(g["momentum"]).add_(update)
+                p.add_(mu, alpha=-g["lr"])

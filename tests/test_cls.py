@@ -1,0 +1,117 @@
+"""cls/: loading every checkpoint format strictly, class checks, sharded evaluation, kNN and the
+fast linear probe end to end on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_data import cifar_folder
+from test_models import TINY
+
+from cls.data import class_folders, shard
+from cls.encoder import build_classifier, load_pretrained_encoder
+from cls.features import knn_classify, linear_probe_grid, topk_accuracy
+from crossmae.checkpoint import encoder_export, save_atomic
+from crossmae.models import create_model, to_official
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """The same tiny CrossMAE as an encoder export and as an official release."""
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    model = create_model("crossmae_vit_base_patch16", **TINY)
+    save_atomic(encoder_export(model, model_name="crossmae_vit_base_patch16"), d / "encoder.pt")
+    torch.save({"model": to_official(model.state_dict(), kind="crossmae")}, d / "official.pth")
+    return model, d
+
+
+def test_every_format_loads_the_same_encoder(tiny_checkpoints):
+    model, d = tiny_checkpoints
+    ours, cfg = load_pretrained_encoder(d / "encoder.pt")
+    official, cfg2 = load_pretrained_encoder(
+        d / "official.pth", official_arch="crossmae_vit_base_patch16"
+    )
+    assert cfg["embed_dim"] == 768 or cfg["embed_dim"] == TINY["embed_dim"]
+    assert set(ours) == set(official) == set(model.encoder.state_dict())
+    assert all(torch.equal(ours[k], official[k]) for k in ours)
+    with pytest.raises(ValueError, match="official_arch"):
+        load_pretrained_encoder(d / "official.pth")
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_classifier_loads_strictly_and_resamples(tiny_checkpoints, pool):
+    model, d = tiny_checkpoints
+    sd, cfg = load_pretrained_encoder(d / "encoder.pt")
+    clf = build_classifier(sd, cfg, num_classes=10, img_size=48, global_pool=pool)
+    assert clf.pos_embed.shape[1] == 1 + 6 * 6 and clf(torch.randn(2, 3, 48, 48)).shape == (2, 10)
+    assert torch.equal(clf.blocks[1].mlp.fc1.weight, model.encoder.blocks[1].mlp.fc1.weight)
+    with pytest.raises(KeyError, match="unexpected keys"):
+        build_classifier({**sd, "decoder.x": torch.zeros(1)}, cfg, num_classes=10)
+    del sd["blocks.0.attn.qkv.weight"]
+    with pytest.raises(KeyError, match=r"missing keys \['blocks.0.attn.qkv.weight'\]"):
+        build_classifier(sd, cfg, num_classes=10)
+
+
+def test_train_and_val_classes_must_agree(shared_dir, tmp_path):
+    cifar_folder(shared_dir, tmp_path / "train", per_class=1, classes=3)
+    cifar_folder(shared_dir, tmp_path / "val", per_class=1, classes=2)
+    with pytest.raises(ValueError, match=r"only in train \['bird'\]"):
+        class_folders(tmp_path / "train", tmp_path / "val")
+
+
+def test_shards_cover_every_image_once():
+    for n, world in [(10, 3), (7, 2), (2, 4)]:
+        parts = [shard(n, r, world) for r in range(world)]
+        assert sorted(i for p in parts for i in p) == list(range(n))
+
+
+def test_knn_and_probe_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 16, generator=g) * 3
+    y = torch.arange(300) % 3
+    x = centers[y] + torch.randn(300, 16, generator=g)
+    scores = knn_classify(x[:240], y[:240], x[240:], num_classes=3, k=5)
+    assert topk_accuracy(scores, y[240:])["top1"] == 100.0
+    # LARS moves weights by ~trust x |w| per step: small data needs a large base lr
+    res = linear_probe_grid(x[:240], y[:240], x[240:], y[240:], num_classes=3, blrs=[1.0, 10.0],
+                            epochs=60, warmup_epochs=2, batch_size=60)  # fmt: skip
+    assert res["best_top1"] == 100.0 and res["best_blr"] == 10.0
+    assert res["by_blr"][1.0]["top1"] < 100.0
+
+
+def run_frozen(args, env=None):
+    return subprocess.run([sys.executable, "-m", "cls", "frozen", *args], capture_output=True,
+                          text=True, timeout=300, env=env)  # fmt: skip
+
+
+def test_frozen_eval_end_to_end_and_on_two_processes(shared_dir, tiny_checkpoints, tmp_path):
+    _, d = tiny_checkpoints
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=8, classes=3)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=5, classes=3)
+    common = [
+        f"encoder.checkpoint={d / 'encoder.pt'}", f"train={train}", f"val={val}", "img_size=32",
+        "num_workers=0", "probe_epochs=3", "probe_warmup_epochs=1", "probe_batch_size=8",
+    ]  # fmt: skip
+    one = run_frozen([*common, f"output={tmp_path / 'one.json'}"])
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "cls", "frozen", *common, f"output={tmp_path / 'two.json'}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = (json.loads(Path(tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    assert a["val_images"] == b["val_images"] == 15 and a["train_images"] == 24
+    # every validation image counted once: the same accuracies on 1 and 2 processes
+    assert a["knn_top1"] == pytest.approx(b["knn_top1"])
+    assert a["linprobe_top1"] == pytest.approx(b["linprobe_top1"])
+    bad = run_frozen([*common, "pool=max"])
+    assert bad.returncode != 0 and "pool" in bad.stderr
