@@ -1,4 +1,5 @@
-"""``python -m cls frozen --config FILE key=value ...`` (kNN + fast linear probe)."""
+"""``python -m cls frozen|finetune --config FILE key=value ...``: kNN + fast linear probe of a
+frozen encoder, or end-to-end finetuning."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("frozen", help="kNN and fast linear probe of a frozen encoder")
     p.add_argument("--config", action="append", default=[])
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("finetune", help="end-to-end finetuning (MAE / CrossMAE recipe)")
+    p.add_argument("--config", action="append", default=[])
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
@@ -25,7 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate_frozen(load_config(FrozenEvalConfig, args.config, args.overrides))
             print(json.dumps({k: v for k, v in result.items() if k != "config"}))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        else:
+            from .config import FinetuneConfig
+            from .finetune import finetune
+
+            cfg = load_config(FinetuneConfig, args.config, args.overrides)
+            result = finetune(cfg, resume=args.resume)
+            print(json.dumps(result))
+            return 1 if result["interrupted"] else 0
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"python -m cls {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

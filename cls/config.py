@@ -36,3 +36,37 @@ class FrozenEvalConfig:
     probe_warmup_epochs: int = 10
     probe_batch_size: int = 16384
     probe_weight_decay: float = 0.0
+
+
+@dataclass
+class FinetuneConfig:
+    """End-to-end finetuning, the MAE / CrossMAE recipe (paper Table 11) by default."""
+
+    encoder: EncoderSource = field(default_factory=EncoderSource)
+    train: str = "???"
+    val: str = "???"
+    output_dir: str = "???"
+    img_size: int = 224
+    global_pool: str = "avg"  # avg (+ fc_norm) | token
+    drop_path_rate: float = 0.1
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    batch_size: int = 1024  # global
+    micro_batch: int | None = None  # per-process forward batch; None = batch_size / processes
+    blr: float = 5e-4  # lr = blr * batch_size / 256
+    min_lr: float = 1e-6
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float | None = None
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    randaug: str | None = "rand-m9-mstd0.5-inc1"
+    reprob: float = 0.25  # random erasing
+    ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
+    precision: str = "bf16"
+    device: str = "auto"
+    num_workers: int = 8
+    seed: int = 0
+    log_every: int = 20

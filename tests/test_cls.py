@@ -115,3 +115,79 @@ def test_frozen_eval_end_to_end_and_on_two_processes(shared_dir, tiny_checkpoint
     assert a["linprobe_top1"] == pytest.approx(b["linprobe_top1"])
     bad = run_frozen([*common, "pool=max"])
     assert bad.returncode != 0 and "pool" in bad.stderr
+
+
+def finetune_cfg(shared_dir, tmp_path, ckpt_dir, *extra):
+    from cls.config import FinetuneConfig
+    from crossmae.config import load_config
+
+    train = tmp_path / "train"
+    if not train.exists():
+        cifar_folder(shared_dir, train, per_class=8, classes=3)
+        cifar_folder(shared_dir, tmp_path / "val", per_class=5, classes=3)
+    overrides = [
+        f"encoder.checkpoint={ckpt_dir / 'encoder.pt'}",
+        f"train={train}",
+        f"val={tmp_path / 'val'}",
+        *["img_size=32", "batch_size=8", "epochs=2", "warmup_epochs=1", "num_workers=0"],
+        *["precision=fp32", "device=cpu", "log_every=1"],
+        *extra,
+    ]
+    return load_config(FinetuneConfig, [], overrides)
+
+
+def lrs(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in rows if "lr" in r}
+
+
+def test_finetune_end_to_end_and_resume_continues_the_schedule(
+    shared_dir, tiny_checkpoints, tmp_path, monkeypatch
+):
+    import signal
+
+    import cls.finetune as ft
+
+    _, d = tiny_checkpoints
+    full = ft.finetune(
+        finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'a'}", "ema_decay=0.99")
+    )
+    assert full["step"] == 6 and not full["interrupted"]
+    assert full["last"]["images"] == 15 and 0 <= full["last"]["top1"] <= 100
+    for f in ("checkpoint-last.pt", "checkpoint-best.pt", "results.json"):
+        assert (tmp_path / "a" / f).is_file()
+
+    # interrupt during step 2 (of 6), then resume: the lr of every step is the uninterrupted one
+    orig = ft.lr_at
+
+    def lr_at_and_stop(step, **kw):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return orig(step, **kw)
+
+    monkeypatch.setattr(ft, "lr_at", lr_at_and_stop)
+    cfg = finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'b'}", "ema_decay=0.99")
+    stopped = ft.finetune(cfg)
+    assert stopped["interrupted"] and stopped["step"] == 3
+    monkeypatch.setattr(ft, "lr_at", orig)
+    resumed = ft.finetune(cfg, resume="auto")
+    assert resumed["step"] == 6 and not resumed["interrupted"]
+    assert lrs(tmp_path / "b") == pytest.approx(lrs(tmp_path / "a"))
+
+
+CLS_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "cls").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CLS_CONFIGS, ids=lambda p: p.stem)
+def test_cls_configs_load(path):
+    from cls.config import FinetuneConfig, FrozenEvalConfig
+    from crossmae.config import load_config
+
+    text = path.read_text()
+    assert "# Command:" in text and "# Hardware:" in text
+    schema = FinetuneConfig if path.stem.startswith("finetune") else FrozenEvalConfig
+    required = ["encoder.checkpoint=x.pt", "train=t", "val=v"]
+    if schema is FinetuneConfig:
+        required.append("output_dir=o")
+    cfg = load_config(schema, [path], required)
+    assert cfg.img_size in (32, 224)
