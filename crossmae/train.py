@@ -533,6 +533,12 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 "skipped %d unreadable files: %s", len(all_skipped), ", ".join(all_skipped[:10])
             )
         log.info("done: %s", json.dumps(summary))
+        if not interrupted:
+            log.info(
+                "look at %s: loss.png, recon/epoch-*.png (reconstructions), metrics.jsonl, tb/; "
+                "checkpoint-last.pt and encoder.pt for the transfer tasks",
+                out_dir,
+            )
     du.barrier()
     if interrupted:
         stop.forward()
