@@ -55,7 +55,7 @@ class FinetuneConfig:
     micro_batch: int | None = None  # per-process forward batch; None = batch_size / processes
     blr: float = 5e-4  # lr = blr * batch_size / 256
     min_lr: float = 1e-6
-    layer_decay: float = 0.65
+    layer_decay: float | None = 0.65  # None = no layer-wise decay
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     clip_grad: float | None = None
@@ -70,3 +70,27 @@ class FinetuneConfig:
     num_workers: int = 8
     seed: int = 0
     log_every: int = 20
+    probe: bool = False  # linear probe: frozen encoder, BatchNorm + Linear head, LARS
+
+
+@dataclass
+class LinprobeConfig(FinetuneConfig):
+    """The paper's linear probe (MAE recipe, REFERENCE.md): frozen encoder, cls token,
+    BatchNorm1d(affine=False) + Linear head, LARS, blr 0.1, batch 16384, 90 epochs (10 warmup),
+    no weight decay, RandomResizedCrop + flip only. Same loop as finetuning (``probe=True``)."""
+
+    probe: bool = True
+    global_pool: str = "token"
+    drop_path_rate: float = 0.0
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batch_size: int = 16384
+    blr: float = 0.1
+    min_lr: float = 0.0
+    layer_decay: float | None = None
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    randaug: str | None = None
+    reprob: float = 0.0

@@ -1,16 +1,10 @@
-"""Classification data: ImageFolder train / val pairs whose classes must agree, the evaluation
-transform, and sharding that gives every validation image to exactly one process."""
+"""Classification data: ImageFolder train / val pairs whose classes must agree."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-import torchvision.transforms as T
-from torch.utils.data import Dataset
-
 from crossmae.data import ImageFiles
-from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def class_folders(train: str | Path, val: str | Path) -> tuple[ImageFiles, ImageFiles]:
@@ -28,32 +22,3 @@ def class_folders(train: str | Path, val: str | Path) -> tuple[ImageFiles, Image
             f"{only_va[:10]}" + ("" if only_tr or only_va else " (same names, different order)")
         )
     return tr, va
-
-
-def eval_transform(img_size: int, crop_pct: float = 0.875) -> T.Compose:
-    """Resize the shorter side to img_size / crop_pct (bicubic), centre crop, normalise."""
-    return T.Compose([
-        T.Resize(int(round(img_size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(img_size),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])  # fmt: skip
-
-
-class Labelled(Dataset):
-    """(image tensor, label, index) from an ``ImageFiles`` split through a torchvision transform."""
-
-    def __init__(self, source: ImageFiles, transform):
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(self.source.load(i)), self.source.labels[i], i
-
-
-def shard(n: int, rank: int, world: int) -> list[int]:
-    """Indices ``rank, rank + world, ...``: every one of ``n`` items on exactly one process (no
-    padding, unlike DistributedSampler, so evaluation counts each image once)."""
-    return list(range(rank, n, world))

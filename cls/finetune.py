@@ -1,7 +1,13 @@
-"""End-to-end finetuning of a pretrained encoder (MAE / CrossMAE recipe: AdamW, layer-wise lr
-decay, warmup + cosine, drop path, RandAugment, mixup / cutmix, random erasing, label smoothing,
-average pooling + fc_norm, optional EMA, bf16), accuracy on the val split every epoch, exact
-distributed counting, best and last checkpoints, ``--resume auto``.
+"""Supervised training on a pretrained encoder, one loop for both recipes:
+
+- finetuning (MAE / CrossMAE recipe: AdamW, layer-wise lr decay, warmup + cosine, drop path,
+  RandAugment, mixup / cutmix, random erasing, label smoothing, average pooling + fc_norm,
+  optional EMA, bf16);
+- the linear probe (``probe=True``, ``config.LinprobeConfig``: frozen encoder, cls token,
+  BatchNorm + Linear head, LARS, RandomResizedCrop + flip).
+
+Accuracy on the val split every epoch with exact distributed counting, best and last
+checkpoints, ``--resume auto``.
 
     torchrun --nproc-per-node 8 -m cls finetune --config configs/cls/finetune_vit_base.yaml \
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt train=... val=... output_dir=...
@@ -14,8 +20,11 @@ import json
 import logging
 from pathlib import Path
 
+import timm.data.auto_augment as timm_auto_augment
 import torch
+import torchvision.transforms as T
 from omegaconf import DictConfig
+from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
@@ -25,16 +34,33 @@ from torch.utils.data import DataLoader, Dataset
 from crossmae import distributed as du
 from crossmae.checkpoint import LAST, latest_checkpoint, load_checkpoint, save_atomic
 from crossmae.config import ConfigError, to_plain
-from crossmae.data import ResumableSampler
+from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from crossmae.optim import lr_at, param_groups
+from crossmae.optim import LARS, lr_at, param_groups
 from crossmae.train import PRECISIONS, StopRequest, plan_batches, setup_logging
 
-from .data import Labelled, class_folders, eval_transform, shard
+from .data import class_folders
 from .encoder import build_classifier, load_pretrained_encoder
+from .features import ProbeHead
 
 log = logging.getLogger("crossmae")
 FINETUNE_FORMAT = "crossmae-finetune-v1"
+MAX_NONFINITE = 5  # consecutive non-finite losses before the run stops
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize with the meaning Pillow used to give 0 bits (a black image). RandAugment's
+    increasing posterize reaches 0 bits at magnitude 10 (m9 plus magnitude noise), which Pillow
+    13 rejects ("bits must be between or equal to 1 and 8") and which would crash a finetune."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    timm_auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 class _Keyed(Dataset):
@@ -58,7 +84,8 @@ def evaluate(
     correct counts are summed, so every image is counted exactly once."""
     model.eval()
     ds = torch.utils.data.Subset(
-        Labelled(source, eval_transform(img_size)), shard(len(source), du.rank(), du.world_size())
+        Labelled(source, classify_eval_transform(img_size)),
+        du.shard(len(source), du.rank(), du.world_size()),
     )
     counts = torch.zeros(3, device=device)  # top1 hits, top5 hits, images
     for imgs, y, _ in DataLoader(ds, batch_size=batch_size, num_workers=workers):
@@ -106,7 +133,13 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
         global_pool=cfg.global_pool,
         drop_path_rate=cfg.drop_path_rate,
     )
-    nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE finetune head init
+    if cfg.probe:  # frozen encoder; only the BatchNorm + Linear head trains
+        model.requires_grad_(False)
+        model.head = ProbeHead(model.embed_dim, num_classes)
+        if cfg.ema_decay:
+            raise ConfigError("ema_decay applies to finetuning, not to the linear probe")
+    else:
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE finetune head init
     model.to(device)
     ema = None
     if cfg.ema_decay:
@@ -116,17 +149,18 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     torch.manual_seed(cfg.seed + rank)
 
     # data
-    tf = create_transform(
-        cfg.img_size,
-        is_training=True,
-        auto_augment=cfg.randaug,
-        interpolation="bicubic",
-        re_prob=cfg.reprob,
-        re_mode="pixel",
-        re_count=1,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
+    if cfg.probe:
+        tf = T.Compose([
+            T.RandomResizedCrop(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])  # fmt: skip
+    else:
+        tf = create_transform(
+            cfg.img_size, is_training=True, auto_augment=cfg.randaug, interpolation="bicubic",
+            re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        )  # fmt: skip
     micro, accum = plan_batches(cfg.batch_size, world, cfg.micro_batch)
     sampler = ResumableSampler(
         len(train_src), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=cfg.seed
@@ -153,20 +187,22 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     else:
         criterion = nn.CrossEntropyLoss()
 
-    # optimizer: one layer-decay implementation, driven by the encoder's layer_id
+    # optimizer
     steps_per_epoch = sampler.steps_per_epoch
     total = cfg.epochs * steps_per_epoch
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     base_lr = cfg.blr * cfg.batch_size / 256
-    groups = param_groups(
-        model,
-        cfg.weight_decay,
-        layer_decay=cfg.layer_decay,
-        layer_id=model.layer_id,
-        num_layers=model.depth,
-        no_decay_names=model.no_weight_decay(),
-    )
-    opt = torch.optim.AdamW(groups, lr=base_lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    if cfg.probe:
+        head = [p for p in model.parameters() if p.requires_grad]
+        opt = LARS([{"params": head, "lr_scale": 1.0}], lr=base_lr, weight_decay=cfg.weight_decay)
+    else:  # one layer-decay implementation, driven by the encoder's layer_id
+        groups = param_groups(
+            model, cfg.weight_decay, layer_decay=cfg.layer_decay, layer_id=model.layer_id,
+            num_layers=model.depth, no_decay_names=model.no_weight_decay(),
+        )  # fmt: skip
+        opt = torch.optim.AdamW(
+            groups, lr=base_lr, betas=tuple(cfg.betas), fused=device.type == "cuda"
+        )
     amp = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
@@ -216,7 +252,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
         save_atomic(state, out / tag)
 
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    acc, interrupted = {}, False
+    acc, interrupted, nonfinite_run = {}, False, 0
     with StopRequest() as stop:
         while step < total and not interrupted:
             epoch, start = divmod(step, steps_per_epoch)
@@ -230,7 +266,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 for g in opt.param_groups:
                     g["lr"] = lr * g["lr_scale"]
                 # forward + backward
-                loss_sum = 0.0
+                loss_sum = torch.zeros((), device=device)
                 for k in range(accum):
                     imgs, y = next(batches)
                     imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -244,15 +280,27 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
                             loss = criterion(ddp(imgs).float(), y)
                         scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach() / accum
-                # step
-                if cfg.clip_grad is not None:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(opt)
-                scaler.update()
-                opt.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model, step=step)
+                # step (skipped on a non-finite loss; all processes agree)
+                nonfinite, stopping = stop.agree(loss_sum)
+                if nonfinite:
+                    opt.zero_grad(set_to_none=True)
+                    nonfinite_run += 1
+                    log.warning("step %d: non-finite loss, step skipped", step)
+                    if nonfinite_run >= MAX_NONFINITE:
+                        raise FloatingPointError(
+                            f"the loss was non-finite for {nonfinite_run} steps in a row (step "
+                            f"{step}); lower blr or set clip_grad"
+                        )
+                else:
+                    nonfinite_run = 0
+                    if cfg.clip_grad is not None:
+                        scaler.unscale_(opt)
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update(model, step=step)
                 step += 1
                 # log
                 if step % cfg.log_every == 0 or step == total:
@@ -262,7 +310,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
                             json.dumps({"step": step, "lr": lr, "loss": loss_value}) + "\n"
                         )
                         metrics.flush()
-                if stop.signum is not None:
+                if stopping:
                     interrupted = True
                     break
             # evaluate + checkpoint

@@ -38,6 +38,8 @@ class DataConfig:
     num_workers: int = 2  # loader processes per training process
     gpu_decode: bool = False  # decode JPEGs and crop on the device (needs data.path)
     demo_samples_per_epoch: int = 2048  # random crops per epoch of the built-in photos
+    knn_train: str | None = None  # labelled ImageFolder splits for the kNN monitor
+    knn_val: str | None = None
 
 
 @dataclass
@@ -71,6 +73,7 @@ class LogConfig:
     keep_every_epochs: int = 0  # also keep checkpoint-epochN.pt every N epochs (0 = never)
     vis_every_epochs: int = 1  # reconstruction PNG of fixed images every N epochs
     vis_images: int = 8
+    knn_every_epochs: int = 0  # kNN top-1 of the encoder on data.knn_train/knn_val (0 = off)
     tensorboard: bool = True
     progress: bool = True
 

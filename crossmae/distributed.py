@@ -83,6 +83,12 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
+def shard(n: int, rank: int, world: int) -> list[int]:
+    """Indices ``rank, rank + world, ...``: every one of ``n`` items on exactly one process (no
+    padding, unlike DistributedSampler, so evaluation counts each item once)."""
+    return list(range(rank, n, world))
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

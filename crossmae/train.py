@@ -46,6 +46,7 @@ from .data import (
     make_loader,
 )
 from .data.gpu import JpegSamples, collate_raw, decode_batch
+from .knn import extract_features, knn_classify, topk_accuracy
 from .models import create_model
 from .optim import lr_at, param_groups, pretrain_lr
 from .reconstruction import reconstruct
@@ -95,7 +96,8 @@ def default_output_dir(mcfg: ModelConfig) -> Path:
 
 
 class StopRequest:
-    """Records SIGTERM / SIGUSR1 / SIGUSR2 so the loop can checkpoint at the next step boundary.
+    """Records SIGTERM / SIGUSR1 / SIGUSR2 so a training loop can checkpoint at the next step
+    boundary (pretraining, finetuning and the linear probe all use it).
     On exit, the previous handlers come back; ``forward()`` then re-raises the signal to a
     previous Python handler (e.g. submitit's, which requeues the job)."""
 
@@ -115,6 +117,15 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(is the loss non-finite on any process, has any process been signalled): every
+        process gets the same answer, so all skip the same step and stop at the same step."""
+        flags = torch.stack(
+            [~torch.isfinite(loss), loss.new_tensor(self.signum is not None, dtype=torch.bool)]
+        )
+        nonfinite, stopping = du.all_reduce_max(flags.float()).tolist()
+        return bool(nonfinite), bool(stopping)
 
     def forward(self) -> None:
         prev = self._previous.get(self.signum)
@@ -188,6 +199,13 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         source = ImageFiles(cfg.data.path)
     else:
         source = BuiltinPhotos(cfg.data.demo_samples_per_epoch)
+    knn_splits = []
+    if cfg.log.knn_every_epochs:
+        if not (cfg.data.knn_train and cfg.data.knn_val):
+            raise ConfigError("log.knn_every_epochs needs data.knn_train and data.knn_val")
+        knn_splits = [ImageFiles(cfg.data.knn_train), ImageFiles(cfg.data.knn_val)]
+        if knn_splits[0].classes != knn_splits[1].classes or not knn_splits[0].classes:
+            raise ConfigError("data.knn_train and data.knn_val need the same class folders")
 
     # output folder (rank 0 names it; everyone uses that name)
     if resume == "auto" and cfg.output_dir is None:
@@ -347,6 +365,26 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         }
         save_atomic(state, out_dir / tag)
 
+    def knn_monitor(epoch: int) -> None:
+        """kNN top-1 / top-5 of the encoder's average-pooled features (every process joins)."""
+        feats = [
+            extract_features(model.encoder, split, img_size=cfg.model.img_size, pool="avg",
+                             num_workers=cfg.data.num_workers, device=device)
+            for split in knn_splits
+        ]  # fmt: skip
+        model.train()
+        (ftr, ytr), (fva, yva) = feats
+        scores = knn_classify(ftr, ytr, fva, num_classes=len(knn_splits[0].classes))
+        acc = topk_accuracy(scores, yva)
+        log.info("epoch %d: kNN top-1 %.2f", epoch, acc["top1"])
+        if metrics_file is not None:
+            record = {"step": step, "epoch": epoch, **{f"knn_{k}": v for k, v in acc.items()}}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+        if writer is not None:
+            for k, v in acc.items():
+                writer.add_scalar(f"knn/{k}", v, step)
+
     def visualise(epoch: int) -> None:
         if rank != 0:
             return
@@ -404,11 +442,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     window["images"] += len(imgs) * world
 
                 # backward + step; all processes agree on skipping a non-finite step and on stopping
-                flags = torch.tensor(
-                    [float(not torch.isfinite(step_loss)), float(stop.signum is not None)],
-                    device=device,
-                )
-                nonfinite, stopping = du.all_reduce_max(flags).tolist()
+                nonfinite, stopping = stop.agree(step_loss)
                 if nonfinite:
                     optimizer.zero_grad(set_to_none=True)
                     nonfinite_run += 1
@@ -498,6 +532,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 save(f"checkpoint-epoch{done_epoch}.pt")
             if epoch_done and lc.vis_every_epochs and done_epoch % lc.vis_every_epochs == 0:
                 visualise(done_epoch)
+            if epoch_done and knn_splits and done_epoch % lc.knn_every_epochs == 0:
+                knn_monitor(done_epoch)
 
     # wrap up
     if progress is not None:

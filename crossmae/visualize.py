@@ -47,7 +47,7 @@ def save_reconstruction_grid(
 def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
     """Training loss (and lr) against the step, from a ``metrics.jsonl``; None if it has none."""
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
-    rows = [r for r in rows if "loss" in r and "step" in r]
+    rows = [r for r in rows if "loss" in r and "lr" in r]
     if not rows:
         return None
     plt = _pyplot()

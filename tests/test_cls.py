@@ -14,10 +14,12 @@ import torch
 from test_data import cifar_folder
 from test_models import TINY
 
-from cls.data import class_folders, shard
+from cls.data import class_folders
 from cls.encoder import build_classifier, load_pretrained_encoder
-from cls.features import knn_classify, linear_probe_grid, topk_accuracy
+from cls.features import linear_probe_grid
 from crossmae.checkpoint import encoder_export, save_atomic
+from crossmae.distributed import shard
+from crossmae.knn import knn_classify, topk_accuracy
 from crossmae.models import create_model, to_official
 
 
@@ -180,14 +182,98 @@ CLS_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "cls").glob("*.yam
 
 @pytest.mark.parametrize("path", CLS_CONFIGS, ids=lambda p: p.stem)
 def test_cls_configs_load(path):
-    from cls.config import FinetuneConfig, FrozenEvalConfig
+    from cls.config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
     from crossmae.config import load_config
 
     text = path.read_text()
     assert "# Command:" in text and "# Hardware:" in text
-    schema = FinetuneConfig if path.stem.startswith("finetune") else FrozenEvalConfig
+    schemas = {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "frozen": FrozenEvalConfig}
+    schema = schemas[path.stem.split("_")[0]]
     required = ["encoder.checkpoint=x.pt", "train=t", "val=v"]
-    if schema is FinetuneConfig:
+    if schema is not FrozenEvalConfig:
         required.append("output_dir=o")
     cfg = load_config(schema, [path], required)
     assert cfg.img_size in (32, 224)
+
+
+def test_linear_probe_trains_only_the_head(shared_dir, tiny_checkpoints, tmp_path):
+    from cls.config import LinprobeConfig
+    from cls.finetune import finetune
+    from crossmae.config import load_config
+
+    _, d = tiny_checkpoints
+    base = finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'p'}")
+    overrides = [
+        f"{k}={v}"
+        for k, v in base.items()
+        if k
+        in (
+            "train",
+            "val",
+            "img_size",
+            "batch_size",
+            "epochs",
+            "num_workers",
+            "precision",
+            "device",
+            "log_every",
+        )
+    ]
+    cfg = load_config(
+        LinprobeConfig,
+        [],
+        [
+            *overrides,
+            "warmup_epochs=1",
+            "blr=1.0",
+            f"encoder.checkpoint={d / 'encoder.pt'}",
+            f"output_dir={tmp_path / 'p'}",
+        ],
+    )
+    result = finetune(cfg)
+    assert result["step"] == 6 and result["last"]["images"] == 15
+    ck = torch.load(tmp_path / "p" / "checkpoint-last.pt", weights_only=True)
+    enc, _ = load_pretrained_encoder(d / "encoder.pt")
+    assert torch.equal(ck["model"]["blocks.0.attn.qkv.weight"], enc["blocks.0.attn.qkv.weight"])
+    assert "head.0.running_mean" in ck["model"] and "head.1.weight" in ck["model"]
+
+
+def test_finetune_evaluation_on_two_processes_counts_each_image_once(
+    shared_dir, tiny_checkpoints, tmp_path
+):
+    _, d = tiny_checkpoints
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=2, classes=3)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=5, classes=3)  # 15: odd on purpose
+    worker = [str(Path(__file__).parent / "dist_eval_worker.py"), str(d / "encoder.pt"), str(train),
+              str(val)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    one = subprocess.run([sys.executable, *worker, str(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=300, env=env)  # fmt: skip
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         *worker, str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a = json.loads((tmp_path / "one-0.json").read_text())
+    for rank in (0, 1):
+        b = json.loads((tmp_path / f"two-{rank}.json").read_text())
+        assert b["images"] == a["images"] == 15
+        assert b["top1"] == pytest.approx(a["top1"]) and b["top5"] == pytest.approx(a["top5"])
+
+
+def test_randaugment_posterize_at_full_magnitude_does_not_crash():
+    # timm's increasing posterize keeps 0 bits at magnitude 10, which Pillow 13 rejects
+    import timm.data.auto_augment as aa
+    from PIL import Image
+
+    import cls.finetune  # noqa: F401  (installs the guarded posterize)
+
+    op = aa.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    assert op(Image.new("RGB", (8, 8), (200, 100, 50))).getpixel((0, 0)) == (0, 0, 0)
+    op = aa.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)
+    assert op(Image.new("RGB", (8, 8), (200, 100, 50))).getpixel((0, 0)) == (
+        192,
+        64,
+        0,
+    )  # 2 bits kept

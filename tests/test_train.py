@@ -250,3 +250,16 @@ def test_device_decode_pipeline_trains(shared_dir, tmp_path):
         load_config(PretrainConfig, [], [*TINY, *overrides, f"output_dir={tmp_path / 'r'}"])
     )
     assert summary["step"] == 2 and summary["final_loss"] == summary["final_loss"]
+
+
+def test_knn_monitor_during_pretraining(shared_dir, tmp_path):
+    train = cifar_folder(shared_dir, tmp_path / "knn_train", per_class=6, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "knn_val", per_class=3, classes=2)
+    overrides = [f"data.knn_train={train}", f"data.knn_val={val}", "log.knn_every_epochs=1"]
+    pretrain(load_config(PretrainConfig, [], [*TINY, *overrides, f"output_dir={tmp_path / 'r'}"]))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [1, 2] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    assert (tmp_path / "r" / "loss.png").is_file()
+    with pytest.raises(ConfigError, match="knn_train"):
+        pretrain(load_config(PretrainConfig, [], [*TINY, "log.knn_every_epochs=1"]))

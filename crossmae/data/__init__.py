@@ -1,16 +1,18 @@
 """Datasets, transforms and loaders."""
 
-from .datasets import BuiltinPhotos, ImageFiles, load_rgb
+from .datasets import BuiltinPhotos, ImageFiles, Labelled, load_rgb
 from .loader import PretrainSamples, ResumableSampler, collate, make_loader, sample_seed
-from .transforms import EvalTransform, PretrainTransform, denormalize
+from .transforms import EvalTransform, PretrainTransform, classify_eval_transform, denormalize
 
 __all__ = [
     "BuiltinPhotos",
     "EvalTransform",
     "ImageFiles",
+    "Labelled",
     "PretrainSamples",
     "PretrainTransform",
     "ResumableSampler",
+    "classify_eval_transform",
     "collate",
     "denormalize",
     "load_rgb",

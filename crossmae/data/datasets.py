@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,19 @@ class ImageFiles:
 
     def load(self, i: int) -> Image.Image:
         return load_rgb(self.files[i])
+
+
+class Labelled(torch.utils.data.Dataset):
+    """(image tensor, label, index) of an ``ImageFiles`` source through a torchvision transform."""
+
+    def __init__(self, source: ImageFiles, transform):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        return self.transform(self.source.load(i)), self.source.labels[i], i
 
 
 class BuiltinPhotos:

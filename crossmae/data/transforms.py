@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -81,6 +82,17 @@ class EvalTransform:
         img = TF.resize(img, self.size, InterpolationMode.BICUBIC)
         img = TF.center_crop(img, [self.size, self.size])
         return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def classify_eval_transform(img_size: int, crop_pct: float = 0.875) -> T.Compose:
+    """The classification evaluation view: resize the shorter side to img_size / crop_pct
+    (bicubic), centre crop, normalise."""
+    return T.Compose([
+        T.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])  # fmt: skip
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:

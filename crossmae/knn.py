@@ -1,0 +1,80 @@
+"""Frozen-encoder features and the kNN classifier (k = 20, cosine similarity, votes weighted by
+exp(similarity / T); Wu et al. 2018, arXiv:1805.01978, as used by DINO): a cheap accuracy monitor
+for any checkpoint, also run periodically during pretraining.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from . import distributed as du
+from .data import Labelled, classify_eval_transform
+from .models import VisionTransformer
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: VisionTransformer,
+    source,
+    *,
+    img_size: int,
+    pool: str = "cls",
+    batch_size: int = 256,
+    num_workers: int = 2,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (N, D) float32 and labels (N,) of every image of ``source``, in order.
+
+    ``pool``: ``"cls"`` (the cls token) or ``"avg"`` (mean of patch tokens), both taken from
+    ``forward_features`` (after the encoder's final ``norm`` if it has one). Under torch.distributed
+    each process extracts its own shard and all receive the full, ordered result.
+    """
+    if pool not in ("cls", "avg"):
+        raise ValueError(f"pool must be 'cls' or 'avg', got {pool!r}")
+    encoder = encoder.to(device).eval()
+    idx = du.shard(len(source), du.rank(), du.world_size())
+    ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), idx)
+    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    feats, labels, order = [], [], []
+    for imgs, y, i in loader:
+        tokens = encoder.forward_features(imgs.to(device))  # (B, 1 + L, D)
+        f = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+        feats.append(f.float().cpu())
+        labels.append(y)
+        order.append(i)
+    parts = du.all_gather_objects((torch.cat(order), torch.cat(feats), torch.cat(labels)))
+    order = torch.cat([p[0] for p in parts]).argsort()
+    return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+
+
+@torch.no_grad()
+def knn_classify(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores (N_test, C): each test feature's k nearest training features by cosine
+    similarity vote for their class with weight exp(similarity / temperature)."""
+    train = F.normalize(train_feats.float(), dim=1)
+    k = min(k, len(train))
+    scores = []
+    for start in range(0, len(test_feats), chunk):
+        q = F.normalize(test_feats[start : start + chunk].float(), dim=1)
+        sim, nn_idx = (q @ train.T).topk(k, dim=1)  # (n, k)
+        votes = F.one_hot(train_labels[nn_idx], num_classes).float()  # (n, k, C)
+        scores.append((votes * (sim / temperature).exp().unsqueeze(-1)).sum(dim=1))
+    return torch.cat(scores)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Top-k accuracies in percent (a k above the number of classes is left out)."""
+    ks = [k for k in ks if k <= scores.shape[1]]
+    hit = scores.topk(max(ks), dim=1).indices == labels.unsqueeze(1)  # (N, max k)
+    return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
