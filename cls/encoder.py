@@ -68,7 +68,7 @@ def build_classifier(
     encoder_config: dict[str, Any],
     *,
     num_classes: int,
-    img_size: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
     global_pool: str = "avg",
     drop_path_rate: float = 0.0,
 ) -> VisionTransformer:

@@ -54,6 +54,8 @@ def test_classifier_loads_strictly_and_resamples(tiny_checkpoints, pool):
     clf = build_classifier(sd, cfg, num_classes=10, img_size=48, global_pool=pool)
     assert clf.pos_embed.shape[1] == 1 + 6 * 6 and clf(torch.randn(2, 3, 48, 48)).shape == (2, 10)
     assert torch.equal(clf.blocks[1].mlp.fc1.weight, model.encoder.blocks[1].mlp.fc1.weight)
+    wide = build_classifier(sd, cfg, num_classes=10, img_size=(32, 64), global_pool=pool)
+    assert wide(torch.randn(1, 3, 32, 64)).shape == (1, 10) and wide.grid_size == (4, 8)
     with pytest.raises(KeyError, match="unexpected keys"):
         build_classifier({**sd, "decoder.x": torch.zeros(1)}, cfg, num_classes=10)
     del sd["blocks.0.attn.qkv.weight"]
