@@ -36,6 +36,7 @@ from crossmae.checkpoint import LAST, latest_checkpoint, load_checkpoint, save_a
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from crossmae.models import VisionTransformer
 from crossmae.optim import LARS, lr_at, param_groups
 from crossmae.train import PRECISIONS, StopRequest, plan_batches, setup_logging
 
@@ -125,6 +126,9 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )
     torch.manual_seed(cfg.seed)
     num_classes = len(train_src.classes)
+    if cfg.encoder.random_init:  # the baseline: same architecture, untrained encoder
+        torch.manual_seed(cfg.encoder.seed)
+        sd = VisionTransformer(**enc_cfg).state_dict()
     model = build_classifier(
         sd,
         enc_cfg,
