@@ -1,0 +1,268 @@
+"""ViTDet backbone and simple feature pyramid: Li, Mao, Girshick, He, "Exploring Plain Vision
+Transformer Backbones for Object Detection", arXiv:2203.16527 (Sec. 3, Fig. 2), on our encoder.
+
+The plain ViT keeps its parameter names (``patch_embed.proj``, ``blocks.{i}.{norm1, attn.qkv,
+attn.proj, norm2, mlp.fc1, mlp.fc2}``), so a pretraining checkpoint loads into it; new are the
+decomposed relative-position tables ``blocks.{i}.attn.rel_pos_{h,w}`` (zero-initialised, as
+detectron2's ViTDet). Most blocks attend within 14 x 14 windows; a few evenly spaced blocks
+attend globally. The absolute position table loses its cls slot and is resampled to the
+detection grid once, at load time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmae.checkpoint import load_state_dict_strict
+from crossmae.models.layers import NORM_EPS, DropPath, Mlp, PatchEmbed, init_weights_
+from crossmae.models.pos_embed import resample_abs_pos_embed, sincos_2d
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> windows (B * nW, window, window, C), padding H and W up to multiples of
+    ``window``; returns the padded size too."""
+    B, H, W, C = x.shape
+    pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window, window, Wp // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, C), (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """The inverse of ``window_partition``: (B * nW, window, window, C) -> (B, H, W, C)."""
+    Hp, Wp = padded
+    B = windows.shape[0] // (Hp * Wp // window // window)
+    x = windows.view(B, Hp // window, Wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, : size[0], : size[1]].contiguous()
+
+
+def relative_positions(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """Embeddings (q_size, k_size, head_dim) of the relative offsets between q and k positions,
+    read from ``table`` (2 * size - 1, head_dim), linearly resampled if its length differs."""
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.T.unsqueeze(0), size=length, mode="linear").squeeze(0).T
+    q = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
+    offsets = (q - k) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[offsets.long()]
+
+
+class RelPosAttention(nn.Module):
+    """Multi-head self-attention over a (H, W) token grid with decomposed relative position bias
+    (MViTv2, arXiv:2112.01526): bias[q, k] = <q, R_h[qh - kh]> + <q, R_w[qw - kw]>.
+
+    Args:
+        dim: token width.
+        num_heads: attention heads.
+        size: grid side the tables are made for (the window, or the whole grid if global).
+    """
+
+    def __init__(self, dim: int, num_heads: int, size: int):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).view(B, H * W, 3, h, C // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, H*W, head_dim)
+        Rh = relative_positions(H, H, self.rel_pos_h)  # (H, H, head_dim)
+        Rw = relative_positions(W, W, self.rel_pos_w)  # (W, W, head_dim)
+        r_q = q.reshape(B, h, H, W, C // h)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)  # (B, heads, H, W, H)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)  # (B, heads, H, W, W)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, h, H * W, H * W)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(B, H, W, C))  # (B, H, W, C)
+
+
+class ViTDetBlock(nn.Module):
+    """Pre-norm block on a (B, H, W, C) grid, attending within windows (``window > 0``) or
+    globally (``window == 0``)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, window: int, grid: int, norm_eps):
+        super().__init__()
+        self.window = window
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = RelPosAttention(dim, num_heads, window if window else grid)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.norm1(x)
+        if self.window:
+            size = x.shape[1:3]
+            x, padded = window_partition(x, self.window)
+            x = window_unpartition(self.attn(x), self.window, padded, size)
+        else:
+            x = self.attn(x)
+        x = shortcut + self.drop_path(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def global_block_indices(depth: int, count: int = 4) -> list[int]:
+    """``count`` evenly spaced global-attention blocks, the last one last: ViT-B (12) -> 2, 5,
+    8, 11; ViT-L (24) -> 5, 11, 17, 23; ViT-H (32) -> 7, 15, 23, 31 (the ViTDet settings)."""
+    step = depth // count
+    return [step * (i + 1) - 1 for i in range(count)]
+
+
+class ViTDetBackbone(nn.Module):
+    """Plain ViT for detection: (B, 3, S, S) -> the last feature map (B, D, S/p, S/p).
+
+    Args:
+        img_size: detection input side (1024).
+        patch_size, embed_dim, depth, num_heads, mlp_ratio, norm_eps: the pretrained encoder's.
+        drop_path_rate: stochastic depth (0.1 B, 0.4 L, 0.5 H in ViTDet).
+        window: window side in tokens (14).
+        global_blocks: blocks with global attention (default: 4 evenly spaced).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = NORM_EPS,
+        drop_path_rate: float = 0.1,
+        window: int = 14,
+        global_blocks: Sequence[int] | None = None,
+        **_ignored,  # other encoder settings (in_chans = 3 only, final_norm, pooling...)
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(
+                f"img_size {img_size} is not a multiple of the patch size {patch_size}"
+            )
+        self.patch_size, self.embed_dim, self.depth = patch_size, embed_dim, depth
+        self.grid = img_size // patch_size
+        self.global_blocks = (
+            list(global_blocks) if global_blocks is not None else global_block_indices(depth)
+        )
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, (self.grid, self.grid), cls_token=False))
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            ViTDetBlock(embed_dim, num_heads, mlp_ratio, dpr[i],
+                        0 if i in self.global_blocks else window, self.grid, norm_eps)
+            for i in range(depth)
+        )  # fmt: skip
+        init_weights_(self)
+
+    def layer_id(self, name: str) -> int:
+        """Depth for layer-wise lr decay (embeddings 0, block i -> i + 1)."""
+        if name.startswith(("pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, H, W, D)
+        H, W = x.shape[1:3]
+        pos = self.pos_embed.view(1, self.grid, self.grid, -1)
+        if (self.grid, self.grid) != (H, W):  # another input size: resample on the fly
+            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic",
+                                align_corners=False).permute(0, 2, 3, 1)  # fmt: skip
+        x = x + pos
+        for blk in self.blocks:
+            x = blk(x)
+        return x.permute(0, 3, 1, 2)  # (B, D, H, W)
+
+    def load_pretrained(
+        self, state_dict: dict[str, torch.Tensor], pretrain_grid: tuple[int, int]
+    ) -> None:
+        """Load an encoder state dict (timm names) strictly: ``cls_token`` and ``norm.*`` are
+        dropped on purpose (ViTDet uses neither), the position table loses its cls slot and is
+        resampled to the detection grid, and only the relative-position tables may be missing."""
+        sd = {k: v for k, v in state_dict.items() if k != "cls_token" and not k.startswith("norm.")}
+        pe = sd.pop("pos_embed")
+        n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
+        pe = resample_abs_pos_embed(
+            pe, (self.grid, self.grid), pretrain_grid, num_prefix_tokens=n_prefix
+        )
+        sd["pos_embed"] = pe[:, n_prefix:]
+        new = {k for k in self.state_dict() if ".rel_pos_" in k}
+        load_state_dict_strict(self, sd, allow_missing=new, what="pretrained encoder")
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map (detectron2's ``LN`` norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid (Fig. 2c): from the stride-16 map, deconvolutions to
+    strides 4 and 8, identity at 16, max-pool to 32; each level 1x1 then 3x3 conv to
+    ``out_channels`` with LayerNorm; plus a max-pooled stride-64 level for the RPN.
+
+    Returns an OrderedDict ``p2, p3, p4, p5, pool`` (strides 4, 8, 16, 32, 64), as torchvision's
+    detection heads expect.
+    """
+
+    def __init__(self, backbone: ViTDetBackbone, out_channels: int = 256):
+        super().__init__()
+        self.backbone = backbone
+        self.out_channels = out_channels
+        D = backbone.embed_dim
+        if backbone.patch_size != 16:
+            raise ValueError("the simple feature pyramid scales assume a stride-16 backbone")
+        self.scale_layers = nn.ModuleList([
+            nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), LayerNorm2d(D // 2), nn.GELU(),
+                          nn.ConvTranspose2d(D // 2, D // 4, 2, 2)),  # x4 -> stride 4
+            nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2)),  # x2 -> stride 8
+            nn.Sequential(),  # x1 -> stride 16
+            nn.Sequential(nn.MaxPool2d(2, 2)),  # x0.5 -> stride 32
+        ])  # fmt: skip
+        dims = [D // 4, D // 2, D, D]
+        self.out_layers = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(d, out_channels, 1, bias=False),
+                LayerNorm2d(out_channels),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                LayerNorm2d(out_channels),
+            )
+            for d in dims
+        )
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        feat = self.backbone(x)  # (B, D, S/16, S/16)
+        out = OrderedDict()
+        for name, scale, proj in zip(
+            ("p2", "p3", "p4", "p5"), self.scale_layers, self.out_layers, strict=True
+        ):
+            out[name] = proj(scale(feat))
+        out["pool"] = F.max_pool2d(out["p5"], kernel_size=1, stride=2)  # stride 64, for the RPN
+        return out
+
+
+def strides_ok(features: OrderedDict[str, torch.Tensor], size: tuple[int, int]) -> bool:
+    """Every level's spatial size is the input's divided by its stride (4, 8, 16, 32, 64)."""
+    strides = dict(p2=4, p3=8, p4=16, p5=32, pool=64)
+    return all(
+        tuple(f.shape[-2:]) == (math.ceil(size[0] / strides[k]), math.ceil(size[1] / strides[k]))
+        for k, f in features.items()
+    )
