@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass
-class EncoderSource:
-    checkpoint: str = "???"  # our checkpoint-last.pt / encoder.pt, or an official release
-    official_arch: str | None = None  # for official files: e.g. crossmae_vit_base_patch16
-    random_init: bool = False  # the checkpoint's architecture, untrained (a baseline)
-    seed: int = 0
+from crossmae.config import EncoderSource
 
 
 @dataclass

@@ -32,7 +32,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from crossmae import distributed as du
-from crossmae.checkpoint import LAST, latest_checkpoint, load_checkpoint, save_atomic
+from crossmae.checkpoint import (
+    LAST,
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained_encoder,
+    save_atomic,
+)
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -41,7 +47,7 @@ from crossmae.optim import LARS, lr_at, param_groups
 from crossmae.train import PRECISIONS, StopRequest, plan_batches, setup_logging
 
 from .data import class_folders
-from .encoder import build_classifier, load_pretrained_encoder
+from .encoder import build_classifier
 from .features import ProbeHead
 
 log = logging.getLogger("crossmae")

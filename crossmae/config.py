@@ -88,6 +88,14 @@ class PretrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass
+class EncoderSource:
+    checkpoint: str = "???"  # one of our checkpoint-last.pt / encoder.pt, or an official release
+    official_arch: str | None = None  # for official files: e.g. crossmae_vit_base_patch16
+    random_init: bool = False  # the checkpoint's architecture, untrained (a baseline)
+    seed: int = 0
+
+
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 

@@ -11,7 +11,6 @@ detection grid once, at load time.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -195,8 +194,15 @@ class ViTDetBackbone(nn.Module):
     ) -> None:
         """Load an encoder state dict (timm names) strictly: ``cls_token`` and ``norm.*`` are
         dropped on purpose (ViTDet uses neither), the position table loses its cls slot and is
-        resampled to the detection grid, and only the relative-position tables may be missing."""
+        resampled to the detection grid, a patch embedding of another patch size is resampled
+        (ViTDet runs ViT-H/14 weights at stride 16), and only the relative-position tables may be
+        missing."""
         sd = {k: v for k, v in state_dict.items() if k != "cls_token" and not k.startswith("norm.")}
+        w = sd["patch_embed.proj.weight"]
+        if w.shape[-1] != self.patch_size:  # e.g. ViT-H/14 weights in a stride-16 ViTDet
+            from timm.layers import resample_patch_embed
+
+            sd["patch_embed.proj.weight"] = resample_patch_embed(w, [self.patch_size] * 2)
         pe = sd.pop("pos_embed")
         n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
         pe = resample_abs_pos_embed(
@@ -260,9 +266,10 @@ class SimpleFeaturePyramid(nn.Module):
 
 
 def strides_ok(features: OrderedDict[str, torch.Tensor], size: tuple[int, int]) -> bool:
-    """Every level's spatial size is the input's divided by its stride (4, 8, 16, 32, 64)."""
+    """Every level's spatial size is the input's divided by its stride (4, 8, 16, 32, 64), for an
+    input whose sides are multiples of 64."""
     strides = dict(p2=4, p3=8, p4=16, p5=32, pool=64)
     return all(
-        tuple(f.shape[-2:]) == (math.ceil(size[0] / strides[k]), math.ceil(size[1] / strides[k]))
+        tuple(f.shape[-2:]) == (size[0] // strides[k], size[1] // strides[k])
         for k, f in features.items()
     )

@@ -15,9 +15,9 @@ from test_data import cifar_folder
 from test_models import TINY
 
 from cls.data import class_folders
-from cls.encoder import build_classifier, load_pretrained_encoder
+from cls.encoder import build_classifier
 from cls.features import linear_probe_grid
-from crossmae.checkpoint import encoder_export, save_atomic
+from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
 from crossmae.distributed import shard
 from crossmae.knn import knn_classify, topk_accuracy
 from crossmae.models import create_model, to_official
