@@ -129,6 +129,8 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
         step = ck["step"]
+        if len(ck["rng"]) == world:
+            torch.set_rng_state(ck["rng"][rank])
         log.info("resumed from %s at iteration %d", ckpt_path, step)
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     log.info(
@@ -143,6 +145,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )
 
     def save(metrics: dict | None = None) -> None:
+        rngs = du.all_gather_objects(torch.get_rng_state())  # every process's stream (drop path)
         if rank == 0:
             save_atomic(
                 {
@@ -151,6 +154,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     "optimizer": opt.state_dict(),
                     "scaler": scaler.state_dict(),
                     "step": step,
+                    "rng": rngs,
                     "categories": train_set.cat_ids,
                     "encoder_config": encoder_config,
                     "metrics": metrics,

@@ -191,3 +191,66 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
     for kind in ("bbox", "segm"):
         assert set(result["metrics"][kind]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (tmp_path / "run" / "results.json").is_file()
+
+
+def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
+    import signal
+
+    import det.train as dt
+    from crossmae.config import load_config
+    from det.config import DetConfig
+
+    ann, images = coco128(shared_dir)
+    small = subset_json(ann, tmp_path / "small.json", 4)
+    torch.manual_seed(0)
+    model = create_model(
+        "crossmae_vit_base_patch16",
+        img_size=32,
+        decoder_embed_dim=16,
+        decoder_num_heads=2,
+        decoder_depth=1,
+        **TINY_VIT,
+    )
+    save_atomic(encoder_export(model, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt")
+
+    def cfg(run):
+        return load_config(
+            DetConfig,
+            [],
+            [
+                f"encoder.checkpoint={tmp_path / 'enc.pt'}",
+                f"train_json={small}",
+                f"train_images={images}",
+                f"val_json={small}",
+                f"val_images={images}",
+                f"output_dir={tmp_path / run}",
+                "img_size=128",
+                "window=4",
+                "iterations=4",
+                "batch_size=2",
+                "warmup_iterations=1",
+                "num_workers=0",
+                "precision=fp32",
+                "device=cpu",
+                "log_every=1",
+                "drop_path_rate=0.2",
+            ],
+        )
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    dt.train_detector(cfg("a"))
+    orig = dt.step_lr_at
+
+    def stop_at_2(step, **kw):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return orig(step, **kw)
+
+    monkeypatch.setattr(dt, "step_lr_at", stop_at_2)
+    assert dt.train_detector(cfg("b"))["interrupted"]
+    monkeypatch.setattr(dt, "step_lr_at", orig)
+    dt.train_detector(cfg("b"), resume="auto")
+    assert losses("b") == losses("a")  # same data, same drop-path draws, same numbers
