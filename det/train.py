@@ -191,7 +191,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         return metrics
 
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    metrics, interrupted, nonfinite_run = None, False, 0
+    metrics, interrupted, nonfinite_run, window = None, False, 0, {}
     model.train()
     with StopRequest() as stop:
         while step < cfg.iterations and not interrupted:
@@ -207,7 +207,6 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     g["lr"] = lr * g["lr_scale"]
                 # forward + backward
                 loss_sum = torch.zeros((), device=device)
-                parts: dict[str, float] = {}
                 for k in range(accum):
                     imgs, targets = next(batches)
                     imgs = [im.to(device, non_blocking=True) for im in imgs]
@@ -224,8 +223,8 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
                         loss = sum(losses.values())
                         scaler.scale(loss / accum).backward()
                     loss_sum += loss.detach() / accum
-                    for name, v in losses.items():
-                        parts[name] = parts.get(name, 0.0) + v.detach() / accum
+                    for name, v in losses.items():  # summed over the log window
+                        window[name] = window.get(name, 0.0) + v.detach() / accum
                 # step (skipped on a non-finite loss; all processes agree)
                 nonfinite, stopping = stop.agree(loss_sum)
                 if nonfinite:
@@ -242,14 +241,14 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     scaler.update()
                     opt.zero_grad(set_to_none=True)
                 step += 1
-                # log
+                window["loss"] = window.get("loss", 0.0) + loss_sum
+                window["steps"] = window.get("steps", 0) + 1
+                # log: means over the steps since the last record
                 if step % cfg.log_every == 0 or step == cfg.iterations:
-                    record = {
-                        "step": step,
-                        "lr": lr,
-                        "loss": float(du.all_reduce_mean(loss_sum)),
-                        **{n: float(du.all_reduce_mean(v)) for n, v in parts.items()},
-                    }
+                    n = window.pop("steps")
+                    record = {"step": step, "lr": lr}
+                    record.update({k: float(du.all_reduce_mean(v / n)) for k, v in window.items()})
+                    window = {}
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
