@@ -1,0 +1,106 @@
+"""seg/: the evaluator against the ADE20K benchmark's definitions on its real validation samples,
+and the data layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
+from seg.metrics import SegMetrics, pixel_accuracy
+
+
+def ade_benchmark_reference(preds: list[np.ndarray], labels: list[np.ndarray], C: int = 150):
+    """The benchmark's definitions, written out directly on raw maps (0 = other, 1..C classes):
+    per-image pixel accuracy over labelled pixels; per-class IoU over the whole dataset, with
+    predictions on unlabelled pixels discarded."""
+    pixacc, inter, area_pred, area_lab = [], np.zeros(C), np.zeros(C), np.zeros(C)
+    for p, lab in zip(preds, labels, strict=True):
+        labelled = lab > 0
+        pixacc.append(((p == lab) & labelled).sum() / labelled.sum())
+        p = p * labelled
+        for c in range(1, C + 1):
+            inter[c - 1] += ((p == c) & (lab == c)).sum()
+            area_pred[c - 1] += (p == c).sum()
+            area_lab[c - 1] += (lab == c).sum()
+    union = area_pred + area_lab - inter
+    return pixacc, inter, union
+
+
+@pytest.fixture
+def ade(shared_dir):
+    root = shared_dir / "data" / "ade20k_samples"
+    ds = SegFolder(root, "validation", ADE20K)
+    preds = [
+        np.array(Image.open(root / "predictions" / "validation" / f"{p.stem}.png"))
+        for p, _ in ds.items
+    ]
+    return ds, preds
+
+
+def check_against_reference(ds, preds):
+    labels = [ds.raw_label(i) for i in range(len(ds))]
+    ref_acc, inter, union = ade_benchmark_reference(preds, labels)
+    metrics = SegMetrics(150, IGNORE)
+    for i, raw_pred in enumerate(preds):
+        _, label, _ = ds[i]
+        pred = ADE20K.convert(raw_pred)  # the same label space: "other" -> no class
+        assert pixel_accuracy(pred, label) == pytest.approx(ref_acc[i], abs=1e-12)
+        metrics.update(pred, label)
+    result = metrics.compute()
+    present = union > 0
+    ours = np.array(result["IoU"])
+    assert np.allclose(ours[present], 100 * inter[present] / union[present], atol=1e-9)
+    assert np.isnan(ours[~present]).all()
+    assert result["mIoU"] == pytest.approx(100 * (inter[present] / union[present]).mean())
+    return ref_acc, result
+
+
+def test_evaluator_matches_the_ade20k_benchmark_definitions(ade):
+    ds, preds = ade
+    # the benchmark's shipped sample predictions agree with the annotations pixel for pixel
+    acc, result = check_against_reference(ds, preds)
+    assert acc == [1.0, 1.0, 1.0] and result["mIoU"] == 100.0
+    # perturbed predictions: a shifted map, a class swapped, "other" painted over a block
+    rng = np.random.default_rng(0)
+    perturbed = []
+    for p in preds:
+        q = np.roll(p, shift=(7, -11), axis=(0, 1)).copy()
+        q[q == np.bincount(p.ravel()).argmax()] = 3
+        h, w = q.shape
+        q[h // 3 : h // 2, w // 4 : w // 2] = 0
+        q[rng.random(q.shape) < 0.05] = rng.integers(1, 151)
+        perturbed.append(q)
+    acc, result = check_against_reference(ds, perturbed)
+    assert all(0.2 < a < 0.95 for a in acc) and 5 < result["mIoU"] < 90
+
+
+def test_perfect_predictions_give_miou_1(ade):
+    ds, _ = ade
+    metrics = SegMetrics(150, IGNORE)
+    for i in range(len(ds)):
+        _, label, _ = ds[i]
+        metrics.update(label, label)
+    result = metrics.compute()
+    assert result["mIoU"] == result["mAcc"] == result["aAcc"] == 100.0
+
+
+def test_label_conventions(shared_dir):
+    assert ADE20K.convert(np.array([0, 1, 150, 151])).tolist() == [IGNORE, 0, 149, IGNORE]
+    assert CAMVID.convert(np.array([0, 10, 11])).tolist() == [0, 10, IGNORE]
+    cam = SegFolder(shared_dir / "data" / "camvid", "val", CAMVID)
+    img, label, _ = cam[0]
+    assert img.shape[1:] == label.shape and set(label.unique().tolist()) <= set(range(11)) | {
+        IGNORE
+    }
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SegFolder(shared_dir / "data" / "camvid", "test", CAMVID)
+
+
+def test_out_of_range_predictions_count_as_wrong():
+    m = SegMetrics(2, IGNORE)
+    m.update(torch.tensor([0, 5, 1, 1]), torch.tensor([0, 0, 1, IGNORE]))
+    r = m.compute()
+    assert r["aAcc"] == pytest.approx(100 * 2 / 3) and r["IoU"] == pytest.approx([50.0, 100.0])
