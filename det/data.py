@@ -128,7 +128,12 @@ class CocoInstances(Dataset):
             scale = S / max(H, W)
         h, w = max(1, round(H * scale)), max(1, round(W * scale))
         img = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-        masks = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0].to(torch.uint8)
+        if len(masks):
+            masks = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0].to(
+                torch.uint8
+            )
+        else:  # an image with only crowd regions (evaluation view)
+            masks = torch.zeros((0, h, w), dtype=torch.uint8)
         top = left = 0
         if self.train:  # random S x S crop of what is larger than S
             top = int(torch.randint(0, max(h - S, 0) + 1, (), generator=g))

@@ -254,3 +254,12 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(dt, "step_lr_at", orig)
     dt.train_detector(cfg("b"), resume="auto")
     assert losses("b") == losses("a")  # same data, same drop-path draws, same numbers
+
+
+def test_evaluation_view_keeps_crowd_only_images(shared_dir):
+    ann, images = coco128(shared_dir)
+    ds = CocoInstances(ann, images, train=False, img_size=256)
+    crowd_only = [i for i in range(len(ds)) if all(a["iscrowd"] for a in ds.anns[ds.ids[i]])]
+    assert len(ds) == 128 and crowd_only  # evaluated (COCOeval ignores the crowd regions)
+    img, t = ds[crowd_only[0]]
+    assert img.shape == (3, 256, 256) and t["masks"].shape == (0, 256, 256) and len(t["boxes"]) == 0

@@ -10,6 +10,7 @@ from PIL import Image
 
 from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
 from seg.metrics import SegMetrics, pixel_accuracy
+from seg.model import SegViT, UperNet, slide_inference
 
 
 def ade_benchmark_reference(preds: list[np.ndarray], labels: list[np.ndarray], C: int = 150):
@@ -104,3 +105,97 @@ def test_out_of_range_predictions_count_as_wrong():
     m.update(torch.tensor([0, 5, 1, 1]), torch.tensor([0, 0, 1, IGNORE]))
     r = m.compute()
     assert r["aAcc"] == pytest.approx(100 * 2 / 3) and r["IoU"] == pytest.approx([50.0, 100.0])
+
+
+class PerPixel(torch.nn.Module):
+    """A stand-in segmenter that is a per-pixel function at full resolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 5, 1)
+
+    def forward(self, x):
+        return {"logits": self.conv(x)}
+
+
+def test_slide_inference_on_a_non_square_image_off_the_stride_grid():
+    torch.manual_seed(0)
+    model = PerPixel()
+    img = torch.randn(2, 3, 90, 150)  # neither side a multiple of the stride
+    slid = slide_inference(model, img, 5, crop=64, stride=43)
+    assert slid.shape == (2, 5, 90, 150)
+    assert torch.allclose(slid, model(img)["logits"], atol=1e-5)  # every pixel covered, averaged
+    small = torch.randn(1, 3, 40, 50)  # smaller than the crop: padded
+    assert torch.allclose(
+        slide_inference(model, small, 5, crop=64, stride=43), model(small)["logits"], atol=1e-5
+    )
+
+
+def test_upernet_shapes_and_strict_loading(tmp_path):
+    from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
+    from crossmae.models import create_model
+
+    torch.manual_seed(0)
+    enc = create_model(
+        "mae_vit_base_patch16",
+        img_size=32,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_num_heads=2,
+        decoder_depth=1,
+    )
+    save_atomic(encoder_export(enc, model_name="mae_vit_base_patch16"), tmp_path / "enc.pt")
+    sd, cfg = load_pretrained_encoder(tmp_path / "enc.pt")
+    backbone = SegViT(**{**cfg, "img_size": 64})
+    backbone.load_pretrained(sd, (2, 2))  # MAE's final norm dropped on purpose
+    assert torch.equal(backbone.blocks[2].attn.qkv.weight, enc.encoder.blocks[2].attn.qkv.weight)
+    model = UperNet(backbone, num_classes=11, channels=16, aux_channels=8)
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["logits"].shape == (2, 11, 16, 16) and out["aux_logits"].shape == (2, 11, 4, 4)
+    with pytest.raises(KeyError, match="missing keys"):
+        backbone.load_pretrained(
+            {k: v for k, v in sd.items() if k != "patch_embed.proj.bias"}, (2, 2)
+        )
+
+
+def test_two_process_evaluation_equals_one_process(shared_dir, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    args = [str(here / "dist_seg_worker.py"), str(shared_dir / "data" / "camvid"), "5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(here)}
+    one = subprocess.run(
+        [sys.executable, *args, str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *args,
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    a = json.loads((tmp_path / "one-0.json").read_text())
+    for rank in (0, 1):
+        b = json.loads((tmp_path / f"two-{rank}.json").read_text())
+        assert b["cm_total"] == a["cm_total"] and b["mIoU"] == pytest.approx(a["mIoU"])
+        assert b["aAcc"] == pytest.approx(a["aAcc"])

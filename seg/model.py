@@ -1,0 +1,271 @@
+"""UperNet on a ViT (the MAE / BEiT semantic-segmentation recipe): Xiao et al., "Unified
+Perceptual Parsing for Scene Understanding", arXiv:1807.10221; BEiT, arXiv:2106.08254 (Sec. 3.2,
+App. C); MAE, arXiv:2111.06377 (A.4).
+
+The backbone is our encoder with, per block, a BEiT relative position bias (zero-initialised)
+and layer scale (initialised to 1.0); features after four blocks (ViT-B: 4, 6, 8, 12) without a
+final norm become a 4-level pyramid (strides 4, 8, 16, 32) by deconv-BN-GELU-deconv, deconv,
+identity and max-pool, all at the encoder width. The UperNet head (pyramid pooling 1/2/3/6 + FPN
+fusion) and an auxiliary FCN head on the third level produce logits at stride 4.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crossmae.checkpoint import load_state_dict_strict
+from crossmae.models.layers import NORM_EPS, DropPath, Mlp, PatchEmbed, init_weights_
+from crossmae.models.pos_embed import resample_abs_pos_embed, sincos_2d
+
+
+class RelPosBiasAttention(nn.Module):
+    """Self-attention over cls + an (H, W) grid with BEiT's learned relative position bias:
+    a table of (2H-1)(2W-1) + 3 entries per head (the +3: token->cls, cls->token, cls->cls)."""
+
+    def __init__(self, dim: int, num_heads: int, grid: tuple[int, int]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        H, W = grid
+        n_rel = (2 * H - 1) * (2 * W - 1)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(n_rel + 3, num_heads))
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        ).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (HW, HW, 2)
+        idx = (rel[..., 0] + H - 1) * (2 * W - 1) + (rel[..., 1] + W - 1)
+        index = torch.zeros(H * W + 1, H * W + 1, dtype=torch.long)
+        index[1:, 1:] = idx
+        index[0, 1:], index[1:, 0], index[0, 0] = n_rel, n_rel + 1, n_rel + 2
+        self.register_buffer("relative_position_index", index, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(B, N, 3, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(N, N, h).permute(2, 0, 1).unsqueeze(0)  # (1, heads, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class SegBlock(nn.Module):
+    """Pre-norm block with relative position bias and layer scale (``gamma_1``, ``gamma_2``)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, grid, norm_eps, init_values=1.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = RelPosBiasAttention(dim, num_heads, grid)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma_1 = nn.Parameter(torch.full((dim,), init_values))
+        self.gamma_2 = nn.Parameter(torch.full((dim,), init_values))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x)))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+def feature_blocks(depth: int) -> list[int]:
+    """Blocks whose outputs feed the pyramid: ViT-B (12) -> 3, 5, 7, 11; ViT-L (24) -> 7, 11,
+    15, 23 (MAE / BEiT); others scaled the same way."""
+    idx = [depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1]
+    if len(set(idx)) < 4:  # shallow test models: evenly spaced
+        idx = [round((i + 1) * depth / 4) - 1 for i in range(4)]
+    return idx
+
+
+class SegViT(nn.Module):
+    """The ViT backbone: (B, 3, S, S) -> four (B, D, S/p, S/p) maps.
+
+    Args:
+        img_size: training crop (512).
+        patch_size, embed_dim, depth, num_heads, mlp_ratio, norm_eps: the encoder's.
+        drop_path_rate: stochastic depth (0.1).
+        out_indices: blocks whose outputs are returned (default: ``feature_blocks(depth)``).
+    """
+
+    def __init__(
+        self,
+        img_size=512,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        norm_eps=NORM_EPS,
+        drop_path_rate=0.1,
+        out_indices=None,
+        **_ignored,
+    ):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.depth = patch_size, embed_dim, depth
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.out_indices = list(out_indices) if out_indices is not None else feature_blocks(depth)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid))
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            SegBlock(embed_dim, num_heads, mlp_ratio, dpr[i], self.grid, norm_eps)
+            for i in range(depth)
+        )
+        init_weights_(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def layer_id(self, name: str) -> int:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.depth + 1
+
+    def load_pretrained(
+        self, state_dict: dict[str, torch.Tensor], pretrain_grid: tuple[int, int]
+    ) -> None:
+        """Strict: the encoder's ``norm`` is dropped on purpose (features are taken without it),
+        the position table is resampled to the crop's grid, and only the relative position
+        tables and layer scales may be missing."""
+        sd = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], self.grid, pretrain_grid)
+        new = {
+            k for k in self.state_dict() if "relative_position_bias_table" in k or ".gamma_" in k
+        }
+        load_state_dict_strict(self, sd, allow_missing=new, what="pretrained encoder")
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        B = x.shape[0]
+        tokens = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, L, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        H, W = self.grid
+        outs = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.out_indices:
+                outs.append(x[:, 1:].transpose(1, 2).reshape(B, -1, H, W))  # (B, D, H, W)
+        return outs
+
+
+def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UperNet(nn.Module):
+    """ViT backbone + multi-scale neck + UperNet head + auxiliary FCN head.
+
+    Args:
+        backbone: a ``SegViT``.
+        num_classes: output classes.
+        channels: UperNet width (768 in the MAE / BEiT recipe).
+        aux_channels: FCN head width (256).
+        pool_scales: pyramid pooling scales.
+        dropout: before the classifiers (0.1).
+    """
+
+    def __init__(
+        self,
+        backbone: SegViT,
+        num_classes: int,
+        channels: int = 768,
+        aux_channels: int = 256,
+        pool_scales=(1, 2, 3, 6),
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        D = backbone.embed_dim
+        self.fpn1 = nn.Sequential(
+            nn.ConvTranspose2d(D, D, 2, 2),
+            nn.BatchNorm2d(D),
+            nn.GELU(),
+            nn.ConvTranspose2d(D, D, 2, 2),
+        )
+        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
+        self.fpn3 = nn.Identity()
+        self.fpn4 = nn.MaxPool2d(2, 2)
+        # pyramid pooling on the coarsest level
+        self.ppm = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, channels, 1))
+            for s in pool_scales
+        )
+        self.ppm_bottleneck = conv_bn_relu(D + len(pool_scales) * channels, channels, 3)
+        # FPN fusion
+        self.lateral = nn.ModuleList(conv_bn_relu(D, channels, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls_seg = nn.Conv2d(channels, num_classes, 1)
+        # auxiliary FCN head on the third level (stride 16)
+        self.aux = nn.Sequential(
+            conv_bn_relu(D, aux_channels, 3),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(aux_channels, num_classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> {"logits": (B, C, H/4, W/4), "aux_logits": (B, C, H/16, W/16)}."""
+        f = self.backbone(x)
+        feats = [
+            self.fpn1(f[0]),
+            self.fpn2(f[1]),
+            self.fpn3(f[2]),
+            self.fpn4(f[3]),
+        ]  # strides 4..32
+        top = feats[3]
+        pooled = [
+            F.interpolate(p(top), size=top.shape[-2:], mode="bilinear", align_corners=False)
+            for p in self.ppm
+        ]
+        laterals = [lat(feat) for lat, feat in zip(self.lateral, feats[:3], strict=True)]
+        laterals.append(self.ppm_bottleneck(torch.cat([top, *pooled], dim=1)))
+        for i in range(3, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
+            )
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:3], strict=True)] + [
+            laterals[3]
+        ]
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [
+            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
+        ]
+        logits = self.cls_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
+        return {"logits": logits, "aux_logits": self.aux(feats[2])}
+
+
+@torch.no_grad()
+def slide_inference(
+    model: nn.Module, img: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341
+) -> torch.Tensor:
+    """Logits (B, C, H, W) of an image of any size by overlapping ``crop`` windows every
+    ``stride`` pixels (the last window flush with the border), averaged where they overlap; an
+    image smaller than the crop is padded."""
+    B, _, H, W = img.shape
+    ph, pw = max(crop - H, 0), max(crop - W, 0)
+    img = F.pad(img, (0, pw, 0, ph))
+    Hp, Wp = img.shape[-2:]
+    out = img.new_zeros(B, num_classes, Hp, Wp)
+    count = img.new_zeros(1, 1, Hp, Wp)
+    rows = list(range(0, max(Hp - crop, 0) + 1, stride))
+    cols = list(range(0, max(Wp - crop, 0) + 1, stride))
+    if rows[-1] != Hp - crop:
+        rows.append(Hp - crop)
+    if cols[-1] != Wp - crop:
+        cols.append(Wp - crop)
+    for y in rows:
+        for x in cols:
+            logits = model(img[:, :, y : y + crop, x : x + crop])["logits"].float()
+            out[:, :, y : y + crop, x : x + crop] += F.interpolate(
+                logits, size=(crop, crop), mode="bilinear", align_corners=False
+            )
+            count[:, :, y : y + crop, x : x + crop] += 1
+    return (out / count)[:, :, :H, :W]
