@@ -124,3 +124,22 @@ def step_lr_at(
         alpha = step / warmup_steps
         lr *= warmup_factor * (1 - alpha) + alpha
     return lr
+
+
+def poly_lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup_ratio: float = 1e-6,
+) -> float:
+    """mmsegmentation's schedule: linear warmup from ``warmup_ratio * base_lr``, then polynomial
+    decay ``(1 - step / total) ** power`` down to ``min_lr`` (UperNet on ADE20K: 1500 warmup
+    iterations, power 1)."""
+    lr = (base_lr - min_lr) * (1 - min(step, total_steps) / total_steps) ** power + min_lr
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr

@@ -75,3 +75,84 @@ class SegFolder(torch.utils.data.Dataset):
         img_path, _ = self.items[i]
         img = torch.from_numpy(np.array(load_rgb(img_path))).permute(2, 0, 1)
         return img, self.spec.convert(self.raw_label(i)), img_path.stem
+
+
+class SegAugment(torch.utils.data.Dataset):
+    """The mmsegmentation UperNet training pipeline on a ``SegFolder``, every draw from the
+    sample's seed: random rescale (ratio in ``ratio_range`` of ``scale``, keeping the aspect),
+    random ``crop`` x ``crop`` window in which no class covers more than ``cat_max_ratio`` of the
+    labelled pixels (10 tries), horizontal flip, photometric distortion (brightness, contrast,
+    saturation, hue, each with probability 0.5), padding to the crop (label ``IGNORE``),
+    normalisation.
+
+    Returns (image float (3, crop, crop), label int64 (crop, crop)).
+    """
+
+    def __init__(
+        self,
+        folder: SegFolder,
+        crop: int = 512,
+        scale=(2048, 512),
+        ratio_range=(0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+    ):
+        self.folder, self.crop, self.scale = folder, crop, tuple(scale)
+        self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torchvision.transforms.functional as TF
+
+        from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        index, seed = key
+        g = torch.Generator().manual_seed(seed)
+
+        def u(lo, hi):
+            return lo + (hi - lo) * torch.rand((), generator=g).item()
+
+        img, label, _ = self.folder[index]
+        H, W = label.shape
+        r = u(*self.ratio_range)
+        f = min(max(self.scale) * r / max(H, W), min(self.scale) * r / min(H, W))
+        h, w = max(1, round(H * f)), max(1, round(W * f))
+        img = TF.resize(img, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+        label = TF.resize(label[None], [h, w], interpolation=TF.InterpolationMode.NEAREST)[0]
+        c = self.crop
+        for _ in range(10):  # a window not dominated by one class
+            top = int(torch.randint(0, max(h - c, 0) + 1, (), generator=g))
+            left = int(torch.randint(0, max(w - c, 0) + 1, (), generator=g))
+            window = label[top : top + c, left : left + c]
+            counts = torch.bincount(window[window != IGNORE].flatten())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        img, label = img[:, top : top + c, left : left + c], label[top : top + c, left : left + c]
+        if u(0, 1) < 0.5:
+            img, label = img.flip(-1), label.flip(-1)
+        x = img.float()
+        if u(0, 1) < 0.5:
+            x = x + u(-32, 32)  # brightness
+        x = x.clamp(0, 255) / 255
+        if u(0, 1) < 0.5:
+            x = TF.adjust_contrast(x, u(0.5, 1.5))
+        if u(0, 1) < 0.5:
+            x = TF.adjust_saturation(x, u(0.5, 1.5))
+        if u(0, 1) < 0.5:
+            x = TF.adjust_hue(x, u(-18, 18) / 360)
+        x = TF.normalize(x.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
+        ph, pw = c - x.shape[1], c - x.shape[2]
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+        label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE)
+        return x, label
+
+
+def normalize_image(img: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> normalised float, the evaluation view (no resize: slide windows)."""
+    from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (img.float() / 255 - mean) / std

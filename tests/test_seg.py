@@ -3,9 +3,12 @@ and the data layouts."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
@@ -199,3 +202,59 @@ def test_two_process_evaluation_equals_one_process(shared_dir, tmp_path):
         b = json.loads((tmp_path / f"two-{rank}.json").read_text())
         assert b["cm_total"] == a["cm_total"] and b["mIoU"] == pytest.approx(a["mIoU"])
         assert b["aAcc"] == pytest.approx(a["aAcc"])
+
+
+def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
+    from crossmae.checkpoint import encoder_export, save_atomic
+    from crossmae.config import load_config
+    from crossmae.models import create_model
+    from seg.config import SegConfig
+    from seg.train import train_segmenter
+
+    # a CamVid copy with 6 train and 2 val images, so evaluation stays quick
+    root = tmp_path / "camvid"
+    src = shared_dir / "data" / "camvid"
+    for split, n in (("train", 6), ("val", 2)):
+        for kind in ("images", "annotations"):
+            (root / kind / split).mkdir(parents=True)
+        for img in sorted((src / "images" / split).iterdir())[:n]:
+            (root / "images" / split / img.name).symlink_to(img)
+            lab = src / "annotations" / split / (img.stem + ".png")
+            (root / "annotations" / split / lab.name).symlink_to(lab)
+    torch.manual_seed(0)
+    enc = create_model(
+        "crossmae_vit_base_patch16",
+        img_size=32,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_num_heads=2,
+        decoder_depth=1,
+    )
+    save_atomic(encoder_export(enc, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt")
+    cfg = load_config(
+        SegConfig,
+        [REPO / "configs" / "seg" / "upernet_camvid_small.yaml"],
+        [
+            f"root={root}",
+            f"encoder.checkpoint={tmp_path / 'enc.pt'}",
+            f"output_dir={tmp_path / 'run'}",
+            "crop=64",
+            "scale=[120,90]",
+            "eval_stride=43",
+            "channels=16",
+            "iterations=3",
+            "batch_size=2",
+            "warmup_iterations=1",
+            "num_workers=0",
+            "precision=fp32",
+            "device=cpu",
+            "log_every=1",
+        ],
+    )
+    result = train_segmenter(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert all(0 < r["loss"] < 100 for r in rows if "loss" in r)
+    assert 0 <= result["metrics"]["mIoU"] <= 100 and len(result["metrics"]["IoU"]) == 11

@@ -1,0 +1,308 @@
+"""UperNet training for semantic segmentation (MAE / BEiT recipe: AdamW lr 1e-4, wd 0.05,
+layer-wise lr decay 0.65, 1500-iteration linear warmup then poly decay, batch 16, 512 crops,
+auxiliary FCN loss x 0.4, bf16), mIoU by sliding-window inference, ``--resume auto``.
+
+    torchrun --nproc-per-node 8 -m seg train \
+        --config configs/seg/upernet_vit_base_ade20k_160k.yaml root=/data/ADEChallengeData2016 \
+        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/seg_b
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from crossmae import distributed as du
+from crossmae.checkpoint import (
+    LAST,
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained_encoder,
+    save_atomic,
+)
+from crossmae.config import ConfigError, to_plain
+from crossmae.data import ResumableSampler
+from crossmae.models.vit import grid_of
+from crossmae.optim import param_groups, poly_lr_at
+from crossmae.train import PRECISIONS, StopRequest, plan_batches, setup_logging
+
+from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder, normalize_image
+from .metrics import SegMetrics
+from .model import SegViT, UperNet, slide_inference
+
+log = logging.getLogger("crossmae")
+SEG_FORMAT = "crossmae-seg-v1"
+
+
+def label_spec(cfg: DictConfig) -> LabelSpec:
+    if cfg.dataset == "ade20k":
+        return ADE20K
+    if cfg.dataset == "camvid":
+        return CAMVID
+    if cfg.dataset == "custom":
+        return LabelSpec(cfg.num_classes, cfg.ignore_value, cfg.reduce_zero_label)
+    raise ConfigError(f"dataset must be ade20k, camvid or custom, got {cfg.dataset!r}")
+
+
+def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict | None = None):
+    """UperNet on our encoder (loaded from the configured checkpoint unless ``encoder_config``
+    is given, for rebuilding a trained model); returns the model and the encoder settings."""
+    sd = None
+    if encoder_config is None:
+        sd, encoder_config = load_pretrained_encoder(
+            cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
+        )
+    backbone = SegViT(
+        **{**encoder_config, "img_size": cfg.crop, "drop_path_rate": cfg.drop_path_rate}
+    )
+    if sd is not None and not cfg.encoder.random_init:
+        backbone.load_pretrained(
+            sd, grid_of(encoder_config["img_size"], encoder_config["patch_size"])
+        )
+    return UperNet(backbone, num_classes, channels=cfg.channels), encoder_config
+
+
+@torch.no_grad()
+def evaluate_segmenter(
+    model: nn.Module,
+    folder: SegFolder,
+    num_classes: int,
+    device,
+    crop: int,
+    stride: int,
+    scale=None,
+) -> dict:
+    """mIoU / mAcc / aAcc over ``folder``: each image rescaled to the training ``scale`` (keeping
+    its aspect, as mmseg's test pipeline), slide inference, logits resized back to the label;
+    each process takes its own shard and the confusion matrices are summed, so every image
+    counts once."""
+    model.eval()
+    metrics = SegMetrics(num_classes, IGNORE)
+    for i in du.shard(len(folder), du.rank(), du.world_size()):
+        img, label, _ = folder[i]
+        x = normalize_image(img)[None].to(device)
+        H, W = label.shape
+        if scale is not None:
+            f = min(max(scale) / max(H, W), min(scale) / min(H, W))
+            x = F.interpolate(
+                x, size=(round(H * f), round(W * f)), mode="bilinear", align_corners=False
+            )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = slide_inference(model, x, num_classes, crop=crop, stride=stride)
+        logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
+        metrics.update(logits.argmax(1)[0].cpu(), label)
+    metrics.all_reduce()
+    model.train()
+    return metrics.compute()
+
+
+def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
+    """Train per ``cfg`` (a ``config.SegConfig``); returns the final metrics."""
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
+    spec = label_spec(cfg)
+    train_folder = SegFolder(cfg.root, cfg.train_split, spec)
+    val_folder = SegFolder(cfg.root, cfg.val_split, spec)
+    device = du.init_from_env(cfg.device)
+    rank, world = du.rank(), du.world_size()
+    out = Path(cfg.output_dir)
+    if resume is None and latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds a run; continue it with --resume auto")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    setup_logging(out, rank)
+
+    torch.manual_seed(cfg.seed)
+    model, encoder_config = build_segmenter(cfg, spec.num_classes)
+    model.to(device)
+    torch.manual_seed(cfg.seed + rank)
+    data = SegAugment(
+        train_folder, cfg.crop, tuple(cfg.scale), tuple(cfg.ratio_range), cfg.cat_max_ratio
+    )
+    micro, accum = plan_batches(cfg.batch_size, world, cfg.micro_batch)
+    sampler = ResumableSampler(
+        len(data), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=cfg.seed
+    )
+    loader = DataLoader(
+        data,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
+    vit = model.backbone
+    prefix = "backbone."
+    groups = param_groups(
+        model,
+        cfg.weight_decay,
+        layer_decay=cfg.layer_decay,
+        num_layers=vit.depth,
+        layer_id=lambda n: (
+            vit.layer_id(n.removeprefix(prefix)) if n.startswith(prefix) else vit.depth + 1
+        ),
+        no_decay_names={"backbone.pos_embed", "backbone.cls_token"},
+    )
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+    amp = PRECISIONS[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+
+    step = 0
+    ckpt_path = latest_checkpoint(out) if resume == "auto" else resume
+    if ckpt_path:
+        ck = load_checkpoint(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step = ck["step"]
+        if len(ck["rng"]) == world:
+            torch.set_rng_state(ck["rng"][rank])
+        log.info("resumed from %s at iteration %d", ckpt_path, step)
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
+    log.info(
+        "UperNet: %d classes, %d training images, batch %d (%d x %d x %d), %d iterations",
+        spec.num_classes,
+        len(train_folder),
+        cfg.batch_size,
+        world,
+        micro,
+        accum,
+        cfg.iterations,
+    )
+
+    def save(metrics: dict | None) -> None:
+        rngs = du.all_gather_objects(torch.get_rng_state())
+        if rank == 0:
+            save_atomic(
+                {
+                    "format": SEG_FORMAT,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "step": step,
+                    "rng": rngs,
+                    "encoder_config": encoder_config,
+                    "num_classes": spec.num_classes,
+                    "metrics": metrics,
+                    "config": to_plain(cfg),
+                },
+                out / LAST,
+            )
+
+    def evaluate() -> dict:
+        m = evaluate_segmenter(
+            model, val_folder, spec.num_classes, device, cfg.crop, cfg.eval_stride
+        )
+        if metrics_file is not None:
+            metrics_file.write(
+                json.dumps({"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]})
+                + "\n"
+            )
+            metrics_file.flush()
+        log.info(
+            "iteration %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, m["mIoU"], m["mAcc"], m["aAcc"]
+        )
+        return m
+
+    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+    metrics, interrupted, window = None, False, {}
+    model.train()
+    with StopRequest() as stop:
+        while step < cfg.iterations and not interrupted:
+            epoch, start = divmod(step, sampler.steps_per_epoch)
+            sampler.set_epoch(epoch, start)
+            batches = iter(loader)
+            for _ in range(start, sampler.steps_per_epoch):
+                # schedule
+                lr = poly_lr_at(
+                    step,
+                    base_lr=cfg.lr,
+                    total_steps=cfg.iterations,
+                    warmup_steps=cfg.warmup_iterations,
+                )
+                for g in opt.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                # forward + backward
+                loss_sum = torch.zeros((), device=device)
+                for k in range(accum):
+                    imgs, labels = next(batches)
+                    imgs, labels = (
+                        imgs.to(device, non_blocking=True),
+                        labels.to(device, non_blocking=True),
+                    )
+                    sync = (
+                        contextlib.nullcontext() if world == 1 or k == accum - 1 else ddp.no_sync()
+                    )
+                    with sync:
+                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                            out_ = ddp(imgs)
+                        size = labels.shape[-2:]
+                        main = F.interpolate(
+                            out_["logits"].float(), size=size, mode="bilinear", align_corners=False
+                        )
+                        aux = F.interpolate(
+                            out_["aux_logits"].float(),
+                            size=size,
+                            mode="bilinear",
+                            align_corners=False,
+                        )
+                        loss = F.cross_entropy(
+                            main, labels, ignore_index=IGNORE
+                        ) + cfg.aux_weight * F.cross_entropy(aux, labels, ignore_index=IGNORE)
+                        scaler.scale(loss / accum).backward()
+                    loss_sum += loss.detach() / accum
+                # step (skipped on a non-finite loss; all processes agree)
+                nonfinite, stopping = stop.agree(loss_sum)
+                if nonfinite:
+                    opt.zero_grad(set_to_none=True)
+                    log.warning("iteration %d: non-finite loss, step skipped", step)
+                else:
+                    scaler.step(opt)
+                    scaler.update()
+                    opt.zero_grad(set_to_none=True)
+                step += 1
+                window["loss"] = window.get("loss", 0.0) + loss_sum
+                window["n"] = window.get("n", 0) + 1
+                # log
+                if step % cfg.log_every == 0 or step == cfg.iterations:
+                    loss_value = float(du.all_reduce_mean(window["loss"] / window["n"]))
+                    window = {}
+                    if metrics_file is not None:
+                        metrics_file.write(
+                            json.dumps({"step": step, "lr": lr, "loss": loss_value}) + "\n"
+                        )
+                        metrics_file.flush()
+                # checkpoint / evaluate
+                if stopping:
+                    interrupted = True
+                    save(metrics)
+                    break
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iterations:
+                    metrics = evaluate()
+                if step % cfg.ckpt_every == 0:
+                    save(metrics)
+                if step >= cfg.iterations:
+                    break
+    if not interrupted:
+        metrics = evaluate()
+        save(metrics)
+        if rank == 0:
+            (out / "results.json").write_text(
+                json.dumps({"step": step, "metrics": metrics}, indent=1)
+            )
+    if metrics_file is not None:
+        metrics_file.close()
+    du.barrier()
+    if interrupted:
+        stop.forward()
+    return {"output_dir": str(out), "step": step, "interrupted": interrupted, "metrics": metrics}
