@@ -201,7 +201,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
 
     def evaluate() -> dict:
         m = evaluate_segmenter(
-            model, val_folder, spec.num_classes, device, cfg.crop, cfg.eval_stride
+            model, val_folder, spec.num_classes, device, cfg.crop, cfg.eval_stride, tuple(cfg.scale)
         )
         if metrics_file is not None:
             metrics_file.write(
