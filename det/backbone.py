@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmae.checkpoint import load_state_dict_strict
-from crossmae.models.layers import NORM_EPS, DropPath, Mlp, PatchEmbed, init_weights_
+from crossmae.models.layers import (
+    NORM_EPS,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    init_weights_,
+    resample_patch_weight,
+)
 from crossmae.models.pos_embed import resample_abs_pos_embed, sincos_2d
 
 
@@ -198,11 +205,9 @@ class ViTDetBackbone(nn.Module):
         (ViTDet runs ViT-H/14 weights at stride 16), and only the relative-position tables may be
         missing."""
         sd = {k: v for k, v in state_dict.items() if k != "cls_token" and not k.startswith("norm.")}
-        w = sd["patch_embed.proj.weight"]
-        if w.shape[-1] != self.patch_size:  # e.g. ViT-H/14 weights in a stride-16 ViTDet
-            from timm.layers import resample_patch_embed
-
-            sd["patch_embed.proj.weight"] = resample_patch_embed(w, [self.patch_size] * 2)
+        sd["patch_embed.proj.weight"] = resample_patch_weight(
+            sd["patch_embed.proj.weight"], self.patch_size
+        )
         pe = sd.pop("pos_embed")
         n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
         pe = resample_abs_pos_embed(

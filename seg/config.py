@@ -19,6 +19,7 @@ class SegConfig:
     val_split: str = "validation"
     output_dir: str = "???"
     crop: int = 512
+    patch_size: int | None = None  # None = the encoder's; else its patch kernel is resampled
     scale: list[int] = field(default_factory=lambda: [2048, 512])
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75

@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmae.checkpoint import load_state_dict_strict
-from crossmae.models.layers import NORM_EPS, DropPath, Mlp, PatchEmbed, init_weights_
+from crossmae.models.layers import (
+    NORM_EPS,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    init_weights_,
+    resample_patch_weight,
+)
 from crossmae.models.pos_embed import resample_abs_pos_embed, sincos_2d
 
 
@@ -128,9 +135,12 @@ class SegViT(nn.Module):
         self, state_dict: dict[str, torch.Tensor], pretrain_grid: tuple[int, int]
     ) -> None:
         """Strict: the encoder's ``norm`` is dropped on purpose (features are taken without it),
-        the position table is resampled to the crop's grid, and only the relative position
-        tables and layer scales may be missing."""
+        the position table is resampled to the crop's grid (and the patch kernel to this patch
+        size), and only the relative position tables and layer scales may be missing."""
         sd = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
+        sd["patch_embed.proj.weight"] = resample_patch_weight(
+            sd["patch_embed.proj.weight"], self.patch_size
+        )
         sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], self.grid, pretrain_grid)
         new = {
             k for k in self.state_dict() if "relative_position_bias_table" in k or ".gamma_" in k

@@ -61,9 +61,10 @@ def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict | No
         sd, encoder_config = load_pretrained_encoder(
             cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
         )
-    backbone = SegViT(
-        **{**encoder_config, "img_size": cfg.crop, "drop_path_rate": cfg.drop_path_rate}
-    )
+    backbone = SegViT(**{
+        **encoder_config, "img_size": cfg.crop, "drop_path_rate": cfg.drop_path_rate,
+        "patch_size": cfg.patch_size or encoder_config["patch_size"],
+    })  # fmt: skip
     if sd is not None and not cfg.encoder.random_init:
         backbone.load_pretrained(
             sd, grid_of(encoder_config["img_size"], encoder_config["patch_size"])

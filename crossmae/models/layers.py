@@ -210,6 +210,16 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, L, D), raster order
 
 
+def resample_patch_weight(weight: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """A patch-embedding kernel (D, C, p, p) for another patch size, by timm's pseudo-inverse
+    resampling (FlexiViT), e.g. ViT-H/14 weights in a stride-16 detector."""
+    if weight.shape[-1] == patch_size:
+        return weight
+    from timm.layers import resample_patch_embed
+
+    return resample_patch_embed(weight, [patch_size, patch_size])
+
+
 def init_weights_(module: nn.Module) -> None:
     """The MAE / CrossMAE initialisation: Xavier-uniform Linear weights (the patch-embedding
     convolution viewed as a Linear), zero biases, LayerNorm (1, 0)."""
