@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from pathlib import Path
 
 import timm.data.auto_augment as timm_auto_augment
 import torch
@@ -34,8 +33,6 @@ from torch.utils.data import DataLoader, Dataset
 from crossmae import distributed as du
 from crossmae.checkpoint import (
     LAST,
-    latest_checkpoint,
-    load_checkpoint,
     load_pretrained_encoder,
     save_atomic,
 )
@@ -44,7 +41,7 @@ from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from crossmae.models import VisionTransformer
 from crossmae.optim import LARS, lr_at, param_groups
-from crossmae.train import PRECISIONS, StopRequest, plan_batches, setup_logging
+from crossmae.train import PRECISIONS, StopRequest, plan_batches, resume_task_run, start_task_run
 
 from .data import class_folders
 from .encoder import build_classifier
@@ -113,18 +110,9 @@ def evaluate(
 
 def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     """Finetune per ``cfg`` (a ``config.FinetuneConfig``); returns best/last accuracy."""
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
     train_src, val_src = class_folders(cfg.train, cfg.val)
-    device = du.init_from_env(cfg.device)
+    device, out = start_task_run(cfg.output_dir, resume, cfg.device, cfg.precision)
     rank, world = du.rank(), du.world_size()
-    out = Path(cfg.output_dir)
-    if resume is None and latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds a run; continue it with --resume auto")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    du.barrier()
-    setup_logging(out, rank)
 
     # model
     sd, enc_cfg = load_pretrained_encoder(
@@ -217,16 +205,11 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     step, best = 0, {"top1": -1.0}
-    ckpt_path = latest_checkpoint(out) if resume == "auto" else resume
-    if ckpt_path:
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
+    ck = resume_task_run(out, resume, model, opt, scaler)
+    if ck:
         if ema is not None:
             ema.module.load_state_dict(ck["ema"])
         step, best = ck["step"], ck["best"]
-        log.info("resumed from %s at step %d", ckpt_path, step)
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     log.info(
         "%d classes, %d train / %d val images, batch %d (%d x %d x %d), lr %.3g, %d steps",
@@ -242,10 +225,12 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )
 
     def save(tag: str, acc: dict) -> None:
+        rngs = du.all_gather_objects(torch.get_rng_state())
         if rank != 0:
             return
         state = {
             "format": FINETUNE_FORMAT,
+            "rng": rngs,
             "model": model.state_dict(),
             "encoder_config": model.config,
             "classes": train_src.classes,

@@ -159,6 +159,44 @@ def setup_logging(out_dir: Path | None, rank: int) -> None:
         logger.addHandler(h)
 
 
+def start_task_run(
+    output_dir: str, resume: str | None, device: str, precision: str
+) -> tuple[torch.device, Path]:
+    """The opening of every transfer task's run (cls, det, seg): a known precision, this
+    process's device (joining torchrun's group), an output folder that does not already hold a
+    run unless resuming, and logging. Returns (device, output folder)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dev = du.init_from_env(device)
+    out = Path(output_dir)
+    if resume is None and latest_checkpoint(out) is not None:
+        raise FileExistsError(f"{out} already holds a run; continue it with --resume auto")
+    if du.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    du.barrier()
+    setup_logging(out, du.rank())
+    return dev, out
+
+
+def resume_task_run(
+    out: Path, resume: str | None, model: nn.Module, optimizer, scaler
+) -> dict | None:
+    """``--resume auto`` (the folder's last checkpoint) or a path: restore the model, optimizer,
+    scaler and this process's random stream; returns the checkpoint (for its step and extras)."""
+    path = latest_checkpoint(out) if resume == "auto" else resume
+    if not path:
+        return None
+    ck = load_checkpoint(path)
+    model.load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scaler.load_state_dict(ck["scaler"])
+    rngs = ck.get("rng") or []
+    if len(rngs) == du.world_size():
+        torch.set_rng_state(rngs[du.rank()])
+    log.info("resumed from %s at step %d", path, ck["step"])
+    return ck
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop records past ``last_step`` (written after the checkpoint a resumed run starts from)."""
     if not path.is_file():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +23,6 @@ from torch.utils.data import DataLoader
 from crossmae import distributed as du
 from crossmae.checkpoint import (
     LAST,
-    latest_checkpoint,
-    load_checkpoint,
     load_pretrained_encoder,
     save_atomic,
 )
@@ -33,7 +30,7 @@ from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler
 from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, poly_lr_at
-from crossmae.train import PRECISIONS, StopRequest, plan_batches, setup_logging
+from crossmae.train import PRECISIONS, StopRequest, plan_batches, resume_task_run, start_task_run
 
 from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder, normalize_image
 from .metrics import SegMetrics
@@ -108,20 +105,11 @@ def evaluate_segmenter(
 
 def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     """Train per ``cfg`` (a ``config.SegConfig``); returns the final metrics."""
-    if cfg.precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
     spec = label_spec(cfg)
     train_folder = SegFolder(cfg.root, cfg.train_split, spec)
     val_folder = SegFolder(cfg.root, cfg.val_split, spec)
-    device = du.init_from_env(cfg.device)
+    device, out = start_task_run(cfg.output_dir, resume, cfg.device, cfg.precision)
     rank, world = du.rank(), du.world_size()
-    out = Path(cfg.output_dir)
-    if resume is None and latest_checkpoint(out) is not None:
-        raise FileExistsError(f"{out} already holds a run; continue it with --resume auto")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    du.barrier()
-    setup_logging(out, rank)
 
     torch.manual_seed(cfg.seed)
     model, encoder_config = build_segmenter(cfg, spec.num_classes)
@@ -158,17 +146,8 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     amp = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    step = 0
-    ckpt_path = latest_checkpoint(out) if resume == "auto" else resume
-    if ckpt_path:
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        step = ck["step"]
-        if len(ck["rng"]) == world:
-            torch.set_rng_state(ck["rng"][rank])
-        log.info("resumed from %s at iteration %d", ckpt_path, step)
+    ck = resume_task_run(out, resume, model, opt, scaler)
+    step = ck["step"] if ck else 0
     ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     log.info(
         "UperNet: %d classes, %d training images, batch %d (%d x %d x %d), %d iterations",
