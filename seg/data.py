@@ -24,6 +24,10 @@ class LabelSpec:
     num_classes: int
     ignore_value: int | None = None  # a raw label value meaning "unlabelled"
     reduce_zero_label: bool = False  # ADE20K: raw 0 -> ignore, raw k -> k - 1
+    class_names: tuple[str, ...] = ()  # for the per-class table ("class i" when empty)
+
+    def names(self) -> list[str]:
+        return list(self.class_names) or [f"class {i}" for i in range(self.num_classes)]
 
     def convert(self, raw: np.ndarray) -> torch.Tensor:
         lab = torch.from_numpy(raw.astype(np.int64))
@@ -37,7 +41,12 @@ class LabelSpec:
 
 
 ADE20K = LabelSpec(num_classes=150, reduce_zero_label=True)
-CAMVID = LabelSpec(num_classes=11, ignore_value=11)
+CAMVID = LabelSpec(
+    num_classes=11,
+    ignore_value=11,
+    class_names=("sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car",
+                 "pedestrian", "bicyclist"),
+)  # fmt: skip
 
 
 class SegFolder(torch.utils.data.Dataset):

@@ -191,6 +191,32 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
     for kind in ("bbox", "segm"):
         assert set(result["metrics"][kind]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (tmp_path / "run" / "results.json").is_file()
+    # the standalone evaluation of the trained checkpoint gives the same numbers
+    from det.__main__ import main
+
+    ckpt = tmp_path / "run" / "checkpoint-last.pt"
+    out = tmp_path / "res.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(ckpt),
+                "--json",
+                str(small),
+                "--images",
+                str(images),
+                "--results",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.is_file()
+    # the detectron2 export: the MAE release layout, which our backbone (like detectron2's) loads
+    assert main(["export-d2", str(tmp_path / "enc.pt"), str(tmp_path / "d2.pth")]) == 0
+    exported = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
+    assert set(exported) == set(model.encoder.state_dict())
+    ViTDetBackbone(**{**TINY_VIT, "img_size": 64, "window": 2}).load_pretrained(exported, (2, 2))
 
 
 def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
