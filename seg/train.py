@@ -33,7 +33,7 @@ from crossmae.optim import param_groups, poly_lr_at
 from crossmae.train import PRECISIONS, StopRequest, plan_batches, resume_task_run, start_task_run
 
 from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder, normalize_image
-from .metrics import SegMetrics
+from .metrics import SegMetrics, format_table
 from .model import SegViT, UperNet, slide_inference
 
 log = logging.getLogger("crossmae")
@@ -280,6 +280,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
             (out / "results.json").write_text(
                 json.dumps({"step": step, "metrics": metrics}, indent=1)
             )
+            (out / "per_class.md").write_text(format_table(metrics, spec.names()) + "\n")
     if metrics_file is not None:
         metrics_file.close()
     du.barrier()

@@ -258,3 +258,5 @@ def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert all(0 < r["loss"] < 100 for r in rows if "loss" in r)
     assert 0 <= result["metrics"]["mIoU"] <= 100 and len(result["metrics"]["IoU"]) == 11
+    table = (tmp_path / "run" / "per_class.md").read_text()
+    assert "| pedestrian |" in table and "mIoU" in table
