@@ -24,6 +24,10 @@ class SegConfig:
     ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     cat_max_ratio: float = 0.75
     eval_stride: int = 341
+    eval_ratios: list[float] = field(
+        default_factory=lambda: [1.0]
+    )  # MS: [0.5, 0.75, 1, 1.25, 1.5, 1.75]
+    eval_flip: bool = False
     channels: int = 768  # UperNet width
     aux_weight: float = 0.4
     drop_path_rate: float = 0.1

@@ -78,26 +78,37 @@ def evaluate_segmenter(
     crop: int,
     stride: int,
     scale=None,
+    ratios=(1.0,),
+    flip: bool = False,
 ) -> dict:
-    """mIoU / mAcc / aAcc over ``folder``: each image rescaled to the training ``scale`` (keeping
-    its aspect, as mmseg's test pipeline), slide inference, logits resized back to the label;
-    each process takes its own shard and the confusion matrices are summed, so every image
-    counts once."""
+    """mIoU / mAcc / aAcc over ``folder``: each image rescaled to the training ``scale`` times
+    each of ``ratios`` (keeping its aspect, as mmseg's test pipeline; several ratios and ``flip``
+    = multi-scale + flip testing, softmax scores averaged), slide inference, scores resized back
+    to the label; each process takes its own shard and the confusion matrices are summed, so
+    every image counts once."""
     model.eval()
     metrics = SegMetrics(num_classes, IGNORE)
     for i in du.shard(len(folder), du.rank(), du.world_size()):
         img, label, _ = folder[i]
-        x = normalize_image(img)[None].to(device)
+        image = normalize_image(img)[None].to(device)
         H, W = label.shape
-        if scale is not None:
-            f = min(max(scale) / max(H, W), min(scale) / min(H, W))
-            x = F.interpolate(
-                x, size=(round(H * f), round(W * f)), mode="bilinear", align_corners=False
-            )
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = slide_inference(model, x, num_classes, crop=crop, stride=stride)
-        logits = F.interpolate(logits.float(), size=(H, W), mode="bilinear", align_corners=False)
-        metrics.update(logits.argmax(1)[0].cpu(), label)
+        base = min(max(scale) / max(H, W), min(scale) / min(H, W)) if scale is not None else 1.0
+        scores = torch.zeros(1, num_classes, H, W, device=device)
+        for r in ratios:
+            size = (round(H * base * r), round(W * base * r))
+            x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+            for flipped in (False, True) if flip else (False,):
+                xi = x.flip(-1) if flipped else x
+                with torch.autocast(
+                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+                ):
+                    logits = slide_inference(model, xi, num_classes, crop=crop, stride=stride)
+                logits = logits.flip(-1) if flipped else logits
+                logits = F.interpolate(
+                    logits.float(), size=(H, W), mode="bilinear", align_corners=False
+                )
+                scores += logits.softmax(dim=1)
+        metrics.update(scores.argmax(1)[0].cpu(), label)
     metrics.all_reduce()
     model.train()
     return metrics.compute()
@@ -181,7 +192,15 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
 
     def evaluate() -> dict:
         m = evaluate_segmenter(
-            model, val_folder, spec.num_classes, device, cfg.crop, cfg.eval_stride, tuple(cfg.scale)
+            model,
+            val_folder,
+            spec.num_classes,
+            device,
+            cfg.crop,
+            cfg.eval_stride,
+            tuple(cfg.scale),
+            tuple(cfg.eval_ratios),
+            cfg.eval_flip,
         )
         if metrics_file is not None:
             metrics_file.write(
