@@ -1,4 +1,5 @@
-"""``python -m seg train --config FILE key=value ...``: UperNet semantic segmentation."""
+"""``python -m seg train --config FILE key=value ...``: UperNet semantic segmentation.
+``python -m seg export-mmseg CHECKPOINT OUT.pth``: our encoder for mmsegmentation's MAE UperNet."""
 
 from __future__ import annotations
 
@@ -17,7 +18,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", action="append", default=[])
     p.add_argument("--resume", default=None)
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser(
+        "export-mmseg", help="encoder -> the checkpoint mmseg's MAE UperNet configs load"
+    )
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--official-arch", default=None)
     args = parser.parse_args(argv)
+    if args.command == "export-mmseg":
+        from crossmae.checkpoint import load_pretrained_encoder, save_atomic
+
+        from .export import to_mmseg
+
+        sd, _ = load_pretrained_encoder(args.checkpoint, official_arch=args.official_arch)
+        save_atomic(to_mmseg(sd), args.output)
+        print(f"wrote {args.output}: mmseg MAE backbone keys (backbone.layers.*)")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         from .config import SegConfig

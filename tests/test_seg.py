@@ -276,3 +276,39 @@ def test_flip_and_multi_scale_evaluation(shared_dir):
     assert evaluate_segmenter(*args, flip=True)["mIoU"] == pytest.approx(plain["mIoU"])
     multi = evaluate_segmenter(*args, ratios=(0.5, 1.0, 1.5), flip=True)
     assert 0 <= multi["mIoU"] <= 100 and multi["aAcc"] > 0
+
+
+def test_mmseg_export_layout(tmp_path):
+    from crossmae.checkpoint import encoder_export, save_atomic
+    from crossmae.models import create_model
+    from seg.__main__ import main
+
+    enc = create_model(
+        "mae_vit_base_patch16",
+        img_size=32,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=16,
+        decoder_num_heads=2,
+        decoder_depth=1,
+    )
+    save_atomic(encoder_export(enc, model_name="mae_vit_base_patch16"), tmp_path / "enc.pt")
+    assert main(["export-mmseg", str(tmp_path / "enc.pt"), str(tmp_path / "mmseg.pth")]) == 0
+    sd = torch.load(tmp_path / "mmseg.pth", weights_only=True)
+    assert len(sd) == len(enc.encoder.state_dict())
+    expected = {
+        "backbone.cls_token",
+        "backbone.pos_embed",
+        "backbone.patch_embed.projection.weight",
+        "backbone.layers.1.ln1.weight",
+        "backbone.layers.1.attn.qkv.bias",
+        "backbone.layers.1.ffn.layers.0.0.weight",
+        "backbone.layers.1.ffn.layers.1.bias",
+        "backbone.layers.0.ln2.bias",
+        "backbone.norm.weight",
+    }
+    assert expected <= set(sd)
+    assert torch.equal(
+        sd["backbone.layers.1.ffn.layers.1.weight"], enc.encoder.blocks[1].mlp.fc2.weight
+    )
