@@ -28,6 +28,7 @@ class SegConfig:
         default_factory=lambda: [1.0]
     )  # MS: [0.5, 0.75, 1, 1.25, 1.5, 1.75]
     eval_flip: bool = False
+    eval_mode: str = "slide"  # slide | whole
     channels: int = 768  # UperNet width
     aux_weight: float = 0.4
     drop_path_rate: float = 0.1

@@ -80,12 +80,16 @@ def evaluate_segmenter(
     scale=None,
     ratios=(1.0,),
     flip: bool = False,
+    mode: str = "slide",
 ) -> dict:
     """mIoU / mAcc / aAcc over ``folder``: each image rescaled to the training ``scale`` times
     each of ``ratios`` (keeping its aspect, as mmseg's test pipeline; several ratios and ``flip``
     = multi-scale + flip testing, softmax scores averaged), slide inference, scores resized back
     to the label; each process takes its own shard and the confusion matrices are summed, so
-    every image counts once."""
+    every image counts once. ``mode="whole"`` instead resizes each (rescaled) image to one
+    crop x crop input (the backbone's position tables are made for that grid)."""
+    if mode not in ("slide", "whole"):
+        raise ConfigError(f"eval_mode must be 'slide' or 'whole', got {mode!r}")
     model.eval()
     metrics = SegMetrics(num_classes, IGNORE)
     for i in du.shard(len(folder), du.rank(), du.world_size()):
@@ -102,7 +106,13 @@ def evaluate_segmenter(
                 with torch.autocast(
                     device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
                 ):
-                    logits = slide_inference(model, xi, num_classes, crop=crop, stride=stride)
+                    if mode == "slide":
+                        logits = slide_inference(model, xi, num_classes, crop=crop, stride=stride)
+                    else:
+                        xw = F.interpolate(
+                            xi, size=(crop, crop), mode="bilinear", align_corners=False
+                        )
+                        logits = model(xw)["logits"]
                 logits = logits.flip(-1) if flipped else logits
                 logits = F.interpolate(
                     logits.float(), size=(H, W), mode="bilinear", align_corners=False
@@ -201,6 +211,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
             tuple(cfg.scale),
             tuple(cfg.eval_ratios),
             cfg.eval_flip,
+            cfg.eval_mode,
         )
         if metrics_file is not None:
             metrics_file.write(

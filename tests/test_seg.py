@@ -204,42 +204,44 @@ def test_two_process_evaluation_equals_one_process(shared_dir, tmp_path):
         assert b["aAcc"] == pytest.approx(a["aAcc"])
 
 
-def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
+def tiny_camvid_run(shared_dir, tmp_path, run: str, *extra):
+    """A config for a few iterations on a 6 + 2 image CamVid copy with a tiny encoder."""
     from crossmae.checkpoint import encoder_export, save_atomic
     from crossmae.config import load_config
     from crossmae.models import create_model
     from seg.config import SegConfig
-    from seg.train import train_segmenter
 
-    # a CamVid copy with 6 train and 2 val images, so evaluation stays quick
     root = tmp_path / "camvid"
-    src = shared_dir / "data" / "camvid"
-    for split, n in (("train", 6), ("val", 2)):
-        for kind in ("images", "annotations"):
-            (root / kind / split).mkdir(parents=True)
-        for img in sorted((src / "images" / split).iterdir())[:n]:
-            (root / "images" / split / img.name).symlink_to(img)
-            lab = src / "annotations" / split / (img.stem + ".png")
-            (root / "annotations" / split / lab.name).symlink_to(lab)
-    torch.manual_seed(0)
-    enc = create_model(
-        "crossmae_vit_base_patch16",
-        img_size=32,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        decoder_embed_dim=16,
-        decoder_num_heads=2,
-        decoder_depth=1,
-    )
-    save_atomic(encoder_export(enc, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt")
-    cfg = load_config(
+    if not root.exists():
+        src = shared_dir / "data" / "camvid"
+        for split, n in (("train", 6), ("val", 2)):
+            for kind in ("images", "annotations"):
+                (root / kind / split).mkdir(parents=True)
+            for img in sorted((src / "images" / split).iterdir())[:n]:
+                (root / "images" / split / img.name).symlink_to(img)
+                lab = src / "annotations" / split / (img.stem + ".png")
+                (root / "annotations" / split / lab.name).symlink_to(lab)
+        torch.manual_seed(0)
+        enc = create_model(
+            "crossmae_vit_base_patch16",
+            img_size=32,
+            embed_dim=32,
+            depth=4,
+            num_heads=2,
+            decoder_embed_dim=16,
+            decoder_num_heads=2,
+            decoder_depth=1,
+        )
+        save_atomic(
+            encoder_export(enc, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt"
+        )
+    return load_config(
         SegConfig,
         [REPO / "configs" / "seg" / "upernet_camvid_small.yaml"],
         [
             f"root={root}",
             f"encoder.checkpoint={tmp_path / 'enc.pt'}",
-            f"output_dir={tmp_path / 'run'}",
+            f"output_dir={tmp_path / run}",
             "crop=64",
             "scale=[120,90]",
             "eval_stride=43",
@@ -251,8 +253,15 @@ def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
             "precision=fp32",
             "device=cpu",
             "log_every=1",
+            *extra,
         ],
     )
+
+
+def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
+    from seg.train import train_segmenter
+
+    cfg = tiny_camvid_run(shared_dir, tmp_path, "run")
     result = train_segmenter(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
@@ -276,6 +285,8 @@ def test_flip_and_multi_scale_evaluation(shared_dir):
     assert evaluate_segmenter(*args, flip=True)["mIoU"] == pytest.approx(plain["mIoU"])
     multi = evaluate_segmenter(*args, ratios=(0.5, 1.0, 1.5), flip=True)
     assert 0 <= multi["mIoU"] <= 100 and multi["aAcc"] > 0
+    whole = evaluate_segmenter(*args, mode="whole")
+    assert 0 <= whole["mIoU"] <= 100 and whole["aAcc"] > 0
 
 
 def test_mmseg_export_layout(tmp_path):
@@ -312,3 +323,30 @@ def test_mmseg_export_layout(tmp_path):
     assert torch.equal(
         sd["backbone.layers.1.ffn.layers.1.weight"], enc.encoder.blocks[1].mlp.fc2.weight
     )
+
+
+def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
+    import signal
+
+    import seg.train as st
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    st.train_segmenter(
+        tiny_camvid_run(shared_dir, tmp_path, "a", "iterations=4", "drop_path_rate=0.2")
+    )
+    orig = st.poly_lr_at
+
+    def stop_during_step_2(step, **kw):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return orig(step, **kw)
+
+    cfg = tiny_camvid_run(shared_dir, tmp_path, "b", "iterations=4", "drop_path_rate=0.2")
+    monkeypatch.setattr(st, "poly_lr_at", stop_during_step_2)
+    assert st.train_segmenter(cfg)["interrupted"]
+    monkeypatch.setattr(st, "poly_lr_at", orig)
+    st.train_segmenter(cfg, resume="auto")
+    assert losses("b") == losses("a")
