@@ -145,10 +145,11 @@ def test_malformed_annotations_name_the_annotation(shared_dir, tmp_path):
         CocoInstances(bad, images, train=True)
 
 
-def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
+def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
+    """(config, encoder model, annotation subset, images) for a few iterations of a tiny ViTDet
+    on 4 coco128 images."""
     from crossmae.config import load_config
     from det.config import DetConfig
-    from det.train import train_detector
 
     ann, images = coco128(shared_dir)
     small = subset_json(ann, tmp_path / "small.json", 4)
@@ -171,7 +172,7 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
             f"train_images={images}",
             f"val_json={small}",
             f"val_images={images}",
-            f"output_dir={tmp_path / 'run'}",
+            f"output_dir={tmp_path / run}",
             "img_size=128",
             "window=4",
             "iterations=2",
@@ -181,8 +182,16 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
             "precision=fp32",
             "device=cpu",
             "log_every=1",
+            *extra,
         ],
     )
+    return cfg, model, small, images
+
+
+def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
+    from det.train import train_detector
+
+    cfg, model, small, images = tiny_det_run(shared_dir, tmp_path, "run")
     result = train_detector(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     losses = [r["loss"] for r in rows if "loss" in r]
@@ -223,45 +232,9 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
     import signal
 
     import det.train as dt
-    from crossmae.config import load_config
-    from det.config import DetConfig
-
-    ann, images = coco128(shared_dir)
-    small = subset_json(ann, tmp_path / "small.json", 4)
-    torch.manual_seed(0)
-    model = create_model(
-        "crossmae_vit_base_patch16",
-        img_size=32,
-        decoder_embed_dim=16,
-        decoder_num_heads=2,
-        decoder_depth=1,
-        **TINY_VIT,
-    )
-    save_atomic(encoder_export(model, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt")
 
     def cfg(run):
-        return load_config(
-            DetConfig,
-            [],
-            [
-                f"encoder.checkpoint={tmp_path / 'enc.pt'}",
-                f"train_json={small}",
-                f"train_images={images}",
-                f"val_json={small}",
-                f"val_images={images}",
-                f"output_dir={tmp_path / run}",
-                "img_size=128",
-                "window=4",
-                "iterations=4",
-                "batch_size=2",
-                "warmup_iterations=1",
-                "num_workers=0",
-                "precision=fp32",
-                "device=cpu",
-                "log_every=1",
-                "drop_path_rate=0.2",
-            ],
-        )
+        return tiny_det_run(shared_dir, tmp_path, run, "iterations=4", "drop_path_rate=0.2")[0]
 
     def losses(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
