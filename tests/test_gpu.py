@@ -28,5 +28,7 @@ def test_nvjpeg_decode_matches_cpu_decode(tmp_path):
     cpu = decode_batch(batch, 64, torch.device("cpu"))
     gpu = decode_batch(batch, 64, torch.device("cuda"))
     assert gpu.is_cuda and gpu.shape == cpu.shape == (6, 3, 64, 64)
-    assert (gpu.cpu() - cpu).abs().mean().item() < 0.02
+    # nvJPEG and libjpeg upsample chroma differently: about 1.2 grey levels apart on average
+    # (0.0202 in normalised units on an H100), a wrong crop or flip is > 0.3
+    assert (gpu.cpu() - cpu).abs().mean().item() < 0.04
     assert not batch["skipped"]

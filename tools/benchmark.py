@@ -111,6 +111,8 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
         loss = step(i)
     sync(device)
     dt = (time.perf_counter() - t) / args.steps
+    if args.profile:
+        print_profile(step, device, f"{name} γ={pred_ratio} {mode}", args.profile)
     rec = {
         "model": name,
         "tiny": args.tiny,
@@ -126,7 +128,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
         if device.type == "cuda"
         else None,
         "gflop_per_img": flops_per_img / 1e9,
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
@@ -138,6 +140,23 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     if official and not args.tiny:
         rec["official_h100_img_per_s"] = official
     return rec
+
+
+def print_profile(step, device: torch.device, title: str, path: str) -> None:
+    """Kernel time table of 5 steps (torch.profiler), printed and appended to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(5):
+            step(i)
+        sync(device)
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    text = f"## profile: {title}, 5 steps\n{table}\n"
+    print(text, flush=True)
+    with open(path, "a") as f:
+        f.write(text)
 
 
 def cmd_step(args) -> int:
@@ -237,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU only)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.add_argument("--profile", default=None, help="append a kernel-time table of 5 steps here")
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("data", help="image pipeline throughput")
     p.add_argument("--folder", required=True, type=str)

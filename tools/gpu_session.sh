@@ -9,6 +9,8 @@
 # Device call: command "bash tools/gpu_session.sh", carry [".device_data"], timeout_s 480.
 # The device image has torch, timm and pytest but not this package's other dependencies; the
 # code used here imports only torch, torchvision, PIL and numpy, so PYTHONPATH suffices.
+# `bash tools/gpu_session.sh profile` instead runs the GPU tests and kernel-time tables of the
+# CrossMAE-B step (eager and compiled), about 3 minutes.
 # Each stage has its own time limit and the extras stop at BUDGET seconds, so the log and the
 # JSON lines of whatever finished always come back.
 set -uo pipefail
@@ -24,6 +26,18 @@ stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than
   echo "## [$SECONDS s] $*"
   timeout -k 5 "$limit" "$@" || echo "## exit $? : $*"
 }
+if [[ ${1:-} == profile ]]; then
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    stage 100 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_gpu.py \
+      -p no:cacheprovider
+    for mode in eager compiled; do
+      stage 170 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 \
+        --modes $mode --profile "$OUT/profile.txt"
+    done
+  } 2>&1 | tee "$OUT/gpu_profile.log"
+  exit
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
