@@ -84,3 +84,20 @@ def test_head_pooling():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     with pytest.raises(ValueError, match="global_pool"):
         VisionTransformer(img_size=32, global_pool="max", **SMALL)
+
+
+def test_visible_patch_tokens_equal_the_gathered_convolution_tokens():
+    """The masked encoder embeds only the kept patches: same tokens, values and gradients as
+    running the convolution on every patch and gathering."""
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=(32, 48), **SMALL)
+    x = torch.randn(3, 3, 32, 48)
+    ids = torch.stack([torch.randperm(24)[:7] for _ in range(3)])
+    full = model.patch_tokens(x)
+    ref = torch.stack([full[i, ids[i]] for i in range(3)])
+    out = model.visible_patch_tokens(x, ids)
+    assert torch.allclose(out, ref, atol=1e-5)
+    w = model.patch_embed.proj.weight
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), w)
+    (g,) = torch.autograd.grad(out.square().sum(), w)
+    assert torch.allclose(g, g_ref, rtol=1e-4, atol=1e-5)

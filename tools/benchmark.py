@@ -81,7 +81,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     size = model.grid_size[0] * model.patch_size
     imgs = torch.randn(args.batch, 3, size, size, device=device)
     masks = [model.mask_sampler(args.batch, device) for _ in range(4)]
-    fwd = torch.compile(model) if mode == "compiled" else model
+    fwd = torch.compile(model, mode=args.compile_mode) if mode == "compiled" else model
 
     def step(i: int) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -121,6 +121,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "grad_checkpointing": args.grad_checkpointing,
         "mode": f"bf16 {mode}",
+        "compile_mode": args.compile_mode if mode == "compiled" else None,
         "batch": args.batch,
         "img_per_s": args.batch / dt,
         "step_ms": dt * 1e3,
@@ -244,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-depth", type=int, default=None)
     p.add_argument(
         "--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"]
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (reduce-overhead = CUDA graphs)",
     )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)

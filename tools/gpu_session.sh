@@ -46,6 +46,8 @@ torchvision.__version__, torch.cuda.get_device_name())"
     -p no:cacheprovider
   stage 60 "${B[@]}" --models crossmae_vit_base_patch16 mae_vit_base_patch16 --modes eager
   stage 200 "${B[@]}" --models crossmae_vit_base_patch16 mae_vit_base_patch16 --modes compiled
+  stage 150 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 --modes compiled \
+    --compile-mode reduce-overhead
   stage 60 python3 tools/benchmark.py data --folder .device_data/imagenette_train \
     --images 1000 --batch 128
   # extras, eager: the unfused decoder (same card), other sizes, a deeper decoder

@@ -119,7 +119,7 @@ class MaskedAutoencoderBase(nn.Module):
         ``fm_blocks``; without it, the last block's output after the encoder's ``norm``.
         """
         enc = self.encoder
-        x = gather_tokens(enc.patch_tokens(imgs), ids_keep)  # (N, n_keep, D)
+        x = enc.visible_patch_tokens(imgs, ids_keep)  # (N, n_keep, D)
         x = enc.prepend_cls(x)  # (N, 1 + n_keep, D)
         maps = [x] if self.weight_fm and self.use_input else []
         for i in range(enc.depth):
