@@ -35,6 +35,7 @@ from crossmae.checkpoint import (
     LAST,
     load_pretrained_encoder,
     save_atomic,
+    write_text_atomic,
 )
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
@@ -111,7 +112,7 @@ def evaluate(
 def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     """Finetune per ``cfg`` (a ``config.FinetuneConfig``); returns best/last accuracy."""
     train_src, val_src = class_folders(cfg.train, cfg.val)
-    device, out = start_task_run(cfg.output_dir, resume, cfg.device, cfg.precision)
+    device, out = start_task_run(cfg, resume)
     rank, world = du.rank(), du.world_size()
 
     # model
@@ -348,7 +349,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
         "best": best,
     }
     if rank == 0:
-        (out / "results.json").write_text(json.dumps(result, indent=1))
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     du.barrier()
     if interrupted:
         stop.forward()

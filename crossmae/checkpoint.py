@@ -49,20 +49,30 @@ PRETRAIN_FORMAT = "crossmae-pretrain-v1"
 ENCODER_FORMAT = "crossmae-encoder-v1"
 
 
-def save_atomic(obj: dict, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, flushed to disk, then renamed over it:
-    a crash at any point leaves either the old file or the new one, never a torn one."""
+def _replace_atomic(path: str | Path, write) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, flushed to disk, then renamed over
+    it: a crash at any point leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_atomic(obj: dict, path: str | Path) -> Path:
+    """``torch.save`` that replaces ``path`` atomically."""
+    return _replace_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file (results, configs) that replaces ``path`` atomically."""
+    return _replace_atomic(path, lambda f: f.write(text.encode()))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

@@ -33,6 +33,7 @@ from .checkpoint import (
     load_checkpoint,
     load_state_dict_strict,
     save_atomic,
+    write_text_atomic,
 )
 from .config import ConfigError, ModelConfig, to_plain
 from .data import (
@@ -159,20 +160,20 @@ def setup_logging(out_dir: Path | None, rank: int) -> None:
         logger.addHandler(h)
 
 
-def start_task_run(
-    output_dir: str, resume: str | None, device: str, precision: str
-) -> tuple[torch.device, Path]:
+def start_task_run(cfg: DictConfig, resume: str | None) -> tuple[torch.device, Path]:
     """The opening of every transfer task's run (cls, det, seg): a known precision, this
     process's device (joining torchrun's group), an output folder that does not already hold a
-    run unless resuming, and logging. Returns (device, output folder)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    dev = du.init_from_env(device)
-    out = Path(output_dir)
+    run unless resuming, the resolved ``config.yaml`` in it, and logging. Returns (device,
+    output folder)."""
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
+    dev = du.init_from_env(cfg.device)
+    out = Path(cfg.output_dir)
     if resume is None and latest_checkpoint(out) is not None:
         raise FileExistsError(f"{out} already holds a run; continue it with --resume auto")
     if du.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
     du.barrier()
     setup_logging(out, du.rank())
     return dev, out
@@ -206,9 +207,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         for line in path.read_text().splitlines()
         if line and json.loads(line)["step"] <= last_step
     ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -599,8 +598,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 extra={"step": step, "pretrain_config": to_plain(cfg)},
             )
             save_atomic(export, out_dir / "encoder.pt")
-        (out_dir / "summary.json").write_text(
-            json.dumps({**summary, "skipped": all_skipped}, indent=1)
+        write_text_atomic(
+            out_dir / "summary.json", json.dumps({**summary, "skipped": all_skipped}, indent=1)
         )
         if all_skipped:
             log.warning(

@@ -23,6 +23,7 @@ from crossmae.checkpoint import (
     LAST,
     load_pretrained_encoder,
     save_atomic,
+    write_text_atomic,
 )
 from crossmae.config import to_plain
 from crossmae.data import ResumableSampler
@@ -77,7 +78,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
     """Train per ``cfg`` (a ``config.DetConfig``); returns the final COCO metrics."""
     train_set = CocoInstances(cfg.train_json, cfg.train_images, train=True, img_size=cfg.img_size)
     val_set = CocoInstances(cfg.val_json, cfg.val_images, train=False, img_size=cfg.img_size)
-    device, out = start_task_run(cfg.output_dir, resume, cfg.device, cfg.precision)
+    device, out = start_task_run(cfg, resume)
     rank, world = du.rank(), du.world_size()
 
     torch.manual_seed(cfg.seed)
@@ -246,8 +247,8 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         metrics = evaluate()
         save(metrics)
         if rank == 0:
-            (out / "results.json").write_text(
-                json.dumps({"step": step, "metrics": metrics}, indent=1)
+            write_text_atomic(
+                out / "results.json", json.dumps({"step": step, "metrics": metrics}, indent=1)
             )
     if metrics_file is not None:
         metrics_file.close()

@@ -25,6 +25,7 @@ from crossmae.checkpoint import (
     LAST,
     load_pretrained_encoder,
     save_atomic,
+    write_text_atomic,
 )
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler
@@ -129,7 +130,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     spec = label_spec(cfg)
     train_folder = SegFolder(cfg.root, cfg.train_split, spec)
     val_folder = SegFolder(cfg.root, cfg.val_split, spec)
-    device, out = start_task_run(cfg.output_dir, resume, cfg.device, cfg.precision)
+    device, out = start_task_run(cfg, resume)
     rank, world = du.rank(), du.world_size()
 
     torch.manual_seed(cfg.seed)
@@ -307,8 +308,8 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         metrics = evaluate()
         save(metrics)
         if rank == 0:
-            (out / "results.json").write_text(
-                json.dumps({"step": step, "metrics": metrics}, indent=1)
+            write_text_atomic(
+                out / "results.json", json.dumps({"step": step, "metrics": metrics}, indent=1)
             )
             (out / "per_class.md").write_text(format_table(metrics, spec.names()) + "\n")
     if metrics_file is not None:
