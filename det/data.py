@@ -157,6 +157,18 @@ class CocoInstances(Dataset):
         return img, target
 
 
+def coco_subset(src: str | Path, dest: str | Path, n: int) -> Path:
+    """Write the first ``n`` images of a COCO instances json, with their annotations, to
+    ``dest`` (small runs and smoke tests)."""
+    data = json.loads(Path(src).read_text())
+    data["images"] = data["images"][:n]
+    ids = {im["id"] for im in data["images"]}
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    dest = Path(dest)
+    dest.write_text(json.dumps(data))
+    return dest
+
+
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(N, H, W) masks -> (N, 4) tight xyxy boxes (pixel edges); an empty mask gives zeros."""
     if masks.numel() == 0:

@@ -12,7 +12,7 @@ import torch
 from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
 from crossmae.models import create_model
 from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, strides_ok
-from det.data import AnnotationError, CocoInstances
+from det.data import AnnotationError, CocoInstances, coco_subset
 from det.evaluate import coco_evaluate, to_coco_results
 
 TINY_VIT = dict(patch_size=16, embed_dim=64, depth=4, num_heads=2)
@@ -21,16 +21,6 @@ TINY_VIT = dict(patch_size=16, embed_dim=64, depth=4, num_heads=2)
 def coco128(shared_dir: Path) -> tuple[Path, Path]:
     root = shared_dir / "data" / "coco128"
     return root / "annotations" / "instances_train2017.json", root / "train2017"
-
-
-def subset_json(src: Path, dest: Path, n: int) -> Path:
-    """The first ``n`` images of a COCO json (and their annotations)."""
-    data = json.loads(src.read_text())
-    data["images"] = data["images"][:n]
-    ids = {im["id"] for im in data["images"]}
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
-    dest.write_text(json.dumps(data))
-    return dest
 
 
 def test_global_block_placement():
@@ -152,7 +142,7 @@ def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
     from det.config import DetConfig
 
     ann, images = coco128(shared_dir)
-    small = subset_json(ann, tmp_path / "small.json", 4)
+    small = coco_subset(ann, tmp_path / "small.json", 4)
     torch.manual_seed(0)
     model = create_model(
         "crossmae_vit_base_patch16",

@@ -1,8 +1,11 @@
-"""Submit ``crossmae pretrain`` to Slurm through submitit, one task per GPU.
+"""Submit ``crossmae pretrain`` (or a transfer task: ``--task "cls linprobe"``, ``"cls
+finetune"``, ``"det train"``, ``"seg train"``) to Slurm through submitit, one task per GPU.
 
     python tools/submit.py --nodes 4 --gpus-per-node 8 --partition learn --timeout-min 4320 \
         --config configs/pretrain/crossmae_vit_base_800ep_pred0.75.yaml \
         data.path=/data/imagenet/train output_dir=runs/crossmae_b_800
+    python tools/submit.py --task "det train" --config configs/det/mask_rcnn_vit_base_100ep.yaml \
+        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt ... output_dir=runs/det_b
 
 Every task runs with ``--resume auto``. Slurm signals the job (USR2) before its time limit, and
 submitit forwards preemption as well: the training loop then finishes its step, writes
@@ -21,25 +24,36 @@ from pathlib import Path
 
 import submitit
 
+TASKS = {  # --task -> (module whose main(argv) runs it, its sub-command)
+    "crossmae pretrain": ("crossmae.cli", "pretrain"),
+    "cls linprobe": ("cls.__main__", "linprobe"),
+    "cls finetune": ("cls.__main__", "finetune"),
+    "det train": ("det.__main__", "train"),
+    "seg train": ("seg.__main__", "train"),
+}
 
-class PretrainTask(submitit.helpers.Checkpointable):
-    """A picklable callable: set torch.distributed's variables from Slurm's, then pretrain.
+
+class Task(submitit.helpers.Checkpointable):
+    """A picklable callable: set torch.distributed's variables from Slurm's, then run the task.
     ``checkpoint()`` (inherited) resubmits the same arguments, which resume automatically."""
 
-    def __init__(self, argv: list[str]):
-        self.argv = argv
+    def __init__(self, task: str, argv: list[str]):
+        self.task, self.argv = task, argv
 
     def __call__(self) -> int:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        from crossmae.cli import main
+        import importlib
 
-        return main(["pretrain", *self.argv, "--resume", "auto"])
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        module, command = TASKS[self.task]
+        main = importlib.import_module(module).main
+        return main([command, *self.argv, "--resume", "auto"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--task", choices=sorted(TASKS), default="crossmae pretrain")
     parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -72,7 +86,7 @@ def main() -> int:
         slurm_signal_delay_s=args.signal_delay_s,
     )
     argv = [a for c in args.config for a in ("--config", c)] + args.overrides
-    job = executor.submit(PretrainTask(argv))
+    job = executor.submit(Task(args.task, argv))
     print(f"submitted job {job.job_id}; logs in {log_dir}")
     if args.wait:
         codes = job.results()  # raises with the task's traceback if one failed
