@@ -21,23 +21,29 @@ def load_state_dict_strict(
     what: str = "checkpoint",
 ) -> None:
     """Load ``state_dict`` into ``module``; any unexpected key, any missing key not listed in
-    ``allow_missing`` and any shape mismatch is an error that lists them all."""
+    ``allow_missing`` and any shape mismatch is an error that names them (the first 8 of each
+    kind, and how many more)."""
     own = module.state_dict()
     allow = set(allow_missing)
     unexpected = sorted(set(state_dict) - set(own))
     missing = sorted(set(own) - set(state_dict) - allow)
     shapes = sorted(
-        f"{k}: {tuple(v.shape)} in {what}, {tuple(own[k].shape)} in model"
+        f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model"
         for k, v in state_dict.items()
         if k in own and tuple(v.shape) != tuple(own[k].shape)
     )
+
+    def listing(items: list[str]) -> str:
+        more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+        return f"{items[:8]}{more}"
+
     problems = []
     if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
+        problems.append(f"{len(unexpected)} unexpected keys {listing(unexpected)}")
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"{len(missing)} missing keys {listing(missing)}")
     if shapes:
-        problems.append(f"shape mismatches {shapes}")
+        problems.append(f"{len(shapes)} shape mismatches {listing(shapes)}")
     if problems:
         raise KeyError(f"{what} does not fit {type(module).__name__}: " + "; ".join(problems))
     module.load_state_dict(dict(state_dict), strict=not allow)

@@ -1,0 +1,180 @@
+"""Checkpoint converters between our layout, the official MAE / CrossMAE code, timm,
+detectron2's ViTDet and mmsegmentation.
+
+    # official release (the whole model, {"model": state_dict}) -> our pretraining checkpoint
+    python tools/convert.py from-official crossmae_b.pth ours.pt --arch crossmae_vit_base_patch16
+    python tools/convert.py from-official mae_visualize_vit_large.pth ours.pt \\
+        --arch mae_vit_large_patch16 --set norm_pix_loss=false   # constructor settings
+    # our pretraining checkpoint -> official layout (whole model)
+    python tools/convert.py to-official runs/crossmae_b/checkpoint-last.pt official.pth
+    # encoder only, the MAE release format: what detectron2's ViTDet loads (train.init_checkpoint)
+    python tools/convert.py to-mae runs/crossmae_b/checkpoint-last.pt mae_format.pth
+    # timm VisionTransformer state dict (+ OUT.json: the timm.create_model call that loads it)
+    python tools/convert.py to-timm runs/crossmae_b/checkpoint-last.pt vit_b_timm.pth
+    # mmsegmentation's MAE backbone layout (see seg/export.py)
+    python tools/convert.py to-mmseg runs/crossmae_b/checkpoint-last.pt mmseg.pth
+
+Inputs of to-*: our pretraining checkpoint, an encoder export (encoder.pt) or, with
+--official-arch, an official release. Every load is strict: a missing or unexpected key is an
+error that lists it. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from crossmae.checkpoint import (
+    PRETRAIN_FORMAT,
+    load_checkpoint,
+    load_pretrained_encoder,
+    load_state_dict_strict,
+    save_atomic,
+    write_text_atomic,
+)
+from crossmae.models import create_model
+from crossmae.models.official import official_to_ours, to_official
+
+TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
+              768: "vit_base_patch16_224", 1024: "vit_large_patch16_224",
+              1280: "vit_huge_patch14_224"}  # fmt: skip
+
+
+def parse_settings(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"expected key=value, got {item!r}")
+        try:  # JSON first: YAML 1.1 reads 1e-06 as a string
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = yaml.safe_load(value)
+    return out
+
+
+def from_official_file(src: str, arch: str, settings: dict) -> dict:
+    """An official whole-model checkpoint -> our pretraining checkpoint (weights and the
+    model's description; no optimizer state: for transfer and analysis, not for resuming)."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise SystemExit(f"{src}: not an official checkpoint ({{'model': state_dict}})")
+    kind = arch.split("_")[0]
+    model = create_model(arch, **settings)
+    ours = official_to_ours(state, kind=kind)
+    dtypes = {v.dtype for v in ours.values() if torch.is_floating_point(v)}
+    if len(dtypes) == 1:
+        model = model.to(dtypes.pop())
+    load_state_dict_strict(model, ours, what=f"{src} read as {arch} {settings or ''}".strip())
+    return {
+        "format": PRETRAIN_FORMAT,
+        "model_name": arch,
+        "model_config": settings,
+        "model": model.state_dict(),
+        "converted_from": str(src),
+    }
+
+
+def cmd_from_official(args) -> int:
+    out = from_official_file(args.src, args.arch, parse_settings(args.settings))
+    save_atomic(out, args.dest)
+    print(f"wrote {args.dest}: {args.arch}, {len(out['model'])} tensors (our layout)")
+    return 0
+
+
+def cmd_to_official(args) -> int:
+    ckpt = load_checkpoint(args.src)
+    if ckpt.get("format") != PRETRAIN_FORMAT:
+        raise SystemExit(f"{args.src}: to-official needs a whole-model pretraining checkpoint")
+    kind = ckpt["model_name"].split("_")[0]
+    save_atomic({"model": to_official(ckpt["model"], kind=kind)}, args.dest)
+    print(f"wrote {args.dest}: official {kind} layout")
+    return 0
+
+
+def cmd_to_mae(args) -> int:
+    sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
+    save_atomic({"model": sd}, args.dest)
+    print(f"wrote {args.dest}: {len(sd)} encoder tensors, MAE release layout (detectron2 ViTDet)")
+    return 0
+
+
+def timm_kwargs(config: dict) -> dict:
+    """Our encoder's constructor settings -> timm ``VisionTransformer`` keyword arguments."""
+    if abs(config["norm_eps"] - 1e-6) > 1e-12:
+        raise SystemExit(
+            f"timm's ViT uses LayerNorm eps 1e-6; this encoder uses {config['norm_eps']}"
+        )
+    keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+            "global_pool", "final_norm", "fc_norm", "num_classes")  # fmt: skip
+    return {k: config[k] for k in keys}
+
+
+def cmd_to_timm(args) -> int:
+    sd, config = load_pretrained_encoder(args.src, official_arch=args.official_arch)
+    kwargs = timm_kwargs(config)
+    name = TIMM_NAMES.get(config["embed_dim"], "vit_base_patch16_224")
+    save_atomic(sd, args.dest)
+    call = {"model_name": name, "pretrained": False, **kwargs}
+    write_text_atomic(Path(str(args.dest) + ".json"), json.dumps(call, indent=1) + "\n")
+    print(f"wrote {args.dest} (+ .json). In timm:\n"
+          f"    model = timm.create_model(**json.load(open('{args.dest}.json')))\n"
+          f"    model.load_state_dict(torch.load('{args.dest}'), strict=True)")  # fmt: skip
+    return 0
+
+
+def cmd_to_mmseg(args) -> int:
+    from seg.export import to_mmseg
+
+    sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
+    save_atomic(to_mmseg(sd), args.dest)
+    print(f"wrote {args.dest}: mmseg MAE backbone layout (backbone.layers.*)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("from-official", help="official whole-model checkpoint -> ours")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument("--arch", required=True, help="registered model, e.g. mae_vit_base_patch16")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a constructor setting of --arch (repeatable), e.g. --set decoder_depth=12",
+    )
+    p.set_defaults(func=cmd_from_official)
+    for name, func, help_ in (
+        ("to-official", cmd_to_official, "ours -> the official whole-model layout"),
+        ("to-mae", cmd_to_mae, "encoder -> MAE release format (detectron2 ViTDet)"),
+        ("to-timm", cmd_to_timm, "encoder -> timm VisionTransformer state dict"),
+        ("to-mmseg", cmd_to_mmseg, "encoder -> mmsegmentation MAE backbone"),
+    ):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("src")
+        p.add_argument("dest")
+        if name != "to-official":
+            p.add_argument("--official-arch", default=None, help="for an official release input")
+        p.set_defaults(func=func)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"convert {args.command}: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
