@@ -183,7 +183,7 @@ def cmd_step(args) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         g = f"{r['pred_ratio']:.2f}" if r["pred_ratio"] is not None else "-"
         name = r["model"] + (" (tiny)" if r["tiny"] else "")
-        name += f" d{r['decoder_depth']}" if r["decoder_depth"] != 8 else ""
+        name += f" d{r['decoder_depth']}"
         name += " plain" if r["decoder_path"] == "plain" and "crossmae" in r["model"] else ""
         name += " ckpt" if r["grad_checkpointing"] else ""
         official = r.get("official_h100_img_per_s", "")

@@ -58,7 +58,7 @@ torchvision.__version__, torch.cuda.get_device_name())"
   stage 40 "${B[@]}" --models crossmae_vit_large_patch16 mae_vit_large_patch16 \
     --pred-ratios 0.25 --modes eager
   stage 40 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 --modes eager \
-    --decoder-depth 12
+    --decoder-depth 8
   stage 60 "${B[@]}" --models crossmae_vit_huge_patch14 mae_vit_huge_patch14 \
     --pred-ratios 0.25 --modes eager --grad-checkpointing
   stage 60 "${B[@]}" --models crossmae_vit_large_patch16 --pred-ratios 0.25 --modes compiled
