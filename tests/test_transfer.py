@@ -80,5 +80,8 @@ def test_errors_name_the_problem(pretrained, tmp_path):
     env = {k: "" for k in ("IMAGENET", "COCO", "ADE20K")}
     res = transfer(str(pretrained), str(tmp_path / "out"), env=env)
     assert res.returncode == 2 and "IMAGENET" in res.stderr and "ADE20K" in res.stderr
+    env = {"ARCH": "base", "IMAGENET": str(tmp_path / "imagenet")}
+    res = transfer("--stages", "finetune", str(pretrained), str(tmp_path / "out"), env=env)
+    assert res.returncode == 2 and "imagenet/train does not exist" in res.stderr
     res = transfer("--stages", "det segm", str(pretrained))
     assert res.returncode == 2 and "unknown stage 'segm'" in res.stderr

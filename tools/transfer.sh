@@ -92,6 +92,10 @@ else
   for s in "${STAGES[@]}"; do
     v=${s^^}[0]
     [[ -f ${!v} ]] || die "no $s config for ARCH=$ARCH: ${!v} does not exist"
+    arr=${s^^}[@]
+    for kv in "${!arr}"; do  # every dataset path a stage reads must exist before anything runs
+      [[ $kv == *=/* && ! -e ${kv#*=} ]] && die "$s: ${kv%%=*}=${kv#*=} does not exist"
+    done
   done
 fi
 
