@@ -15,8 +15,10 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -196,6 +198,117 @@ def resume_task_run(
         torch.set_rng_state(rngs[du.rank()])
     log.info("resumed from %s at step %d", path, ck["step"])
     return ck
+
+
+TASK_MAX_NONFINITE = 5  # consecutive non-finite losses before a transfer task stops
+
+
+def run_task_iterations(
+    *,
+    out: Path,
+    iterations: int,
+    step: int,
+    sampler: ResumableSampler,
+    loader,
+    accum: int,
+    ddp: nn.Module,
+    optimizer,
+    scaler,
+    device: torch.device,
+    lr_at: Callable[[int], float],
+    losses_of: Callable[[Any], dict[str, torch.Tensor]],
+    save: Callable[[int, dict | None], None],
+    evaluate: Callable[[int], dict],
+    metrics_file,
+    log_every: int,
+    eval_every: int,
+    ckpt_every: int,
+    finish: Callable[[dict], None] | None = None,
+) -> dict:
+    """The iteration loop of the detection and segmentation tasks.
+
+    Per step: the lr of ``lr_at(step)`` (times each group's ``lr_scale``); ``accum`` micro-batches
+    through ``losses_of(batch)`` (a dict with the total ``"loss"`` and any parts to log), with
+    DDP's gradient sync on the last one only; the optimizer step, skipped on a non-finite loss
+    (``TASK_MAX_NONFINITE`` in a row stop the run); every ``log_every`` steps a metrics record
+    with the window's mean losses; evaluation every ``eval_every`` and a checkpoint every
+    ``ckpt_every`` steps. A stop request (SIGTERM / SIGUSR1 / SIGUSR2) ends the step, saves and
+    returns ``interrupted``; a finished run evaluates, saves, writes ``results.json`` and calls
+    ``finish(metrics)`` on rank 0. Resuming from ``step`` repeats the same batches (the
+    sampler's order is a function of the epoch).
+    """
+    rank, world = du.rank(), du.world_size()
+    metrics, interrupted, nonfinite_run, window = None, False, 0, {}
+    ddp.train()
+    with StopRequest() as stop:
+        while step < iterations and not interrupted:
+            epoch, start = divmod(step, sampler.steps_per_epoch)
+            sampler.set_epoch(epoch, start)
+            batches = iter(loader)
+            for _ in range(start, sampler.steps_per_epoch):
+                lr = lr_at(step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                loss_sum = torch.zeros((), device=device)
+                for k in range(accum):
+                    last = world == 1 or k == accum - 1
+                    with contextlib.nullcontext() if last else ddp.no_sync():
+                        parts = losses_of(next(batches))
+                        scaler.scale(parts["loss"] / accum).backward()
+                    loss_sum += parts["loss"].detach() / accum
+                    for name, v in parts.items():  # summed over the log window
+                        if name != "loss":
+                            window[name] = window.get(name, 0.0) + v.detach() / accum
+                # step (skipped on a non-finite loss; all processes agree)
+                nonfinite, stopping = stop.agree(loss_sum)
+                if nonfinite:
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite_run += 1
+                    log.warning("iteration %d: non-finite loss, step skipped", step)
+                    if nonfinite_run >= TASK_MAX_NONFINITE:
+                        raise FloatingPointError(
+                            f"the loss was non-finite for {nonfinite_run} iterations in a row"
+                        )
+                else:
+                    nonfinite_run = 0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window["loss"] = window.get("loss", 0.0) + loss_sum
+                window["steps"] = window.get("steps", 0) + 1
+                if step % log_every == 0 or step == iterations:  # means since the last record
+                    n = window.pop("steps")
+                    record = {"step": step, "lr": lr}
+                    record.update({k: float(du.all_reduce_mean(v / n)) for k, v in window.items()})
+                    window = {}
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                if stopping:
+                    interrupted = True
+                    save(step, metrics)
+                    break
+                if eval_every and step % eval_every == 0 and step < iterations:
+                    metrics = evaluate(step)
+                if step % ckpt_every == 0:
+                    save(step, metrics)
+                if step >= iterations:
+                    break
+    if not interrupted:
+        metrics = evaluate(step)
+        save(step, metrics)
+        if rank == 0:
+            result = {"step": step, "metrics": metrics}
+            write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+            if finish is not None:
+                finish(metrics)
+    if metrics_file is not None:
+        metrics_file.close()
+    du.barrier()
+    if interrupted:
+        stop.forward()
+    return {"output_dir": str(out), "step": step, "interrupted": interrupted, "metrics": metrics}
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

@@ -8,7 +8,6 @@ training, bf16, large-scale jitter), COCO box / mask AP at the end (and every ``
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 
@@ -23,13 +22,18 @@ from crossmae.checkpoint import (
     LAST,
     load_pretrained_encoder,
     save_atomic,
-    write_text_atomic,
 )
 from crossmae.config import to_plain
 from crossmae.data import ResumableSampler
 from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, step_lr_at
-from crossmae.train import PRECISIONS, StopRequest, plan_batches, resume_task_run, start_task_run
+from crossmae.train import (
+    PRECISIONS,
+    plan_batches,
+    resume_task_run,
+    run_task_iterations,
+    start_task_run,
+)
 
 from .backbone import ViTDetBackbone
 from .data import CocoInstances, collate_detection
@@ -38,7 +42,6 @@ from .model import vitdet_mask_rcnn
 
 log = logging.getLogger("crossmae")
 DET_FORMAT = "crossmae-det-v1"
-MAX_NONFINITE = 5
 
 
 def build_detector(
@@ -124,7 +127,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         cfg.iterations,
     )
 
-    def save(metrics: dict | None = None) -> None:
+    def save(step: int, metrics: dict | None = None) -> None:
         rngs = du.all_gather_objects(torch.get_rng_state())  # every process's stream (drop path)
         if rank == 0:
             save_atomic(
@@ -143,7 +146,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 out / LAST,
             )
 
-    def evaluate() -> dict:
+    def evaluate(step: int) -> dict:
         metrics = evaluate_detector(
             model,
             val_set,
@@ -170,89 +173,34 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         )
         return metrics
 
+    def losses_of(batch) -> dict[str, torch.Tensor]:
+        imgs, targets = batch
+        imgs = [im.to(device, non_blocking=True) for im in imgs]
+        targets = [{k: t[k].to(device) for k in ("boxes", "labels", "masks")} for t in targets]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            losses = ddp(imgs, targets)
+        return {**losses, "loss": sum(losses.values())}
+
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    metrics, interrupted, nonfinite_run, window = None, False, 0, {}
-    model.train()
-    with StopRequest() as stop:
-        while step < cfg.iterations and not interrupted:
-            epoch, start = divmod(step, sampler.steps_per_epoch)
-            sampler.set_epoch(epoch, start)
-            batches = iter(loader)
-            for _ in range(start, sampler.steps_per_epoch):
-                # schedule
-                lr = step_lr_at(
-                    step, base_lr=cfg.lr, warmup_steps=cfg.warmup_iterations, milestones=milestones
-                )
-                for g in opt.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                # forward + backward
-                loss_sum = torch.zeros((), device=device)
-                for k in range(accum):
-                    imgs, targets = next(batches)
-                    imgs = [im.to(device, non_blocking=True) for im in imgs]
-                    targets = [
-                        {key: targets_i[key].to(device) for key in ("boxes", "labels", "masks")}
-                        for targets_i in targets
-                    ]
-                    sync = (
-                        contextlib.nullcontext() if world == 1 or k == accum - 1 else ddp.no_sync()
-                    )
-                    with sync:
-                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            losses = ddp(imgs, targets)
-                        loss = sum(losses.values())
-                        scaler.scale(loss / accum).backward()
-                    loss_sum += loss.detach() / accum
-                    for name, v in losses.items():  # summed over the log window
-                        window[name] = window.get(name, 0.0) + v.detach() / accum
-                # step (skipped on a non-finite loss; all processes agree)
-                nonfinite, stopping = stop.agree(loss_sum)
-                if nonfinite:
-                    opt.zero_grad(set_to_none=True)
-                    nonfinite_run += 1
-                    log.warning("iteration %d: non-finite loss, step skipped", step)
-                    if nonfinite_run >= MAX_NONFINITE:
-                        raise FloatingPointError(
-                            f"the loss was non-finite for {nonfinite_run} iterations in a row"
-                        )
-                else:
-                    nonfinite_run = 0
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                step += 1
-                window["loss"] = window.get("loss", 0.0) + loss_sum
-                window["steps"] = window.get("steps", 0) + 1
-                # log: means over the steps since the last record
-                if step % cfg.log_every == 0 or step == cfg.iterations:
-                    n = window.pop("steps")
-                    record = {"step": step, "lr": lr}
-                    record.update({k: float(du.all_reduce_mean(v / n)) for k, v in window.items()})
-                    window = {}
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                # checkpoint / evaluate
-                if stopping:
-                    interrupted = True
-                    save(metrics)
-                    break
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iterations:
-                    metrics = evaluate()
-                if step % cfg.ckpt_every == 0:
-                    save(metrics)
-                if step >= cfg.iterations:
-                    break
-    if not interrupted:
-        metrics = evaluate()
-        save(metrics)
-        if rank == 0:
-            write_text_atomic(
-                out / "results.json", json.dumps({"step": step, "metrics": metrics}, indent=1)
-            )
-    if metrics_file is not None:
-        metrics_file.close()
-    du.barrier()
-    if interrupted:
-        stop.forward()
-    return {"output_dir": str(out), "step": step, "interrupted": interrupted, "metrics": metrics}
+    return run_task_iterations(
+        out=out,
+        iterations=cfg.iterations,
+        step=step,
+        sampler=sampler,
+        loader=loader,
+        accum=accum,
+        ddp=ddp,
+        optimizer=opt,
+        scaler=scaler,
+        device=device,
+        lr_at=lambda s: step_lr_at(
+            s, base_lr=cfg.lr, warmup_steps=cfg.warmup_iterations, milestones=milestones
+        ),
+        losses_of=losses_of,
+        save=save,
+        evaluate=evaluate,
+        metrics_file=metrics_file,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+    )

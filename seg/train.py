@@ -9,7 +9,6 @@ auxiliary FCN loss x 0.4, bf16), mIoU by sliding-window inference, ``--resume au
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 
@@ -25,13 +24,18 @@ from crossmae.checkpoint import (
     LAST,
     load_pretrained_encoder,
     save_atomic,
-    write_text_atomic,
 )
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler
 from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, poly_lr_at
-from crossmae.train import PRECISIONS, StopRequest, plan_batches, resume_task_run, start_task_run
+from crossmae.train import (
+    PRECISIONS,
+    plan_batches,
+    resume_task_run,
+    run_task_iterations,
+    start_task_run,
+)
 
 from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder, normalize_image
 from .metrics import SegMetrics, format_table
@@ -182,7 +186,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         cfg.iterations,
     )
 
-    def save(metrics: dict | None) -> None:
+    def save(step: int, metrics: dict | None = None) -> None:
         rngs = du.all_gather_objects(torch.get_rng_state())
         if rank == 0:
             save_atomic(
@@ -201,7 +205,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 out / LAST,
             )
 
-    def evaluate() -> dict:
+    def evaluate(step: int) -> dict:
         m = evaluate_segmenter(
             model,
             val_folder,
@@ -225,96 +229,43 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         )
         return m
 
+    def losses_of(batch) -> dict[str, torch.Tensor]:
+        imgs, labels = batch
+        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out_ = ddp(imgs)
+        size = labels.shape[-2:]  # logits upsampled to the labels, losses in fp32
+        main, aux = (
+            F.interpolate(out_[k].float(), size=size, mode="bilinear", align_corners=False)
+            for k in ("logits", "aux_logits")
+        )
+        loss = F.cross_entropy(main, labels, ignore_index=IGNORE)
+        return {"loss": loss + cfg.aux_weight * F.cross_entropy(aux, labels, ignore_index=IGNORE)}
+
+    def finish(metrics: dict) -> None:
+        (out / "per_class.md").write_text(format_table(metrics, spec.names()) + "\n")
+
     metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    metrics, interrupted, window = None, False, {}
-    model.train()
-    with StopRequest() as stop:
-        while step < cfg.iterations and not interrupted:
-            epoch, start = divmod(step, sampler.steps_per_epoch)
-            sampler.set_epoch(epoch, start)
-            batches = iter(loader)
-            for _ in range(start, sampler.steps_per_epoch):
-                # schedule
-                lr = poly_lr_at(
-                    step,
-                    base_lr=cfg.lr,
-                    total_steps=cfg.iterations,
-                    warmup_steps=cfg.warmup_iterations,
-                )
-                for g in opt.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                # forward + backward
-                loss_sum = torch.zeros((), device=device)
-                for k in range(accum):
-                    imgs, labels = next(batches)
-                    imgs, labels = (
-                        imgs.to(device, non_blocking=True),
-                        labels.to(device, non_blocking=True),
-                    )
-                    sync = (
-                        contextlib.nullcontext() if world == 1 or k == accum - 1 else ddp.no_sync()
-                    )
-                    with sync:
-                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            out_ = ddp(imgs)
-                        size = labels.shape[-2:]
-                        main = F.interpolate(
-                            out_["logits"].float(), size=size, mode="bilinear", align_corners=False
-                        )
-                        aux = F.interpolate(
-                            out_["aux_logits"].float(),
-                            size=size,
-                            mode="bilinear",
-                            align_corners=False,
-                        )
-                        loss = F.cross_entropy(
-                            main, labels, ignore_index=IGNORE
-                        ) + cfg.aux_weight * F.cross_entropy(aux, labels, ignore_index=IGNORE)
-                        scaler.scale(loss / accum).backward()
-                    loss_sum += loss.detach() / accum
-                # step (skipped on a non-finite loss; all processes agree)
-                nonfinite, stopping = stop.agree(loss_sum)
-                if nonfinite:
-                    opt.zero_grad(set_to_none=True)
-                    log.warning("iteration %d: non-finite loss, step skipped", step)
-                else:
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                step += 1
-                window["loss"] = window.get("loss", 0.0) + loss_sum
-                window["n"] = window.get("n", 0) + 1
-                # log
-                if step % cfg.log_every == 0 or step == cfg.iterations:
-                    loss_value = float(du.all_reduce_mean(window["loss"] / window["n"]))
-                    window = {}
-                    if metrics_file is not None:
-                        metrics_file.write(
-                            json.dumps({"step": step, "lr": lr, "loss": loss_value}) + "\n"
-                        )
-                        metrics_file.flush()
-                # checkpoint / evaluate
-                if stopping:
-                    interrupted = True
-                    save(metrics)
-                    break
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.iterations:
-                    metrics = evaluate()
-                if step % cfg.ckpt_every == 0:
-                    save(metrics)
-                if step >= cfg.iterations:
-                    break
-    if not interrupted:
-        metrics = evaluate()
-        save(metrics)
-        if rank == 0:
-            write_text_atomic(
-                out / "results.json", json.dumps({"step": step, "metrics": metrics}, indent=1)
-            )
-            (out / "per_class.md").write_text(format_table(metrics, spec.names()) + "\n")
-    if metrics_file is not None:
-        metrics_file.close()
-    du.barrier()
-    if interrupted:
-        stop.forward()
-    return {"output_dir": str(out), "step": step, "interrupted": interrupted, "metrics": metrics}
+    return run_task_iterations(
+        out=out,
+        iterations=cfg.iterations,
+        step=step,
+        sampler=sampler,
+        loader=loader,
+        accum=accum,
+        ddp=ddp,
+        optimizer=opt,
+        scaler=scaler,
+        device=device,
+        lr_at=lambda s: poly_lr_at(
+            s, base_lr=cfg.lr, total_steps=cfg.iterations, warmup_steps=cfg.warmup_iterations
+        ),
+        losses_of=losses_of,
+        save=save,
+        evaluate=evaluate,
+        metrics_file=metrics_file,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval_every,
+        ckpt_every=cfg.ckpt_every,
+        finish=finish,
+    )
