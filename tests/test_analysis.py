@@ -90,7 +90,8 @@ def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
     assert analyze.main(["iba", *c, "--out", str(out)]) == 0
     assert analyze.main(["attention", *m, *common, "-n", "2"]) == 0
     assert analyze.main(["psnr", *c, *m, *common, "-n", "8"]) == 0
-    assert analyze.main(["flops", "--models", "crossmae_vit_tiny_patch16", "--out", str(out)]) == 0
+    argv = ["flops", "--models", "crossmae_vit_tiny_patch16", "--set", "decoder_depth=2"]
+    assert analyze.main([*argv, "--out", str(out)]) == 0
     for name in ("reconstructions", "decoder_blocks", "iba_weights", "mae_attention"):
         assert (out / f"{name}.png").stat().st_size > 1000
     rec = json.loads((out / "reconstructions.json").read_text())
@@ -106,6 +107,7 @@ def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
     assert all(r["images"] == 8 and 0 < r["psnr"] < PSNR_CAP for r in psnr.values())
     flops = json.loads((out / "flops.json").read_text())["rows"]
     assert [r["pred_ratio"] for r in flops] == [0.25, 0.75]
+    assert all(r["settings"] == {"decoder_depth": 2} for r in flops)
 
 
 def test_analyses_reject_the_wrong_model(tmp_path):

@@ -13,6 +13,8 @@
     python tools/analyze.py psnr --crossmae ... --mae ... --images DIR --out figs
     # Fig. 7: decoder and total FLOPs (fvcore, cross-checked with torch.utils.flop_counter)
     python tools/analyze.py flops --models crossmae_vit_base_patch16 mae_vit_base_patch16 --out figs
+    python tools/analyze.py flops --models crossmae_vit_base_patch16 --set decoder_depth=4 \\
+        --out figs
 
 Training-step runtime and memory (Tables 4, 18): tools/benchmark.py step.
 --images is an image folder (ImageFolder or flat); without it, scikit-image's bundled photos.
@@ -27,6 +29,7 @@ import sys
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
 from crossmae.checkpoint import load_checkpoint, model_from_checkpoint, write_text_atomic
@@ -247,10 +250,9 @@ def cmd_flops(args) -> int:
     for name in args.models:
         ratios = args.pred_ratios if name.startswith("crossmae") else [None]
         for g in ratios:
-            with torch.device("cpu"):
-                model = create_model(name, **({} if g is None else {"pred_ratio": g}))
-            counts = flop_counts(model)
-            rows.append({"model": name, "pred_ratio": g, **counts})
+            settings = {**args.settings, **({} if g is None else {"pred_ratio": g})}
+            counts = flop_counts(create_model(name, **settings))
+            rows.append({"model": name, "pred_ratio": g, "settings": args.settings, **counts})
             gamma = "-" if g is None else f"{g:g}"
             print(f"{name:28s} γ={gamma:<5} decoder {counts['decoder']:6.2f} total "
                   f"{counts['total']:6.2f} GMACs (torch: {counts['torch_total']:.2f})")  # fmt: skip
@@ -273,6 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--models", nargs="+", default=["crossmae_vit_base_patch16",
                                                            "mae_vit_base_patch16"])  # fmt: skip
             p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
+            p.add_argument(
+                "--set",
+                dest="settings",
+                action="append",
+                default=[],
+                metavar="KEY=VALUE",
+                help="a constructor setting for every model, e.g. --set decoder_depth=4",
+            )
             continue
         if name in ("recon", "blocks", "iba", "psnr"):
             p.add_argument("--crossmae", required=name != "psnr", help="CrossMAE checkpoint")
@@ -283,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("-n", type=int, default=6 if name != "psnr" else 1000, help="images")
             p.add_argument("--seed", type=int, default=0, help="fixes the masks")
     args = parser.parse_args(argv)
+    if args.command == "flops":
+        args.settings = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
     args.out.mkdir(parents=True, exist_ok=True)
     return args.func(args)
 

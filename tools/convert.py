@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
+from omegaconf import OmegaConf
 
 from crossmae.checkpoint import (
     PRETRAIN_FORMAT,
@@ -46,16 +46,11 @@ TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
 
 
 def parse_settings(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"expected key=value, got {item!r}")
-        try:  # JSON first: YAML 1.1 reads 1e-06 as a string
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = yaml.safe_load(value)
-    return out
+    """``key=value`` strings -> a dict of typed values (YAML: 12, 1e-06, true, [-1])."""
+    bad = [item for item in items if "=" not in item or item.startswith("=")]
+    if bad:
+        raise SystemExit(f"expected key=value, got {bad}")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items))
 
 
 def from_official_file(src: str, arch: str, settings: dict) -> dict:
