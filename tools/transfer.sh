@@ -14,7 +14,8 @@
 #            train2017/, val2017/), ADE20K (images/ and annotations/ with training/ validation/):
 #            needed by the stages that read them.
 #            ARCH     config size: small | base | large | huge (default: read from the checkpoint)
-#            NPROC    processes (GPUs) per node (default: the GPUs nvidia-smi lists, else 1)
+#            NPROC    processes (GPUs) per node (default: the GPUs nvidia-smi lists, else 1;
+#                     with LAUNCHER=slurm, 8)
 #            NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun (run this script
 #                     on every node with the same OUT on a shared filesystem)
 #            LAUNCHER torchrun (default) | slurm: each stage becomes a Slurm job through
@@ -76,8 +77,12 @@ if [[ $SMOKE == 1 ]]; then
     train_split=validation val_split=validation crop=64 "scale=[128,64]" eval_stride=43
     channels=16 iterations=2 batch_size=2 warmup_iterations=1 "${CPU[@]}")
 else
-  NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
-  [[ ${NPROC:-0} -ge 1 ]] || NPROC=1
+  if [[ $LAUNCHER == slurm ]]; then
+    NPROC=${NPROC:-8}  # GPUs per node of the Slurm job (not of the machine submitting it)
+  else
+    NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
+    [[ ${NPROC:-0} -ge 1 ]] || NPROC=1
+  fi
   ARCH=${ARCH:-$($PY tools/transfer_steps.py arch "$CKPT")} || die "set ARCH (small|base|large|huge)"
   missing=()
   need() { [[ " ${STAGES[*]} " == *" $1 "* && -z ${!2:-} ]] && missing+=("$2 (for $1)"); }
