@@ -46,3 +46,17 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(old)
+
+
+def tiny_encoder_export(path: Path, name: str = "crossmae_vit_base_patch16", **widths):
+    """A tiny pretraining model (seed 0, 32-px input, a 1-block 16-wide decoder, the encoder
+    ``widths``) whose encoder export is written to ``path``; returns the model."""
+    from crossmae.checkpoint import encoder_export, save_atomic
+    from crossmae.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(
+        name, img_size=32, decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=1, **widths
+    )
+    save_atomic(encoder_export(model, model_name=name), path)
+    return model

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_encoder_export
 
-from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
-from crossmae.models import create_model
+from crossmae.checkpoint import load_pretrained_encoder
 from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, strides_ok
 from det.data import AnnotationError, CocoInstances, coco_subset
 from det.evaluate import coco_evaluate, to_coco_results
@@ -53,16 +53,7 @@ def test_pyramid_strides_on_non_square_inputs():
 
 
 def test_backbone_loads_an_encoder_strictly(tmp_path):
-    torch.manual_seed(0)
-    model = create_model(
-        "crossmae_vit_base_patch16",
-        img_size=32,
-        decoder_embed_dim=16,
-        decoder_num_heads=2,
-        decoder_depth=1,
-        **TINY_VIT,
-    )
-    save_atomic(encoder_export(model, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt")
+    model = tiny_encoder_export(tmp_path / "enc.pt", **TINY_VIT)
     sd, cfg = load_pretrained_encoder(tmp_path / "enc.pt")
     bb = ViTDetBackbone(**{**cfg, "img_size": 64, "window": 2})
     bb.load_pretrained(sd, (2, 2))
@@ -143,16 +134,7 @@ def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
 
     ann, images = coco128(shared_dir)
     small = coco_subset(ann, tmp_path / "small.json", 4)
-    torch.manual_seed(0)
-    model = create_model(
-        "crossmae_vit_base_patch16",
-        img_size=32,
-        decoder_embed_dim=16,
-        decoder_num_heads=2,
-        decoder_depth=1,
-        **TINY_VIT,
-    )
-    save_atomic(encoder_export(model, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt")
+    model = tiny_encoder_export(tmp_path / "enc.pt", **TINY_VIT)
     cfg = load_config(
         DetConfig,
         [],

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, tiny_encoder_export
 from PIL import Image
 
 from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
@@ -135,21 +135,11 @@ def test_slide_inference_on_a_non_square_image_off_the_stride_grid():
 
 
 def test_upernet_shapes_and_strict_loading(tmp_path):
-    from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
-    from crossmae.models import create_model
+    from crossmae.checkpoint import load_pretrained_encoder
 
-    torch.manual_seed(0)
-    enc = create_model(
-        "mae_vit_base_patch16",
-        img_size=32,
-        embed_dim=32,
-        depth=4,
-        num_heads=2,
-        decoder_embed_dim=16,
-        decoder_num_heads=2,
-        decoder_depth=1,
+    enc = tiny_encoder_export(
+        tmp_path / "enc.pt", "mae_vit_base_patch16", embed_dim=32, depth=4, num_heads=2
     )
-    save_atomic(encoder_export(enc, model_name="mae_vit_base_patch16"), tmp_path / "enc.pt")
     sd, cfg = load_pretrained_encoder(tmp_path / "enc.pt")
     backbone = SegViT(**{**cfg, "img_size": 64})
     backbone.load_pretrained(sd, (2, 2))  # MAE's final norm dropped on purpose
@@ -206,9 +196,7 @@ def test_two_process_evaluation_equals_one_process(shared_dir, tmp_path):
 
 def tiny_camvid_run(shared_dir, tmp_path, run: str, *extra):
     """A config for a few iterations on a 6 + 2 image CamVid copy with a tiny encoder."""
-    from crossmae.checkpoint import encoder_export, save_atomic
     from crossmae.config import load_config
-    from crossmae.models import create_model
     from seg.config import SegConfig
 
     root = tmp_path / "camvid"
@@ -221,20 +209,7 @@ def tiny_camvid_run(shared_dir, tmp_path, run: str, *extra):
                 (root / "images" / split / img.name).symlink_to(img)
                 lab = src / "annotations" / split / (img.stem + ".png")
                 (root / "annotations" / split / lab.name).symlink_to(lab)
-        torch.manual_seed(0)
-        enc = create_model(
-            "crossmae_vit_base_patch16",
-            img_size=32,
-            embed_dim=32,
-            depth=4,
-            num_heads=2,
-            decoder_embed_dim=16,
-            decoder_num_heads=2,
-            decoder_depth=1,
-        )
-        save_atomic(
-            encoder_export(enc, model_name="crossmae_vit_base_patch16"), tmp_path / "enc.pt"
-        )
+        tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=4, num_heads=2)
     return load_config(
         SegConfig,
         [REPO / "configs" / "seg" / "upernet_camvid_small.yaml"],
@@ -290,21 +265,11 @@ def test_flip_and_multi_scale_evaluation(shared_dir):
 
 
 def test_mmseg_export_layout(tmp_path):
-    from crossmae.checkpoint import encoder_export, save_atomic
-    from crossmae.models import create_model
     from seg.__main__ import main
 
-    enc = create_model(
-        "mae_vit_base_patch16",
-        img_size=32,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        decoder_embed_dim=16,
-        decoder_num_heads=2,
-        decoder_depth=1,
+    enc = tiny_encoder_export(
+        tmp_path / "enc.pt", "mae_vit_base_patch16", embed_dim=32, depth=2, num_heads=2
     )
-    save_atomic(encoder_export(enc, model_name="mae_vit_base_patch16"), tmp_path / "enc.pt")
     assert main(["export-mmseg", str(tmp_path / "enc.pt"), str(tmp_path / "mmseg.pth")]) == 0
     sd = torch.load(tmp_path / "mmseg.pth", weights_only=True)
     assert len(sd) == len(enc.encoder.state_dict())
