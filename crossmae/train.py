@@ -211,13 +211,14 @@ def run_task_iterations(
     sampler: ResumableSampler,
     loader,
     accum: int,
+    model: nn.Module,
     ddp: nn.Module,
     optimizer,
     scaler,
     device: torch.device,
     lr_at: Callable[[int], float],
     losses_of: Callable[[Any], dict[str, torch.Tensor]],
-    save: Callable[[int, dict | None], None],
+    checkpoint_fields: dict,
     evaluate: Callable[[int], dict],
     metrics_file,
     log_every: int,
@@ -232,12 +233,22 @@ def run_task_iterations(
     DDP's gradient sync on the last one only; the optimizer step, skipped on a non-finite loss
     (``TASK_MAX_NONFINITE`` in a row stop the run); every ``log_every`` steps a metrics record
     with the window's mean losses; evaluation every ``eval_every`` and a checkpoint every
-    ``ckpt_every`` steps. A stop request (SIGTERM / SIGUSR1 / SIGUSR2) ends the step, saves and
+    ``ckpt_every`` steps into ``out/checkpoint-last.pt`` (model, optimizer, scaler, step, every
+    process's random state, the latest metrics and ``checkpoint_fields``: the task's format,
+    config, ...). A stop request (SIGTERM / SIGUSR1 / SIGUSR2) ends the step, saves and
     returns ``interrupted``; a finished run evaluates, saves, writes ``results.json`` and calls
     ``finish(metrics)`` on rank 0. Resuming from ``step`` repeats the same batches (the
     sampler's order is a function of the epoch).
     """
     rank, world = du.rank(), du.world_size()
+
+    def save(step: int, metrics: dict | None) -> None:
+        rngs = du.all_gather_objects(torch.get_rng_state())  # every process's stream (drop path)
+        if rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "rng": rngs}  # fmt: skip
+            save_atomic({**checkpoint_fields, **state, "metrics": metrics}, out / LAST)
+
     metrics, interrupted, nonfinite_run, window = None, False, 0, {}
     ddp.train()
     with StopRequest() as stop:

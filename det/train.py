@@ -19,9 +19,7 @@ from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
 from crossmae.checkpoint import (
-    LAST,
     load_pretrained_encoder,
-    save_atomic,
 )
 from crossmae.config import to_plain
 from crossmae.data import ResumableSampler
@@ -127,25 +125,6 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         cfg.iterations,
     )
 
-    def save(step: int, metrics: dict | None = None) -> None:
-        rngs = du.all_gather_objects(torch.get_rng_state())  # every process's stream (drop path)
-        if rank == 0:
-            save_atomic(
-                {
-                    "format": DET_FORMAT,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "rng": rngs,
-                    "categories": train_set.cat_ids,
-                    "encoder_config": encoder_config,
-                    "metrics": metrics,
-                    "config": to_plain(cfg),
-                },
-                out / LAST,
-            )
-
     def evaluate(step: int) -> dict:
         metrics = evaluate_detector(
             model,
@@ -189,6 +168,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
         sampler=sampler,
         loader=loader,
         accum=accum,
+        model=model,
         ddp=ddp,
         optimizer=opt,
         scaler=scaler,
@@ -197,7 +177,12 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
             s, base_lr=cfg.lr, warmup_steps=cfg.warmup_iterations, milestones=milestones
         ),
         losses_of=losses_of,
-        save=save,
+        checkpoint_fields={
+            "format": DET_FORMAT,
+            "categories": train_set.cat_ids,
+            "encoder_config": encoder_config,
+            "config": to_plain(cfg),
+        },
         evaluate=evaluate,
         metrics_file=metrics_file,
         log_every=cfg.log_every,

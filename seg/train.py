@@ -21,9 +21,7 @@ from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
 from crossmae.checkpoint import (
-    LAST,
     load_pretrained_encoder,
-    save_atomic,
 )
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler
@@ -186,25 +184,6 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         cfg.iterations,
     )
 
-    def save(step: int, metrics: dict | None = None) -> None:
-        rngs = du.all_gather_objects(torch.get_rng_state())
-        if rank == 0:
-            save_atomic(
-                {
-                    "format": SEG_FORMAT,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "step": step,
-                    "rng": rngs,
-                    "encoder_config": encoder_config,
-                    "num_classes": spec.num_classes,
-                    "metrics": metrics,
-                    "config": to_plain(cfg),
-                },
-                out / LAST,
-            )
-
     def evaluate(step: int) -> dict:
         m = evaluate_segmenter(
             model,
@@ -253,6 +232,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         sampler=sampler,
         loader=loader,
         accum=accum,
+        model=model,
         ddp=ddp,
         optimizer=opt,
         scaler=scaler,
@@ -261,7 +241,12 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
             s, base_lr=cfg.lr, total_steps=cfg.iterations, warmup_steps=cfg.warmup_iterations
         ),
         losses_of=losses_of,
-        save=save,
+        checkpoint_fields={
+            "format": SEG_FORMAT,
+            "encoder_config": encoder_config,
+            "num_classes": spec.num_classes,
+            "config": to_plain(cfg),
+        },
         evaluate=evaluate,
         metrics_file=metrics_file,
         log_every=cfg.log_every,
