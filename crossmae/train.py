@@ -38,6 +38,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import ConfigError, ModelConfig, to_plain
+from .cuda_graph import GraphedStep
 from .data import (
     BuiltinPhotos,
     EvalTransform,
@@ -92,6 +93,21 @@ def plan_batches(global_batch: int, world: int, micro_batch: int | None) -> tupl
             f"(batch_size {global_batch} / {world} processes)"
         )
     return micro, per_rank // micro
+
+
+def check_cuda_graph(tc: DictConfig, device: torch.device, world: int, accum: int) -> None:
+    """``train.cuda_graph`` replays forward + backward of one micro-batch on one CUDA device."""
+    problem = None
+    if device.type != "cuda":
+        problem = f"a CUDA device (this run is on {device.type})"
+    elif world > 1:
+        problem = f"a single process (this run has {world}; DDP's gradient hooks are not captured)"
+    elif accum > 1:
+        problem = f"one micro-batch per step (train.micro_batch gives {accum})"
+    elif tc.precision == "fp16":
+        problem = "train.precision=bf16 or fp32 (fp16's loss scaler checks on the host)"
+    if problem:
+        raise ConfigError(f"train.cuda_graph=true needs {problem}")
 
 
 def default_output_dir(mcfg: ModelConfig) -> Path:
@@ -354,6 +370,9 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         )
     device = du.init_from_env(tc.device)
     rank, world = du.rank(), du.world_size()
+    micro, accum = plan_batches(tc.batch_size, world, tc.micro_batch)
+    if tc.cuda_graph:
+        check_cuda_graph(tc, device, world, accum)
 
     # data source first: a wrong path or an empty folder fails before anything is written
     if cfg.data.path:
@@ -410,7 +429,6 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         def to_images(batch: dict) -> torch.Tensor:
             return batch["images"].to(device, non_blocking=True)
 
-    micro, accum = plan_batches(tc.batch_size, world, tc.micro_batch)
     sampler = ResumableSampler(
         len(dataset), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=tc.seed
     )
@@ -468,6 +486,17 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
     )
     forward = torch.compile(ddp_model) if tc.compile else ddp_model
+    graphed: GraphedStep | None = None  # train.cuda_graph: captured on the first batch
+
+    def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
+        """The summed named losses of one forward (autocast's weight cache is off under CUDA-graph
+        capture)."""
+        with torch.autocast(
+            device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+            cache_enabled=not tc.cuda_graph,
+        ):  # fmt: skip
+            out = forward(imgs, ids_shuffle=ids_shuffle)
+        return sum(v for n, v in out.items() if n.startswith("loss_"))
 
     # fixed images for the reconstruction PNGs
     span = len(source.photos) if isinstance(source, BuiltinPhotos) else len(source)
@@ -490,10 +519,10 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     log.info(
         "%s: %.2fM params, p=%.2f γ=%.2f | %d process(es) x micro-batch %d x %d accumulation = "
         "batch %d | %d steps/epoch, %d epochs, stop at step %d | lr %.3g (warmup %d steps), "
-        "precision %s, compile %s, device %s",
+        "precision %s, compile %s, CUDA graph %s, device %s",
         cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, mask_ratio, pred_ratio,
         world, micro, accum, tc.batch_size, steps_per_epoch, tc.epochs, last_step, base_lr,
-        warmup_steps, tc.precision, tc.compile, device,
+        warmup_steps, tc.precision, tc.compile, tc.cuda_graph, device,
     )  # fmt: skip
 
     def save(tag: str = LAST) -> None:
@@ -591,21 +620,24 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     for name in batch["skipped"]:
                         log.warning("skipped unreadable file %s", name)
                     ids = batch["ids_shuffle"].to(device, non_blocking=True)
-                    no_sync = world > 1 and k < accum - 1
-                    with ddp_model.no_sync() if no_sync else contextlib.nullcontext():
-                        with torch.autocast(
-                            device.type, dtype=amp_dtype, enabled=amp_dtype is not None
-                        ):
-                            out = forward(imgs, ids_shuffle=ids)
-                        loss = sum(v for n, v in out.items() if n.startswith("loss_"))
-                        scaler.scale(loss / accum).backward()
-                    step_loss += loss.detach() / accum
+                    if tc.cuda_graph:  # one process, one micro-batch (check_cuda_graph)
+                        if graphed is None:
+                            graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs,
+                                                  ids_shuffle=ids)  # fmt: skip
+                        step_loss += graphed(imgs=imgs, ids_shuffle=ids)
+                    else:
+                        no_sync = world > 1 and k < accum - 1
+                        with ddp_model.no_sync() if no_sync else contextlib.nullcontext():
+                            loss = loss_of(imgs, ids)
+                            scaler.scale(loss / accum).backward()
+                        step_loss += loss.detach() / accum
                     window["images"] += len(imgs) * world
 
                 # backward + step; all processes agree on skipping a non-finite step and on stopping
                 nonfinite, stopping = stop.agree(step_loss)
                 if nonfinite:
-                    optimizer.zero_grad(set_to_none=True)
+                    if graphed is None:  # a replay overwrites the graph's gradients
+                        optimizer.zero_grad(set_to_none=True)
                     nonfinite_run += 1
                     log.warning(
                         "step %d: non-finite loss, step skipped (%d in a row)", step, nonfinite_run
@@ -626,7 +658,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                         )
                     scaler.step(optimizer)
                     scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    if graphed is None:
+                        optimizer.zero_grad(set_to_none=True)
                     window["loss"] += step_loss
                     window["good"] += 1
                 step += 1

@@ -35,6 +35,18 @@ def test_step_benchmark_runs_on_cpu_at_tiny_size():
     assert rows[0]["gflop_per_img"] < rows[1]["gflop_per_img"]
 
 
+def test_attention_benchmark_times_each_backend_on_cpu():
+    rows = run_tool("attention", "--batch", "2", "--iters", "1", "--warmup", "1")
+    timed = [r for r in rows if "fwd_bwd_ms" in r]
+    assert {(r["shape"], r["sdpa"]) for r in timed} >= {
+        (s, b) for s in ("encoder self-attention", "MAE decoder self-attention")
+        for b in ("auto", "math")
+    }  # fmt: skip
+    assert all(r["fwd_bwd_ms"] > 0 for r in timed)
+    fastest = rows[-1]["fastest"]
+    assert fastest["CrossMAE decoder cross-attention"] in {r["sdpa"] for r in timed}
+
+
 def test_data_benchmark_runs(shared_dir):
     (row,) = run_tool("data", "--folder", str(shared_dir / "data" / "imagenette" / "train"),
                       "--images", "20", "--no-gpu")  # fmt: skip

@@ -130,6 +130,40 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
 
 
+def test_cuda_graph_needs_one_cuda_device_and_writes_nothing_otherwise(tmp_path):
+    cfg = load_config(
+        PretrainConfig, [], [*TINY, "train.cuda_graph=true", f"output_dir={tmp_path}/r"]
+    )
+    with pytest.raises(ConfigError, match="cuda_graph=true needs a CUDA device"):
+        pretrain(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_run_matches_the_plain_run(tmp_path, monkeypatch):
+    """train.cuda_graph replays forward + backward: the same losses as the plain loop (fp32).
+    Self-contained for the device image: JPEGs written here, no plots (matplotlib may be absent)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for i in range(96):
+        img = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(img).save(tmp_path / "data" / f"{i}.jpg")
+    monkeypatch.setattr(train_mod, "save_loss_curve", lambda *a, **k: None)
+    base = [*TINY, "train.device=cuda", "train.epochs=1", f"data.path={tmp_path / 'data'}",
+            "log.vis_every_epochs=0"]  # fmt: skip
+    runs = {}
+    for graph in ("false", "true"):
+        out = tmp_path / graph
+        pretrain(load_config(PretrainConfig, [], [*base, f"train.cuda_graph={graph}",
+                                                  f"output_dir={out}"]))  # fmt: skip
+        runs[graph] = losses(out)
+    assert [s for s, _ in runs["true"]] == list(range(1, 7))
+    assert [x for _, x in runs["true"]] == pytest.approx([x for _, x in runs["false"]], rel=1e-4)
+
+
 LONG = [*TINY, "data.demo_samples_per_epoch=640", "train.epochs=1"]  # 40 steps in one epoch
 
 

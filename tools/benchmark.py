@@ -4,27 +4,38 @@ pipeline (decoded + augmented images per second).
     # training step, real sizes, on a GPU (one JSON line per run, then a table)
     python tools/benchmark.py step --models crossmae_vit_base_patch16 mae_vit_base_patch16 \
         --pred-ratios 0.25 0.75 --batch 256 --modes eager compiled
+    # forward + backward replayed as one CUDA graph (what train.cuda_graph=true runs), compiled
+    python tools/benchmark.py step --models crossmae_vit_base_patch16 --pred-ratios 0.25 \
+        --modes graphed
+    # attention kernels (fwd + bwd) at the encoder's and decoder's shapes, per SDPA backend
+    python tools/benchmark.py attention --batch 256
     # the same at a tiny size on CPU (what CI runs)
     python tools/benchmark.py step --tiny --batch 8 --steps 3 --warmup 1
     # image pipeline: CPU decode + RandomResizedCrop per worker, and the GPU decode path
     python tools/benchmark.py data --folder ../shared/data/imagenette/train --images 300
 
 Synthetic images and masks live on the device before timing starts; a step is forward + backward
-+ AdamW (fused on CUDA) under bf16 autocast. FLOPs per image are counted with
-``torch.utils.flop_counter`` on one step; MFU divides achieved FLOP/s by the card's measured bf16
-matmul peak (an 8192^3 product), or by ``--peak-tflops``.
++ AdamW (fused on CUDA) under bf16 autocast. Modes: ``eager``; ``compiled`` (``torch.compile``,
+``--compile-mode``); ``graphed`` (compiled, and forward + backward captured as one CUDA graph by
+``crossmae.cuda_graph.GraphedStep``, the optimizer step eager after it, as in training). FLOPs per
+image are counted with ``torch.utils.flop_counter`` on one step; MFU divides achieved FLOP/s by
+the card's measured bf16 matmul peak (an 8192^3 product), or by ``--peak-tflops``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from crossmae import create_model
+from crossmae.cuda_graph import GraphedStep
 from crossmae.models import CrossMAE
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
@@ -62,6 +73,20 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
 
 
+# --sdpa names -> torch.nn.attention.SDPBackend members ("auto" = torch's own choice)
+SDPA = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+        "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # fmt: skip
+
+
+def sdpa_context(backend: str):
+    """``F.scaled_dot_product_attention`` restricted to one backend."""
+    if SDPA[backend] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA[backend]))
+
+
 def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: torch.device) -> dict:
     """Time forward + backward + AdamW of one model configuration."""
     kw = dict(TINY) if args.tiny else {}
@@ -81,15 +106,29 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     size = model.grid_size[0] * model.patch_size
     imgs = torch.randn(args.batch, 3, size, size, device=device)
     masks = [model.mask_sampler(args.batch, device) for _ in range(4)]
-    fwd = torch.compile(model, mode=args.compile_mode) if mode == "compiled" else model
+    if mode == "graphed" and device.type != "cuda":
+        raise SystemExit("--modes graphed needs a CUDA device")
+    fwd = model if mode == "eager" else torch.compile(model, mode=args.compile_mode)
+
+    def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
+        with (
+            sdpa_context(args.sdpa),
+            torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode != "graphed"),
+        ):
+            return fwd(imgs, ids_shuffle=ids_shuffle)["loss"]
+
+    graphed = None
 
     def step(i: int) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = fwd(imgs, ids_shuffle=masks[i % len(masks)])
-        out["loss"].backward()
+        if graphed is not None:
+            loss = graphed(imgs=imgs, ids_shuffle=masks[i % len(masks)])
+        else:
+            loss = loss_of(imgs, masks[i % len(masks)])
+            loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out["loss"]
+        if graphed is None:
+            opt.zero_grad(set_to_none=True)
+        return loss
 
     # FLOPs of one step (eager, counted once)
     from torch.utils.flop_counter import FlopCounterMode
@@ -101,6 +140,8 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     opt.zero_grad(set_to_none=True)
     flops_per_img = counter.get_total_flops() / args.batch
 
+    if mode == "graphed":
+        graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs, ids_shuffle=masks[0])
     for i in range(args.warmup):
         step(i)
     sync(device)
@@ -121,11 +162,16 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
         "decoder_path": "plain" if args.plain_decoder else "fused",
         "grad_checkpointing": args.grad_checkpointing,
         "mode": f"bf16 {mode}",
-        "compile_mode": args.compile_mode if mode == "compiled" else None,
+        "compile_mode": args.compile_mode if mode != "eager" else None,
+        "sdpa": args.sdpa,
         "batch": args.batch,
         "img_per_s": args.batch / dt,
         "step_ms": dt * 1e3,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+        # what the allocator holds, CUDA-graph pools included
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30
         if device.type == "cuda"
         else None,
         "gflop_per_img": flops_per_img / 1e9,
@@ -170,6 +216,10 @@ def cmd_step(args) -> int:
         for g in ratios:
             for mode in args.modes:
                 rec = bench_step(name, g, mode, args, device)
+                torch._dynamo.reset()  # free this model before the next one's peak is measured
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 rec["peak_tflops"] = args.peak_tflops
                 print(json.dumps(rec), flush=True)
                 rows.append(rec)
@@ -186,11 +236,54 @@ def cmd_step(args) -> int:
         name += f" d{r['decoder_depth']}"
         name += " plain" if r["decoder_path"] == "plain" and "crossmae" in r["model"] else ""
         name += " ckpt" if r["grad_checkpointing"] else ""
+        name += f" {r['sdpa']}" if r["sdpa"] != "auto" else ""
         official = r.get("official_h100_img_per_s", "")
         print(
             f"{name:35s} {g:>5s} {r['mode']:14s} {r['img_per_s']:8.0f} {r['step_ms']:7.1f} "
             f"{mem:>6s} {r['gflop_per_img']:9.3f} {mfu:>6s}  {official}"
         )
+    return 0
+
+
+def cmd_attention(args) -> int:
+    """Forward + backward of each SDPA backend at the attention shapes of a ViT-B step (mask ratio
+    0.75: 50 encoder tokens with cls; CrossMAE γ=0.25: 49 queries; MAE: 197 decoder tokens).
+    q, k, v are head-transposed views of (B, tokens, heads, head_dim), as the model makes them."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = {  # label: heads, queries, keys, head_dim
+        "encoder self-attention": (12, 50, 50, 64),
+        "CrossMAE decoder cross-attention": (16, 49, 50, 32),
+        "MAE decoder self-attention": (16, 197, 197, 32),
+    }
+    fastest = {}
+    for label, (h, nq, nk, d) in shapes.items():
+        q, k, v = (
+            torch.randn(args.batch, n, h, d, device=device, dtype=dtype).transpose(1, 2)
+            for n in (nq, nk, nk)
+        )
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        times = {}
+        for backend in SDPA:
+            try:
+                with sdpa_context(backend):
+                    for i in range(args.warmup + args.iters):
+                        if i == args.warmup:
+                            sync(device)
+                            t = time.perf_counter()
+                        F.scaled_dot_product_attention(q, k, v).sum().backward()
+                    sync(device)
+                times[backend] = (time.perf_counter() - t) / args.iters * 1e3
+            except RuntimeError as e:  # the backend does not take this shape / dtype / device
+                print(json.dumps({"shape": label, "sdpa": backend, "unsupported": str(e)[:120]}))
+                continue
+            rec = {"shape": label, "batch": args.batch, "heads": h, "queries": nq, "keys": nk,
+                   "head_dim": d, "dtype": str(dtype), "sdpa": backend,
+                   "fwd_bwd_ms": times[backend]}  # fmt: skip
+            print(json.dumps(rec), flush=True)
+        named = {b: ms for b, ms in times.items() if b != "auto"}
+        fastest[label] = min(named, key=named.get) if named else None
+    print(json.dumps({"fastest": fastest}))
     return 0
 
 
@@ -244,8 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
     p.add_argument("--decoder-depth", type=int, default=None)
     p.add_argument(
-        "--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"]
+        "--modes",
+        nargs="+",
+        choices=["eager", "compiled", "graphed"],
+        default=["eager", "compiled"],
+        help="graphed = compiled + forward/backward as one CUDA graph (GPU only)",
     )
+    p.add_argument("--sdpa", choices=SDPA, default="auto", help="attention backend")
     p.add_argument(
         "--compile-mode",
         default="default",
@@ -265,6 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--profile", default=None, help="append a kernel-time table of 5 steps here")
     p.set_defaults(func=cmd_step)
+    p = sub.add_parser("attention", help="SDPA backends at the model's attention shapes")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_attention)
     p = sub.add_parser("data", help="image pipeline throughput")
     p.add_argument("--folder", required=True, type=str)
     p.add_argument("--images", type=int, default=300)

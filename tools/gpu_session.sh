@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# The one prepared device run for the performance issue: GPU-marked tests, the training-step
-# benchmark at real sizes (eager and compiled), the image-pipeline benchmark (CPU and GPU decode),
+# The one prepared device run for the performance issue: the training-step benchmark at real sizes
+# (compiled, and compiled + CUDA graph), GPU-marked tests, SDPA backends at the model's shapes,
 # then extra variants while time is left. Everything it prints is recorded in docs/results.md
-# with the card's name.
+# and docs/gpu/ with the card's name.
 #
 # Before the call, on the development machine (the device gets the checkout only):
-#   mkdir -p .device_data && cp -r ../shared/data/imagenette/train .device_data/imagenette_train
-# Device call: command "bash tools/gpu_session.sh", carry [".device_data"], timeout_s 480.
-# The device image has torch, timm and pytest but not this package's other dependencies; the
-# code used here imports only torch, torchvision, PIL and numpy, so PYTHONPATH suffices.
-# `bash tools/gpu_session.sh profile` instead runs the GPU tests and kernel-time tables of the
-# CrossMAE-B step (eager and compiled), about 3 minutes.
-# Each stage has its own time limit and the extras stop at BUDGET seconds, so the log and the
-# JSON lines of whatever finished always come back.
+#   mkdir -p .device_data/site && cp -r ../shared/data/imagenette/train .device_data/imagenette_train
+#   SP=$(python -c "import site; print(site.getsitepackages()[0])")
+#   cp -r $SP/omegaconf $SP/antlr4 $SP/yaml $SP/tqdm .device_data/site/ && rm -f .device_data/site/yaml/_yaml*.so
+# Device call: command "bash tools/gpu_session.sh", carry [".device_data"], timeout_s 600.
+# The device image has torch, timm and pytest but not this package's other dependencies: the
+# benchmark imports only torch, torchvision, PIL and numpy; the training-loop test also needs the
+# pure-Python omegaconf, antlr4, PyYAML and tqdm copied into .device_data/site.
+# `bash tools/gpu_session.sh profile` instead runs the kernel-time tables of the CrossMAE-B step
+# (eager and compiled), about 3 minutes.
+# Stages run in order of importance, each with its own time limit; none starts past BUDGET
+# seconds, so the log and the JSON lines of whatever finished always come back.
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD:$PWD/.device_data/site PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
-BUDGET=${BUDGET:-380}
+BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 B=(python3 tools/benchmark.py step --batch 256 --steps 30 --warmup 5 --out "$OUT/step.jsonl")
+BASE=(--models crossmae_vit_base_patch16 --pred-ratios 0.25)
 stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than SECONDS
   local limit=$1
   shift
@@ -29,38 +33,43 @@ stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than
 if [[ ${1:-} == profile ]]; then
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    stage 100 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_gpu.py \
-      -p no:cacheprovider
     for mode in eager compiled; do
-      stage 170 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 \
-        --modes $mode --profile "$OUT/profile.txt"
+      stage 170 "${B[@]}" "${BASE[@]}" --modes $mode --profile "$OUT/profile.txt"
     done
   } 2>&1 | tee "$OUT/gpu_profile.log"
   exit
 fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision',
-torchvision.__version__, torch.cuda.get_device_name())"
-  stage 100 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_gpu.py \
-    -p no:cacheprovider
-  stage 60 "${B[@]}" --models crossmae_vit_base_patch16 mae_vit_base_patch16 --modes eager
-  stage 200 "${B[@]}" --models crossmae_vit_base_patch16 mae_vit_base_patch16 --modes compiled
-  stage 150 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 --modes compiled \
-    --compile-mode reduce-overhead
+  python3 -c "import sys, torch, torchvision; print('python', sys.version.split()[0], 'torch',
+torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
+  # the targets: CrossMAE-B γ=0.25 and MAE-B, compiled, then compiled + CUDA graph (FX cache hit)
+  stage 150 "${B[@]}" "${BASE[@]}" --modes compiled graphed
+  stage 150 "${B[@]}" --models mae_vit_base_patch16 --modes compiled graphed
+  stage 40 "${B[@]}" --models crossmae_vit_base_patch16 mae_vit_base_patch16 --pred-ratios 0.25 \
+    --modes eager
+  # same numerics: fused vs plain decoder, GraphedStep vs eager, train.cuda_graph vs plain loop
+  stage 120 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_gpu.py \
+    tests/test_train.py -p no:cacheprovider
+  # attention backends at the step's shapes; the full step with the fastest for CrossMAE's shapes
+  stage 40 python3 tools/benchmark.py attention --batch 256 | tee "$OUT/attention.jsonl"
+  best=$(python3 - "$OUT/attention.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"fwd_bwd_ms"' in l]
+shapes = ("encoder self-attention", "CrossMAE decoder cross-attention")
+total = {}
+for r in rows:
+    if r["shape"] in shapes and r["sdpa"] != "auto":
+        total.setdefault(r["sdpa"], []).append(r["fwd_bwd_ms"])
+print(min((sum(v), k) for k, v in total.items() if len(v) == 2)[1] if total else "auto")
+EOF
+)
+  echo "## fastest SDPA backend for CrossMAE's shapes: $best"
+  stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa "$best"
+  stage 100 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.75 --modes graphed
+  stage 100 "${B[@]}" "${BASE[@]}" --modes compiled --compile-mode reduce-overhead
   stage 60 python3 tools/benchmark.py data --folder .device_data/imagenette_train \
     --images 1000 --batch 128
-  # extras, eager: the unfused decoder (same card), other sizes, a deeper decoder
-  stage 30 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 --modes eager \
-    --plain-decoder
-  stage 40 "${B[@]}" --models crossmae_vit_small_patch16 mae_vit_small_patch16 \
-    --pred-ratios 0.25 --modes eager
-  stage 40 "${B[@]}" --models crossmae_vit_large_patch16 mae_vit_large_patch16 \
-    --pred-ratios 0.25 --modes eager
-  stage 40 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 --modes eager \
-    --decoder-depth 8
-  stage 60 "${B[@]}" --models crossmae_vit_huge_patch14 mae_vit_huge_patch14 \
-    --pred-ratios 0.25 --modes eager --grad-checkpointing
-  stage 60 "${B[@]}" --models crossmae_vit_large_patch16 --pred-ratios 0.25 --modes compiled
+  stage 60 "${B[@]}" "${BASE[@]}" --modes compiled --profile "$OUT/profile.txt"
   echo "## done at $SECONDS s"
 } 2>&1 | tee "$OUT/gpu_session.log"
