@@ -62,6 +62,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     compile: bool = False
     cuda_graph: bool = False  # replay forward + backward as one CUDA graph (one GPU, no fp16)
+    sdpa: str = "auto"  # attention kernel: auto | flash | efficient | cudnn | math
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops

@@ -52,6 +52,7 @@ from .data import (
 from .data.gpu import JpegSamples, collate_raw, decode_batch
 from .knn import extract_features, knn_classify, topk_accuracy
 from .models import create_model
+from .models.layers import SDPA_BACKENDS, sdpa_backend
 from .optim import lr_at, param_groups, pretrain_lr
 from .reconstruction import reconstruct
 from .visualize import save_loss_curve, save_reconstruction_grid
@@ -373,6 +374,10 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     micro, accum = plan_batches(tc.batch_size, world, tc.micro_batch)
     if tc.cuda_graph:
         check_cuda_graph(tc, device, world, accum)
+    if tc.sdpa not in SDPA_BACKENDS:
+        raise ConfigError(f"train.sdpa must be one of {sorted(SDPA_BACKENDS)}, got {tc.sdpa!r}")
+    if tc.sdpa in ("efficient", "cudnn") and device.type != "cuda":
+        raise ConfigError(f"train.sdpa={tc.sdpa} is a CUDA kernel; this run is on {device.type}")
 
     # data source first: a wrong path or an empty folder fails before anything is written
     if cfg.data.path:
@@ -491,7 +496,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         """The summed named losses of one forward (autocast's weight cache is off under CUDA-graph
         capture)."""
-        with torch.autocast(
+        with sdpa_backend(tc.sdpa), torch.autocast(
             device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
             cache_enabled=not tc.cuda_graph,
         ):  # fmt: skip
@@ -519,10 +524,10 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     log.info(
         "%s: %.2fM params, p=%.2f γ=%.2f | %d process(es) x micro-batch %d x %d accumulation = "
         "batch %d | %d steps/epoch, %d epochs, stop at step %d | lr %.3g (warmup %d steps), "
-        "precision %s, compile %s, CUDA graph %s, device %s",
+        "precision %s, compile %s, CUDA graph %s, attention %s, device %s",
         cfg.model.name, sum(p.numel() for p in model.parameters()) / 1e6, mask_ratio, pred_ratio,
         world, micro, accum, tc.batch_size, steps_per_epoch, tc.epochs, last_step, base_lr,
-        warmup_steps, tc.precision, tc.compile, tc.cuda_graph, device,
+        warmup_steps, tc.precision, tc.compile, tc.cuda_graph, tc.sdpa, device,
     )  # fmt: skip
 
     def save(tag: str = LAST) -> None:

@@ -25,12 +25,13 @@ def run_tool(*args: str) -> list[dict]:
 
 def test_step_benchmark_runs_on_cpu_at_tiny_size():
     rows = run_tool("step", "--tiny", "--batch", "4", "--steps", "2", "--warmup", "1",
-                    "--modes", "eager", "--pred-ratios", "0.25")  # fmt: skip
+                    "--modes", "eager", "--pred-ratios", "0.25", "--sdpa", "math")  # fmt: skip
     assert [(r["model"], r["pred_ratio"]) for r in rows] == [
         ("crossmae_vit_base_patch16", 0.25), ("mae_vit_base_patch16", None)
     ]  # fmt: skip
     for r in rows:
         assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["device"] == "cpu"
+        assert r["sdpa"] == "math"
     # CrossMAE at γ = 0.25 does less work than MAE decoding every patch
     assert rows[0]["gflop_per_img"] < rows[1]["gflop_per_img"]
 

@@ -130,11 +130,15 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
 
 
-def test_cuda_graph_needs_one_cuda_device_and_writes_nothing_otherwise(tmp_path):
-    cfg = load_config(
-        PretrainConfig, [], [*TINY, "train.cuda_graph=true", f"output_dir={tmp_path}/r"]
-    )
-    with pytest.raises(ConfigError, match="cuda_graph=true needs a CUDA device"):
+@pytest.mark.parametrize(
+    "setting, message",
+    [("train.cuda_graph=true", "cuda_graph=true needs a CUDA device"),
+     ("train.sdpa=efficient", "sdpa=efficient is a CUDA kernel"),
+     ("train.sdpa=fast", "train.sdpa must be one of")],
+)  # fmt: skip
+def test_gpu_only_settings_fail_on_cpu_before_anything_is_written(tmp_path, setting, message):
+    cfg = load_config(PretrainConfig, [], [*TINY, setting, f"output_dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=message):
         pretrain(cfg)
     assert not (tmp_path / "r").exists()
 

@@ -25,7 +25,6 @@ the card's measured bf16 matmul peak (an 8192^3 product), or by ``--peak-tflops`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import sys
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from crossmae import create_model
 from crossmae.cuda_graph import GraphedStep
 from crossmae.models import CrossMAE
+from crossmae.models.layers import SDPA_BACKENDS, sdpa_backend
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -73,18 +73,17 @@ def matmul_peak_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 * n / (time.perf_counter() - t) / 1e12
 
 
-# --sdpa names -> torch.nn.attention.SDPBackend members ("auto" = torch's own choice)
-SDPA = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-        "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # fmt: skip
+def step_flops(model, imgs: torch.Tensor, ids: torch.Tensor) -> int:
+    """FLOPs of one eager forward + backward. Nothing of its autograd graph outlives the call: a
+    graph kept alive would pin the parameters' gradient accumulation to the default stream, which
+    a later CUDA-graph capture cannot use."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-
-def sdpa_context(backend: str):
-    """``F.scaled_dot_product_attention`` restricted to one backend."""
-    if SDPA[backend] is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(getattr(SDPBackend, SDPA[backend]))
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16):
+            loss = model(imgs, ids_shuffle=ids)["loss"]
+        loss.backward()
+    return counter.get_total_flops()
 
 
 def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: torch.device) -> dict:
@@ -112,7 +111,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
 
     def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         with (
-            sdpa_context(args.sdpa),
+            sdpa_backend(args.sdpa),
             torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode != "graphed"),
         ):
             return fwd(imgs, ids_shuffle=ids_shuffle)["loss"]
@@ -130,15 +129,8 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
             opt.zero_grad(set_to_none=True)
         return loss
 
-    # FLOPs of one step (eager, counted once)
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            out = model(imgs, ids_shuffle=masks[0])
-        out["loss"].backward()
+    flops_per_img = step_flops(model, imgs, masks[0]) / args.batch
     opt.zero_grad(set_to_none=True)
-    flops_per_img = counter.get_total_flops() / args.batch
 
     if mode == "graphed":
         graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs, ids_shuffle=masks[0])
@@ -264,9 +256,9 @@ def cmd_attention(args) -> int:
         )
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         times = {}
-        for backend in SDPA:
+        for backend in SDPA_BACKENDS:
             try:
-                with sdpa_context(backend):
+                with sdpa_backend(backend):
                     for i in range(args.warmup + args.iters):
                         if i == args.warmup:
                             sync(device)
@@ -343,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         default=["eager", "compiled"],
         help="graphed = compiled + forward/backward as one CUDA graph (GPU only)",
     )
-    p.add_argument("--sdpa", choices=SDPA, default="auto", help="attention backend")
+    p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto", help="attention backend")
     p.add_argument(
         "--compile-mode",
         default="default",

@@ -12,6 +12,7 @@
 # The device image has torch, timm and pytest but not this package's other dependencies: the
 # benchmark imports only torch, torchvision, PIL and numpy; the training-loop test also needs the
 # pure-Python omegaconf, antlr4, PyYAML and tqdm copied into .device_data/site.
+# `bash tools/gpu_session.sh graphed` runs only the CUDA-graph step (BUDGET=300, timeout_s 340).
 # `bash tools/gpu_session.sh profile` instead runs the kernel-time tables of the CrossMAE-B step
 # (eager and compiled), about 3 minutes.
 # Stages run in order of importance, each with its own time limit; none starts past BUDGET
@@ -30,6 +31,18 @@ stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than
   echo "## [$SECONDS s] $*"
   timeout -k 5 "$limit" "$@" || echo "## exit $? : $*"
 }
+if [[ ${1:-} == graphed ]]; then  # the second call of 2026-11-27: CUDA-graph step, ~5 minutes
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    stage 120 "${B[@]}" "${BASE[@]}" --modes graphed
+    stage 90 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
+    stage 120 "${B[@]}" --models mae_vit_base_patch16 --modes graphed
+    stage 80 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_train.py \
+      -p no:cacheprovider
+    echo "## done at $SECONDS s"
+  } 2>&1 | tee "$OUT/gpu_graphed.log"
+  exit
+fi
 if [[ ${1:-} == profile ]]; then
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -8,11 +8,31 @@ Attention runs through ``F.scaled_dot_product_attention``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 NORM_EPS = 1e-6
+
+
+# attention kernels by name ("auto": torch's own choice per call) -> torch.nn.attention.SDPBackend
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "cudnn": "CUDNN_ATTENTION", "math": "MATH"}  # fmt: skip
+
+
+def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context restricting ``F.scaled_dot_product_attention`` to one backend of
+    ``SDPA_BACKENDS``. At ViT-B's short sequences the fastest differs by shape and card
+    (``tools/benchmark.py attention``); ``torch.compile`` bakes in the one active when it traces."""
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"attention backend must be one of {sorted(SDPA_BACKENDS)}, got {name!r}")
+    if SDPA_BACKENDS[name] is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
 class DropPath(nn.Module):
