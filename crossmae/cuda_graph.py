@@ -9,6 +9,9 @@ The optimizer step stays outside the graph, so the loop can still skip a non-fin
 log the gradient norm and change the learning rate as plain Python. Replays write the gradients
 into the same ``.grad`` tensors every time (written, not accumulated), so the caller must never
 set them to None or zero them: ``optimizer.zero_grad`` is not needed and would break the graph.
+Build it before anything keeps an autograd graph through the parameters alive (a loss kept from
+an earlier backward): that graph pins their gradient accumulation to the default stream, which
+capture refuses (``cudaErrorStreamCaptureImplicit``).
 
 Usage (see ``crossmae.train.pretrain`` with ``train.cuda_graph=true``)::
 
