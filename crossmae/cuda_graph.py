@@ -1,9 +1,10 @@
 """Forward + backward of a training step replayed from one CUDA graph.
 
 A ViT-B step launches over a thousand kernels (several hundred even after ``torch.compile``
-fuses the elementwise work); at batch 256 on an H100 the host takes about as long to launch them
-as the card takes to run them (``docs/results.md``, issue 4). Captured once, the whole forward
-and backward is one launch, and the step runs at the speed of its kernels.
+fuses the elementwise work); at batch 256 on an H100 the card waited 3 to 11 ms of each compiled
+step for the host to launch them, depending on the machine (``docs/results.md``, issue 4).
+Captured once, the whole forward and backward is one launch, and the step runs at the speed of
+its kernels.
 
 The optimizer step stays outside the graph, so the loop can still skip a non-finite step, clip,
 log the gradient norm and change the learning rate as plain Python. Replays write the gradients
