@@ -123,3 +123,12 @@ def test_graphed_step_gives_fresh_eager_gradients_on_every_replay():
         assert all(rel(p.grad, g) <= 1e-4 for p, g in zip(params, grads_ref, strict=True))
     with pytest.raises(ValueError, match="captured with"):
         step(imgs=x[:4], ids_shuffle=ids[:4])
+
+
+def test_graphed_step_refuses_cpu_inputs():
+    from crossmae.cuda_graph import GraphedStep
+
+    model = CrossMAE(**TINY)
+    with pytest.raises(ValueError, match="needs CUDA input tensors"):
+        GraphedStep(lambda imgs: model(imgs)["loss"], model.parameters(),
+                    imgs=torch.randn(2, 3, 32, 32))  # fmt: skip
