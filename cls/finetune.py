@@ -42,7 +42,14 @@ from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from crossmae.models import VisionTransformer
 from crossmae.optim import LARS, lr_at, param_groups
-from crossmae.train import PRECISIONS, StopRequest, plan_batches, resume_task_run, start_task_run
+from crossmae.train import (
+    PRECISIONS,
+    StopRequest,
+    append_record,
+    plan_batches,
+    resume_task_run,
+    start_task_run,
+)
 
 from .data import class_folders
 from .encoder import build_classifier
@@ -301,11 +308,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 # log
                 if step % cfg.log_every == 0 or step == total:
                     loss_value = float(du.all_reduce_mean(loss_sum))  # every process joins
-                    if metrics is not None:
-                        metrics.write(
-                            json.dumps({"step": step, "lr": lr, "loss": loss_value}) + "\n"
-                        )
-                        metrics.flush()
+                    append_record(metrics, {"step": step, "lr": lr, "loss": loss_value})
                 if stopping:
                     interrupted = True
                     break
@@ -327,18 +330,14 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 acc["top5"],
                 best["top1"],
             )
-            if metrics is not None:
-                metrics.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "epoch": step // steps_per_epoch,
-                            **{f"val_{k}": v for k, v in acc.items() if k != "ema"},
-                        }
-                    )
-                    + "\n"
-                )
-                metrics.flush()
+            append_record(
+                metrics,
+                {
+                    "step": step,
+                    "epoch": step // steps_per_epoch,
+                    **{f"val_{k}": v for k, v in acc.items() if k != "ema"},
+                },
+            )
     if metrics is not None:
         metrics.close()
     result = {

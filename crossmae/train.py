@@ -310,9 +310,7 @@ def run_task_iterations(
                     record = {"step": step, "lr": lr}
                     record.update({k: float(du.all_reduce_mean(v / n)) for k, v in window.items()})
                     window = {}
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                    append_record(metrics_file, record)
                 if stopping:
                     interrupted = True
                     save(step, metrics)
@@ -337,6 +335,13 @@ def run_task_iterations(
     if interrupted:
         stop.forward()
     return {"output_dir": str(out), "step": step, "interrupted": interrupted, "metrics": metrics}
+
+
+def append_record(metrics_file, record: dict) -> None:
+    """One JSON line of ``metrics.jsonl``, flushed (rank 0 holds the file; elsewhere None)."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -572,10 +577,10 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         scores = knn_classify(ftr, ytr, fva, num_classes=len(knn_splits[0].classes))
         acc = topk_accuracy(scores, yva)
         log.info("epoch %d: kNN top-1 %.2f", epoch, acc["top1"])
-        if metrics_file is not None:
-            record = {"step": step, "epoch": epoch, **{f"knn_{k}": v for k, v in acc.items()}}
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+        append_record(
+            metrics_file,
+            {"step": step, "epoch": epoch, **{f"knn_{k}": v for k, v in acc.items()}},
+        )
         if writer is not None:
             for k, v in acc.items():
                 writer.add_scalar(f"knn/{k}", v, step)
@@ -689,9 +694,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                         grad_norm = None
                     if device.type == "cuda":
                         record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
+                    append_record(metrics_file, record)
                     if writer is not None:
                         for key, value in record.items():
                             if key != "step":

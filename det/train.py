@@ -8,7 +8,6 @@ training, bf16, large-scale jitter), COCO box / mask AP at the end (and every ``
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -27,6 +26,7 @@ from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, step_lr_at
 from crossmae.train import (
     PRECISIONS,
+    append_record,
     plan_batches,
     resume_task_run,
     run_task_iterations,
@@ -133,17 +133,10 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
             batch_size=cfg.eval_batch_size,
             results_file=out / f"coco_results-{step}.json",
         )
-        if metrics_file is not None:
-            metrics_file.write(
-                json.dumps(
-                    {
-                        "step": step,
-                        **{f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()},
-                    }
-                )
-                + "\n"
-            )
-            metrics_file.flush()
+        append_record(
+            metrics_file,
+            {"step": step, **{f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()}},
+        )
         log.info(
             "iteration %d: box AP %.2f, mask AP %.2f",
             step,

@@ -9,7 +9,6 @@ auxiliary FCN loss x 0.4, bf16), mIoU by sliding-window inference, ``--resume au
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -29,6 +28,7 @@ from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, poly_lr_at
 from crossmae.train import (
     PRECISIONS,
+    append_record,
     plan_batches,
     resume_task_run,
     run_task_iterations,
@@ -197,12 +197,9 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
             cfg.eval_flip,
             cfg.eval_mode,
         )
-        if metrics_file is not None:
-            metrics_file.write(
-                json.dumps({"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]})
-                + "\n"
-            )
-            metrics_file.flush()
+        append_record(
+            metrics_file, {"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}
+        )
         log.info(
             "iteration %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, m["mIoU"], m["mAcc"], m["aAcc"]
         )
