@@ -52,7 +52,7 @@ from .data import (
 from .data.gpu import JpegSamples, collate_raw, decode_batch
 from .knn import extract_features, knn_classify, topk_accuracy
 from .models import create_model
-from .models.layers import SDPA_BACKENDS, sdpa_backend
+from .models.layers import SDPA_BACKENDS, set_attention_backend
 from .optim import lr_at, param_groups, pretrain_lr
 from .reconstruction import reconstruct
 from .visualize import save_loss_curve, save_reconstruction_grid
@@ -419,7 +419,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
             "data: %d crops of %d scikit-image photos per epoch", len(source), len(source.photos)
         )
     torch.manual_seed(tc.seed)  # the same initial weights on every process
-    model = build_model(cfg.model).to(device)
+    model = set_attention_backend(build_model(cfg.model).to(device), tc.sdpa)
     torch.manual_seed(tc.seed + rank)  # then per-process randomness (drop path)
     mask_ratio = model.mask_ratio
     pred_ratio = getattr(model, "pred_ratio", mask_ratio)
@@ -501,7 +501,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         """The summed named losses of one forward (autocast's weight cache is off under CUDA-graph
         capture)."""
-        with sdpa_backend(tc.sdpa), torch.autocast(
+        with torch.autocast(
             device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
             cache_enabled=not tc.cuda_graph,
         ):  # fmt: skip

@@ -72,6 +72,32 @@ def test_the_step_compiles_without_graph_breaks(name):
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+def test_attention_backend_is_traced_into_the_compiled_graph():
+    """A backend set on the layers is part of the graph torch.compile captures (so a compilation
+    cached for another backend is never reused), with the same numbers as torch's own choice."""
+    from crossmae.models.layers import set_attention_backend
+
+    model = CrossMAE(**TINY)
+    imgs, ids = torch.randn(2, 3, 32, 32), model.mask_sampler(2)
+    codes, losses = {}, {}
+    for name in ("auto", "math"):
+        set_attention_backend(model, name)
+        graphs = []
+
+        def record(gm, example_inputs, graphs=graphs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        losses[name] = torch.compile(model, backend=record, fullgraph=True)(imgs, ids_shuffle=ids)
+        codes[name] = graphs[0].code
+    torch._dynamo.reset()
+    assert "_sdpa_kernel" not in codes["auto"] and "_sdpa_kernel" in codes["math"]
+    assert torch.allclose(losses["auto"]["loss"], losses["math"]["loss"], atol=1e-6)
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        set_attention_backend(model, "fastest")
+
+
 @pytest.mark.gpu
 def test_fused_path_on_cuda_bf16_compiled():
     torch.manual_seed(0)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from crossmae import create_model
 from crossmae.cuda_graph import GraphedStep
 from crossmae.models import CrossMAE
-from crossmae.models.layers import SDPA_BACKENDS, sdpa_backend
+from crossmae.models.layers import SDPA_BACKENDS, sdpa_backend, set_attention_backend
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -98,6 +98,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     model.encoder.grad_checkpointing = args.grad_checkpointing
     if args.plain_decoder:
         model.decoder.fused = False  # CrossMAE only: per-block LayerNorm + K/V projection
+    set_attention_backend(model, args.sdpa)
     model.to(device).train()
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
@@ -110,10 +111,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     fwd = model if mode == "eager" else torch.compile(model, mode=args.compile_mode)
 
     def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
-        with (
-            sdpa_backend(args.sdpa),
-            torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode != "graphed"),
-        ):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode != "graphed"):
             return fwd(imgs, ids_shuffle=ids_shuffle)["loss"]
 
     graphed = None
@@ -188,14 +186,18 @@ def print_profile(step, device: torch.device, title: str, path: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for i in range(5):
             step(i)
         sync(device)
-    # by kernel time spent in the op itself: the kernels, not the regions that contain them
+    # by kernel time spent in the op itself: the kernels, not the regions that contain them;
+    # then the same by input shapes, which tells the matmuls and reductions apart
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
-    text = f"## profile: {title}, 5 steps\n{table}\n"
+    shapes = prof.key_averages(group_by_input_shape=True).table(
+        sort_by=key, row_limit=60, max_name_column_width=40, max_shapes_column_width=70
+    )
+    text = f"## profile: {title}, 5 steps\n{table}\n## by input shapes\n{shapes}\n"
     print(text, flush=True)
     with open(path, "a") as f:
         f.write(text)

@@ -43,6 +43,37 @@ if [[ ${1:-} == graphed ]]; then  # the second call of 2026-11-27: CUDA-graph st
   } 2>&1 | tee "$OUT/gpu_graphed.log"
   exit
 fi
+if [[ ${1:-} == tuning ]]; then  # 2026-11-27, second session: what is left for 7,000 img/s
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    # baseline on this card, with Inductor's generated code logged: which ops it leaves to ATen
+    stage 150 env TORCH_LOGS=output_code TORCH_LOGS_OUT=/tmp/output_code.log \
+      "${B[@]}" "${BASE[@]}" --modes graphed
+    python3 - /tmp/output_code.log >"$OUT/aten_calls.txt" <<'PY'
+import collections, re, sys
+lines = open(sys.argv[1], errors="replace").read().splitlines()
+calls = collections.Counter()
+for i, line in enumerate(lines):
+    m = re.search(r"(torch\.ops\.aten\.\w+(\.\w+)?|extern_kernels\.\w+)\(", line)
+    if m and "#" not in line.split(m.group(0))[0]:
+        src = next((lines[j] for j in range(i - 1, max(i - 6, 0), -1)
+                    if "Original ATen" in lines[j]), "")
+        calls[(m.group(1), src.split("Original ATen:")[-1].strip()[:150])] += 1
+for (fn, src), n in calls.most_common(80):
+    print(f"{n:5d}  {fn:45s} {src}")
+PY
+    head -30 "$OUT/aten_calls.txt"
+    # the attention kernel, now traced into the graph (the 11-27 run reused a cached cuDNN graph)
+    stage 120 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
+    stage 100 "${B[@]}" "${BASE[@]}" --modes compiled --profile "$OUT/profile.txt"
+    stage 200 env TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 "${B[@]}" "${BASE[@]}" \
+      --modes graphed --sdpa efficient
+    stage 90 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_train.py \
+      -p no:cacheprovider
+    echo "## done at $SECONDS s"
+  } 2>&1 | tee "$OUT/gpu_tuning.log"
+  exit
+fi
 if [[ ${1:-} == profile ]]; then
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NORM_EPS = 1e-6
 
@@ -25,14 +26,24 @@ SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIE
 def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
     """A context restricting ``F.scaled_dot_product_attention`` to one backend of
     ``SDPA_BACKENDS``. At ViT-B's short sequences the fastest differs by shape and card
-    (``tools/benchmark.py attention``); ``torch.compile`` bakes in the one active when it traces."""
+    (``tools/benchmark.py attention``)."""
     if name not in SDPA_BACKENDS:
         raise ValueError(f"attention backend must be one of {sorted(SDPA_BACKENDS)}, got {name!r}")
     if SDPA_BACKENDS[name] is None:
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+
+def set_attention_backend(model: nn.Module, name: str) -> nn.Module:
+    """Make every attention layer of ``model`` run ``F.scaled_dot_product_attention`` under
+    ``sdpa_backend(name)``. The choice lives in the layers' forward, so ``torch.compile`` traces it
+    into the graph: a context around the compiled call is read only when it traces, and a cached
+    compilation of another backend would silently be reused. Returns ``model``."""
+    sdpa_backend(name)  # validates the name
+    for m in model.modules():
+        if isinstance(m, Attention | CrossAttention):
+            m.backend = name
+    return model
 
 
 class DropPath(nn.Module):
@@ -91,12 +102,14 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.backend = "auto"  # SDPA kernel, see ``set_attention_backend``
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
+        with sdpa_backend(self.backend):
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -123,6 +136,7 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(kv_dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
+        self.backend = "auto"  # SDPA kernel, see ``set_attention_backend``
 
     def project_kv(self, y: torch.Tensor) -> torch.Tensor:
         """Encoder tokens (B, Nk, kv_dim) -> keys and values (B, Nk, 2 * dim)."""
@@ -135,7 +149,8 @@ class CrossAttention(nn.Module):
         q = self.q(x).view(B, Nq, h, C // h).transpose(1, 2)  # (B, heads, Nq, head_dim)
         kv = kv.view(B, kv.shape[1], 2, h, C // h)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, Nk, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Nq, head_dim)
+        with sdpa_backend(self.backend):
+            x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, Nq, head_dim)
         return self.proj(x.transpose(1, 2).reshape(B, Nq, C))
 
 
