@@ -74,6 +74,19 @@ PY
   } 2>&1 | tee "$OUT/gpu_tuning.log"
   exit
 fi
+if [[ ${1:-} == sdpa ]]; then  # the CUDA-graph step by attention kernel on one card, ~4 minutes
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    stage 110 "${B[@]}" "${BASE[@]}" --modes graphed
+    stage 90 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
+    # Inductor pads the inter-block-attention product (12 x 13 weights) to 16 x 16
+    stage 90 env TORCHINDUCTOR_SHAPE_PADDING=0 "${B[@]}" "${BASE[@]}" --modes graphed \
+      --sdpa efficient
+    stage 60 "${B[@]}" "${BASE[@]}" --modes compiled --sdpa efficient --profile "$OUT/profile.txt"
+    echo "## done at $SECONDS s"
+  } 2>&1 | tee "$OUT/gpu_sdpa.log"
+  exit
+fi
 if [[ ${1:-} == profile ]]; then
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
