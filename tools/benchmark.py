@@ -131,11 +131,15 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     opt.zero_grad(set_to_none=True)
 
     if mode == "graphed":
+        # the peak is taken over the capture too: what the graph's private pool allocates then
+        # counts as allocated, and between replays it does not
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
         graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs, ids_shuffle=masks[0])
     for i in range(args.warmup):
         step(i)
     sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and mode != "graphed":
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     for i in range(args.steps):
@@ -223,8 +227,8 @@ def cmd_step(args) -> int:
                 if args.out:  # line by line: a run cut short keeps what it measured
                     with open(args.out, "a") as f:
                         f.write(json.dumps(rec) + "\n")
-    # GiB: peak allocated; held: peak reserved by the allocator, which is the one to read for
-    # CUDA-graph modes (a graph's private pool does not count as allocated between replays)
+    # GiB: peak allocated (graphed: over the capture, when the graph's private pool counts as
+    # allocated); held: peak reserved by the allocator, cached blocks included
     print(f"\n{'model':35s} {'γ':>5s} {'mode':22s} {'img/s':>8s} {'ms':>7s} {'GiB':>6s} "
           f"{'held':>6s} {'GFLOP/img':>9s} {'MFU':>6s}  official")  # fmt: skip
     for r in rows:

@@ -47,6 +47,7 @@ if [[ ${1:-} == tuning ]]; then  # 2026-11-27, second session: what is left for 
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     # baseline on this card, with Inductor's generated code logged: which ops it leaves to ATen
+    # (TORCH_LOGS also prints the code to stderr: the recorded log has those lines filtered out)
     stage 150 env TORCH_LOGS=output_code TORCH_LOGS_OUT=/tmp/output_code.log \
       "${B[@]}" "${BASE[@]}" --modes graphed
     python3 - /tmp/output_code.log >"$OUT/aten_calls.txt" <<'PY'
@@ -54,7 +55,7 @@ import collections, re, sys
 lines = open(sys.argv[1], errors="replace").read().splitlines()
 calls = collections.Counter()
 for i, line in enumerate(lines):
-    m = re.search(r"(torch\.ops\.aten\.\w+(\.\w+)?|extern_kernels\.\w+)\(", line)
+    m = re.search(r"((?:torch\.ops\.)?aten\.\w+(?:\.\w+)?|extern_kernels\.\w+)\(", line)
     if m and "#" not in line.split(m.group(0))[0]:
         src = next((lines[j] for j in range(i - 1, max(i - 6, 0), -1)
                     if "Original ATen" in lines[j]), "")
