@@ -36,6 +36,20 @@ def test_step_benchmark_runs_on_cpu_at_tiny_size():
     assert rows[0]["gflop_per_img"] < rows[1]["gflop_per_img"]
 
 
+def test_step_benchmark_takes_inductor_settings_and_names_a_wrong_one():
+    rows = run_tool("step", "--tiny", "--batch", "4", "--steps", "1", "--warmup", "1",
+                    "--modes", "compiled", "--models", "crossmae_vit_base_patch16",
+                    "--pred-ratios", "0.25",
+                    "--inductor", "triton.mix_order_reduction_split_size=64")  # fmt: skip
+    assert rows[0]["inductor"] == {"triton.mix_order_reduction_split_size": 64}
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark.py"), "step", "--tiny",
+         "--inductor", "triton.no_such_setting=1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode != 0 and "triton.no_such_setting does not exist" in res.stderr
+
+
 def test_attention_benchmark_times_each_backend_on_cpu():
     rows = run_tool("attention", "--batch", "2", "--iters", "1", "--warmup", "1")
     timed = [r for r in rows if "fwd_bwd_ms" in r]

@@ -158,6 +158,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
         "mode": f"bf16 {mode}",
         "compile_mode": args.compile_mode if mode != "eager" else None,
         "sdpa": args.sdpa,
+        "inductor": args.inductor_settings if mode != "eager" else {},
         "batch": args.batch,
         "img_per_s": args.batch / dt,
         "step_ms": dt * 1e3,
@@ -207,8 +208,33 @@ def print_profile(step, device: torch.device, title: str, path: str) -> None:
         f.write(text)
 
 
+def inductor_settings(pairs: list[str]) -> dict:
+    """``["triton.mix_order_reduction_split_size=64", ...]`` -> Inductor config overrides, values
+    read as Python literals; a name Inductor does not have fails here, before anything runs."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--inductor takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--inductor {key}: {value!r} is not a Python literal") from None
+    try:
+        with inductor_config.patch(out):
+            pass
+    except AttributeError as e:
+        raise SystemExit(f"--inductor: {e}") from None
+    return out
+
+
 def cmd_step(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.inductor_settings = inductor_settings(args.inductor)
     if args.peak_tflops is None:
         args.peak_tflops = matmul_peak_tflops(device)
     rows = []
@@ -216,7 +242,9 @@ def cmd_step(args) -> int:
         ratios = args.pred_ratios if name.startswith("crossmae") else [None]
         for g in ratios:
             for mode in args.modes:
-                rec = bench_step(name, g, mode, args, device)
+                # Inductor settings are part of its cache key: no cached compilation is reused
+                with torch._inductor.config.patch(args.inductor_settings):
+                    rec = bench_step(name, g, mode, args, device)
                 torch._dynamo.reset()  # free this model before the next one's peak is measured
                 gc.collect()
                 if device.type == "cuda":
@@ -244,6 +272,7 @@ def cmd_step(args) -> int:
         name += " plain" if r["decoder_path"] == "plain" and "crossmae" in r["model"] else ""
         name += " ckpt" if r["grad_checkpointing"] else ""
         name += f" {r['sdpa']}" if r["sdpa"] != "auto" else ""
+        name += " +inductor" if r["inductor"] else ""
         mode = r["mode"] + (
             f" {r['compile_mode']}" if r["compile_mode"] not in (None, "default") else ""
         )
@@ -359,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
         help="torch.compile mode (reduce-overhead = CUDA graphs)",
+    )
+    p.add_argument(
+        "--inductor",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Inductor config overrides, e.g. triton.mix_order_reduction_split_size=64",
     )
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)

@@ -12,6 +12,9 @@
 # The device image has torch, timm and pytest but not this package's other dependencies: the
 # benchmark imports only torch, torchvision, PIL and numpy; the training-loop test also needs the
 # pure-Python omegaconf, antlr4, PyYAML and tqdm copied into .device_data/site.
+# `bash tools/gpu_session.sh next` (BUDGET=400, timeout_s 440) is the one to run next: the fastest
+# configuration with its graphed peak memory, then two Inductor settings for the LayerNorm
+# gradients (docs/results.md, second session of 2026-11-27).
 # `bash tools/gpu_session.sh graphed` runs only the CUDA-graph step (BUDGET=300, timeout_s 340).
 # `bash tools/gpu_session.sh profile` instead runs the kernel-time tables of the CrossMAE-B step
 # (eager and compiled), about 3 minutes.
@@ -73,6 +76,22 @@ PY
       -p no:cacheprovider
     echo "## done at $SECONDS s"
   } 2>&1 | tee "$OUT/gpu_tuning.log"
+  exit
+fi
+if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, ~5 minutes
+  {
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    # the 7,039 img/s configuration again, its peak now taken over the graph's capture
+    stage 110 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
+    # LayerNorm weight/bias gradients: Inductor's mix-order reductions end in 96 ATen column
+    # sums a step over (numel / split) partial rows, 16 us each at split 16 (1.56 ms a step)
+    stage 90 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient \
+      --inductor triton.mix_order_reduction_split_size=64
+    stage 90 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient \
+      --inductor triton.mix_order_reduction=False
+    stage 90 "${B[@]}" --models mae_vit_base_patch16 --modes graphed
+    echo "## done at $SECONDS s"
+  } 2>&1 | tee "$OUT/gpu_next.log"
   exit
 fi
 if [[ ${1:-} == sdpa ]]; then  # the CUDA-graph step by attention kernel on one card, ~4 minutes
