@@ -150,3 +150,12 @@ def _open_free_dicts(cfg: DictConfig) -> None:
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """A resolved plain-dict copy (for checkpoints and logs)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``key=value`` strings (command-line ``--set``) -> a dict of typed values (YAML: 12, 1e-06,
+    true, [-1])."""
+    bad = [item for item in items if "=" not in item or item.startswith("=")]
+    if bad:
+        raise SystemExit(f"expected key=value, got {bad}")
+    return OmegaConf.to_container(OmegaConf.from_dotlist(items))

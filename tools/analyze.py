@@ -29,10 +29,10 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
 from crossmae.checkpoint import load_checkpoint, model_from_checkpoint, write_text_atomic
+from crossmae.config import parse_settings
 from crossmae.data import BuiltinPhotos, EvalTransform, ImageFiles, denormalize
 from crossmae.models import MAE, CrossMAE, create_model
 from crossmae.models.masking import normalize_patches, patchify, unpatchify
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seed", type=int, default=0, help="fixes the masks")
     args = parser.parse_args(argv)
     if args.command == "flops":
-        args.settings = OmegaConf.to_container(OmegaConf.from_dotlist(args.settings))
+        args.settings = parse_settings(args.settings)
     args.out.mkdir(parents=True, exist_ok=True)
     return args.func(args)
 

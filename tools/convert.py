@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 from crossmae.checkpoint import (
     PRETRAIN_FORMAT,
@@ -37,20 +36,13 @@ from crossmae.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
+from crossmae.config import parse_settings
 from crossmae.models import create_model
 from crossmae.models.official import official_to_ours, to_official
 
 TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
               768: "vit_base_patch16_224", 1024: "vit_large_patch16_224",
               1280: "vit_huge_patch14_224"}  # fmt: skip
-
-
-def parse_settings(items: list[str]) -> dict:
-    """``key=value`` strings -> a dict of typed values (YAML: 12, 1e-06, true, [-1])."""
-    bad = [item for item in items if "=" not in item or item.startswith("=")]
-    if bad:
-        raise SystemExit(f"expected key=value, got {bad}")
-    return OmegaConf.to_container(OmegaConf.from_dotlist(items))
 
 
 def from_official_file(src: str, arch: str, settings: dict) -> dict:
