@@ -18,7 +18,7 @@ Usage (see ``crossmae.train.pretrain`` with ``train.cuda_graph=true``)::
 
     def loss_fn(imgs, ids_shuffle):
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            return model(imgs, ids_shuffle=ids_shuffle)["loss"]
+            return model(imgs, ids_shuffle=ids_shuffle, with_pred=False)["loss"]
 
     step = GraphedStep(loss_fn, model.parameters(), imgs=imgs, ids_shuffle=ids)
     loss = step(imgs=imgs, ids_shuffle=ids)  # gradients are in p.grad

@@ -45,6 +45,24 @@ def test_every_variant_builds_runs_and_trains(name):
         assert torch.all(out["pred"][out["mask"] == 0] == 0)
 
 
+@pytest.mark.parametrize("name", ["crossmae_vit_tiny_patch16", "mae_vit_tiny_patch16"])
+def test_a_training_step_can_leave_the_prediction_out(name):
+    """with_pred=False (what the training loop passes): the same loss and gradients, no pred."""
+    model = crossmae.create_model(name, **TINY)
+    imgs = torch.randn(2, 3, 32, 32)
+    ids = model.mask_sampler(2, imgs.device)
+    runs = []
+    for with_pred in (True, False):
+        model.zero_grad()
+        out = model(imgs, ids_shuffle=ids, with_pred=with_pred)
+        out["loss"].backward()
+        runs.append((out, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (full, grads), (lean, lean_grads) = runs
+    assert "pred" in full and "pred" not in lean
+    assert torch.equal(full["loss"], lean["loss"]) and torch.equal(full["mask"], lean["mask"])
+    assert all(torch.equal(a, b) for a, b in zip(grads, lean_grads, strict=True))
+
+
 def test_registry_defaults_follow_the_paper():
     sizes = ("tiny_patch16", "small_patch16", "base_patch16", "large_patch16", "huge_patch14")
     expected = {f"{kind}_vit_{size}" for kind in ("crossmae", "mae") for size in sizes}

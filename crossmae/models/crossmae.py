@@ -189,6 +189,7 @@ class CrossMAE(MaskedAutoencoderBase):
         mask_ratio: float | None = None,
         pred_ratio: float | None = None,
         ids_shuffle: torch.Tensor | None = None,
+        with_pred: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One pretraining forward pass.
 
@@ -196,6 +197,8 @@ class CrossMAE(MaskedAutoencoderBase):
             imgs: (N, C, H, W) normalised images.
             mask_ratio, pred_ratio: override the configured p and γ for this call.
             ids_shuffle: (N, L) permutation fixing the mask (the official ``argsort(noise)``).
+            with_pred: return ``pred``; a training step passes False, and the full-size
+                prediction is never made (in a compiled step, never allocated).
 
         Returns:
             ``loss`` (scalar, = ``loss_recon``), ``pred`` (N, L, p*p*C; zeros where not
@@ -213,12 +216,10 @@ class CrossMAE(MaskedAutoencoderBase):
         target = self.pixel_target(imgs, ids_pred)
         loss = (pred.to(target.dtype) - target).pow(2).mean()
 
-        full = pred.new_zeros(imgs.shape[0], self.num_patches, pred.shape[-1])
-        full = full.scatter(1, ids_pred.unsqueeze(-1).expand(-1, -1, pred.shape[-1]), pred)
-        return {
-            "loss": loss,
-            "loss_recon": loss,
-            "pred": full,
-            "mask": mask.to(imgs.dtype),
-            "ids_shuffle": ids_shuffle,
-        }
+        out = {"loss": loss, "loss_recon": loss, "mask": mask.to(imgs.dtype),
+               "ids_shuffle": ids_shuffle}  # fmt: skip
+        if with_pred:
+            full = pred.new_zeros(imgs.shape[0], self.num_patches, pred.shape[-1])
+            index = ids_pred.unsqueeze(-1).expand(-1, -1, pred.shape[-1])
+            out["pred"] = full.scatter(1, index, pred)
+        return out

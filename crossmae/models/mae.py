@@ -146,9 +146,11 @@ class MAE(MaskedAutoencoderBase):
         mask_ratio: float | None = None,
         pred_ratio: float | None = None,
         ids_shuffle: torch.Tensor | None = None,
+        with_pred: bool = True,
     ) -> dict[str, torch.Tensor]:
         """One pretraining forward pass; ``pred_ratio`` is accepted and ignored (MAE predicts
-        every masked patch).
+        every masked patch). ``with_pred=False`` leaves ``pred`` out (a training step: a
+        compiled one then need not keep the prediction once the loss is computed).
 
         Returns:
             ``loss`` (scalar, = ``loss_recon``), ``pred`` (N, L, p*p*C at every position),
@@ -166,10 +168,7 @@ class MAE(MaskedAutoencoderBase):
         mask = mask.to(target.dtype)
         per_patch = (pred.to(target.dtype) - target).pow(2).mean(dim=-1)  # (N, L)
         loss = (per_patch * mask).sum() / mask.sum()
-        return {
-            "loss": loss,
-            "loss_recon": loss,
-            "pred": pred,
-            "mask": mask,
-            "ids_shuffle": ids_shuffle,
-        }
+        out = {"loss": loss, "loss_recon": loss, "mask": mask, "ids_shuffle": ids_shuffle}
+        if with_pred:
+            out["pred"] = pred
+        return out
