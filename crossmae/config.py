@@ -63,6 +63,9 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = False  # replay forward + backward as one CUDA graph (one GPU, no fp16)
     sdpa: str = "auto"  # attention kernel: auto | flash | efficient | cudnn | math
+    # compiled step: what torch's partitioner may keep for backward, 1.0 = its fastest choice;
+    # lower recomputes more in backward to hold less (tools/benchmark.py saved)
+    activation_memory_budget: float = 1.0
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._functorch.config as functorch_config
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -383,6 +384,13 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         raise ConfigError(f"train.sdpa must be one of {sorted(SDPA_BACKENDS)}, got {tc.sdpa!r}")
     if tc.sdpa in ("efficient", "cudnn") and device.type != "cuda":
         raise ConfigError(f"train.sdpa={tc.sdpa} is a CUDA kernel; this run is on {device.type}")
+    if not 0.0 <= tc.activation_memory_budget <= 1.0:
+        raise ConfigError(
+            f"train.activation_memory_budget is in [0, 1], got {tc.activation_memory_budget}"
+        )
+    if tc.activation_memory_budget != 1.0 and not tc.compile:
+        raise ConfigError("train.activation_memory_budget applies to the compiled step: "
+                          "set train.compile=true")  # fmt: skip
 
     # data source first: a wrong path or an empty folder fails before anything is written
     if cfg.data.path:
@@ -501,11 +509,15 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         """The summed named losses of one forward (autocast's weight cache is off under CUDA-graph
         capture)."""
-        with torch.autocast(
-            device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
-            cache_enabled=not tc.cuda_graph,
+        with (
+            torch.autocast(
+                device.type, dtype=amp_dtype, enabled=amp_dtype is not None,
+                cache_enabled=not tc.cuda_graph,
+            ),
+            # read when the step compiles (first call, recompilations)
+            functorch_config.patch(activation_memory_budget=tc.activation_memory_budget),
         ):  # fmt: skip
-            out = forward(imgs, ids_shuffle=ids_shuffle)
+            out = forward(imgs, ids_shuffle=ids_shuffle, with_pred=False)
         return sum(v for n, v in out.items() if n.startswith("loss_"))
 
     # fixed images for the reconstruction PNGs

@@ -40,14 +40,37 @@ def test_step_benchmark_takes_inductor_settings_and_names_a_wrong_one():
     rows = run_tool("step", "--tiny", "--batch", "4", "--steps", "1", "--warmup", "1",
                     "--modes", "compiled", "--models", "crossmae_vit_base_patch16",
                     "--pred-ratios", "0.25",
-                    "--inductor", "triton.mix_order_reduction_split_size=64")  # fmt: skip
+                    "--inductor", "triton.mix_order_reduction_split_size=64",
+                    "--memory-budget", "0.8")  # fmt: skip
     assert rows[0]["inductor"] == {"triton.mix_order_reduction_split_size": 64}
+    assert rows[0]["memory_budget"] == 0.8
     res = subprocess.run(
         [sys.executable, str(REPO / "tools" / "benchmark.py"), "step", "--tiny",
          "--inductor", "triton.no_such_setting=1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode != 0 and "triton.no_such_setting does not exist" in res.stderr
+
+
+def test_saved_lists_what_the_compiled_step_keeps_and_a_budget_shrinks_it():
+    """At a lower activation memory budget the partitioner keeps less: the MLP's GELU output is
+    recomputed from its input instead of saved."""
+    rows = run_tool("saved", "--tiny", "--batch", "32", "--models", "crossmae_vit_base_patch16",
+                    "--pred-ratios", "0.25", "--memory-budget", "1.0", "0.5", "--device", "cpu",
+                    "--top", "50")  # fmt: skip
+    full, low = rows
+    assert (full["memory_budget"], low["memory_budget"]) == (1.0, 0.5)
+    assert 0 < low["saved_gib"] < full["saved_gib"]
+    assert sum(g["mib"] for g in full["largest"]) == pytest.approx(full["saved_gib"] * 1024)
+    producers = {b: {g["producer"] for g in r["largest"]} for b, r in ((1, full), (0.5, low))}
+    assert "gelu" in producers[1] and "gelu" not in producers[0.5]
+    assert {"addmm", "add"} <= producers[1]
+    res = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "benchmark.py"), "saved", "--tiny",
+         "--memory-budget", "1.5"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert res.returncode != 0 and "a memory budget is in [0, 1], got 1.5" in res.stderr
 
 
 def test_attention_benchmark_times_each_backend_on_cpu():

@@ -143,6 +143,38 @@ def test_gpu_only_settings_fail_on_cpu_before_anything_is_written(tmp_path, sett
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [(["train.activation_memory_budget=1.5"], r"activation_memory_budget is in \[0, 1\], got 1.5"),
+     (["train.activation_memory_budget=0.5"], "applies to the compiled step")],
+)  # fmt: skip
+def test_a_wrong_memory_budget_fails_before_anything_is_written(tmp_path, settings, message):
+    cfg = load_config(PretrainConfig, [], [*TINY, *settings, f"output_dir={tmp_path}/r"])
+    with pytest.raises(ConfigError, match=message):
+        pretrain(cfg)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_memory_budget_reaches_the_compiled_step(tmp_path, monkeypatch):
+    """train.activation_memory_budget is what torch's partitioner reads when the step compiles."""
+    import torch._functorch.partitioners as partitioners
+
+    budgets = []
+    choose = partitioners.choose_saved_values_set
+
+    def record(*args, memory_budget, **kw):
+        budgets.append(memory_budget)
+        return choose(*args, memory_budget=memory_budget, **kw)
+
+    monkeypatch.setattr(partitioners, "choose_saved_values_set", record)
+    torch._dynamo.reset()  # no cached compilation of an earlier test
+    settings = ["train.compile=true", "train.max_steps=2", "train.activation_memory_budget=0.5",
+                "log.vis_every_epochs=0", f"output_dir={tmp_path}/r"]  # fmt: skip
+    pretrain(load_config(PretrainConfig, [], [*TINY, *settings]))
+    assert budgets and set(budgets) == {0.5}
+    assert [s for s, _ in losses(tmp_path / "r")] == [1, 2]
+
+
 @pytest.mark.gpu
 def test_cuda_graph_run_matches_the_plain_run(tmp_path, monkeypatch):
     """train.cuda_graph replays forward + backward: the same losses as the plain loop (fp32).

@@ -11,6 +11,9 @@ pipeline (decoded + augmented images per second).
     python tools/benchmark.py attention --batch 256
     # the same at a tiny size on CPU (what CI runs)
     python tools/benchmark.py step --tiny --batch 8 --steps 3 --warmup 1
+    # what the compiled step keeps for backward, at any size, on CPU, without running it
+    python tools/benchmark.py saved --models crossmae_vit_base_patch16 --batch 256 \
+        --memory-budget 1.0 0.9
     # image pipeline: CPU decode + RandomResizedCrop per worker, and the GPU decode path
     python tools/benchmark.py data --folder ../shared/data/imagenette/train --images 300
 
@@ -20,17 +23,23 @@ Synthetic images and masks live on the device before timing starts; a step is fo
 ``crossmae.cuda_graph.GraphedStep``, the optimizer step eager after it, as in training). FLOPs per
 image are counted with ``torch.utils.flop_counter`` on one step; MFU divides achieved FLOP/s by
 the card's measured bf16 matmul peak (an 8192^3 product), or by ``--peak-tflops``.
+``--memory-budget`` sets torch's ``activation_memory_budget`` for the compiled step (1.0: the
+partitioner's fastest choice; lower: recompute more in backward, save less); ``saved`` lists what
+that choice keeps from forward for backward (``saved_for_backward``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import itertools
 import json
 import sys
 import time
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from crossmae import create_model
@@ -86,8 +95,8 @@ def step_flops(model, imgs: torch.Tensor, ids: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: torch.device) -> dict:
-    """Time forward + backward + AdamW of one model configuration."""
+def build(name: str, pred_ratio: float | None, args, device: torch.device):
+    """The model of one benchmark row, in training mode on ``device``."""
     kw = dict(TINY) if args.tiny else {}
     if args.decoder_depth is not None:
         kw["decoder_depth"] = args.decoder_depth
@@ -99,7 +108,32 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
     if args.plain_decoder:
         model.decoder.fused = False  # CrossMAE only: per-block LayerNorm + K/V projection
     set_attention_backend(model, args.sdpa)
-    model.to(device).train()
+    return model.to(device).train()
+
+
+def compile_settings(args, budget: float) -> contextlib.ExitStack:
+    """Inductor overrides and the activation memory budget, in effect while a row compiles; both
+    are part of the compilation caches' keys, so no cached compilation of other settings is
+    reused."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch._inductor.config.patch(args.inductor_settings))
+    stack.enter_context(functorch_config.patch(activation_memory_budget=budget))
+    return stack
+
+
+def first_step(loss_of, opt, imgs: torch.Tensor, ids: torch.Tensor) -> None:
+    """One step, so that the optimizer's state exists; like ``step_flops``, nothing of its
+    autograd graph outlives the call."""
+    loss_of(imgs, ids).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def bench_step(
+    name: str, pred_ratio: float | None, mode: str, budget: float, args, device: torch.device
+) -> dict:
+    """Time forward + backward + AdamW of one model configuration."""
+    model = build(name, pred_ratio, args, device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
@@ -112,7 +146,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
 
     def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode != "graphed"):
-            return fwd(imgs, ids_shuffle=ids_shuffle)["loss"]
+            return fwd(imgs, ids_shuffle=ids_shuffle, with_pred=False)["loss"]
 
     graphed = None
 
@@ -132,7 +166,9 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
 
     if mode == "graphed":
         # the peak is taken over the capture too: what the graph's private pool allocates then
-        # counts as allocated, and between replays it does not
+        # counts as allocated, and between replays it does not. AdamW's state is made first (one
+        # step), so that peak holds everything the step needs at once
+        first_step(loss_of, opt, imgs, masks[0])
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs, ids_shuffle=masks[0])
@@ -159,6 +195,7 @@ def bench_step(name: str, pred_ratio: float | None, mode: str, args, device: tor
         "compile_mode": args.compile_mode if mode != "eager" else None,
         "sdpa": args.sdpa,
         "inductor": args.inductor_settings if mode != "eager" else {},
+        "memory_budget": budget if mode != "eager" else None,
         "batch": args.batch,
         "img_per_s": args.batch / dt,
         "step_ms": dt * 1e3,
@@ -208,6 +245,140 @@ def print_profile(step, device: torch.device, title: str, path: str) -> None:
         f.write(text)
 
 
+class _Partitioned(Exception):
+    """Raised once the forward graph is cut: ``saved_for_backward`` has what it needs."""
+
+
+def _caused_by(e: BaseException | None, kind: type) -> bool:
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return False
+
+
+def producer(node) -> str:
+    """The op that made a graph value, looking through views: ``addmm``, ``gelu``,
+    ``native_layer_norm[0]`` (one output of several), ``input`` (a parameter or input)."""
+    views = {"view", "_unsafe_view", "t", "transpose", "permute", "expand", "unsqueeze",
+             "squeeze", "slice", "alias", "detach", "unbind", "split", "select",
+             "reshape"}  # fmt: skip
+
+    def name(n) -> str:
+        return getattr(n.target, "__name__", str(n.target)).split(".")[0]
+
+    while node.op == "call_function" and node.args and hasattr(node.args[0], "op"):
+        if name(node) == "getitem" and name(node.args[0]) not in views:
+            return f"{producer(node.args[0])}[{node.args[1]}]"
+        if name(node) not in views | {"getitem"}:
+            return name(node)
+        node = node.args[0]
+    return "input" if node.op == "placeholder" else name(node)
+
+
+def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
+    """What the compiled training step keeps from forward for backward, found without running
+    it: the forward (bf16 autocast) is traced by ``torch.compile`` into AOTAutograd, cut by
+    Inductor's partitioner (min-cut rematerialisation, with the functorch settings in effect,
+    e.g. ``activation_memory_budget``), and stopped there. The cut forward graph's extra outputs
+    are the saved tensors. Returns ``saved``, a list of {bytes, dtype, shape, producer} (a
+    storage shared by several is counted once; parameters and inputs, alive anyway, count 0),
+    and ``output_bytes``, the forward's own outputs.
+
+    The step compiles as one graph (``tests/test_fast_path.py``). On CPU, autocast keeps
+    LayerNorm in its input's precision where CUDA's runs it in fp32, so a CPU cut can differ
+    from the CUDA one in detail."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    found = {}
+
+    def nbytes(v: torch.Tensor) -> int:
+        return v.untyped_storage().nbytes()
+
+    def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
+        fw, _ = min_cut_rematerialization_partition(
+            joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, compiler="inductor", **kw
+        )
+        (outputs,) = next(n for n in fw.graph.nodes if n.op == "output").args
+        values = [n.meta.get("val") for n in outputs]
+        found["output_bytes"] = sum(
+            nbytes(v) for v in values[:num_fwd_outputs] if isinstance(v, torch.Tensor)
+        )
+        # the graph's inputs (parameters, images) live anyway: not counted
+        seen = {StorageWeakRef(v.untyped_storage()) for v in joint_inputs[0]
+                if isinstance(v, torch.Tensor)}  # fmt: skip
+        saved = []
+        for node, v in zip(outputs[num_fwd_outputs:], values[num_fwd_outputs:], strict=True):
+            if not isinstance(v, torch.Tensor):
+                continue  # symbolic sizes
+            storage = StorageWeakRef(v.untyped_storage())
+            saved.append({"bytes": 0 if storage in seen else nbytes(v),
+                          "dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape),
+                          "producer": producer(node)})  # fmt: skip
+            seen.add(storage)
+        found["saved"] = saved
+        raise _Partitioned
+
+    def never(gm, example_inputs):
+        raise AssertionError("the partition stops the compilation before this")
+
+    backend = aot_autograd(fw_compiler=never, partition_fn=partition)
+    torch._dynamo.reset()
+    try:
+        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            torch.compile(model, backend=backend)(imgs, ids_shuffle=ids, with_pred=False)
+    except Exception as e:  # Dynamo wraps what a backend raises
+        if not _caused_by(e, _Partitioned):
+            raise
+    finally:
+        torch._dynamo.reset()
+    if "saved" not in found:
+        raise RuntimeError("the compiled forward was never partitioned (no parameter needs grad?)")
+    return found
+
+
+def cmd_saved(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.inductor_settings = inductor_settings(args.inductor)
+    for name in args.models:
+        for g in args.pred_ratios if name.startswith("crossmae") else [None]:
+            model = build(name, g, args, device)
+            size = model.grid_size[0] * model.patch_size
+            imgs = torch.randn(args.batch, 3, size, size, device=device)
+            ids = model.mask_sampler(args.batch, device)
+            for budget in args.memory_budget:
+                with compile_settings(args, budget):
+                    found = saved_for_backward(model, imgs, ids)
+                groups = {}
+                for t in found["saved"]:
+                    key = (t["producer"], t["dtype"], tuple(t["shape"]))
+                    n, b = groups.get(key, (0, 0))
+                    groups[key] = (n + 1, b + t["bytes"])
+                top = sorted(groups.items(), key=lambda kv: -kv[1][1])[: args.top]
+                rec = {
+                    "model": name, "tiny": args.tiny,
+                    "pred_ratio": getattr(model, "pred_ratio", None), "batch": args.batch,
+                    "memory_budget": budget, "sdpa": args.sdpa, "inductor": args.inductor_settings,
+                    "device": device.type, "torch": torch.__version__,
+                    "saved_tensors": len(found["saved"]),
+                    "saved_gib": sum(t["bytes"] for t in found["saved"]) / 2**30,
+                    "output_gib": found["output_bytes"] / 2**30,
+                    "largest": [{"producer": p, "dtype": d, "shape": list(shape), "count": n,
+                                 "mib": b / 2**20} for (p, d, shape), (n, b) in top],
+                }  # fmt: skip
+                print(json.dumps(rec), flush=True)
+                print(f"# {name} γ={rec['pred_ratio']} batch {args.batch}, memory budget {budget:g}"
+                      f" ({device.type}): {rec['saved_tensors']} tensors, "
+                      f"{rec['saved_gib'] * 1024:.1f} MiB saved for backward; forward outputs "
+                      f"{rec['output_gib'] * 1024:.1f} MiB")  # fmt: skip
+                for r in rec["largest"]:
+                    print(f"#   {r['mib']:9.1f} MiB  {r['count']:3d} x {r['dtype']:8s} "
+                          f"{str(tuple(r['shape'])):24s} {r['producer']}")  # fmt: skip
+    return 0
+
+
 def inductor_settings(pairs: list[str]) -> dict:
     """``["triton.mix_order_reduction_split_size=64", ...]`` -> Inductor config overrides, values
     read as Python literals; a name Inductor does not have fails here, before anything runs."""
@@ -241,10 +412,11 @@ def cmd_step(args) -> int:
     for name in args.models:
         ratios = args.pred_ratios if name.startswith("crossmae") else [None]
         for g in ratios:
-            for mode in args.modes:
-                # Inductor settings are part of its cache key: no cached compilation is reused
-                with torch._inductor.config.patch(args.inductor_settings):
-                    rec = bench_step(name, g, mode, args, device)
+            for mode, budget in itertools.product(args.modes, args.memory_budget):
+                if mode == "eager" and budget != args.memory_budget[0]:
+                    continue  # the budget is the compiled step's
+                with compile_settings(args, budget):
+                    rec = bench_step(name, g, mode, budget, args, device)
                 torch._dynamo.reset()  # free this model before the next one's peak is measured
                 gc.collect()
                 if device.type == "cuda":
@@ -257,7 +429,7 @@ def cmd_step(args) -> int:
                         f.write(json.dumps(rec) + "\n")
     # GiB: peak allocated (graphed: over the capture, when the graph's private pool counts as
     # allocated); held: peak reserved by the allocator, cached blocks included
-    print(f"\n{'model':35s} {'γ':>5s} {'mode':22s} {'img/s':>8s} {'ms':>7s} {'GiB':>6s} "
+    print(f"\n{'model':45s} {'γ':>5s} {'mode':22s} {'img/s':>8s} {'ms':>7s} {'GiB':>6s} "
           f"{'held':>6s} {'GFLOP/img':>9s} {'MFU':>6s}  official")  # fmt: skip
     for r in rows:
         mem, held = (
@@ -273,12 +445,13 @@ def cmd_step(args) -> int:
         name += " ckpt" if r["grad_checkpointing"] else ""
         name += f" {r['sdpa']}" if r["sdpa"] != "auto" else ""
         name += " +inductor" if r["inductor"] else ""
+        name += f" budget {r['memory_budget']:g}" if r["memory_budget"] not in (None, 1.0) else ""
         mode = r["mode"] + (
             f" {r['compile_mode']}" if r["compile_mode"] not in (None, "default") else ""
         )
         official = r.get("official_h100_img_per_s", "")
         print(
-            f"{name:35s} {g:>5s} {mode:22s} {r['img_per_s']:8.0f} {r['step_ms']:7.1f} "
+            f"{name:45s} {g:>5s} {mode:22s} {r['img_per_s']:8.0f} {r['step_ms']:7.1f} "
             f"{mem:>6s} {held:>6s} {r['gflop_per_img']:9.3f} {mfu:>6s}  {official}"
         )
     return 0
@@ -364,31 +537,21 @@ def cmd_data(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("step", help="training-step throughput")
+def budget_value(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a memory budget is in [0, 1], got {value}")
+    return value
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model of each row and how it is compiled (``step`` and ``saved``)."""
     p.add_argument(
         "--models", nargs="+", default=["crossmae_vit_base_patch16", "mae_vit_base_patch16"]
     )
     p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
     p.add_argument("--decoder-depth", type=int, default=None)
-    p.add_argument(
-        "--modes",
-        nargs="+",
-        choices=["eager", "compiled", "graphed"],
-        default=["eager", "compiled"],
-        help="graphed = compiled + forward/backward as one CUDA graph (GPU only)",
-    )
     p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto", help="attention backend")
-    p.add_argument(
-        "--compile-mode",
-        default="default",
-        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
-        help="torch.compile mode (reduce-overhead = CUDA graphs)",
-    )
     p.add_argument(
         "--inductor",
         nargs="+",
@@ -396,19 +559,52 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="Inductor config overrides, e.g. triton.mix_order_reduction_split_size=64",
     )
+    p.add_argument(
+        "--memory-budget",
+        nargs="+",
+        type=budget_value,
+        default=[1.0],
+        help="activation memory budgets of the compiled step, one row each (1.0 = torch's default)",
+    )
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="tiny widths (CPU / CI)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(
         "--plain-decoder", action="store_true", help="CrossMAE: the unfused per-block K/V path"
     )
     p.add_argument("--device", default=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("step", help="training-step throughput")
+    add_model_args(p)
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["eager", "compiled", "graphed"],
+        default=["eager", "compiled"],
+        help="graphed = compiled + forward/backward as one CUDA graph (GPU only)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (reduce-overhead = CUDA graphs)",
+    )
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU only)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--profile", default=None, help="append a kernel-time table of 5 steps here")
     p.set_defaults(func=cmd_step)
+    p = sub.add_parser("saved", help="what the compiled step keeps for backward (no step is run)")
+    add_model_args(p)
+    p.add_argument("--top", type=int, default=15, help="largest groups listed per row")
+    p.set_defaults(func=cmd_saved)
     p = sub.add_parser("attention", help="SDPA backends at the model's attention shapes")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)

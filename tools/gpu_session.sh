@@ -12,9 +12,10 @@
 # The device image has torch, timm and pytest but not this package's other dependencies: the
 # benchmark imports only torch, torchvision, PIL and numpy; the training-loop test also needs the
 # pure-Python omegaconf, antlr4, PyYAML and tqdm copied into .device_data/site.
-# `bash tools/gpu_session.sh next` (BUDGET=400, timeout_s 440) is the one to run next: the fastest
-# configuration with its graphed peak memory, then two Inductor settings for the LayerNorm
-# gradients (docs/results.md, second session of 2026-11-27).
+# `bash tools/gpu_session.sh next` (BUDGET=480, timeout_s 540) is the one to run next: the fastest
+# configuration with its graphed peak memory, what the compiled step saves for backward, a lower
+# activation memory budget, then two Inductor settings for the LayerNorm gradients
+# (docs/results.md, 2026-11-27).
 # `bash tools/gpu_session.sh graphed` runs only the CUDA-graph step (BUDGET=300, timeout_s 340).
 # `bash tools/gpu_session.sh profile` instead runs the kernel-time tables of the CrossMAE-B step
 # (eager and compiled), about 3 minutes.
@@ -78,11 +79,18 @@ PY
   } 2>&1 | tee "$OUT/gpu_tuning.log"
   exit
 fi
-if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, ~5 minutes
+if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, ~8 minutes
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    # the 7,039 img/s configuration again, its peak now taken over the graph's capture
+    # the 7,039 img/s configuration again; its peak is now taken over the graph's capture, with
+    # AdamW's state made before it: everything the step holds at once
     stage 110 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
+    # what the compiled step keeps for backward, cut with CUDA's autocast (the CPU cut in
+    # docs/results.md keeps LayerNorm in bf16), at the default budget and at 0.9
+    stage 60 python3 tools/benchmark.py saved "${BASE[@]}" --sdpa efficient --batch 256 \
+      --memory-budget 1.0 0.9 --top 25 | tee "$OUT/saved.txt"
+    # memory for speed: recompute GELU and the residual stream in backward (2.6 GiB less on CPU)
+    stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient --memory-budget 0.9
     # LayerNorm weight/bias gradients: Inductor's mix-order reductions end in 96 ATen column
     # sums a step over (numel / split) partial rows, 16 us each at split 16 (1.56 ms a step)
     stage 90 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient \
