@@ -42,7 +42,9 @@ class GraphedStep:
         params: the parameters whose gradients the backward computes.
         warmup: eager calls before capture, on a side stream (lazy initialisation, compilation,
             cuDNN/cuBLAS heuristics must not happen during capture). Their gradients are dropped.
-        **example: the input tensors (CUDA); later calls must give the same shapes and dtypes.
+        **example: the input tensors (CUDA). They become the graph's input buffers
+            (``static``), not copies: later calls write their inputs into them, so a caller does
+            not keep using them for anything else. Later calls give the same shapes and dtypes.
     """
 
     def __init__(
@@ -55,7 +57,7 @@ class GraphedStep:
         self.params = [p for p in params if p.requires_grad]
         if not example or any(not t.is_cuda for t in example.values()):
             raise ValueError("GraphedStep needs CUDA input tensors (CUDA graphs are CUDA-only)")
-        self.static = {k: v.detach().clone() for k, v in example.items()}
+        self.static = {k: v.detach() for k, v in example.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -76,7 +78,9 @@ class GraphedStep:
 
     def __call__(self, **inputs: torch.Tensor) -> torch.Tensor:
         """Copy ``inputs`` into the graph's buffers, replay; returns the loss (overwritten by the
-        next call: clone it to keep it)."""
+        next call: clone it to keep it). An input may be in (pinned) host memory, copied straight
+        into its buffer; one that is its buffer (``static[name]``, or the example it was
+        captured with) is not copied at all."""
         if inputs.keys() != self.static.keys():
             raise ValueError(f"GraphedStep was captured with inputs {sorted(self.static)}, "
                              f"got {sorted(inputs)}")  # fmt: skip
@@ -87,6 +91,7 @@ class GraphedStep:
                     f"input {name!r} is {t.dtype} {tuple(t.shape)}; the graph was captured with "
                     f"{buf.dtype} {tuple(buf.shape)} (a CUDA graph replays fixed shapes)"
                 )
-            buf.copy_(t, non_blocking=True)
+            if t.device != buf.device or t.data_ptr() != buf.data_ptr():
+                buf.copy_(t, non_blocking=True)
         self.graph.replay()
         return self.loss

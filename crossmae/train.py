@@ -636,12 +636,16 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 for k in range(accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
-                    imgs = to_images(batch)
+                    if graphed is not None and not cfg.data.gpu_decode:
+                        # pinned host memory, copied straight into the graph's input buffers
+                        imgs, ids = batch["images"], batch["ids_shuffle"]
+                    else:
+                        imgs = to_images(batch)
+                        ids = batch["ids_shuffle"].to(device, non_blocking=True)
                     window["data"] += time.perf_counter() - t0
                     skipped += batch["skipped"]
                     for name in batch["skipped"]:
                         log.warning("skipped unreadable file %s", name)
-                    ids = batch["ids_shuffle"].to(device, non_blocking=True)
                     if tc.cuda_graph:  # one process, one micro-batch (check_cuda_graph)
                         if graphed is None:
                             graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs,

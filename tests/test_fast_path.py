@@ -147,6 +147,14 @@ def test_graphed_step_gives_fresh_eager_gradients_on_every_replay():
         grads_ref = torch.autograd.grad(loss_ref, params)
         assert rel(loss, loss_ref.detach()) <= 1e-5
         assert all(rel(p.grad, g) <= 1e-4 for p, g in zip(params, grads_ref, strict=True))
+    # the example is the graph's buffer; host inputs (pinned) are copied straight into the buffers
+    assert step.static["imgs"].data_ptr() == imgs.data_ptr()
+    x, ids = torch.randn(8, 3, 32, 32).pin_memory(), model.mask_sampler(8, "cpu").pin_memory()
+    loss = step(imgs=x, ids_shuffle=ids).clone()
+    assert rel(loss, model(x.cuda(), ids_shuffle=ids.cuda())["loss"].detach()) <= 1e-5
+    # a buffer passed as its own input is replayed as it stands
+    loss = step(imgs=step.static["imgs"], ids_shuffle=step.static["ids_shuffle"]).clone()
+    assert rel(loss, model(x.cuda(), ids_shuffle=ids.cuda())["loss"].detach()) <= 1e-5
     with pytest.raises(ValueError, match="captured with"):
         step(imgs=x[:4], ids_shuffle=ids[:4])
 
