@@ -65,12 +65,15 @@ def test_saved_lists_what_the_compiled_step_keeps_and_a_budget_shrinks_it():
     producers = {b: {g["producer"] for g in r["largest"]} for b, r in ((1, full), (0.5, low))}
     assert "gelu" in producers[1] and "gelu" not in producers[0.5]
     assert {"addmm", "add"} <= producers[1]
-    res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), "saved", "--tiny",
-         "--memory-budget", "1.5"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert res.returncode != 0 and "a memory budget is in [0, 1], got 1.5" in res.stderr
+    for bad, message in (
+        (["--memory-budget", "1.5"], "a memory budget is in [0, 1], got 1.5"),
+        (["--sdpa", "efficient", "--device", "cpu"], "is a CUDA kernel"),
+    ):
+        res = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "benchmark.py"), "saved", "--tiny", *bad],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode != 0 and message in res.stderr
 
 
 def test_attention_benchmark_times_each_backend_on_cpu():

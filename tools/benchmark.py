@@ -341,8 +341,17 @@ def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
     return found
 
 
-def cmd_saved(args) -> int:
+def model_device(args) -> torch.device:
+    """The device of ``step`` and ``saved``: ``--device``, else CUDA when there is one; a CUDA-only
+    attention kernel elsewhere fails here, named."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.sdpa in ("efficient", "cudnn") and device.type != "cuda":
+        raise SystemExit(f"--sdpa {args.sdpa} is a CUDA kernel; this run is on {device.type}")
+    return device
+
+
+def cmd_saved(args) -> int:
+    device = model_device(args)
     args.inductor_settings = inductor_settings(args.inductor)
     for name in args.models:
         for g in args.pred_ratios if name.startswith("crossmae") else [None]:
@@ -406,7 +415,7 @@ def inductor_settings(pairs: list[str]) -> dict:
 
 
 def cmd_step(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = model_device(args)
     args.inductor_settings = inductor_settings(args.inductor)
     if args.peak_tflops is None:
         args.peak_tflops = matmul_peak_tflops(device)
