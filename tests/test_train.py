@@ -167,7 +167,10 @@ def test_the_memory_budget_reaches_the_compiled_step(tmp_path, monkeypatch):
         return choose(*args, memory_budget=memory_budget, **kw)
 
     monkeypatch.setattr(partitioners, "choose_saved_values_set", record)
-    torch._dynamo.reset()  # no cached compilation of an earlier test
+    # no cached compilation, in memory or on disk, from an earlier test or run
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     settings = ["train.compile=true", "train.max_steps=2", "train.activation_memory_budget=0.5",
                 "log.vis_every_epochs=0", f"output_dir={tmp_path}/r"]  # fmt: skip
     pretrain(load_config(PretrainConfig, [], [*TINY, *settings]))
