@@ -53,7 +53,7 @@ from .data import (
 from .data.gpu import JpegSamples, collate_raw, decode_batch
 from .knn import extract_features, knn_classify, topk_accuracy
 from .models import create_model
-from .models.layers import SDPA_BACKENDS, set_attention_backend
+from .models.layers import SDPA_BACKENDS, sdpa_device_problem, set_attention_backend
 from .optim import lr_at, param_groups, pretrain_lr
 from .reconstruction import reconstruct
 from .visualize import save_loss_curve, save_reconstruction_grid
@@ -382,8 +382,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         check_cuda_graph(tc, device, world, accum)
     if tc.sdpa not in SDPA_BACKENDS:
         raise ConfigError(f"train.sdpa must be one of {sorted(SDPA_BACKENDS)}, got {tc.sdpa!r}")
-    if tc.sdpa in ("efficient", "cudnn") and device.type != "cuda":
-        raise ConfigError(f"train.sdpa={tc.sdpa} is a CUDA kernel; this run is on {device.type}")
+    if problem := sdpa_device_problem(tc.sdpa, device.type):
+        raise ConfigError(f"train.sdpa={problem}")
     if not 0.0 <= tc.activation_memory_budget <= 1.0:
         raise ConfigError(
             f"train.activation_memory_budget is in [0, 1], got {tc.activation_memory_budget}"

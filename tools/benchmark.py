@@ -45,7 +45,12 @@ import torch.nn.functional as F
 from crossmae import create_model
 from crossmae.cuda_graph import GraphedStep
 from crossmae.models import CrossMAE
-from crossmae.models.layers import SDPA_BACKENDS, sdpa_backend, set_attention_backend
+from crossmae.models.layers import (
+    SDPA_BACKENDS,
+    sdpa_backend,
+    sdpa_device_problem,
+    set_attention_backend,
+)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -345,8 +350,8 @@ def model_device(args) -> torch.device:
     """The device of ``step`` and ``saved``: ``--device``, else CUDA when there is one; a CUDA-only
     attention kernel elsewhere fails here, named."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.sdpa in ("efficient", "cudnn") and device.type != "cuda":
-        raise SystemExit(f"--sdpa {args.sdpa} is a CUDA kernel; this run is on {device.type}")
+    if problem := sdpa_device_problem(args.sdpa, device.type):
+        raise SystemExit(f"--sdpa {problem}")
     return device
 
 

@@ -34,6 +34,13 @@ def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
     return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
+def sdpa_device_problem(name: str, device_type: str) -> str | None:
+    """Why attention backend ``name`` cannot run on ``device_type`` (CUDA-only), or None."""
+    if name in ("efficient", "cudnn") and device_type != "cuda":
+        return f"{name} is a CUDA kernel; this run is on {device_type}"
+    return None
+
+
 def set_attention_backend(model: nn.Module, name: str) -> nn.Module:
     """Make every attention layer of ``model`` run ``F.scaled_dot_product_attention`` under
     ``sdpa_backend(name)``. The choice lives in the layers' forward, so ``torch.compile`` traces it
