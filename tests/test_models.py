@@ -125,6 +125,18 @@ def test_softmax_weights_are_a_convex_combination():
     assert torch.allclose(w.sum(-1), torch.ones(w.shape[0])) and torch.all(w > 0)
 
 
+@pytest.mark.parametrize("mode", ["linear", "linear_proj"])
+def test_mixtures_keep_the_maps_precision_under_autocast(mode):
+    """The mixing product runs in bf16 under autocast, but the mixtures come back in the maps'
+    fp32, so the decoder's LayerNorms normalise in fp32 on CPU as on CUDA."""
+    model = CrossMAE(**TINY, fm_weighting=mode)
+    maps = [torch.randn(2, 5, TINY["embed_dim"]) for _ in range(TINY["depth"] + 1)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.decoder.iba(maps)
+        kv = model.decoder.kv_inputs(maps)
+    assert mixed.dtype == torch.float32 and all(y.dtype == torch.float32 for y in kv)
+
+
 @pytest.mark.parametrize(
     "overrides", [dict(), dict(weight_fm=True), dict(masking="grid")], ids=repr
 )

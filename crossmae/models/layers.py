@@ -322,12 +322,16 @@ class InterBlockAttention(nn.Module):
         return self.weight.softmax(dim=-1) if self.mode == "softmax" else self.weight
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
-        """maps: k tensors (B, N, C) -> (num_outputs, B, N, C)."""
+        """maps: k tensors (B, N, C) -> (num_outputs, B, N, C), in the maps'
+        dtype (the product itself runs in bf16 under autocast)."""
         if len(maps) != self.weight.shape[1]:
             raise ValueError(f"expected {self.weight.shape[1]} feature maps, got {len(maps)}")
+        dtype = maps[0].dtype
         if self.mode == "linear_proj":
             maps = [proj(m) for proj, m in zip(self.proj, maps, strict=True)]
         stacked = torch.stack(maps, dim=0)  # (k, B, N, C)
         w = self.mixing_weights().to(stacked.dtype)
-        mixed = w @ stacked.flatten(1)  # (num_outputs, B*N*C)
-        return mixed.view(w.shape[0], *stacked.shape[1:])  # (num_outputs, B, N, C)
+        mixed = w @ stacked.flatten(1)  # (num_outputs, B*N*C), bf16 under autocast
+        # back to the maps' precision for the LayerNorm that follows (CUDA's autocast would
+        # normalise in fp32 anyway; CPU's would not)
+        return mixed.view(w.shape[0], *stacked.shape[1:]).to(dtype)  # (num_outputs, B, N, C)
