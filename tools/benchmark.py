@@ -37,6 +37,7 @@ import itertools
 import json
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch._functorch.config as functorch_config
@@ -285,29 +286,33 @@ def producer(node) -> str:
 
 def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
     """What the compiled training step keeps from forward for backward, found without running
-    it: the forward (bf16 autocast) is traced by ``torch.compile`` into AOTAutograd, cut by
-    Inductor's partitioner (min-cut rematerialisation, with the functorch settings in effect,
-    e.g. ``activation_memory_budget``), and stopped there. The cut forward graph's extra outputs
-    are the saved tensors. Returns ``saved``, a list of {bytes, dtype, shape, producer} (a
-    storage shared by several is counted once; parameters and inputs, alive anyway, count 0),
-    and ``output_bytes``, the forward's own outputs.
+    it: the forward (bf16 autocast) goes through ``torch.compile``'s Inductor pipeline as the step
+    does (its decompositions, its joint-graph passes, its call of the min-cut partitioner with the
+    functorch settings in effect, e.g. ``activation_memory_budget``), and stops once the graph is
+    cut. The cut forward graph's extra outputs are the saved tensors. Compilation caches are off
+    for the call, so the partitioner always runs. Returns ``saved``, a list of {bytes, dtype,
+    shape, producer} (a storage shared by several is counted once; parameters and inputs, alive
+    anyway, count 0), and ``output_bytes``, the forward's own outputs.
 
-    The step compiles as one graph (``tests/test_fast_path.py``). On CPU, autocast keeps
-    LayerNorm in its input's precision where CUDA's runs it in fp32, so a CPU cut can differ
-    from the CUDA one in detail."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    The step compiles as one graph (``tests/test_fast_path.py``). On CPU, autocast keeps some ops
+    in bf16 that CUDA's runs in fp32 (the model's LayerNorms are fp32 on both), so a CPU cut can
+    still differ from the CUDA one in detail."""
+    import torch._inductor.compile_fx as compile_fx
     from torch.multiprocessing.reductions import StorageWeakRef
 
+    cut = getattr(compile_fx, "min_cut_rematerialization_partition", None)
+    if cut is None:  # Inductor's partition_fn calls the partitioner by this module-level name
+        raise RuntimeError(
+            f"torch {torch.__version__}: Inductor's partitioner is not where saved_for_backward "
+            "intercepts it (torch._inductor.compile_fx.min_cut_rematerialization_partition)"
+        )
     found = {}
 
     def nbytes(v: torch.Tensor) -> int:
         return v.untyped_storage().nbytes()
 
     def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-        fw, _ = min_cut_rematerialization_partition(
-            joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, compiler="inductor", **kw
-        )
+        fw, _ = cut(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
         (outputs,) = next(n for n in fw.graph.nodes if n.op == "output").args
         values = [n.meta.get("val") for n in outputs]
         found["output_bytes"] = sum(
@@ -328,21 +333,25 @@ def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
         found["saved"] = saved
         raise _Partitioned
 
-    def never(gm, example_inputs):
-        raise AssertionError("the partition stops the compilation before this")
-
-    backend = aot_autograd(fw_compiler=never, partition_fn=partition)
     torch._dynamo.reset()
     try:
-        with torch.autocast(imgs.device.type, dtype=torch.bfloat16, cache_enabled=False):
-            torch.compile(model, backend=backend)(imgs, ids_shuffle=ids, with_pred=False)
+        with (
+            mock.patch.object(compile_fx, "min_cut_rematerialization_partition", partition),
+            torch._inductor.config.patch(fx_graph_cache=False),
+            functorch_config.patch(enable_autograd_cache=False),
+            torch.autocast(imgs.device.type, dtype=torch.bfloat16, cache_enabled=False),
+        ):
+            torch.compile(model)(imgs, ids_shuffle=ids, with_pred=False)
     except Exception as e:  # Dynamo wraps what a backend raises
         if not _caused_by(e, _Partitioned):
             raise
     finally:
         torch._dynamo.reset()
     if "saved" not in found:
-        raise RuntimeError("the compiled forward was never partitioned (no parameter needs grad?)")
+        raise RuntimeError(
+            "the compiled forward was never partitioned: no parameter needs grad, or this torch's "
+            "Inductor does not call compile_fx.min_cut_rematerialization_partition"
+        )
     return found
 
 
