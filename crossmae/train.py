@@ -439,9 +439,11 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         def to_images(batch: dict) -> torch.Tensor:
             return decode_batch(batch, cfg.model.img_size, device)
     else:
+        # uint8 crops: normalised by the model on the device (a quarter of the bytes to copy)
         dataset = PretrainSamples(
-            source, PretrainTransform(cfg.model.img_size, scale), model.mask_sampler
-        )
+            source, PretrainTransform(cfg.model.img_size, scale, normalize=False),
+            model.mask_sampler,
+        )  # fmt: skip
         collate_fn = collate
 
         def to_images(batch: dict) -> torch.Tensor:

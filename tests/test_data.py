@@ -15,6 +15,7 @@ from crossmae.data import (
     PretrainTransform,
     ResumableSampler,
     collate,
+    normalize_pixels,
 )
 from crossmae.models.masking import MaskSampler
 
@@ -105,6 +106,23 @@ def test_augmentation_and_masks_are_a_function_of_the_seed():
     assert torch.equal(a.image, b.image) and torch.equal(a.ids_shuffle, b.ids_shuffle)
     assert not torch.equal(a.image, c.image)
     assert sorted(a.ids_shuffle.tolist()) == list(range(16))
+
+
+def test_uint8_crops_normalised_later_are_the_normalised_crops_bit_for_bit():
+    """Pretraining ships uint8 crops and normalises them on the device: same numbers as
+    normalising in the worker, with the same seeds."""
+    floats = PretrainSamples(BuiltinPhotos(16), PretrainTransform(32), MaskSampler((4, 4)))
+    pixels = PretrainSamples(
+        BuiltinPhotos(16), PretrainTransform(32, normalize=False), MaskSampler((4, 4))
+    )
+    keys = [(i, 50 + i) for i in range(6)]
+    ref, raw = collate([floats[k] for k in keys]), collate([pixels[k] for k in keys])
+    assert raw["images"].dtype == torch.uint8 and raw["images"].shape == (6, 3, 32, 32)
+    assert torch.equal(normalize_pixels(raw["images"]), ref["images"])
+    assert torch.equal(raw["ids_shuffle"], ref["ids_shuffle"])
+    for bad in (ref["images"], raw["images"][:, :2]):
+        with pytest.raises(ValueError, match="expected uint8 RGB pixels"):
+            normalize_pixels(bad)
 
 
 def test_gpu_pipeline_code_path_on_cpu(shared_dir, tmp_path):

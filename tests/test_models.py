@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import crossmae
+from crossmae.data import normalize_pixels
 from crossmae.models import MAE, CrossMAE, register_model
 from crossmae.models.masking import mask_counts, patchify, unpatchify
 
@@ -123,6 +124,18 @@ def test_softmax_weights_are_a_convex_combination():
     model = CrossMAE(**TINY, fm_weighting="softmax")
     w = model.decoder.iba.mixing_weights()
     assert torch.allclose(w.sum(-1), torch.ones(w.shape[0])) and torch.all(w > 0)
+
+
+@pytest.mark.parametrize("name", ["crossmae_vit_tiny_patch16", "mae_vit_tiny_patch16"])
+def test_uint8_pixels_are_normalised_by_the_model(name):
+    """The training loop feeds uint8 pixels: the loss is the one of the normalised images, and
+    the normalisation constants are not part of the checkpoint."""
+    model = crossmae.create_model(name, **TINY)
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    ids = model.mask_sampler(2, pixels.device)
+    ref = model(normalize_pixels(pixels), ids_shuffle=ids)["loss"]
+    assert torch.equal(model(pixels, ids_shuffle=ids)["loss"], ref)
+    assert not any(k.startswith("pixel_") for k in model.state_dict())
 
 
 @pytest.mark.parametrize("mode", ["linear", "linear_proj"])

@@ -178,6 +178,23 @@ def test_the_memory_budget_reaches_the_compiled_step(tmp_path, monkeypatch):
     assert [s for s, _ in losses(tmp_path / "r")] == [1, 2]
 
 
+def test_the_loop_feeds_the_model_uint8_pixels(tmp_path, monkeypatch):
+    """The CPU-decode pipeline ships uint8 crops; the model normalises them."""
+    from crossmae.models.base import MaskedAutoencoderBase
+
+    seen = []
+    to_input = MaskedAutoencoderBase.pixels_to_input
+
+    def record(self, imgs):
+        seen.append(imgs.dtype)
+        return to_input(self, imgs)
+
+    monkeypatch.setattr(MaskedAutoencoderBase, "pixels_to_input", record)
+    settings = ["train.max_steps=1", "log.vis_every_epochs=0", f"output_dir={tmp_path}/r"]
+    pretrain(load_config(PretrainConfig, [], [*TINY, *settings]))
+    assert seen[0] == torch.uint8  # the training step (the final reconstructions: floats)
+
+
 @pytest.mark.gpu
 def test_cuda_graph_run_matches_the_plain_run(tmp_path, monkeypatch):
     """train.cuda_graph replays forward + backward: the same losses as the plain loop (fp32).

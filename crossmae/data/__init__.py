@@ -2,7 +2,13 @@
 
 from .datasets import BuiltinPhotos, ImageFiles, Labelled, load_rgb
 from .loader import PretrainSamples, ResumableSampler, collate, make_loader, sample_seed
-from .transforms import EvalTransform, PretrainTransform, classify_eval_transform, denormalize
+from .transforms import (
+    EvalTransform,
+    PretrainTransform,
+    classify_eval_transform,
+    denormalize,
+    normalize_pixels,
+)
 
 __all__ = [
     "BuiltinPhotos",
@@ -17,5 +23,6 @@ __all__ = [
     "denormalize",
     "load_rgb",
     "make_loader",
+    "normalize_pixels",
     "sample_seed",
 ]

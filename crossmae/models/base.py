@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 from .masking import (
     MaskCounts,
     MaskSampler,
@@ -81,6 +82,10 @@ class MaskedAutoencoderBase(nn.Module):
         self.use_input = c["use_input"]
         self.fm_blocks = frozenset(resolve_use_fm(c["use_fm"], c["depth"]))
         self.num_maps = len(self.fm_blocks) + int(self.use_input) if weight_fm else 1
+        # for uint8 inputs (``pixels_to_input``); not part of checkpoints
+        for name, value in (("pixel_mean", IMAGENET_MEAN), ("pixel_std", IMAGENET_STD)):
+            t = torch.tensor(value, dtype=torch.float32).view(3, 1, 1)
+            self.register_buffer(name, t, persistent=False)
 
     # ----------------------------------------------------------------------------- mask
     def mask_counts(self, mask_ratio: float, pred_ratio: float | None) -> MaskCounts:
@@ -90,6 +95,13 @@ class MaskedAutoencoderBase(nn.Module):
                 f"grid masking keeps one patch in four: mask_ratio must be 0.75, got {mask_ratio}"
             )
         return mask_counts(self.num_patches, mask_ratio, pred_ratio)
+
+    def pixels_to_input(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The forward's images: uint8 pixels (N, 3, H, W) are ImageNet-normalised here (inside a
+        compiled step, fused into its first kernels); normalised floats pass through."""
+        if imgs.dtype != torch.uint8:
+            return imgs
+        return normalize_pixels(imgs, self.pixel_mean, self.pixel_std)
 
     def make_mask(
         self,

@@ -194,7 +194,7 @@ class CrossMAE(MaskedAutoencoderBase):
         """One pretraining forward pass.
 
         Args:
-            imgs: (N, C, H, W) normalised images.
+            imgs: (N, C, H, W) normalised images, or uint8 RGB pixels (normalised here).
             mask_ratio, pred_ratio: override the configured p and γ for this call.
             ids_shuffle: (N, L) permutation fixing the mask (the official ``argsort(noise)``).
             with_pred: return ``pred``; a training step passes False, and the full-size
@@ -204,6 +204,7 @@ class CrossMAE(MaskedAutoencoderBase):
             ``loss`` (scalar, = ``loss_recon``), ``pred`` (N, L, p*p*C; zeros where not
             predicted), ``mask`` (N, L; 1 = predicted), ``ids_shuffle`` (N, L).
         """
+        imgs = self.pixels_to_input(imgs)
         p = self.mask_ratio if mask_ratio is None else mask_ratio
         g = self.pred_ratio if pred_ratio is None else pred_ratio
         counts, ids_shuffle = self.make_mask(imgs, p, g, ids_shuffle)

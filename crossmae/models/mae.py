@@ -150,12 +150,14 @@ class MAE(MaskedAutoencoderBase):
     ) -> dict[str, torch.Tensor]:
         """One pretraining forward pass; ``pred_ratio`` is accepted and ignored (MAE predicts
         every masked patch). ``with_pred=False`` leaves ``pred`` out (a training step: a
-        compiled one then need not keep the prediction once the loss is computed).
+        compiled one then need not keep the prediction once the loss is computed). ``imgs``:
+        normalised (N, C, H, W) images, or uint8 RGB pixels (normalised here).
 
         Returns:
             ``loss`` (scalar, = ``loss_recon``), ``pred`` (N, L, p*p*C at every position),
             ``mask`` (N, L; 1 = masked), ``ids_shuffle`` (N, L).
         """
+        imgs = self.pixels_to_input(imgs)
         p = self.mask_ratio if mask_ratio is None else mask_ratio
         counts, ids_shuffle = self.make_mask(imgs, p, None, ids_shuffle)
         ids_keep, _, mask = split_shuffle(ids_shuffle, counts)
