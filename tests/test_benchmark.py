@@ -31,7 +31,7 @@ def test_step_benchmark_runs_on_cpu_at_tiny_size():
     ]  # fmt: skip
     for r in rows:
         assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["device"] == "cpu"
-        assert r["sdpa"] == "math"
+        assert r["sdpa"] == "math" and r["input"] == "uint8"  # as pretraining feeds the step
     # CrossMAE at γ = 0.25 does less work than MAE decoding every patch
     assert rows[0]["gflop_per_img"] < rows[1]["gflop_per_img"]
 
@@ -92,9 +92,10 @@ def test_attention_benchmark_times_each_backend_on_cpu():
 
 
 def test_data_benchmark_runs(shared_dir):
-    (row,) = run_tool("data", "--folder", str(shared_dir / "data" / "imagenette" / "train"),
-                      "--images", "20", "--no-gpu")  # fmt: skip
-    assert row["images"] == 20 and row["img_per_s_per_worker"] > 0
+    rows = run_tool("data", "--folder", str(shared_dir / "data" / "imagenette" / "train"),
+                    "--images", "20", "--no-gpu")  # fmt: skip
+    assert [r["pipeline"].split(", ")[-1] for r in rows] == ["uint8", "normalised fp32"]
+    assert all(r["images"] == 20 and r["img_per_s_per_worker"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize(

@@ -117,6 +117,16 @@ def build(name: str, pred_ratio: float | None, args, device: torch.device):
     return model.to(device).train()
 
 
+def synthetic_images(args, size: int, device: torch.device) -> torch.Tensor:
+    """The step's input batch: uint8 pixels, as the training loop's CPU-decode pipeline delivers
+    them (the model normalises them inside the step), or ``--input float``: normalised fp32
+    images, the official code's input."""
+    shape = (args.batch, 3, size, size)
+    if args.input == "uint8":
+        return torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    return torch.randn(shape, device=device)
+
+
 def compile_settings(args, budget: float) -> contextlib.ExitStack:
     """Inductor overrides and the activation memory budget, in effect while a row compiles; both
     are part of the compilation caches' keys, so no cached compilation of other settings is
@@ -144,7 +154,7 @@ def bench_step(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
     size = model.grid_size[0] * model.patch_size
-    imgs = torch.randn(args.batch, 3, size, size, device=device)
+    imgs = synthetic_images(args, size, device)
     masks = [model.mask_sampler(args.batch, device) for _ in range(4)]
     if mode == "graphed" and device.type != "cuda":
         raise SystemExit("--modes graphed needs a CUDA device")
@@ -205,6 +215,7 @@ def bench_step(
         "inductor": args.inductor_settings if mode != "eager" else {},
         "memory_budget": budget if mode != "eager" else None,
         "batch": args.batch,
+        "input": args.input,
         "img_per_s": args.batch / dt,
         "step_ms": dt * 1e3,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
@@ -371,7 +382,7 @@ def cmd_saved(args) -> int:
         for g in args.pred_ratios if name.startswith("crossmae") else [None]:
             model = build(name, g, args, device)
             size = model.grid_size[0] * model.patch_size
-            imgs = torch.randn(args.batch, 3, size, size, device=device)
+            imgs = synthetic_images(args, size, device)
             ids = model.mask_sampler(args.batch, device)
             for budget in args.memory_budget:
                 with compile_settings(args, budget):
@@ -385,6 +396,7 @@ def cmd_saved(args) -> int:
                 rec = {
                     "model": name, "tiny": args.tiny,
                     "pred_ratio": getattr(model, "pred_ratio", None), "batch": args.batch,
+                    "input": args.input,
                     "memory_budget": budget, "sdpa": args.sdpa, "inductor": args.inductor_settings,
                     "device": device.type, "torch": torch.__version__,
                     "saved_tensors": len(found["saved"]),
@@ -528,19 +540,27 @@ def cmd_data(args) -> int:
     from crossmae.data import ImageFiles, PretrainSamples, PretrainTransform, sample_seed
     from crossmae.models.masking import MaskSampler
 
+    torch.set_num_threads(1)  # as in a DataLoader worker
     source = ImageFiles(args.folder)
     n = min(args.images, len(source))
     keys = [(i, sample_seed(0, 0, i)) for i in range(n)]
     grid = (args.img_size // 16, args.img_size // 16)
-    ds = PretrainSamples(source, PretrainTransform(args.img_size), MaskSampler(grid))
-    ds[keys[0]]  # warm the file cache and imports
-    t = time.perf_counter()
-    for k in keys:
-        ds[k]
-    cpu_rate = n / (time.perf_counter() - t)
-    rec = {"pipeline": "cpu decode + RRC + flip (PIL)", "images": n, "img_size": args.img_size,
-           "img_per_s_per_worker": cpu_rate, "folder": args.folder}  # fmt: skip
-    print(json.dumps(rec))
+    # what pretraining runs (uint8 crops, normalised on the device), then the same crops
+    # normalised to fp32 in the worker (what the official pipeline does)
+    for normalize in (False, True):
+        ds = PretrainSamples(
+            source, PretrainTransform(args.img_size, normalize=normalize), MaskSampler(grid)
+        )
+        ds[keys[0]]  # warm the file cache and imports
+        t = time.perf_counter()
+        for k in keys:
+            ds[k]
+        cpu_rate = n / (time.perf_counter() - t)
+        output = "normalised fp32" if normalize else "uint8"
+        rec = {"pipeline": f"cpu decode + RRC + flip (PIL), {output}", "images": n,
+               "img_size": args.img_size, "img_per_s_per_worker": cpu_rate,
+               "folder": args.folder}  # fmt: skip
+        print(json.dumps(rec))
     if torch.cuda.is_available() and not args.no_gpu:
         from crossmae.data.gpu import JpegSamples, collate_raw, decode_batch
 
@@ -592,6 +612,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="activation memory budgets of the compiled step, one row each (1.0 = torch's default)",
     )
     p.add_argument("--batch", type=int, default=256)
+    p.add_argument(
+        "--input",
+        choices=["uint8", "float"],
+        default="uint8",
+        help="the step's images: uint8 pixels as pretraining feeds them, or normalised fp32",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny widths (CPU / CI)")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument(

@@ -82,15 +82,19 @@ fi
 if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, 8 minutes of stages
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    # the 7,039 img/s configuration again; its peak is now taken over the graph's capture, with
-    # AdamW's state made before it: everything the step holds at once
+    # the 7,039 img/s configuration again, now fed uint8 pixels as pretraining feeds it; its peak
+    # is taken over the graph's capture, with AdamW's state made before it: everything the step
+    # holds at once
     stage 110 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
     # GraphedStep's buffers (the example is the buffer; host inputs copied straight in), the
     # training loop with train.cuda_graph, the fused decoder in bf16
     stage 90 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_train.py \
       -p no:cacheprovider
-    # what the compiled step keeps for backward, cut with CUDA's autocast (the CPU cut in
-    # docs/results.md keeps LayerNorm in bf16), at the default budget and at 0.9
+    # the same step fed normalised fp32 images (the official code's input, and the input of
+    # every earlier measurement) instead of uint8 pixels normalised inside the step
+    stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient --input float
+    # what the compiled step keeps for backward, cut with CUDA's autocast (to compare with the
+    # CPU cut in docs/results.md, fourth session), at the default budget and at 0.9
     stage 60 python3 tools/benchmark.py saved "${BASE[@]}" --sdpa efficient --batch 256 \
       --memory-budget 1.0 0.9 --top 25 | tee "$OUT/saved.txt"
     # memory for speed: recompute GELUs, LayerNorms, casts and the residual stream in backward
