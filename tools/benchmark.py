@@ -17,12 +17,14 @@ pipeline (decoded + augmented images per second).
     # image pipeline: CPU decode + RandomResizedCrop per worker, and the GPU decode path
     python tools/benchmark.py data --folder ../shared/data/imagenette/train --images 300
 
-Synthetic images and masks live on the device before timing starts; a step is forward + backward
-+ AdamW (fused on CUDA) under bf16 autocast. Modes: ``eager``; ``compiled`` (``torch.compile``,
-``--compile-mode``); ``graphed`` (compiled, and forward + backward captured as one CUDA graph by
-``crossmae.cuda_graph.GraphedStep``, the optimizer step eager after it, as in training). FLOPs per
-image are counted with ``torch.utils.flop_counter`` on one step; MFU divides achieved FLOP/s by
-the card's measured bf16 matmul peak (an 8192^3 product), or by ``--peak-tflops``.
+Synthetic images and masks live on the device before timing starts (the images as uint8 pixels,
+normalised inside the step as in pretraining; ``--input float``: normalised fp32 images, the
+official code's input); a step is forward + backward + AdamW (fused on CUDA) under bf16
+autocast. Modes: ``eager``; ``compiled`` (``torch.compile``, ``--compile-mode``); ``graphed``
+(compiled, and forward + backward captured as one CUDA graph by
+``crossmae.cuda_graph.GraphedStep``, the optimizer step eager after it, as in training). FLOPs
+per image are counted with ``torch.utils.flop_counter`` on one step; MFU divides achieved FLOP/s
+by the card's measured bf16 matmul peak (an 8192^3 product), or by ``--peak-tflops``.
 ``--memory-budget`` sets torch's ``activation_memory_budget`` for the compiled step (1.0: the
 partitioner's fastest choice; lower: recompute more in backward, save less); ``saved`` lists what
 that choice keeps from forward for backward (``saved_for_backward``).
