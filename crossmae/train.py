@@ -42,6 +42,7 @@ from .config import ConfigError, ModelConfig, to_plain
 from .cuda_graph import GraphedStep
 from .data import (
     BuiltinPhotos,
+    CudaPrefetcher,
     EvalTransform,
     ImageFiles,
     PretrainSamples,
@@ -624,6 +625,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
             epoch, start = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch, start)
             batches = iter(loader)
+            if device.type == "cuda" and not cfg.data.gpu_decode:
+                batches = CudaPrefetcher(batches, device)  # copies overlap the previous step
             for _ in range(start, steps_per_epoch):
                 # schedule
                 lr = lr_at(
@@ -639,7 +642,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     t0 = time.perf_counter()
                     batch = next(batches)
                     if graphed is not None and not cfg.data.gpu_decode:
-                        # pinned host memory, copied straight into the graph's input buffers
+                        # on the device already (prefetched), copied into the graph's buffers
                         imgs, ids = batch["images"], batch["ids_shuffle"]
                     else:
                         imgs = to_images(batch)

@@ -125,6 +125,32 @@ def test_uint8_crops_normalised_later_are_the_normalised_crops_bit_for_bit():
             normalize_pixels(bad)
 
 
+@pytest.mark.gpu
+def test_prefetched_batches_arrive_intact_and_in_order():
+    """CudaPrefetcher copies batch i + 1 on a side stream while the current stream is busy with
+    work on batch i (a long chain of products here): every batch arrives whole, in order, and
+    the entries it does not copy pass through."""
+    from crossmae.data import CudaPrefetcher
+
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"images": torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8,
+                                        generator=g).pin_memory(),
+                "ids_shuffle": torch.randperm(196, generator=g).repeat(64, 1).pin_memory(),
+                "skipped": [f"file {i}"]} for i in range(6)]  # fmt: skip
+    busy = torch.randn(4096, 4096, device=device)
+    seen = []
+    for batch in CudaPrefetcher(iter(batches), device):
+        assert batch["images"].is_cuda and batch["ids_shuffle"].is_cuda
+        for _ in range(20):  # keeps the current stream busy while the next copy is in flight
+            busy = torch.tanh(busy @ busy)
+        seen.append((batch["images"].clone(), batch["ids_shuffle"].clone(), batch["skipped"]))
+    assert len(seen) == len(batches)
+    for (imgs, ids, skipped), ref in zip(seen, batches, strict=True):
+        assert torch.equal(imgs.cpu(), ref["images"]) and torch.equal(ids.cpu(), ref["ids_shuffle"])
+        assert skipped == ref["skipped"]
+
+
 def test_gpu_pipeline_code_path_on_cpu(shared_dir, tmp_path):
     """The device-decode pipeline (run here with the CPU as the device) draws the same boxes,
     flips and masks as the PIL pipeline and gives images of the same content."""

@@ -1,7 +1,14 @@
 """Datasets, transforms and loaders."""
 
 from .datasets import BuiltinPhotos, ImageFiles, Labelled, load_rgb
-from .loader import PretrainSamples, ResumableSampler, collate, make_loader, sample_seed
+from .loader import (
+    CudaPrefetcher,
+    PretrainSamples,
+    ResumableSampler,
+    collate,
+    make_loader,
+    sample_seed,
+)
 from .transforms import (
     EvalTransform,
     PretrainTransform,
@@ -12,6 +19,7 @@ from .transforms import (
 
 __all__ = [
     "BuiltinPhotos",
+    "CudaPrefetcher",
     "EvalTransform",
     "ImageFiles",
     "Labelled",

@@ -167,3 +167,51 @@ def make_loader(
         persistent_workers=num_workers > 0,
         generator=torch.Generator(),  # worker seeds must not consume the global RNG (exact resume)
     )
+
+
+class CudaPrefetcher:
+    """Iterates ``batches`` one ahead, copying each batch's ``keys`` tensors (pinned host memory)
+    to ``device`` on a side stream: the copy of batch i + 1 overlaps the step on batch i instead
+    of waiting in the compute stream between two steps. Yields the batch dicts with those tensors
+    on the device, ready for the current stream.
+
+    Args:
+        batches: an iterator of collated batches (``collate``), from a ``pin_memory`` loader.
+        device: the CUDA device.
+        keys: the batch entries to copy.
+    """
+
+    def __init__(
+        self,
+        batches: Iterator[dict],
+        device: torch.device,
+        keys: tuple[str, ...] = ("images", "ids_shuffle"),
+    ):
+        self.batches = batches
+        self.device = device
+        self.keys = keys
+        self.stream = torch.cuda.Stream(device)
+        self.ahead = self._copy_next()
+
+    def _copy_next(self) -> dict | None:
+        batch = next(self.batches, None)
+        if batch is None:
+            return None
+        with torch.cuda.stream(self.stream):
+            return {k: v.to(self.device, non_blocking=True) if k in self.keys and v is not None
+                    else v for k, v in batch.items()}  # fmt: skip
+
+    def __iter__(self) -> CudaPrefetcher:
+        return self
+
+    def __next__(self) -> dict:
+        batch = self.ahead
+        if batch is None:
+            raise StopIteration
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)  # this batch's copy, enqueued before the next one's
+        for k in self.keys:
+            if batch.get(k) is not None:
+                batch[k].record_stream(current)  # made on the side stream, used on this one
+        self.ahead = self._copy_next()
+        return batch
