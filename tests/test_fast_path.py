@@ -70,6 +70,9 @@ def test_the_step_compiles_without_graph_breaks(name):
     assert explained.graph_break_count == 0, explained.break_reasons
     explained = torch._dynamo.explain(model)(imgs)  # mask drawn inside
     assert explained.graph_break_count == 0, explained.break_reasons
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)  # as pretraining feeds it
+    explained = torch._dynamo.explain(model)(pixels, ids_shuffle=model.mask_sampler(2))
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 def test_attention_backend_is_traced_into_the_compiled_graph():
