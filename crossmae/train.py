@@ -641,12 +641,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                 for k in range(accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
-                    if graphed is not None and not cfg.data.gpu_decode:
-                        # on the device already (prefetched), copied into the graph's buffers
-                        imgs, ids = batch["images"], batch["ids_shuffle"]
-                    else:
-                        imgs = to_images(batch)
-                        ids = batch["ids_shuffle"].to(device, non_blocking=True)
+                    imgs = to_images(batch)  # on CUDA already there (CudaPrefetcher) or decoded
+                    ids = batch["ids_shuffle"].to(device, non_blocking=True)
                     window["data"] += time.perf_counter() - t0
                     skipped += batch["skipped"]
                     for name in batch["skipped"]:

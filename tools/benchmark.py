@@ -189,8 +189,8 @@ def bench_step(
         first_step(loss_of, opt, imgs, masks[0])
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        # imgs becomes the graph's input buffer and is passed as such (nothing copied), as the
-        # training loop copies each batch from host memory straight into it; masks are copied
+        # imgs becomes the graph's input buffer and is passed as such (nothing copied; the
+        # training loop copies each prefetched batch into it); masks are copied
         graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs, ids_shuffle=masks[0].clone())
     for i in range(args.warmup):
         step(i)
