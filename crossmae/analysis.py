@@ -132,14 +132,7 @@ def _sdpa_macs(inputs, outputs) -> int:
     return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
 
 
-def _baddbmm_macs(inputs, outputs) -> int:
-    """baddbmm(bias, a (b, n, k), w (b, k, m))."""
-    a, w = _shapes(inputs[1:3])
-    return math.prod(a) * w[-1]
-
-
-MATMUL_OPS = ("linear", "matmul", "bmm", "baddbmm", "addmm", "einsum", "conv",
-              "scaled_dot_product_attention")  # fmt: skip
+MATMUL_OPS = ("linear", "matmul", "bmm", "addmm", "einsum", "conv", "scaled_dot_product_attention")
 
 
 class _Pred(nn.Module):
@@ -159,12 +152,12 @@ class _Pred(nn.Module):
 def flop_counts(model: nn.Module, pred_ratio: float | None = None, seed: int = 0) -> dict:
     """Forward FLOPs of one image, in GMACs (fvcore's convention, 1 multiply-add = 1).
 
-    fvcore counts with extra handles for ``scaled_dot_product_attention`` (which it skips by
-    default) and ``baddbmm`` (the batched decoder K/V projection). ``torch.utils.flop_counter``
-    counts the same forward with the math attention kernel (its fused CPU attention kernel is not
-    counted); both count matrix products and attention only, fvcore also counts LayerNorms.
-    Returns fvcore's ``total``, ``encoder``, ``decoder`` and ``matmul`` (its matrix-product and
-    attention part) and torch's ``torch_total`` and ``torch_decoder``.
+    fvcore counts with an extra handle for ``scaled_dot_product_attention`` (which it skips by
+    default). ``torch.utils.flop_counter`` counts the same forward with the math attention kernel
+    (its fused CPU attention kernel is not counted); both count matrix products and attention
+    only, fvcore also counts LayerNorms. Returns fvcore's ``total``, ``encoder``, ``decoder`` and
+    ``matmul`` (its matrix-product and attention part) and torch's ``torch_total`` and
+    ``torch_decoder``.
     """
     import warnings
 
@@ -183,7 +176,6 @@ def flop_counts(model: nn.Module, pred_ratio: float | None = None, seed: int = 0
         warnings.simplefilter("ignore")
         fa = FlopCountAnalysis(wrapped, imgs)
         fa.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-        fa.set_op_handle("aten::baddbmm", _baddbmm_macs)
         fa.unsupported_ops_warnings(False)
         fa.uncalled_modules_warnings(False)
         by_module, by_op = fa.by_module(), fa.by_operator()

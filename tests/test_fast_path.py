@@ -1,5 +1,6 @@
-"""The fast paths (batched K/V projection and LayerNorm over decoder blocks, activation
-checkpointing) give the plain path's loss and gradients."""
+"""The fast paths (one LayerNorm over the decoder blocks' key/value inputs, one K/V product
+when the blocks read the same map, activation checkpointing) give the plain path's loss and
+gradients."""
 
 from __future__ import annotations
 

@@ -87,27 +87,28 @@ class CrossMAEDecoder(nn.Module):
         """Encoder maps -> projected keys/values of each block, each (N, T, 2 * dec).
 
         Plain path (``fused = False``): per block, LayerNorm then its ``cross_attn.kv`` Linear.
-        Fast path: the LayerNorms of all blocks as one op on the stacked mixtures and the K/V
-        projections of all blocks as one batched product (one wide product without inter-block
-        attention, where every block reads the same map). Same parameters, same numbers.
+        Fast path: the LayerNorms of all blocks as one op on the stacked mixtures, then each
+        block's K/V Linear (one wide product without inter-block attention, where every block
+        reads the same map). Same parameters, same numbers.
+
+        The projections stay one product per block: a Linear adds its bias in the matrix
+        product's epilogue, whereas a batched product (``baddbmm``) with a broadcast bias first
+        copies the bias into its whole output (on an H100, 0.32 ms of a 36 ms ViT-B step).
         """
         kv_layers = [blk.cross_attn.kv for blk in self.blocks]
         if not self.fused:
             return [kv(y) for kv, y in zip(kv_layers, self.kv_inputs(maps), strict=True)]
-        depth = len(kv_layers)
-        W = torch.cat([kv.weight for kv in kv_layers])  # (depth * 2dec, C)
-        b = torch.cat([kv.bias for kv in kv_layers])  # (depth * 2dec,)
         if self.iba is None:
+            W = torch.cat([kv.weight for kv in kv_layers])  # (depth * 2dec, C)
+            b = torch.cat([kv.bias for kv in kv_layers])  # (depth * 2dec,)
             kv = F.linear(maps[-1], W, b)  # (N, T, depth * 2dec)
-            return list(kv.chunk(depth, dim=-1))
+            return list(kv.chunk(len(kv_layers), dim=-1))
         mixed = self.iba(maps)  # (depth, N, T, C)
-        _, N, T, C = mixed.shape
+        C = mixed.shape[-1]
         gamma = torch.stack([n.weight for n in self.kv_norms])[:, None, None]  # (depth, 1, 1, C)
         beta = torch.stack([n.bias for n in self.kv_norms])[:, None, None]
         y = F.layer_norm(mixed, (C,), eps=self.kv_norms[0].eps) * gamma + beta  # (depth, N, T, C)
-        W = W.view(depth, -1, C).transpose(1, 2)  # (depth, C, 2dec)
-        kv = torch.baddbmm(b.view(depth, 1, -1), y.view(depth, N * T, C), W)  # (depth, N*T, 2dec)
-        return list(kv.view(depth, N, T, -1).unbind(0))
+        return [kv(y_i) for kv, y_i in zip(kv_layers, y.unbind(0), strict=True)]
 
     def queries(self, ids_pred: torch.Tensor) -> torch.Tensor:
         """(N, n_pred) patch indices -> (N, n_pred, dec) initial queries."""

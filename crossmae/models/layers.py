@@ -126,8 +126,9 @@ class CrossAttention(nn.Module):
 
     The projection of ``y`` (encoder width) to decoder width lives inside ``kv``, as in CrossMAE
     Sec. 3.2 ("we embed the projection within the multi-head cross-attention module").
-    ``forward`` takes the projected keys/values, so a decoder can project for all its blocks in
-    one batched product (``CrossMAEDecoder``); ``project_kv`` is the per-block projection.
+    ``forward`` takes the projected keys/values, so a decoder can project outside its blocks
+    (``CrossMAEDecoder``: one wide product for all blocks when they read the same map);
+    ``project_kv`` is the per-block projection.
 
     Args:
         dim: query / output width (decoder width).
