@@ -82,9 +82,10 @@ fi
 if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, 8 minutes of stages
   {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    # the 7,039 img/s configuration again, now fed uint8 pixels as pretraining feeds it; its peak
-    # is taken over the graph's capture, with AdamW's state made before it: everything the step
-    # holds at once
+    # the 7,039 img/s configuration again, now with each decoder block's own K/V product (the
+    # batched one copied its bias into its output first, 0.32 ms a step) and fed uint8 pixels as
+    # pretraining feeds it; its peak is taken over the graph's capture, with AdamW's state made
+    # before it: everything the step holds at once
     stage 110 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient
     # GraphedStep's buffers (the example is the buffer; other inputs copied in), the training
     # loop with train.cuda_graph and the side-stream batch prefetch, the fused decoder in bf16
@@ -98,7 +99,7 @@ if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, 8 minutes of
     stage 60 python3 tools/benchmark.py saved "${BASE[@]}" --sdpa efficient --batch 256 \
       --memory-budget 1.0 0.9 --top 25 | tee "$OUT/saved.txt"
     # memory for speed: recompute GELUs, LayerNorms, casts and the residual stream in backward
-    # (Inductor's CPU cut keeps 4.23 GiB instead of 7.55; any budget in 0.8-0.99 cuts the same)
+    # (Inductor's CPU cut keeps 4.43 GiB instead of 7.55; any budget in 0.8-0.99 cuts the same)
     stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient --memory-budget 0.9
     # LayerNorm weight/bias gradients: Inductor's mix-order reductions end in 96 ATen column
     # sums a step over (numel / split) partial rows, 16 us each at split 16 (1.56 ms a step)
