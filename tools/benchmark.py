@@ -370,16 +370,17 @@ def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
 
 def model_device(args) -> torch.device:
     """The device of ``step`` and ``saved``: ``--device``, else CUDA when there is one; a CUDA-only
-    attention kernel elsewhere fails here, named."""
+    attention kernel elsewhere fails here, named, and so does a wrong ``--inductor`` setting
+    (read into ``args.inductor_settings``), before any row runs."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if problem := sdpa_device_problem(args.sdpa, device.type):
         raise SystemExit(f"--sdpa {problem}")
+    args.inductor_settings = inductor_settings(args.inductor)
     return device
 
 
 def cmd_saved(args) -> int:
     device = model_device(args)
-    args.inductor_settings = inductor_settings(args.inductor)
     for name in args.models:
         for g in args.pred_ratios if name.startswith("crossmae") else [None]:
             model = build(name, g, args, device)
@@ -444,7 +445,6 @@ def inductor_settings(pairs: list[str]) -> dict:
 
 def cmd_step(args) -> int:
     device = model_device(args)
-    args.inductor_settings = inductor_settings(args.inductor)
     if args.peak_tflops is None:
         args.peak_tflops = matmul_peak_tflops(device)
     rows = []
