@@ -156,12 +156,3 @@ class SegAugment(torch.utils.data.Dataset):
         x = torch.nn.functional.pad(x, (0, pw, 0, ph))
         label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE)
         return x, label
-
-
-def normalize_image(img: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> normalised float, the evaluation view (no resize: slide windows)."""
-    from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (img.float() / 255 - mean) / std

@@ -23,7 +23,7 @@ from crossmae.checkpoint import (
     load_pretrained_encoder,
 )
 from crossmae.config import ConfigError, to_plain
-from crossmae.data import ResumableSampler
+from crossmae.data import ResumableSampler, normalize_pixels
 from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, poly_lr_at
 from crossmae.train import (
@@ -35,7 +35,7 @@ from crossmae.train import (
     start_task_run,
 )
 
-from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder, normalize_image
+from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder
 from .metrics import SegMetrics, format_table
 from .model import SegViT, UperNet, slide_inference
 
@@ -97,7 +97,7 @@ def evaluate_segmenter(
     metrics = SegMetrics(num_classes, IGNORE)
     for i in du.shard(len(folder), du.rank(), du.world_size()):
         img, label, _ = folder[i]
-        image = normalize_image(img)[None].to(device)
+        image = normalize_pixels(img)[None].to(device)  # uint8 (3, H, W): no resize, slide windows
         H, W = label.shape
         base = min(max(scale) / max(H, W), min(scale) / min(H, W)) if scale is not None else 1.0
         scores = torch.zeros(1, num_classes, H, W, device=device)
