@@ -19,31 +19,32 @@ def param_groups(
     layer_id: Callable[[str], int] | None = None,
     num_layers: int | None = None,
     no_decay_names: set[str] = frozenset(),
+    weight_decay_of: Callable[[str], float] | None = None,
 ) -> list[dict]:
     """AdamW parameter groups.
 
-    Biases, every 1-d parameter (norms) and ``no_decay_names`` get no weight decay. With
+    Biases, every 1-d parameter (norms) and ``no_decay_names`` get no weight decay, unless
+    ``weight_decay_of(name)`` gives each parameter's weight decay (detectron2's rule). With
     ``layer_decay`` (BEiT / MAE finetuning), a parameter at depth ``layer_id(name)`` of
     ``num_layers + 1`` gets ``lr_scale = layer_decay ** (num_layers + 1 - depth)``; each group
     carries ``lr_scale``, which the training loop multiplies into the scheduled lr.
     """
     if layer_decay is not None and (layer_id is None or num_layers is None):
         raise ValueError("layer_decay needs layer_id and num_layers")
-    groups: dict[tuple[int, bool], dict] = {}
+    groups: dict[tuple[int, float], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_decay_names)
+        if weight_decay_of is not None:
+            wd = weight_decay_of(name)
+        else:
+            decay = not (p.ndim <= 1 or name.endswith(".bias") or name in no_decay_names)
+            wd = weight_decay if decay else 0.0
         depth = layer_id(name) if layer_decay is not None else 0
-        key = (depth, decay)
+        key = (depth, wd)
         if key not in groups:
             scale = 1.0 if layer_decay is None else layer_decay ** (num_layers + 1 - depth)
-            groups[key] = {
-                "params": [],
-                "names": [],
-                "weight_decay": weight_decay if decay else 0.0,
-                "lr_scale": scale,
-            }
+            groups[key] = {"params": [], "names": [], "weight_decay": wd, "lr_scale": scale}
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups)]

@@ -1,12 +1,15 @@
 """ViTDet backbone and simple feature pyramid: Li, Mao, Girshick, He, "Exploring Plain Vision
-Transformer Backbones for Object Detection", arXiv:2203.16527 (Sec. 3, Fig. 2), on our encoder.
+Transformer Backbones for Object Detection", arXiv:2203.16527 (Sec. 3, Fig. 2), as detectron2's
+``projects/ViTDet`` builds them (``modeling/backbone/vit.py``), module for module.
 
-The plain ViT keeps its parameter names (``patch_embed.proj``, ``blocks.{i}.{norm1, attn.qkv,
-attn.proj, norm2, mlp.fc1, mlp.fc2}``), so a pretraining checkpoint loads into it; new are the
-decomposed relative-position tables ``blocks.{i}.attn.rel_pos_{h,w}`` (zero-initialised, as
-detectron2's ViTDet). Most blocks attend within 14 x 14 windows; a few evenly spaced blocks
-attend globally. The absolute position table loses its cls slot and is resampled to the
-detection grid once, at load time.
+The plain ViT keeps the timm / MAE parameter names (``patch_embed.proj``, ``pos_embed``,
+``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``), so a pretraining
+checkpoint loads into it; new are the decomposed relative-position tables
+``blocks.{i}.attn.rel_pos_{h,w}`` (zero-initialised). Most blocks attend within windows; a few
+evenly spaced blocks attend globally. The absolute position table stays the pretraining one
+(cls slot included) and is resampled to the input's grid on every forward, as detectron2's
+``get_abs_pos`` does. The pyramid's modules are named as detectron2 names them
+(``simfp_2`` ... ``simfp_5``), so a detectron2 state dict loads without renaming.
 """
 
 from __future__ import annotations
@@ -19,20 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmae.checkpoint import load_state_dict_strict
-from crossmae.models.layers import (
-    NORM_EPS,
-    DropPath,
-    Mlp,
-    PatchEmbed,
-    init_weights_,
-    resample_patch_weight,
-)
-from crossmae.models.pos_embed import resample_abs_pos_embed, sincos_2d
+from crossmae.models.layers import NORM_EPS, DropPath, Mlp, PatchEmbed, resample_patch_weight
+from crossmae.models.pos_embed import resample_abs_pos_embed
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """(B, H, W, C) -> windows (B * nW, window, window, C), padding H and W up to multiples of
-    ``window``; returns the padded size too."""
+    """(B, H, W, C) -> windows (B * nW, window, window, C), padding H and W with zeros up to
+    multiples of ``window``; returns the padded size too."""
     B, H, W, C = x.shape
     pad_h, pad_w = (window - H % window) % window, (window - W % window) % window
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
@@ -132,10 +128,12 @@ def global_block_indices(depth: int, count: int = 4) -> list[int]:
 
 
 class ViTDetBackbone(nn.Module):
-    """Plain ViT for detection: (B, 3, S, S) -> the last feature map (B, D, S/p, S/p).
+    """Plain ViT for detection: (B, 3, H, W) -> the last feature map (B, D, H/p, W/p).
 
     Args:
-        img_size: detection input side (1024).
+        img_size: detection input side (1024); sizes the global blocks' relative tables.
+        pretrain_img_size: the pretraining input side; the absolute position table keeps its
+            grid (``pretrain_img_size / patch_size``) and a cls slot, as detectron2's ViT.
         patch_size, embed_dim, depth, num_heads, mlp_ratio, norm_eps: the pretrained encoder's.
         drop_path_rate: stochastic depth (0.1 B, 0.4 L, 0.5 H in ViTDet).
         window: window side in tokens (14).
@@ -145,6 +143,7 @@ class ViTDetBackbone(nn.Module):
     def __init__(
         self,
         img_size: int = 1024,
+        pretrain_img_size: int = 224,
         patch_size: int = 16,
         embed_dim: int = 768,
         depth: int = 12,
@@ -154,30 +153,42 @@ class ViTDetBackbone(nn.Module):
         drop_path_rate: float = 0.1,
         window: int = 14,
         global_blocks: Sequence[int] | None = None,
-        **_ignored,  # other encoder settings (in_chans = 3 only, final_norm, pooling...)
     ):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(
-                f"img_size {img_size} is not a multiple of the patch size {patch_size}"
-            )
+        for name, size in (("img_size", img_size), ("pretrain_img_size", pretrain_img_size)):
+            if size % patch_size:
+                raise ValueError(f"{name} {size} is not a multiple of the patch size {patch_size}")
         self.patch_size, self.embed_dim, self.depth = patch_size, embed_dim, depth
         self.grid = img_size // patch_size
+        self.pretrain_grid = pretrain_img_size // patch_size
         self.global_blocks = (
             list(global_blocks) if global_blocks is not None else global_block_indices(depth)
         )
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, (self.grid, self.grid), cls_token=False))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pretrain_grid**2, embed_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             ViTDetBlock(embed_dim, num_heads, mlp_ratio, dpr[i],
                         0 if i in self.global_blocks else window, self.grid, norm_eps)
             for i in range(depth)
         )  # fmt: skip
-        init_weights_(self)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """detectron2's ViT initialisation: truncated normal (std 0.02) for the position table
+        and every Linear, zero biases, LayerNorm (1, 0), zero relative tables."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def layer_id(self, name: str) -> int:
-        """Depth for layer-wise lr decay (embeddings 0, block i -> i + 1)."""
+        """Depth for layer-wise lr decay (embeddings 0, block i -> i + 1; detectron2's
+        ``get_vit_lr_decay_rate``)."""
         if name.startswith(("pos_embed", "patch_embed")):
             return 0
         if name.startswith("blocks."):
@@ -187,11 +198,9 @@ class ViTDetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, H, W, D)
         H, W = x.shape[1:3]
-        pos = self.pos_embed.view(1, self.grid, self.grid, -1)
-        if (self.grid, self.grid) != (H, W):  # another input size: resample on the fly
-            pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(H, W), mode="bicubic",
-                                align_corners=False).permute(0, 2, 3, 1)  # fmt: skip
-        x = x + pos
+        g = self.pretrain_grid
+        pos = resample_abs_pos_embed(self.pos_embed, (H, W), (g, g), num_prefix_tokens=1)
+        x = x + pos[:, 1:].reshape(1, H, W, -1)  # the cls slot is not used
         for blk in self.blocks:
             x = blk(x)
         return x.permute(0, 3, 1, 2)  # (B, D, H, W)
@@ -200,81 +209,128 @@ class ViTDetBackbone(nn.Module):
         self, state_dict: dict[str, torch.Tensor], pretrain_grid: tuple[int, int]
     ) -> None:
         """Load an encoder state dict (timm names) strictly: ``cls_token`` and ``norm.*`` are
-        dropped on purpose (ViTDet uses neither), the position table loses its cls slot and is
-        resampled to the detection grid, a patch embedding of another patch size is resampled
-        (ViTDet runs ViT-H/14 weights at stride 16), and only the relative-position tables may be
+        dropped on purpose (ViTDet uses neither); a patch embedding of another patch size and its
+        position table are resampled to this backbone's patch size (detectron2 runs ViT-H/14
+        weights at stride 16, converted this way); only the relative-position tables may be
         missing."""
         sd = {k: v for k, v in state_dict.items() if k != "cls_token" and not k.startswith("norm.")}
         sd["patch_embed.proj.weight"] = resample_patch_weight(
             sd["patch_embed.proj.weight"], self.patch_size
         )
-        pe = sd.pop("pos_embed")
+        pe = sd["pos_embed"]
         n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
+        if n_prefix not in (0, 1):
+            raise ValueError(f"pos_embed has {pe.shape[1]} slots for a {pretrain_grid} grid")
         pe = resample_abs_pos_embed(
-            pe, (self.grid, self.grid), pretrain_grid, num_prefix_tokens=n_prefix
+            pe, (self.pretrain_grid,) * 2, pretrain_grid, num_prefix_tokens=n_prefix
         )
-        sd["pos_embed"] = pe[:, n_prefix:]
+        if n_prefix == 0:  # a table without cls slot: give it an (unused) zero one
+            pe = torch.cat([pe.new_zeros(1, 1, pe.shape[-1]), pe], dim=1)
+        sd["pos_embed"] = pe
         new = {k for k in self.state_dict() if ".rel_pos_" in k}
         load_state_dict_strict(self, sd, allow_missing=new, what="pretrained encoder")
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map (detectron2's ``LN`` norm)."""
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map: detectron2's ``LN`` norm (its own
+    module, not ``nn.LayerNorm``, which matters for detectron2's weight-decay rule).
+
+    Args:
+        channels: C.
+        eps: added to the variance (detectron2: 1e-6).
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNorm(nn.Conv2d):
+    """A convolution followed by an optional norm and activation, under one module (detectron2's
+    ``layers.Conv2d``: state keys ``weight``, ``bias``, ``norm.weight``, ``norm.bias``).
+
+    Args:
+        in_channels, out_channels, kernel_size, padding: as ``nn.Conv2d``.
+        norm: a LayerNorm2d over ``out_channels`` (and no conv bias) if true.
+        relu: a ReLU after the norm.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *,
+                 padding: int = 0, norm: bool = True, relu: bool = False):  # fmt: skip
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding, bias=not norm)
+        self.norm = LayerNorm2d(out_channels) if norm else None
+        self.relu = relu
+        msra_fill_(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = super().forward(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.relu(x) if self.relu else x
+
+
+def msra_fill_(module: nn.Module) -> None:
+    """detectron2's ``c2_msra_fill``: Kaiming-normal weights (fan-out, ReLU gain), zero bias."""
+    nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+PYRAMID_LEVELS = ("p2", "p3", "p4", "p5", "p6")  # strides 4, 8, 16, 32, 64
 
 
 class SimpleFeaturePyramid(nn.Module):
     """ViTDet's simple feature pyramid (Fig. 2c): from the stride-16 map, deconvolutions to
-    strides 4 and 8, identity at 16, max-pool to 32; each level 1x1 then 3x3 conv to
-    ``out_channels`` with LayerNorm; plus a max-pooled stride-64 level for the RPN.
+    strides 4 and 8, identity at 16, max-pool to 32; each level a 1x1 then a 3x3 convolution to
+    ``out_channels`` with LayerNorm; plus p6 = p5 max-pooled with kernel 1, stride 2 (detectron2's
+    ``LastLevelMaxPool``).
 
-    Returns an OrderedDict ``p2, p3, p4, p5, pool`` (strides 4, 8, 16, 32, 64), as torchvision's
-    detection heads expect.
+    Args:
+        net: the ViT.
+        out_channels: pyramid width (256).
+
+    Returns an OrderedDict ``p2 ... p6`` (strides 4 ... 64).
     """
 
-    def __init__(self, backbone: ViTDetBackbone, out_channels: int = 256):
+    def __init__(self, net: ViTDetBackbone, out_channels: int = 256):
         super().__init__()
-        self.backbone = backbone
-        self.out_channels = out_channels
-        D = backbone.embed_dim
-        if backbone.patch_size != 16:
+        if net.patch_size != 16:
             raise ValueError("the simple feature pyramid scales assume a stride-16 backbone")
-        self.scale_layers = nn.ModuleList([
-            nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2), LayerNorm2d(D // 2), nn.GELU(),
-                          nn.ConvTranspose2d(D // 2, D // 4, 2, 2)),  # x4 -> stride 4
-            nn.Sequential(nn.ConvTranspose2d(D, D // 2, 2, 2)),  # x2 -> stride 8
-            nn.Sequential(),  # x1 -> stride 16
-            nn.Sequential(nn.MaxPool2d(2, 2)),  # x0.5 -> stride 32
-        ])  # fmt: skip
-        dims = [D // 4, D // 2, D, D]
-        self.out_layers = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(d, out_channels, 1, bias=False),
-                LayerNorm2d(out_channels),
-                nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                LayerNorm2d(out_channels),
-            )
-            for d in dims
+        self.net = net
+        self.out_channels = out_channels
+        D = net.embed_dim
+        # module names are detectron2's: simfp_{log2 stride}
+        self.simfp_2 = nn.Sequential(
+            nn.ConvTranspose2d(D, D // 2, 2, 2), LayerNorm2d(D // 2), nn.GELU(),
+            nn.ConvTranspose2d(D // 2, D // 4, 2, 2), *self._convs(D // 4, out_channels),
+        )  # fmt: skip
+        self.simfp_3 = nn.Sequential(
+            nn.ConvTranspose2d(D, D // 2, 2, 2), *self._convs(D // 2, out_channels)
         )
+        self.simfp_4 = nn.Sequential(*self._convs(D, out_channels))
+        self.simfp_5 = nn.Sequential(nn.MaxPool2d(2, 2), *self._convs(D, out_channels))
+
+    @staticmethod
+    def _convs(in_dim: int, out_dim: int) -> list[nn.Module]:
+        return [ConvNorm(in_dim, out_dim, 1), ConvNorm(out_dim, out_dim, 3, padding=1)]
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feat = self.backbone(x)  # (B, D, S/16, S/16)
+        feat = self.net(x)  # (B, D, H/16, W/16)
         out = OrderedDict()
-        for name, scale, proj in zip(
-            ("p2", "p3", "p4", "p5"), self.scale_layers, self.out_layers, strict=True
-        ):
-            out[name] = proj(scale(feat))
-        out["pool"] = F.max_pool2d(out["p5"], kernel_size=1, stride=2)  # stride 64, for the RPN
+        for name, stage in zip(PYRAMID_LEVELS, (self.simfp_2, self.simfp_3, self.simfp_4,
+                                                self.simfp_5), strict=False):  # fmt: skip
+            out[name] = stage(feat)
+        out["p6"] = F.max_pool2d(out["p5"], kernel_size=1, stride=2)
         return out
 
 
-def strides_ok(features: OrderedDict[str, torch.Tensor], size: tuple[int, int]) -> bool:
-    """Every level's spatial size is the input's divided by its stride (4, 8, 16, 32, 64), for an
-    input whose sides are multiples of 64."""
-    strides = dict(p2=4, p3=8, p4=16, p5=32, pool=64)
-    return all(
-        tuple(f.shape[-2:]) == (size[0] // strides[k], size[1] // strides[k])
-        for k, f in features.items()
-    )
+def pyramid_strides() -> dict[str, int]:
+    """Stride of each pyramid level."""
+    return {name: 2 ** (i + 2) for i, name in enumerate(PYRAMID_LEVELS)}

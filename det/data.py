@@ -1,11 +1,19 @@
-"""COCO-format instance data for ViTDet: polygon and RLE masks, crowd regions as COCO treats
-them, large-scale jitter for training and resize-longest-side + pad for evaluation.
+"""COCO-format instance data for ViTDet, as detectron2's ViTDet data pipeline prepares it
+(``data/datasets/coco.py``, ``data/dataset_mapper.py``, ``data/detection_utils.py``,
+``projects/ViTDet/configs/common/coco_loader_lsj.py``).
 
-Training follows detectron2's ViTDet recipe: horizontal flip, resize by a random factor in
-[0.1, 2.0] of the scale that fits the image in S x S, a random S x S crop (padding smaller
-images), boxes recomputed from the cropped masks; crowd annotations and instances left empty
-by the crop are dropped, and images without any non-crowd annotation are skipped (detectron2's
-``filter_empty_annotations``). Evaluation keeps every image and the annotated boxes.
+- Reading: PIL with the EXIF orientation applied, RGB, uint8.
+- Categories: sorted COCO ids -> contiguous classes 0 ... K-1.
+- Evaluation view: ``ResizeShortestEdge(S, max_size=S)`` with PIL bilinear on uint8 (every
+  image kept; ground truth stays in the json for COCOeval).
+- Training view (large-scale jitter): horizontal flip (p = 0.5), ``ResizeScale`` by a factor in
+  [0.1, 2.0] of the scale that fits S x S (PIL bilinear, uint8), ``FixedSizeCrop(S, pad=False)``
+  at one random offset fraction for both axes; instances are polygons, flipped, scaled and
+  cropped with shapely, their boxes recomputed from the cropped polygons, empty ones dropped.
+  Crowd annotations are not targets; polygons with fewer than 3 points are dropped, and images
+  without a remaining annotation are skipped (detectron2's ``filter_empty_annotations``).
+
+The network input is the uint8 image; normalising and padding happen in the model.
 """
 
 from __future__ import annotations
@@ -15,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pycocotools import mask as mask_utils
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
-from crossmae.data import load_rgb
+from .model import Targets
+from .structures import Polygons, nonempty, polygon_boxes
 
 
 class AnnotationError(ValueError):
@@ -36,22 +44,54 @@ def _check(ann: dict, images: dict[int, dict]) -> None:
     if len(ann["bbox"]) != 4 or ann["bbox"][2] < 0 or ann["bbox"][3] < 0:
         raise AnnotationError(f"annotation {aid} (image {ann['image_id']}): bad bbox {ann['bbox']}")
     seg = ann["segmentation"]
-    if isinstance(seg, list):
-        if any(len(p) < 6 or len(p) % 2 for p in seg):
-            raise AnnotationError(f"annotation {aid} (image {ann['image_id']}): bad polygon")
-    elif not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+    if not isinstance(seg, list) and not (isinstance(seg, dict) and "counts" in seg):
         raise AnnotationError(f"annotation {aid} (image {ann['image_id']}): bad segmentation")
 
 
-def ann_to_mask(seg, height: int, width: int) -> np.ndarray:
-    """A polygon list or an (un)compressed RLE -> (H, W) uint8 mask."""
-    if isinstance(seg, list):
-        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-    elif isinstance(seg["counts"], list):
-        rle = mask_utils.frPyObjects(seg, height, width)
-    else:
-        rle = seg
-    return mask_utils.decode(rle)
+def read_image(path: str | Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, EXIF orientation applied (detectron2's ``read_image``)."""
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def resize_u8(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3), PIL's bilinear filter (detectron2's ``ResizeTransform``)."""
+    h, w = size
+    return np.array(Image.fromarray(img).resize((w, h), Image.BILINEAR))
+
+
+def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """The output size of detectron2's ``ResizeShortestEdge``: the short side to ``short``, the
+    long side at most ``max_size``, rounded half up."""
+    scale = short * 1.0 / min(h, w)
+    newh, neww = (short * 1.0, scale * w) if h < w else (scale * h, short * 1.0)
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def crop_polygons(polygons: Polygons, x0: int, y0: int, w: int, h: int) -> Polygons:
+    """One instance's polygons intersected with a crop box and moved into it (detectron2's
+    ``CropTransform.apply_polygons``, shapely)."""
+    import shapely.geometry as geometry
+
+    box = geometry.box(x0, y0, x0 + w, y0 + h).buffer(0.0)
+    out = []
+    for p in polygons:
+        poly = geometry.Polygon(p.reshape(-1, 2)).buffer(0.0)
+        if not poly.is_valid:
+            continue
+        cropped = poly.intersection(box)
+        if cropped.is_empty:
+            continue
+        parts = cropped.geoms if hasattr(cropped, "geoms") else [cropped]
+        for part in parts:
+            if not isinstance(part, geometry.Polygon) or not part.is_valid:
+                continue
+            coords = np.asarray(part.exterior.coords)[:-1] - np.array([x0, y0])
+            out.append(coords.reshape(-1))
+    return out
 
 
 class CocoInstances(Dataset):
@@ -60,7 +100,7 @@ class CocoInstances(Dataset):
     Args:
         annotations: the json file.
         images: the image folder.
-        train: large-scale jitter and empty-image filtering (else the evaluation view).
+        train: large-scale jitter and training targets (else the evaluation view).
         img_size: detection input side S.
         scale_range: large-scale jitter factors.
     """
@@ -82,21 +122,39 @@ class CocoInstances(Dataset):
                 raise AnnotationError(f"{path}: no {key!r} list")
         self.images = {im["id"]: im for im in data["images"]}
         self.cat_ids = sorted(c["id"] for c in data["categories"])
-        self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}  # 0 = background
-        self.category_names = {c["id"]: c["name"] for c in data["categories"]}
+        self.class_of = {cid: i for i, cid in enumerate(self.cat_ids)}  # contiguous, 0-based
         self.anns: dict[int, list[dict]] = {i: [] for i in self.images}
         for ann in data["annotations"]:
             _check(ann, self.images)
-            if ann["category_id"] not in self.label_of:
+            if ann["category_id"] not in self.class_of:
                 raise AnnotationError(
                     f"annotation {ann['id']}: unknown category {ann['category_id']}"
                 )
             self.anns[ann["image_id"]].append(ann)
         self.ids = sorted(self.images)
         if train:
-            self.ids = [i for i in self.ids if any(not a["iscrowd"] for a in self.anns[i])]
+            self.targets = {i: self._instances(i) for i in self.ids}
+            self.ids = [i for i in self.ids if self.targets[i]]
         self.train, self.img_size, self.scale_range = train, img_size, tuple(scale_range)
         self.annotation_file = path
+
+    def _instances(self, image_id: int) -> list[tuple[int, Polygons]]:
+        """The training instances of an image (class, polygons): crowd regions and polygons of
+        fewer than 3 points dropped, as detectron2's COCO loader does."""
+        out = []
+        for ann in self.anns[image_id]:
+            if ann["iscrowd"]:
+                continue
+            if not isinstance(ann["segmentation"], list):
+                raise AnnotationError(
+                    f"annotation {ann['id']} (image {image_id}): a non-crowd instance given as "
+                    "RLE; training reads instance masks as polygons"
+                )
+            polys = [np.asarray(p, dtype=np.float64) for p in ann["segmentation"]
+                     if len(p) % 2 == 0 and len(p) >= 6]  # fmt: skip
+            if polys:
+                out.append((self.class_of[ann["category_id"]], polys))
+        return out
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,56 +163,47 @@ class CocoInstances(Dataset):
     def num_classes(self) -> int:
         return len(self.cat_ids)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict | Targets]:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        g = torch.Generator().manual_seed(seed)
         info = self.images[self.ids[index]]
-        img = torch.from_numpy(np.array(load_rgb(self.root / info["file_name"]))).permute(2, 0, 1)
-        H, W = img.shape[1:]
-        # crowd regions are COCOeval's business (ignored there), not targets
-        anns = [a for a in self.anns[info["id"]] if not a["iscrowd"]]
-        masks = torch.from_numpy(np.stack([ann_to_mask(a["segmentation"], H, W) for a in anns])
-                                 if anns else np.zeros((0, H, W), np.uint8))  # fmt: skip
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # xywh -> xyxy
-        labels = torch.tensor([self.label_of[a["category_id"]] for a in anns], dtype=torch.int64)
+        img = read_image(self.root / info["file_name"])
+        H, W = img.shape[:2]
         S = self.img_size
-        if self.train:  # large-scale jitter
-            if torch.rand((), generator=g).item() < 0.5:
-                img, masks = img.flip(-1), masks.flip(-1)
-            lo, hi = self.scale_range
-            scale = (lo + (hi - lo) * torch.rand((), generator=g).item()) * min(S / H, S / W)
-        else:
-            scale = S / max(H, W)
-        h, w = max(1, round(H * scale)), max(1, round(W * scale))
-        img = F.interpolate(img[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-        if len(masks):
-            masks = F.interpolate(masks[None].float(), size=(h, w), mode="nearest")[0].to(
-                torch.uint8
-            )
-        else:  # an image with only crowd regions (evaluation view)
-            masks = torch.zeros((0, h, w), dtype=torch.uint8)
-        top = left = 0
-        if self.train:  # random S x S crop of what is larger than S
-            top = int(torch.randint(0, max(h - S, 0) + 1, (), generator=g))
-            left = int(torch.randint(0, max(w - S, 0) + 1, (), generator=g))
-            img, masks = (
-                img[:, top : top + S, left : left + S],
-                masks[:, top : top + S, left : left + S],
-            )
-            boxes = masks_to_boxes(masks)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            boxes, masks, labels = boxes[keep], masks[keep], labels[keep]
-        else:
-            boxes = boxes * scale
-        ph, pw = S - img.shape[1], S - img.shape[2]
-        img = F.pad(img, (0, pw, 0, ph)) / 255.0  # (3, S, S) in [0, 1]
-        masks = F.pad(masks, (0, pw, 0, ph))
-        target = {
-            "boxes": boxes, "labels": labels, "masks": masks, "image_id": info["id"],
-            "orig_size": (H, W), "scale": scale, "valid_size": (min(h, S), min(w, S)),
-        }  # fmt: skip
-        return img, target
+        if not self.train:
+            img = resize_u8(img, shortest_edge_size(H, W, S, S))
+            image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+            return image, {"image_id": info["id"], "orig_size": (H, W)}
+        rng = np.random.default_rng(seed)
+        instances = [(c, [p.copy() for p in polys]) for c, polys in self.targets[info["id"]]]
+        if rng.uniform() < 0.5:  # RandomFlip
+            img = img[:, ::-1]
+            for _, polys in instances:
+                for p in polys:
+                    p[0::2] = W - p[0::2]
+        # ResizeScale: a random fraction of the S x S target, aspect kept
+        r = rng.uniform(*self.scale_range)
+        scale = min(S * r / H, S * r / W)
+        h, w = (int(v) for v in np.round(np.multiply((H, W), scale)))
+        img = resize_u8(np.ascontiguousarray(img), (h, w))
+        for _, polys in instances:
+            for p in polys:
+                p[0::2] *= w * 1.0 / W
+                p[1::2] *= h * 1.0 / H
+        # FixedSizeCrop(S, pad=False): one offset fraction for both axes
+        y0, x0 = (int(v) for v in np.round(np.maximum(np.subtract((h, w), S), 0) * rng.uniform()))
+        img = img[y0 : y0 + S, x0 : x0 + S]
+        cropped = [(c, crop_polygons(polys, x0, y0, S, S)) for c, polys in instances]
+        cropped = [(c, polys) for c, polys in cropped if polys]
+        boxes = polygon_boxes([polys for _, polys in cropped])
+        keep = nonempty(boxes, 1e-5).tolist()
+        image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
+        target = Targets(
+            boxes=boxes[keep],
+            classes=torch.tensor([c for (c, _), k in zip(cropped, keep, strict=True) if k],
+                                 dtype=torch.int64),
+            polygons=[polys for (_, polys), k in zip(cropped, keep, strict=True) if k],
+        )  # fmt: skip
+        return image, target
 
 
 def coco_subset(src: str | Path, dest: str | Path, n: int) -> Path:
@@ -169,18 +218,5 @@ def coco_subset(src: str | Path, dest: str | Path, n: int) -> Path:
     return dest
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) masks -> (N, 4) tight xyxy boxes (pixel edges); an empty mask gives zeros."""
-    if masks.numel() == 0:
-        return torch.zeros((masks.shape[0], 4))
-    rows, cols = masks.any(dim=2), masks.any(dim=1)  # (N, H), (N, W)
-    out = torch.zeros((masks.shape[0], 4))
-    for i in range(masks.shape[0]):
-        r, c = torch.where(rows[i])[0], torch.where(cols[i])[0]
-        if len(r):
-            out[i] = torch.tensor([c[0], r[0], c[-1] + 1, r[-1] + 1], dtype=torch.float32)
-    return out
-
-
-def collate_detection(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+def collate_detection(batch: list) -> tuple[list[torch.Tensor], list]:
     return [b[0] for b in batch], [b[1] for b in batch]

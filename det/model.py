@@ -1,111 +1,155 @@
-"""ViTDet Mask R-CNN (arXiv:2203.16527) assembled from torchvision's detection machinery (RPN,
-RoI heads, Mask R-CNN) and our backbone, feature pyramid and ViTDet-style heads.
+"""ViTDet Mask R-CNN (Li et al., arXiv:2203.16527) as detectron2's ``projects/ViTDet`` builds it
+(``configs/common/models/mask_rcnn_vitdet.py``): our ViT backbone and simple feature pyramid, an
+RPN and box / mask heads with detectron2's semantics, on torchvision's detection ops (NMS,
+RoIAlign). Module names are detectron2's, so its state dicts load as they are (``det.d2``).
 
-Settings follow ViTDet's detectron2 configs: anchors 32-512 (one size per level, ratios 0.5 / 1
-/ 2), RPN with 2 convs, pre/post-NMS top-k 2000/1000 (train) and 1000/1000 (test), 512 RoIs per
-image at 25 % positives, box regression weights (10, 10, 5, 5), box head of 4 convs + 1 fc with
-LayerNorm, mask head of 4 convs with LayerNorm, aligned RoIAlign, pixel mean / std
-(123.675, 116.28, 103.53) / (58.395, 57.12, 57.375).
+The pipeline around the network is detectron2's ``GeneralizedRCNN``:
 
-Where torchvision's defaults differ from detectron2's, on purpose:
-- box regression loss: torchvision's smooth-L1 with beta = 1/9 in the RPN and the RoI heads
-  (detectron2's ViTDet uses plain L1, beta = 0); kept to stay on torchvision's tested losses.
-- anchors: torchvision's generator rounds anchor corners to integers (detectron2 keeps them
-  fractional); a sub-pixel difference, kept.
-- RoIAlign: detectron2's aligned=True (half-pixel offset), not torchvision's default; see
-  ``AlignedMultiScaleRoIAlign``.
+- input: uint8 RGB images (3, h, w) already resized by the data pipeline; normalised with the
+  pixel mean / std, then zero-padded (the mean colour) at the bottom / right to a square canvas
+  of ``img_size`` (``ImageList.from_tensors`` with ViTDet's ``square_pad``);
+- proposals and detections are clipped to each image's valid (unpadded) area;
+- ``postprocess`` scales boxes to the original image and pastes the masks onto it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign, roi_align
-from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
 
-from .backbone import SimpleFeaturePyramid, ViTDetBackbone
+from .backbone import PYRAMID_LEVELS, SimpleFeaturePyramid, ViTDetBackbone, pyramid_strides
+from .roi_heads import ROIHeads
+from .rpn import RPN
+from .structures import Polygons, clip_boxes, nonempty, paste_masks_in_image
 
-PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255
 PIXEL_STD = (58.395, 57.12, 57.375)
-DROP_PATH = {"base": 0.1, "large": 0.4, "huge": 0.5}
 
 
-class AlignedMultiScaleRoIAlign(MultiScaleRoIAlign):
-    """torchvision's multi-scale RoIAlign with ``aligned=True`` (pixel centres at +0.5, as
-    detectron2's ROIAlignV2). A subclass, because MaskRCNN type-checks its poolers."""
+@dataclass
+class HeadConfig:
+    """Widths of the pyramid and heads (ViTDet's defaults); small values make test models."""
 
-    def forward(self, x, boxes, image_shapes):
-        feats = _filter_input(x, self.featmap_names)
-        if self.scales is None or self.map_levels is None:
-            self.scales, self.map_levels = _setup_scales(
-                feats, image_shapes, self.canonical_scale, self.canonical_level
-            )
-        rois = _convert_to_roi_format(boxes)  # (K, 5): batch index, x1, y1, x2, y2
-        levels = self.map_levels(boxes)
-        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
-        for level, (f, scale) in enumerate(zip(feats, self.scales, strict=True)):
-            idx = torch.where(levels == level)[0]
-            pooled = roi_align(f, rois[idx], self.output_size, spatial_scale=scale,
-                               sampling_ratio=self.sampling_ratio, aligned=True)  # fmt: skip
-            out[idx] = pooled.to(out.dtype)
-        return out
+    pyramid_channels: int = 256
+    box_conv_dims: list[int] = field(default_factory=lambda: [256] * 4)
+    box_fc_dims: list[int] = field(default_factory=lambda: [1024])
+    mask_conv_dims: list[int] = field(default_factory=lambda: [256] * 4)
+    mask_deconv_dim: int = 256
 
 
-class PaddedInputTransform(GeneralizedRCNNTransform):
-    """Normalise and batch only: our data pipeline already resized and padded every image to the
-    detection size (large-scale jitter for training, longest side + pad for evaluation)."""
+@dataclass
+class Targets:
+    """One training image's ground truth in input coordinates: float32 XYXY ``boxes`` (G, 4),
+    0-based ``classes`` (G,), and each instance's ``polygons``."""
 
-    def resize(self, image, target=None):
-        return image, target
+    boxes: torch.Tensor
+    classes: torch.Tensor
+    polygons: list[Polygons]
+
+    def to(self, device: torch.device) -> Targets:
+        """Boxes and classes on ``device`` (polygons stay numpy: the mask targets are rasterised
+        on the CPU, as detectron2 does)."""
+        return Targets(self.boxes.to(device), self.classes.to(device), self.polygons)
 
 
-def _layernorm2d(channels: int) -> nn.Module:
-    from .backbone import LayerNorm2d
+class ViTDetMaskRCNN(nn.Module):
+    """Mask R-CNN on a ViTDet backbone.
 
-    return LayerNorm2d(channels)
+    Args:
+        backbone: the ViT.
+        num_classes: K, without background.
+        heads: pyramid / head widths.
+        img_size: the square canvas inputs are padded to (1024).
+    """
+
+    def __init__(self, backbone: ViTDetBackbone, num_classes: int, heads: HeadConfig,
+                 img_size: int = 1024):  # fmt: skip
+        super().__init__()
+        strides = pyramid_strides()
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.backbone = SimpleFeaturePyramid(backbone, heads.pyramid_channels)
+        self.proposal_generator = RPN(
+            heads.pyramid_channels,
+            [strides[name] for name in PYRAMID_LEVELS],
+            anchor_sizes=[8 * strides[name] for name in PYRAMID_LEVELS],  # 32 ... 512
+        )
+        self.roi_heads = ROIHeads(
+            heads.pyramid_channels,
+            [strides[name] for name in PYRAMID_LEVELS[:4]],
+            num_classes,
+            box_conv_dims=heads.box_conv_dims,
+            box_fc_dims=heads.box_fc_dims,
+            mask_conv_dims=heads.mask_conv_dims,
+            mask_deconv_dim=heads.mask_deconv_dim,
+        )
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+
+    def preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """uint8 (3, h, w) images -> the normalised batch (B, 3, S, S), zero-padded."""
+        S = self.img_size
+        batch = self.pixel_mean.new_zeros(len(images), 3, S, S)
+        for i, im in enumerate(images):
+            h, w = im.shape[-2:]
+            if h > S or w > S:
+                raise ValueError(f"an input image of {h}x{w} does not fit the {S}x{S} canvas")
+            batch[i, :, :h, :w] = (im.to(batch.dtype) - self.pixel_mean) / self.pixel_std
+        return batch
+
+    def forward(self, images: list[torch.Tensor], targets: list[Targets] | None = None):
+        """Training (with ``targets``): the dict of the five losses. Evaluation: detections per
+        image in input coordinates (see ``ROIHeads.inference``)."""
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        feats = self.backbone(self.preprocess(images))
+        feats = [feats[name] for name in PYRAMID_LEVELS]
+        if targets is not None:
+            proposals, losses = self.proposal_generator(feats, sizes, [t.boxes for t in targets])
+            losses |= self.roi_heads.losses(
+                feats[:4], [p[0] for p in proposals], [t.boxes for t in targets],
+                [t.classes for t in targets], [t.polygons for t in targets],
+            )  # fmt: skip
+            return losses
+        proposals, _ = self.proposal_generator(feats, sizes)
+        return self.roi_heads.inference(feats[:4], [p[0] for p in proposals], sizes)
 
 
-def vitdet_mask_rcnn(
-    backbone: ViTDetBackbone, num_classes: int, *, img_size: int = 1024
-) -> MaskRCNN:
-    """Mask R-CNN with ViTDet's settings on ``backbone``; ``num_classes`` excludes background."""
-    fpn = SimpleFeaturePyramid(backbone, out_channels=256)
-    anchors = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)),
-                              aspect_ratios=((0.5, 1.0, 2.0),) * 5)  # fmt: skip
-    box_pool = AlignedMultiScaleRoIAlign(["p2", "p3", "p4", "p5"], output_size=7, sampling_ratio=0)
-    mask_pool = AlignedMultiScaleRoIAlign(
-        ["p2", "p3", "p4", "p5"], output_size=14, sampling_ratio=0
+def postprocess(
+    result: dict[str, torch.Tensor], size: tuple[int, int], orig_size: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """detectron2's ``detector_postprocess``: detections on an input of ``size`` -> boxes scaled to
+    the original image of ``orig_size`` (H0, W0) and clipped, empty ones dropped, masks pasted
+    onto it (bool (N, H0, W0), threshold 0.5)."""
+    (h, w), (H0, W0) = size, orig_size
+    boxes = result["boxes"].clone()
+    boxes[:, 0::2] *= W0 / w
+    boxes[:, 1::2] *= H0 / h
+    boxes = clip_boxes(boxes, (H0, W0))
+    keep = nonempty(boxes)
+    out = {"boxes": boxes[keep], "scores": result["scores"][keep],
+           "classes": result["classes"][keep]}  # fmt: skip
+    if "mask_probs" in result:
+        out["masks"] = paste_masks_in_image(result["mask_probs"][keep], out["boxes"], (H0, W0))
+    return out
+
+
+def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCNN:
+    """The detector a ``DetConfig`` describes on an encoder of ``encoder_config`` (its
+    constructor settings: widths, depth, patch size, pretraining img_size), untrained."""
+    backbone = ViTDetBackbone(
+        img_size=cfg.img_size,
+        pretrain_img_size=cfg.pretrain_img_size or encoder_config["img_size"],
+        patch_size=cfg.patch_size or encoder_config["patch_size"],
+        embed_dim=encoder_config["embed_dim"],
+        depth=encoder_config["depth"],
+        num_heads=encoder_config["num_heads"],
+        mlp_ratio=encoder_config["mlp_ratio"],
+        norm_eps=encoder_config["norm_eps"],
+        drop_path_rate=cfg.drop_path_rate,
+        window=cfg.window,
+        global_blocks=cfg.global_blocks,
     )
-    box_head = FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=_layernorm2d)
-    mask_head = MaskRCNNHeads(256, [256] * 4, 1, norm_layer=_layernorm2d)
-    model = MaskRCNN(
-        fpn,
-        num_classes=num_classes + 1,  # + background
-        rpn_anchor_generator=anchors,
-        rpn_head=RPNHead(256, 3, conv_depth=2),
-        rpn_pre_nms_top_n_train=2000,
-        rpn_pre_nms_top_n_test=1000,
-        rpn_post_nms_top_n_train=1000,
-        rpn_post_nms_top_n_test=1000,
-        box_roi_pool=box_pool,
-        box_head=box_head,
-        box_batch_size_per_image=512,
-        box_positive_fraction=0.25,
-        bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
-        mask_roi_pool=mask_pool,
-        mask_head=mask_head,
-    )
-    model.transform = PaddedInputTransform(
-        img_size,
-        img_size,
-        [m / 255 for m in PIXEL_MEAN],
-        [s / 255 for s in PIXEL_STD],
-        size_divisible=backbone.patch_size,
-    )
-    return model
+    heads = HeadConfig(**dict(cfg.heads))
+    return ViTDetMaskRCNN(backbone, num_classes, heads, img_size=cfg.img_size)

@@ -1,19 +1,22 @@
-"""det/: ViTDet backbone and pyramid, COCO data and evaluation on ../shared/data/coco128, and a
-few training iterations of a tiny Mask R-CNN."""
+"""det/: ViTDet backbone and pyramid, COCO data and evaluation on ../shared/data/coco128, the
+detectron2 recipe (parameter groups, schedule, exports), and a few training iterations of a tiny
+Mask R-CNN. The stage-by-stage comparison with detectron2 is in test_det_d2_parity.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_encoder_export
+import torch.nn.functional as F
+from conftest import REPO, tiny_encoder_export
 
-from crossmae.checkpoint import load_pretrained_encoder
-from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, strides_ok
-from det.data import AnnotationError, CocoInstances, coco_subset
-from det.evaluate import coco_evaluate, to_coco_results
+from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
+from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, pyramid_strides
+from det.data import AnnotationError, CocoInstances, coco_subset, shortest_edge_size
+from det.evaluate import coco_evaluate, instances_to_coco_json
 
 TINY_VIT = dict(patch_size=16, embed_dim=64, depth=4, num_heads=2)
 
@@ -46,70 +49,77 @@ def test_a_window_covering_the_image_is_global_attention():
 
 def test_pyramid_strides_on_non_square_inputs():
     fpn = SimpleFeaturePyramid(ViTDetBackbone(img_size=64, window=4, **TINY_VIT), out_channels=32)
+    strides = pyramid_strides()
     for size in [(128, 192), (64, 64), (192, 64)]:  # non-square, multiples of the coarsest stride
         feats = fpn(torch.randn(1, 3, *size))
-        assert list(feats) == ["p2", "p3", "p4", "p5", "pool"] and strides_ok(feats, size)
-        assert all(f.shape[1] == 32 for f in feats.values())
+        assert list(feats) == ["p2", "p3", "p4", "p5", "p6"]
+        for name, f in feats.items():
+            assert f.shape[1:] == (32, size[0] // strides[name], size[1] // strides[name])
 
 
 def test_backbone_loads_an_encoder_strictly(tmp_path):
     model = tiny_encoder_export(tmp_path / "enc.pt", **TINY_VIT)
     sd, cfg = load_pretrained_encoder(tmp_path / "enc.pt")
-    bb = ViTDetBackbone(**{**cfg, "img_size": 64, "window": 2})
+    bb = ViTDetBackbone(img_size=64, pretrain_img_size=32, window=2, **TINY_VIT)
     bb.load_pretrained(sd, (2, 2))
     assert torch.equal(bb.blocks[3].mlp.fc2.weight, model.encoder.blocks[3].mlp.fc2.weight)
-    assert bb.pos_embed.shape == (1, 16, 64)  # cls slot dropped, 2x2 -> 4x4
+    # the pretraining table, cls slot included, is kept (resampled on every forward)
+    assert torch.equal(bb.pos_embed, model.encoder.pos_embed)
     with pytest.raises(KeyError, match="blocks.0.attn.qkv.bias"):
         bb.load_pretrained({k: v for k, v in sd.items() if k != "blocks.0.attn.qkv.bias"}, (2, 2))
 
 
-def test_ground_truth_as_predictions_scores_ap_1(shared_dir):
-    ann, images = coco128(shared_dir)
-    ds = CocoInstances(ann, images, train=False, img_size=640)
-    # images whose longest side is 640 keep their size (scale 1): masks round-trip exactly
-    picked = [
-        i
-        for i in range(len(ds))
-        if max(ds.images[ds.ids[i]]["height"], ds.images[ds.ids[i]]["width"]) == 640
-    ][:10]
-    results, ids = [], []
-    for i in picked:
-        _, t = ds[i]
-        pred = {
-            "boxes": t["boxes"],
-            "labels": t["labels"],
-            "scores": torch.ones(len(t["labels"])),
-            "masks": t["masks"][:, None].float(),
+def test_ground_truth_as_predictions_scores_ap_100(shared_dir):
+    from pycocotools.coco import COCO
+
+    ann, _ = coco128(shared_dir)
+    gt = COCO(str(ann))
+    ds_cats = sorted(gt.getCatIds())
+    results = []
+    for image_id in gt.getImgIds():
+        anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
+        if not anns:
+            continue
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        pred = {  # detections as postprocess gives them: XYXY boxes, classes, pasted masks
+            "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1),
+            "scores": torch.ones(len(anns), dtype=torch.float64),
+            "classes": torch.tensor([ds_cats.index(a["category_id"]) for a in anns]),
+            "masks": torch.from_numpy(np.stack([gt.annToMask(a) for a in anns]).astype(bool)),
         }
-        results += to_coco_results(pred, t, ds.cat_ids)
-        ids.append(t["image_id"])
-    metrics = coco_evaluate(ann, results, ids)
-    assert metrics["bbox"]["AP"] == pytest.approx(100.0) and metrics["segm"]["AP"] == pytest.approx(
-        100.0
-    )
+        for r in instances_to_coco_json(pred, image_id):
+            r["category_id"] = ds_cats[r["category_id"]]
+            results.append(r)
+    metrics = coco_evaluate(ann, results)
+    assert metrics["bbox"]["AP"] == pytest.approx(100.0)
+    assert metrics["segm"]["AP"] == pytest.approx(100.0)
     # and a prediction that misses half the objects does not
-    half = coco_evaluate(ann, results[::2], ids)
-    assert half["bbox"]["AP"] < 90
+    assert coco_evaluate(ann, results[::2])["bbox"]["AP"] < 90
+    # no results at all: NaN, as detectron2 reports it
+    assert all(v != v for v in coco_evaluate(ann, [])["segm"].values())
 
 
 def test_training_view_large_scale_jitter(shared_dir):
+    from det.structures import polygon_boxes
+
     ann, images = coco128(shared_dir)
     ds = CocoInstances(ann, images, train=True, img_size=256)
     assert len(ds) == 126  # 2 of the 128 images have no non-crowd annotation
-    img, t = ds[(5, 123)]
-    assert img.shape == (3, 256, 256) and img.min() >= 0 and img.max() <= 1
-    assert t["masks"].shape[1:] == (256, 256) and len(t["boxes"]) == len(t["labels"]) == len(
-        t["masks"]
+    for key in [(5, 123), (7, 1), (40, 9)]:
+        img, t = ds[key]
+        assert img.dtype == torch.uint8 and img.shape[0] == 3 and max(img.shape[1:]) <= 256
+        assert len(t.boxes) == len(t.classes) == len(t.polygons)
+        assert t.classes.min() >= 0 and t.classes.max() < ds.num_classes
+        # boxes are the tight boxes of the cropped polygons, which lie inside the crop
+        assert torch.equal(t.boxes, polygon_boxes(t.polygons))
+        h, w = img.shape[1:]
+        assert t.boxes[:, 0::2].max() <= w and t.boxes[:, 1::2].max() <= h
+        assert t.boxes.min() >= 0
+    # the same key gives the same sample (resumable), another seed another one
+    assert torch.equal(ds[(5, 123)][0], ds[(5, 123)][0])
+    assert ds[(5, 123)][0].shape != ds[(5, 124)][0].shape or not torch.equal(
+        ds[(5, 123)][0], ds[(5, 124)][0]
     )
-    # boxes are the tight boxes of the cropped masks
-    for box, m in zip(t["boxes"], t["masks"], strict=True):
-        ys, xs = torch.where(m > 0)
-        assert box.tolist() == [
-            xs.min().item(),
-            ys.min().item(),
-            xs.max().item() + 1,
-            ys.max().item() + 1,
-        ]
 
 
 def test_malformed_annotations_name_the_annotation(shared_dir, tmp_path):
@@ -147,6 +157,11 @@ def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
             f"output_dir={tmp_path / run}",
             "img_size=128",
             "window=4",
+            "heads.pyramid_channels=16",
+            "heads.box_conv_dims=[16]",
+            "heads.box_fc_dims=[32]",
+            "heads.mask_conv_dims=[16]",
+            "heads.mask_deconv_dim=16",
             "iterations=2",
             "batch_size=2",
             "warmup_iterations=1",
@@ -160,7 +175,7 @@ def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
     return cfg, model, small, images
 
 
-def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
+def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
     from det.train import train_detector
 
     cfg, model, small, images = tiny_det_run(shared_dir, tmp_path, "run")
@@ -168,7 +183,7 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(x == x and x < 100 for x in losses)  # finite
-    assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness"} <= set(rows[0])
+    assert {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"} <= set(rows[0])
     for kind in ("bbox", "segm"):
         assert set(result["metrics"][kind]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (tmp_path / "run" / "results.json").is_file()
@@ -177,27 +192,19 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path):
 
     ckpt = tmp_path / "run" / "checkpoint-last.pt"
     out = tmp_path / "res.json"
-    assert (
-        main(
-            [
-                "evaluate",
-                str(ckpt),
-                "--json",
-                str(small),
-                "--images",
-                str(images),
-                "--results",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    capsys.readouterr()
+    args = ["evaluate", str(ckpt), "--json", str(small), "--images", str(images)]
+    assert main([*args, "--results", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert json.dumps(printed) == json.dumps(result["metrics"])  # NaN where AP is undefined
     assert out.is_file()
     # the detectron2 export: the MAE release layout, which our backbone (like detectron2's) loads
     assert main(["export-d2", str(tmp_path / "enc.pt"), str(tmp_path / "d2.pth")]) == 0
     exported = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
     assert set(exported) == set(model.encoder.state_dict())
-    ViTDetBackbone(**{**TINY_VIT, "img_size": 64, "window": 2}).load_pretrained(exported, (2, 2))
+    ViTDetBackbone(img_size=64, pretrain_img_size=32, window=2, **TINY_VIT).load_pretrained(
+        exported, (2, 2)
+    )
 
 
 def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
@@ -232,5 +239,88 @@ def test_evaluation_view_keeps_crowd_only_images(shared_dir):
     ds = CocoInstances(ann, images, train=False, img_size=256)
     crowd_only = [i for i in range(len(ds)) if all(a["iscrowd"] for a in ds.anns[ds.ids[i]])]
     assert len(ds) == 128 and crowd_only  # evaluated (COCOeval ignores the crowd regions)
-    img, t = ds[crowd_only[0]]
-    assert img.shape == (3, 256, 256) and t["masks"].shape == (0, 256, 256) and len(t["boxes"]) == 0
+    img, info = ds[crowd_only[0]]
+    assert img.dtype == torch.uint8
+    assert tuple(img.shape[1:]) == shortest_edge_size(*info["orig_size"], 256, 256)
+
+
+def test_export_d2_of_vit_huge_has_the_shapes_detectron2s_h_config_loads(tmp_path):
+    """detectron2's mask_rcnn_vitdet_h_75ep.py builds ViT(embed 1280, patch 16,
+    pretrain_img_size 224) and loads mae_pretrain_vit_huge_p14to16.pth: a 16-px kernel and a
+    14 x 14 (+ cls) position table. Our ViT-H/14 export must have exactly those shapes."""
+    from crossmae.models import create_model
+    from det.__main__ import main
+
+    torch.manual_seed(0)
+    model = create_model("mae_vit_huge_patch14", depth=1, decoder_depth=1)  # H widths, 1 block
+    save_atomic(encoder_export(model, model_name="mae_vit_huge_patch14"), tmp_path / "h.pt")
+    assert main(["export-d2", str(tmp_path / "h.pt"), str(tmp_path / "h_d2.pth")]) == 0
+    sd = torch.load(tmp_path / "h_d2.pth", weights_only=True)["model"]
+    assert sd["patch_embed.proj.weight"].shape == (1280, 3, 16, 16)
+    assert sd["pos_embed"].shape == (1, 1 + 14 * 14, 1280)
+    # every tensor detectron2's ViT (our backbone mirrors it) has, at its shape
+    d2_vit = ViTDetBackbone(img_size=1024, pretrain_img_size=224, patch_size=16, embed_dim=1280,
+                            depth=1, num_heads=16, global_blocks=[0])  # fmt: skip
+    own = {k: v.shape for k, v in d2_vit.state_dict().items() if ".rel_pos_" not in k}
+    assert {k: v.shape for k, v in sd.items() if k in own} == own
+    assert set(sd) - set(own) == {"cls_token", "norm.weight", "norm.bias"}  # skipped by it
+    # the resampled kernel (FlexiViT's pseudo-inverse) responds to a 14-px patch upsampled to
+    # 16 px as the 14-px kernel responds to the patch itself
+    x = torch.rand(1, 3, 14, 14)
+    y = F.interpolate(x, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)
+    a = (model.encoder.patch_embed.proj.weight.detach() * x).sum(dim=(1, 2, 3))
+    b = (sd["patch_embed.proj.weight"] * y).sum(dim=(1, 2, 3))
+    assert torch.allclose(a, b, atol=1e-4 * float(a.abs().max()))
+
+
+def test_detectron2_parameter_groups():
+    """detectron2's get_default_optimizer_params + get_vit_lr_decay_rate as ViTDet sets them:
+    B / L decay everything but the ViT's nn.LayerNorms and pos_embed; H decays everything."""
+    from crossmae.config import load_config
+    from det.config import DetConfig
+    from det.model import build_detector
+    from det.train import detectron2_param_groups
+
+    enc = dict(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0,
+               norm_eps=1e-6)  # fmt: skip
+    small = ["img_size=64", "window=2", "heads.pyramid_channels=16", "heads.box_conv_dims=[16]",
+             "heads.box_fc_dims=[16]", "heads.mask_conv_dims=[16]",
+             "heads.mask_deconv_dim=16"]  # fmt: skip
+    huge = ["configs/det/mask_rcnn_vit_huge_75ep.yaml"]
+    for files, vit_norm_wd, pos_wd in (([], 0.0, 0.0), (huge, 0.1, 0.1)):
+        cfg = load_config(DetConfig, [REPO / f for f in files], small)
+        model = build_detector(cfg, 3, enc)
+        wd, scale = {}, {}
+        for g in detectron2_param_groups(model, cfg):
+            for n in g["names"]:
+                wd[n], scale[n] = g["weight_decay"], g["lr_scale"]
+        assert wd["backbone.net.blocks.0.norm1.weight"] == vit_norm_wd
+        assert wd["backbone.net.pos_embed"] == pos_wd
+        for name in ("backbone.net.blocks.0.attn.qkv.bias", "backbone.simfp_2.1.weight",
+                     "backbone.simfp_4.0.norm.bias", "roi_heads.box_head.conv1.norm.weight",
+                     "roi_heads.box_predictor.cls_score.bias",
+                     "backbone.net.blocks.1.attn.rel_pos_h"):  # fmt: skip
+            assert wd[name] == 0.1, name
+        d = cfg.layer_decay
+        assert scale["backbone.net.patch_embed.proj.weight"] == pytest.approx(d**5)
+        assert scale["backbone.net.blocks.2.mlp.fc1.weight"] == pytest.approx(d**2)
+        assert (
+            scale["backbone.simfp_3.0.weight"] == scale["roi_heads.mask_head.predictor.bias"] == 1
+        )
+
+
+def test_det_configs_follow_detectron2():
+    """Every shipped det config loads; the schedules are detectron2's ViTDet ones."""
+    from crossmae.config import load_config
+    from det.config import DetConfig
+
+    files = sorted((REPO / "configs" / "det").glob("*.yaml"))
+    assert len(files) >= 4
+    cfgs = {f.stem: load_config(DetConfig, [f]) for f in files}
+    b, h = cfgs["mask_rcnn_vit_base_100ep"], cfgs["mask_rcnn_vit_huge_75ep"]
+    assert (b.iterations, list(b.lr_milestones)) == (184375, [163889, 177546])
+    # the H config is 75 epochs: 3/4 of the iterations and milestones, integer-divided
+    assert h.iterations == b.iterations * 3 // 4
+    assert list(h.lr_milestones) == [m * 3 // 4 for m in b.lr_milestones]
+    assert (h.layer_decay, h.drop_path_rate, h.patch_size) == (0.9, 0.5, 16)
+    assert cfgs["mask_rcnn_vit_large_100ep"].layer_decay == 0.8

@@ -44,8 +44,12 @@ def test_smoke_fills_every_stage_skips_done_ones_and_resumes(shared_dir, pretrai
     for stage in ("linprobe", "finetune", "det", "seg"):
         assert table["stages"][stage]["status"] == "done"
         assert (out / stage / "config.yaml").is_file()
-    for key in ("linear_probe_top1", "finetune_top1", "ap_box", "ap_mask", "miou"):
+    for key in ("linear_probe_top1", "finetune_top1", "miou"):
         assert 0.0 <= table[key] <= 100.0, key
+    # two iterations leave every class score under ViTDet's 0.05 test threshold: no detection,
+    # so AP is undefined (detectron2 reports NaN; the table null)
+    for key in ("ap_box", "ap_mask"):
+        assert table[key] is None or 0.0 <= table[key] <= 100.0, key
     md = (out / "results.md").read_text()
     assert "COCO AP box / AP mask" in md and md.count("| done |") == 4
 

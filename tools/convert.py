@@ -7,7 +7,8 @@ detectron2's ViTDet and mmsegmentation.
         --arch mae_vit_large_patch16 --set norm_pix_loss=false   # constructor settings
     # our pretraining checkpoint -> official layout (whole model)
     python tools/convert.py to-official runs/crossmae_b/checkpoint-last.pt official.pth
-    # encoder only, the MAE release format: what detectron2's ViTDet loads (train.init_checkpoint)
+    # encoder only, the MAE release format: what detectron2's ViTDet loads (train.init_checkpoint;
+    # ViT-H/14 resampled to patch 16 as its H config expects)
     python tools/convert.py to-mae runs/crossmae_b/checkpoint-last.pt mae_format.pth
     # timm VisionTransformer state dict (+ OUT.json: the timm.create_model call that loads it)
     python tools/convert.py to-timm runs/crossmae_b/checkpoint-last.pt vit_b_timm.pth
@@ -86,9 +87,12 @@ def cmd_to_official(args) -> int:
 
 
 def cmd_to_mae(args) -> int:
-    sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
-    save_atomic({"model": sd}, args.dest)
-    print(f"wrote {args.dest}: {len(sd)} encoder tensors, MAE release layout (detectron2 ViTDet)")
+    from det.d2 import d2_init_checkpoint
+
+    sd, config = load_pretrained_encoder(args.src, official_arch=args.official_arch)
+    out, note = d2_init_checkpoint(sd, config)
+    save_atomic(out, args.dest)
+    print(f"wrote {args.dest}: {note} (detectron2 ViTDet's train.init_checkpoint)")
     return 0
 
 

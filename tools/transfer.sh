@@ -90,7 +90,7 @@ else
   [[ ${#missing[@]} == 0 ]] || die "set the dataset root(s): ${missing[*]}"
   LINPROBE=(configs/cls/linprobe_vit_$ARCH.yaml train="${IMAGENET:-}/train" val="${IMAGENET:-}/val")
   FINETUNE=(configs/cls/finetune_vit_$ARCH.yaml train="${IMAGENET:-}/train" val="${IMAGENET:-}/val")
-  DET=(configs/det/mask_rcnn_vit_${ARCH}_100ep.yaml
+  DET=(configs/det/mask_rcnn_vit_${ARCH}_*ep.yaml
     train_json="${COCO:-}/annotations/instances_train2017.json" train_images="${COCO:-}/train2017"
     val_json="${COCO:-}/annotations/instances_val2017.json" val_images="${COCO:-}/val2017")
   SEG=(configs/seg/upernet_vit_${ARCH}_ade20k_160k.yaml root="${ADE20K:-}")

@@ -73,8 +73,9 @@ def headline(stage: str, result: dict) -> dict[str, float]:
         key = "linear_probe_top1" if stage == "linprobe" else "finetune_top1"
         return {key: result["last"]["top1"], f"{key}_best": result["best"]["top1"]}
     metrics = result["metrics"]
-    if stage == "det":
-        return {"ap_box": metrics["bbox"]["AP"], "ap_mask": metrics["segm"]["AP"]}
+    if stage == "det":  # NaN (no detection at all, as detectron2 reports it) -> null
+        ap = {"ap_box": metrics["bbox"]["AP"], "ap_mask": metrics["segm"]["AP"]}
+        return {k: None if math.isnan(v) else v for k, v in ap.items()}
     return {"miou": metrics["mIoU"], "macc": metrics["mAcc"], "aacc": metrics["aAcc"]}
 
 
