@@ -3,7 +3,7 @@
 python -m det train --config configs/det/mask_rcnn_vit_base_100ep.yaml key=value ...
 python -m det evaluate runs/det_b/checkpoint-last.pt --json ANN.json --images DIR
 python -m det export-d2 runs/crossmae_b_800/checkpoint-last.pt mae_format_vit_base.pth
-python -m det import-d2 model_final_61ccd1.pkl vitdet_b.pt [--json ANN.json]
+python -m det import-d2 model_final.pkl vitdet_b.pt [--json ANN.json]
 """
 
 from __future__ import annotations
