@@ -64,7 +64,12 @@ def read_d2_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{path} is not a loadable torch checkpoint ({e})") from None
+            raise ValueError(
+                f"{path} is not a torch checkpoint that loads without running code "
+                f"({type(e).__name__})"
+            ) from None
+    if isinstance(data, dict) and isinstance(data.get("format"), str):
+        raise ValueError(f"{path} is a crossmae {data['format']!r} file, not a detectron2 model")
     model = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(model, dict) or not model:
         raise ValueError(f"{path}: no model state dict (expected a 'model' dict of tensors)")
