@@ -5,6 +5,7 @@ with ``torch.load(weights_only=True)``; strict loading by assertion on the exact
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,68 @@ def load_pretrained_encoder(
         overrides = {"weight_fm": "norm.weight" not in sd} if kind == "crossmae" else {}
         return sd, _encoder_config_of(official_arch, overrides)
     raise ValueError(f"{path}: not a pretraining checkpoint, encoder export or official release")
+
+
+# ----------------------------------------------------------------------------- other frameworks
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles tensors, numpy arrays, containers and numbers, and never runs code: any other
+    class a file names (another framework's logger state, an ``argparse.Namespace``, ...) becomes
+    an inert placeholder, or, with ``strict``, refuses the file."""
+
+    ALLOWED = {
+        ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+        ("builtins", "slice"), ("builtins", "complex"), ("_codecs", "encode"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+        ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"), ("torch._tensor", "_rebuild_from_type_v2"),
+        ("torch", "Size"), ("torch", "device"),
+    }  # fmt: skip
+
+    def __init__(self, file, *, strict: bool = False, **kwargs):
+        super().__init__(file, **kwargs)
+        self.strict = strict
+
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in self.ALLOWED or module == "numpy.dtypes" or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        )
+        if allowed:
+            if module.startswith("numpy.core."):  # numpy 2 moved it
+                module = module.replace("numpy.core.", "numpy._core.")
+            return super().find_class(module, name)
+        if self.strict:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickle")
+        return type(name, (_Inert,), {"__module__": module})
+
+
+class _Inert:
+    """Stands for an object of a class a checkpoint names but that is not loaded."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_foreign_checkpoint(path: str | Path) -> Any:
+    """Another framework's torch checkpoint (mmengine, detectron2, ...), read without running any
+    of its pickled code (``SafeUnpickler``): tensors and plain values come back as they are,
+    other objects as inert placeholders."""
+    import types
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    safe = types.SimpleNamespace(
+        __name__="crossmae_safe_pickle",
+        Unpickler=SafeUnpickler,
+        load=lambda f, **kw: SafeUnpickler(f, **kw).load(),
+    )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=safe)
+    except Exception as e:
+        msg = f"{path} is not a readable torch checkpoint ({type(e).__name__})"
+        raise ValueError(msg) from None

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from crossmae.checkpoint import SafeUnpickler, load_foreign_checkpoint
 from crossmae.models.layers import resample_patch_weight
 from crossmae.models.pos_embed import resample_abs_pos_embed
 
@@ -27,47 +28,21 @@ NET = "backbone.net."
 NOT_WEIGHTS = ("pixel_mean", "pixel_std")  # buffers some detectron2 versions saved
 
 
-class _NumpyOnly(pickle.Unpickler):
-    """Unpickles numpy arrays, dicts and scalars, and nothing that could run code."""
-
-    ALLOWED = {
-        ("collections", "OrderedDict"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickle")
-        if module.startswith("numpy.core"):  # numpy 2 moved it
-            module = module.replace("numpy.core", "numpy._core")
-        return super().find_class(module, name)
-
-
 def read_d2_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The model state dict of a detectron2 checkpoint: a ``.pkl`` of numpy arrays (the model
-    zoo's format; unpickled without running code) or a torch file (``{"model": state dict}``
-    as detectron2's checkpointer writes it, or a bare state dict)."""
+    zoo's format) or a torch file (``{"model": state dict}`` as detectron2's checkpointer writes
+    it, or a bare state dict); neither runs pickled code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".pkl":
         try:
-            data = _NumpyOnly(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+            raw = io.BytesIO(path.read_bytes())
+            data = SafeUnpickler(raw, strict=True, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError, ValueError) as e:
             raise ValueError(f"{path} is not a detectron2 .pkl checkpoint ({e})") from None
     else:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(
-                f"{path} is not a torch checkpoint that loads without running code "
-                f"({type(e).__name__})"
-            ) from None
+        data = load_foreign_checkpoint(path)
     if isinstance(data, dict) and isinstance(data.get("format"), str):
         raise ValueError(f"{path} is a crossmae {data['format']!r} file, not a detectron2 model")
     model = data.get("model", data) if isinstance(data, dict) else None
