@@ -207,8 +207,10 @@ class SafeUnpickler(pickle.Unpickler):
         self.strict = strict
 
     def find_class(self, module: str, name: str):
-        allowed = (module, name) in self.ALLOWED or module == "numpy.dtypes" or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        allowed = (
+            (module, name) in self.ALLOWED
+            or module == "numpy.dtypes"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
         )
         if allowed:
             if module.startswith("numpy.core."):  # numpy 2 moved it

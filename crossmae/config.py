@@ -106,9 +106,13 @@ class ConfigError(ValueError):
 
 
 def load_config(
-    schema: type, files: list[str | Path] = (), overrides: list[str] = ()
+    schema: type,
+    files: list[str | Path] = (),
+    overrides: list[str] = (),
+    base: dict[str, Any] | None = None,
 ) -> DictConfig:
-    """Schema defaults <- each YAML file in order <- ``key=value`` overrides, in struct mode.
+    """Schema defaults <- ``base`` (e.g. a checkpoint's config) <- each YAML file in order <-
+    ``key=value`` overrides, in struct mode.
 
     A file may mark a value ``???`` (e.g. ``data.path``): it must then be set by a later file or
     an override. Raises ConfigError naming the offending key (unknown key, wrong type, missing
@@ -119,6 +123,8 @@ def load_config(
     _open_free_dicts(cfg)
     required: set[str] = set()  # keys a file marks "???": a later file or an override must set them
     try:
+        if base is not None:
+            cfg = OmegaConf.merge(cfg, base)
         for f in files:
             path = Path(f)
             if not path.is_file():

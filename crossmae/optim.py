@@ -144,3 +144,24 @@ def poly_lr_at(
     if step < warmup_steps:
         lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
     return lr
+
+
+def linear_then_poly_lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    power: float = 1.0,
+    min_lr: float = 0.0,
+    warmup_ratio: float = 1e-6,
+) -> float:
+    """mmsegmentation 1.x's schedule, ``LinearLR(start_factor=warmup_ratio, end=warmup_steps)``
+    then ``PolyLR(eta_min=min_lr, begin=warmup_steps, end=total_steps)`` stepped per iteration
+    (mmengine's): each reaches its end value on its last step, ``end - 1``."""
+    if step < warmup_steps:
+        span = max(warmup_steps - 1, 1)
+        return base_lr * (warmup_ratio + (1 - warmup_ratio) * min(step, span) / span)
+    span = max(total_steps - warmup_steps - 1, 1)
+    done = min(step - warmup_steps, span)
+    return (base_lr - min_lr) * (1 - done / span) ** power + min_lr

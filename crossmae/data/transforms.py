@@ -50,19 +50,22 @@ def rrc_params(
 
 
 def normalize_pixels(
-    x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+    x: torch.Tensor,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """uint8 pixels (..., 3, H, W) -> ImageNet-normalised fp32, the same numbers (bit for bit on
-    CPU) as ``to_tensor`` + ``normalize`` of the same pixels: ``(x / 255 - mean) / std``.
-    ``mean``/``std`` (3, 1, 1) already on the device spare a host-to-device copy (which a CUDA
-    graph capture would refuse); by default they are made here."""
+    """uint8 pixels (..., 3, H, W) -> ImageNet-normalised ``dtype`` (fp32: the same numbers, bit
+    for bit on CPU, as ``to_tensor`` + ``normalize`` of the same pixels): ``(x / 255 - mean) /
+    std``. ``mean``/``std`` (3, 1, 1) already on the device spare a host-to-device copy (which a
+    CUDA graph capture would refuse); by default they are made here."""
     if x.dtype != torch.uint8 or x.dim() < 3 or x.shape[-3] != 3:
         raise ValueError(f"expected uint8 RGB pixels (..., 3, H, W), got {x.dtype} "
                          f"{tuple(x.shape)}")  # fmt: skip
     if mean is None or std is None:
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x.float().div(255) - mean) / std
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=dtype).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device, dtype=dtype).view(3, 1, 1)
+    return (x.to(mean.dtype).div(255) - mean) / std
 
 
 class PretrainTransform:
