@@ -1,5 +1,10 @@
-"""``python -m seg train --config FILE key=value ...``: UperNet semantic segmentation.
-``python -m seg export-mmseg CHECKPOINT OUT.pth``: our encoder for mmsegmentation's MAE UperNet."""
+"""``python -m seg train|evaluate|export-mmseg|import-mmseg``: UperNet semantic segmentation.
+
+python -m seg train --config configs/seg/upernet_vit_base_ade20k_160k.yaml key=value ...
+python -m seg evaluate runs/seg_b/checkpoint-last.pt root=/data/ADEChallengeData2016 [key=value ...]
+python -m seg export-mmseg runs/crossmae_b_800/checkpoint-last.pt pretrain/crossmae_b_mmseg.pth
+python -m seg import-mmseg upernet_mae-base_ade20k.pth upernet_b.pt [key=value ...]
+"""
 
 from __future__ import annotations
 
@@ -11,45 +16,132 @@ import sys
 from crossmae.config import ConfigError, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m seg", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train UperNet (mIoU at the end)")
-    p.add_argument("--config", action="append", default=[])
-    p.add_argument("--resume", default=None)
-    p.add_argument("overrides", nargs="*")
-    p = sub.add_parser(
-        "export-mmseg", help="encoder -> the checkpoint mmseg's MAE UperNet configs load"
+def _train(args) -> int:
+    from .config import SegConfig
+    from .train import train_segmenter
+
+    result = train_segmenter(
+        load_config(SegConfig, args.config, args.overrides), resume=args.resume
     )
-    p.add_argument("checkpoint")
-    p.add_argument("output")
-    p.add_argument("--official-arch", default=None)
-    args = parser.parse_args(argv)
-    if args.command == "export-mmseg":
-        from crossmae.checkpoint import load_pretrained_encoder, save_atomic
-
-        from .export import to_mmseg
-
-        sd, _ = load_pretrained_encoder(args.checkpoint, official_arch=args.official_arch)
-        save_atomic(to_mmseg(sd), args.output)
-        print(f"wrote {args.output}: mmseg MAE backbone keys (backbone.layers.*)")
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        from .config import SegConfig
-        from .train import train_segmenter
-
-        result = train_segmenter(
-            load_config(SegConfig, args.config, args.overrides), resume=args.resume
-        )
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"python -m seg {args.command}: error: {e}", file=sys.stderr)
-        return 2
     summary = {k: v for k, v in result.items() if k != "metrics"}
     if result["metrics"]:
         summary.update({k: result["metrics"][k] for k in ("mIoU", "mAcc", "aAcc")})
     print(json.dumps(summary))
     return 1 if result["interrupted"] else 0
+
+
+def _evaluate(args) -> int:
+    """A trained or imported segmenter on a dataset; ``key=value`` sets the dataset (root,
+    val_split, dataset, ...) and evaluation settings over the checkpoint's config."""
+    from crossmae import distributed as du
+    from crossmae.checkpoint import load_checkpoint, load_state_dict_strict
+    from crossmae.train import PRECISIONS
+
+    from .config import SegConfig
+    from .data import SegFolder
+    from .train import SEG_FORMAT, build_segmenter, evaluate_segmenter, label_spec
+
+    ck = load_checkpoint(args.checkpoint)
+    if ck["format"] != SEG_FORMAT:
+        raise ValueError(
+            f"{args.checkpoint} is a {ck['format']!r} checkpoint, not {SEG_FORMAT!r}"
+            " (a segmenter trained by this version, or made by import-mmseg)"
+        )
+    saved = {k: v for k, v in ck["config"].items() if v != "???"}  # less unset paths
+    cfg = load_config(SegConfig, [], args.overrides, base=saved)
+    spec = label_spec(cfg)
+    if spec.num_classes != ck["num_classes"]:
+        raise ValueError(
+            f"the dataset has {spec.num_classes} classes, the model {ck['num_classes']}"
+        )
+    model = build_segmenter(cfg, ck["num_classes"], ck["encoder_config"])
+    load_state_dict_strict(model, ck["model"], what=str(args.checkpoint))
+    device = du.init_from_env(cfg.device)
+    folder = SegFolder(cfg.root, cfg.val_split, spec)
+    m = evaluate_segmenter(
+        model.to(device),
+        folder,
+        spec.num_classes,
+        device,
+        cfg.crop,
+        cfg.eval_stride,
+        tuple(cfg.scale),
+        tuple(cfg.eval_ratios),
+        cfg.eval_flip,
+        cfg.eval_mode,
+        PRECISIONS[cfg.eval_precision],
+    )
+    print(json.dumps({k: m[k] for k in ("mIoU", "mAcc", "aAcc")}))
+    return 0
+
+
+def _export(args) -> int:
+    from crossmae.checkpoint import load_pretrained_encoder, save_atomic
+
+    from .export import to_mmseg
+
+    sd, _ = load_pretrained_encoder(args.checkpoint, official_arch=args.official_arch)
+    out = to_mmseg(sd)
+    save_atomic(out, args.output)
+    print(
+        f"wrote {args.output}: {len(out)} tensors with mmseg's MAE backbone names. In "
+        "mmsegmentation:\n    python tools/train.py "
+        "configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py \\\n"
+        f"        --cfg-options model.pretrained={args.output}"
+    )
+    return 0
+
+
+def _import(args) -> int:
+    from crossmae.checkpoint import save_atomic
+    from crossmae.config import parse_settings
+
+    from .export import import_mmseg
+
+    ck = import_mmseg(args.checkpoint, parse_settings(args.overrides))
+    save_atomic(ck, args.output)
+    enc = ck["encoder_config"]
+    print(
+        f"wrote {args.output}: ViT {enc['embed_dim']}-d x {enc['depth']}, "
+        f"{ck['num_classes']} classes; score it with python -m seg evaluate {args.output} "
+        "root=DIR"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m seg",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train UperNet (mIoU at the end)")
+    p.add_argument("--config", action="append", default=[])
+    p.add_argument("--resume", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("evaluate", help="mIoU of a trained or imported segmenter")
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", help="key=value: root=DIR, val_split=..., ...")
+    p.set_defaults(func=_evaluate)
+    p = sub.add_parser("export-mmseg", help="encoder -> the file mmseg's MAE backbone loads")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("--official-arch", default=None)
+    p.set_defaults(func=_export)
+    p = sub.add_parser("import-mmseg", help="mmseg MAE UperNet checkpoint -> ours")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. out_indices=[3,5,7,11]")
+    p.set_defaults(func=_import)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"python -m seg {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

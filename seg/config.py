@@ -1,4 +1,5 @@
-"""Typed config of UperNet training (defaults: the MAE / BEiT ViT-B ADE20K 160k recipe)."""
+"""Typed config of UperNet training. Defaults: mmsegmentation 1.2.2's
+``configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py`` (MAE ViT-B, ADE20K, 160k)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,15 @@ class SegConfig:
     )  # MS: [0.5, 0.75, 1, 1.25, 1.5, 1.75]
     eval_flip: bool = False
     eval_mode: str = "slide"  # slide | whole
+    eval_precision: str = "fp32"  # mmseg evaluates in full precision
+    out_indices: list[int] | None = None  # blocks feeding the pyramid; None = B: 3, 5, 7, 11
     channels: int = 768  # UperNet width
+    aux_channels: int = 256  # auxiliary FCN head width
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
     aux_weight: float = 0.4
+    # mmseg's CrossEntropyLoss(avg_non_ignore=False): the summed loss of the labelled pixels
+    # divided by all pixels; true divides by the labelled pixels only
+    loss_avg_non_ignore: bool = False
     drop_path_rate: float = 0.1
     iterations: int = 160000
     batch_size: int = 16  # global
@@ -38,8 +46,15 @@ class SegConfig:
     lr: float = 1e-4
     weight_decay: float = 0.05
     layer_decay: float = 0.65
+    # mmseg's LayerDecayOptimizerConstructor misses backbone.pos_embed / cls_token in its no-decay
+    # check (it compares unprefixed names), so they are decayed; false exempts them
+    decay_pos_embed: bool = True
     warmup_iterations: int = 1500
-    precision: str = "bf16"
+    # "mmseg1": mmseg 1.x's LinearLR (from 1e-6) then PolyLR, as its config schedules it;
+    # "mmseg0": mmseg 0.x's poly over the whole run times a linear warmup factor, the schedule
+    # the published MAE / BEiT numbers were trained with (at most 1 % of the base lr apart)
+    lr_schedule: str = "mmseg1"
+    precision: str = "fp16"  # the config's AmpOptimWrapper: fp16 autocast, dynamic loss scale
     device: str = "auto"
     num_workers: int = 4
     seed: int = 0

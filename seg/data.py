@@ -86,13 +86,62 @@ class SegFolder(torch.utils.data.Dataset):
         return img, self.spec.convert(self.raw_label(i)), img_path.stem
 
 
+def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's ``rescale_size`` (``Resize(scale, keep_ratio=True)``): the largest size with the
+    long side at most ``max(scale)`` and the short side at most ``min(scale)``, rounded half
+    up."""
+    f = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return int(h * f + 0.5), int(w * f + 0.5)
+
+
+def resize_u8(img: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """(H, W[, 3]) uint8 -> (h, w[, 3]) with OpenCV, bilinear (or nearest, for labels) without
+    antialiasing, as mmcv resizes."""
+    import cv2
+
+    h, w = size
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    return cv2.resize(img, (w, h), interpolation=interp)
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's ``PhotoMetricDistortion`` on an (H, W, 3) uint8 RGB image, each step with
+    probability 0.5: brightness +-32 and contrast x[0.5, 1.5] on uint8 with clipping (contrast
+    first or last at random), saturation x[0.5, 1.5] on HSV's S, hue +-18 OpenCV units (+-36
+    degrees), HSV by OpenCV as mmcv converts."""
+    import cv2
+
+    def convert(x, alpha=1.0, beta=0.0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def contrast(x):
+        return convert(x, alpha=rng.uniform(0.5, 1.5)) if rng.integers(2) else x
+
+    if rng.integers(2):  # brightness
+        img = convert(img, beta=rng.uniform(-32, 32))
+    mode = rng.integers(2)
+    if mode == 1:
+        img = contrast(img)
+    if rng.integers(2):  # saturation
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=rng.uniform(0.5, 1.5))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.integers(2):  # hue
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + rng.integers(-18, 18)) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if mode == 0:
+        img = contrast(img)
+    return img
+
+
 class SegAugment(torch.utils.data.Dataset):
-    """The mmsegmentation UperNet training pipeline on a ``SegFolder``, every draw from the
-    sample's seed: random rescale (ratio in ``ratio_range`` of ``scale``, keeping the aspect),
-    random ``crop`` x ``crop`` window in which no class covers more than ``cat_max_ratio`` of the
-    labelled pixels (10 tries), horizontal flip, photometric distortion (brightness, contrast,
-    saturation, hue, each with probability 0.5), padding to the crop (label ``IGNORE``),
-    normalisation.
+    """mmsegmentation's UperNet training pipeline on a ``SegFolder``, every draw from the sample's
+    seed: ``RandomResize`` (ratio in ``ratio_range`` of ``scale``, aspect kept; OpenCV on uint8,
+    labels nearest), ``RandomCrop`` of ``crop`` x ``crop`` in which no class covers
+    ``cat_max_ratio`` or more of the labelled pixels (up to 10 redraws, then the 11th window as it
+    is), ``RandomFlip`` (0.5), ``PhotoMetricDistortion``; then the data preprocessor's
+    normalisation and zero padding to the crop (labels padded with ``IGNORE``).
 
     Returns (image float (3, crop, crop), label int64 (crop, crop)).
     """
@@ -111,48 +160,46 @@ class SegAugment(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        import torchvision.transforms.functional as TF
+    def crop_window(self, label: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+        """mmseg's ``RandomCrop.crop_bbox``: the top-left corner of the crop."""
+        c = self.crop
 
-        from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+        def draw():
+            return (int(rng.integers(0, max(label.shape[0] - c, 0) + 1)),
+                    int(rng.integers(0, max(label.shape[1] - c, 0) + 1)))  # fmt: skip
+
+        top, left = draw()
+        if self.cat_max_ratio < 1.0:
+            for _ in range(10):
+                values, counts = np.unique(label[top : top + c, left : left + c],
+                                           return_counts=True)  # fmt: skip
+                counts = counts[values != IGNORE]
+                if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                    break
+                top, left = draw()
+        return top, left
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from crossmae.data import normalize_pixels
 
         index, seed = key
-        g = torch.Generator().manual_seed(seed)
-
-        def u(lo, hi):
-            return lo + (hi - lo) * torch.rand((), generator=g).item()
-
+        rng = np.random.default_rng(seed)
         img, label, _ = self.folder[index]
-        H, W = label.shape
-        r = u(*self.ratio_range)
-        f = min(max(self.scale) * r / max(H, W), min(self.scale) * r / min(H, W))
-        h, w = max(1, round(H * f)), max(1, round(W * f))
-        img = TF.resize(img, [h, w], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-        label = TF.resize(label[None], [h, w], interpolation=TF.InterpolationMode.NEAREST)[0]
+        img = img.permute(1, 2, 0).numpy()  # (H, W, 3) uint8
+        label = label.numpy().astype(np.uint8)  # classes < 255, IGNORE = 255
+        lo, hi = self.ratio_range
+        r = rng.random() * (hi - lo) + lo
+        size = rescale_size(*label.shape, (int(self.scale[0] * r), int(self.scale[1] * r)))
+        img, label = resize_u8(img, size), resize_u8(label, size, nearest=True)
+        top, left = self.crop_window(label, rng)
         c = self.crop
-        for _ in range(10):  # a window not dominated by one class
-            top = int(torch.randint(0, max(h - c, 0) + 1, (), generator=g))
-            left = int(torch.randint(0, max(w - c, 0) + 1, (), generator=g))
-            window = label[top : top + c, left : left + c]
-            counts = torch.bincount(window[window != IGNORE].flatten())
-            counts = counts[counts > 0]
-            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
-                break
-        img, label = img[:, top : top + c, left : left + c], label[top : top + c, left : left + c]
-        if u(0, 1) < 0.5:
-            img, label = img.flip(-1), label.flip(-1)
-        x = img.float()
-        if u(0, 1) < 0.5:
-            x = x + u(-32, 32)  # brightness
-        x = x.clamp(0, 255) / 255
-        if u(0, 1) < 0.5:
-            x = TF.adjust_contrast(x, u(0.5, 1.5))
-        if u(0, 1) < 0.5:
-            x = TF.adjust_saturation(x, u(0.5, 1.5))
-        if u(0, 1) < 0.5:
-            x = TF.adjust_hue(x, u(-18, 18) / 360)
-        x = TF.normalize(x.clamp(0, 1), IMAGENET_MEAN, IMAGENET_STD)
+        img, label = img[top : top + c, left : left + c], label[top : top + c, left : left + c]
+        if rng.random() < 0.5:
+            img, label = img[:, ::-1], label[:, ::-1]
+        img = photometric_distortion(np.ascontiguousarray(img), rng)
+        x = normalize_pixels(torch.from_numpy(img).permute(2, 0, 1))
+        lab = torch.from_numpy(np.ascontiguousarray(label)).long()
         ph, pw = c - x.shape[1], c - x.shape[2]
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph))
-        label = torch.nn.functional.pad(label, (0, pw, 0, ph), value=IGNORE)
-        return x, label
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph))  # zeros after normalising
+        lab = torch.nn.functional.pad(lab, (0, pw, 0, ph), value=IGNORE)
+        return x, lab

@@ -161,16 +161,112 @@ class SegViT(nn.Module):
         return outs
 
 
-def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+class ConvModule(nn.Module):
+    """Convolution (no bias) + BatchNorm + ReLU, named as mmcv's ``ConvModule`` (``conv``,
+    ``bn``), with its initialisation: Kaiming-normal (fan-out, ReLU gain) weights, BN (1, 0).
+    Distributed training turns the BN into SyncBatchNorm (``seg.train.sync_batchnorm``)."""
+
+    def __init__(self, cin: int, cout: int, k: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)))
+
+
+class Feature2Pyramid(nn.Module):
+    """mmseg's ``Feature2Pyramid``: four same-width maps to strides 4, 8, 16, 32 by
+    deconv-BN-GELU-deconv, deconv, identity and max-pool."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.upsample_4x = nn.Sequential(
+            nn.ConvTranspose2d(dim, dim, 2, 2), nn.BatchNorm2d(dim), nn.GELU(),
+            nn.ConvTranspose2d(dim, dim, 2, 2),
+        )  # fmt: skip
+        self.upsample_2x = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, 2))
+        self.identity = nn.Identity()
+        self.maxpool = nn.MaxPool2d(2, 2)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        ops = (self.upsample_4x, self.upsample_2x, self.identity, self.maxpool)
+        return [op(f) for op, f in zip(ops, feats, strict=True)]
+
+
+class UPerHead(nn.Module):
+    """mmseg's ``UPerHead``: pyramid pooling on the coarsest level, FPN fusion top-down,
+    3x3 convolutions, concatenation at stride 4, dropout and the 1x1 classifier ``conv_seg``.
+
+    Args:
+        dim: input width of every level.
+        channels: head width.
+        num_classes: output classes.
+        pool_scales: pyramid pooling scales.
+        dropout: before the classifier.
+    """
+
+    def __init__(self, dim: int, channels: int, num_classes: int, pool_scales=(1, 2, 3, 6),
+                 dropout: float = 0.1):  # fmt: skip
+        super().__init__()
+        self.psp_modules = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(dim, channels, 1))
+            for s in pool_scales
+        )
+        self.bottleneck = ConvModule(dim + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvModule(dim, channels, 1) for _ in range(3))
+        self.fpn_convs = nn.ModuleList(ConvModule(channels, channels, 3) for _ in range(3))
+        self.fpn_bottleneck = ConvModule(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = classifier(channels, num_classes)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        top = feats[3]
+        pooled = [
+            F.interpolate(p(top), size=top.shape[-2:], mode="bilinear", align_corners=False)
+            for p in self.psp_modules
+        ]
+        laterals = [lat(f) for lat, f in zip(self.lateral_convs, feats[:3], strict=True)]
+        laterals.append(self.bottleneck(torch.cat([top, *pooled], dim=1)))
+        for i in range(3, 0, -1):  # top-down
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
+            )
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:3], strict=True)]
+        outs.append(laterals[3])
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [
+            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
+        ]
+        return self.conv_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
+
+
+class FCNHead(nn.Module):
+    """mmseg's ``FCNHead`` with one 3x3 ``ConvModule`` (the auxiliary head)."""
+
+    def __init__(self, dim: int, channels: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.convs = nn.Sequential(ConvModule(dim, channels, 3))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = classifier(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_seg(self.dropout(self.convs(x)))
+
+
+def classifier(channels: int, num_classes: int) -> nn.Conv2d:
+    """The 1x1 ``conv_seg`` of mmseg's decode heads, initialised N(0, 0.01), bias 0."""
+    conv = nn.Conv2d(channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class UperNet(nn.Module):
-    """ViT backbone + multi-scale neck + UperNet head + auxiliary FCN head.
+    """ViT backbone + ``neck`` (Feature2Pyramid) + ``decode_head`` (UPerHead) +
+    ``auxiliary_head`` (FCNHead on the stride-16 level): mmseg's ``EncoderDecoder`` for the MAE
+    UperNet config, with mmseg's module names below the backbone.
 
     Args:
         backbone: a ``SegViT``.
@@ -193,63 +289,25 @@ class UperNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         D = backbone.embed_dim
-        self.fpn1 = nn.Sequential(
-            nn.ConvTranspose2d(D, D, 2, 2),
-            nn.BatchNorm2d(D),
-            nn.GELU(),
-            nn.ConvTranspose2d(D, D, 2, 2),
-        )
-        self.fpn2 = nn.ConvTranspose2d(D, D, 2, 2)
-        self.fpn3 = nn.Identity()
-        self.fpn4 = nn.MaxPool2d(2, 2)
-        # pyramid pooling on the coarsest level
-        self.ppm = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(D, channels, 1))
-            for s in pool_scales
-        )
-        self.ppm_bottleneck = conv_bn_relu(D + len(pool_scales) * channels, channels, 3)
-        # FPN fusion
-        self.lateral = nn.ModuleList(conv_bn_relu(D, channels, 1) for _ in range(3))
-        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
-        self.fpn_bottleneck = conv_bn_relu(4 * channels, channels, 3)
-        self.dropout = nn.Dropout2d(dropout)
-        self.cls_seg = nn.Conv2d(channels, num_classes, 1)
-        # auxiliary FCN head on the third level (stride 16)
-        self.aux = nn.Sequential(
-            conv_bn_relu(D, aux_channels, 3),
-            nn.Dropout2d(dropout),
-            nn.Conv2d(aux_channels, num_classes, 1),
-        )
+        self.neck = Feature2Pyramid(D)
+        self.decode_head = UPerHead(D, channels, num_classes, tuple(pool_scales), dropout)
+        self.auxiliary_head = FCNHead(D, aux_channels, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {"logits": (B, C, H/4, W/4), "aux_logits": (B, C, H/16, W/16)}."""
-        f = self.backbone(x)
-        feats = [
-            self.fpn1(f[0]),
-            self.fpn2(f[1]),
-            self.fpn3(f[2]),
-            self.fpn4(f[3]),
-        ]  # strides 4..32
-        top = feats[3]
-        pooled = [
-            F.interpolate(p(top), size=top.shape[-2:], mode="bilinear", align_corners=False)
-            for p in self.ppm
-        ]
-        laterals = [lat(feat) for lat, feat in zip(self.lateral, feats[:3], strict=True)]
-        laterals.append(self.ppm_bottleneck(torch.cat([top, *pooled], dim=1)))
-        for i in range(3, 0, -1):  # top-down
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(
-                laterals[i], size=laterals[i - 1].shape[-2:], mode="bilinear", align_corners=False
-            )
-        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:3], strict=True)] + [
-            laterals[3]
-        ]
-        size = outs[0].shape[-2:]
-        outs = [outs[0]] + [
-            F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]
-        ]
-        logits = self.cls_seg(self.dropout(self.fpn_bottleneck(torch.cat(outs, dim=1))))
-        return {"logits": logits, "aux_logits": self.aux(feats[2])}
+        feats = self.neck(self.backbone(x))  # strides 4, 8, 16, 32
+        return {"logits": self.decode_head(feats), "aux_logits": self.auxiliary_head(feats[2])}
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of mmseg's ``slide_inference`` windows over a (height, width) image at
+    least ``crop`` on each side, in its order: every ``stride`` pixels, the last flush with the
+    border."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    ys = [max(min(r * stride + crop, height) - crop, 0) for r in range(rows)]
+    xs = [max(min(c * stride + crop, width) - crop, 0) for c in range(cols)]
+    return [(y, x) for y in ys for x in xs]
 
 
 @torch.no_grad()
@@ -257,25 +315,64 @@ def slide_inference(
     model: nn.Module, img: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341
 ) -> torch.Tensor:
     """Logits (B, C, H, W) of an image of any size by overlapping ``crop`` windows every
-    ``stride`` pixels (the last window flush with the border), averaged where they overlap; an
-    image smaller than the crop is padded."""
+    ``stride`` pixels (``slide_windows``), each window's logits resized to the crop and averaged
+    where they overlap (mmseg's ``slide_inference``); an image smaller than the crop is padded
+    with zeros to it first."""
     B, _, H, W = img.shape
-    ph, pw = max(crop - H, 0), max(crop - W, 0)
-    img = F.pad(img, (0, pw, 0, ph))
+    img = F.pad(img, (0, max(crop - W, 0), 0, max(crop - H, 0)))
     Hp, Wp = img.shape[-2:]
     out = img.new_zeros(B, num_classes, Hp, Wp)
     count = img.new_zeros(1, 1, Hp, Wp)
-    rows = list(range(0, max(Hp - crop, 0) + 1, stride))
-    cols = list(range(0, max(Wp - crop, 0) + 1, stride))
-    if rows[-1] != Hp - crop:
-        rows.append(Hp - crop)
-    if cols[-1] != Wp - crop:
-        cols.append(Wp - crop)
-    for y in rows:
-        for x in cols:
-            logits = model(img[:, :, y : y + crop, x : x + crop])["logits"].float()
-            out[:, :, y : y + crop, x : x + crop] += F.interpolate(
-                logits, size=(crop, crop), mode="bilinear", align_corners=False
-            )
-            count[:, :, y : y + crop, x : x + crop] += 1
+    for y, x in slide_windows(Hp, Wp, crop, stride):
+        logits = model(img[:, :, y : y + crop, x : x + crop])["logits"].to(out.dtype)
+        out[:, :, y : y + crop, x : x + crop] += F.interpolate(
+            logits, size=(crop, crop), mode="bilinear", align_corners=False
+        )
+        count[:, :, y : y + crop, x : x + crop] += 1
     return (out / count)[:, :, :H, :W]
+
+
+class CpuSyncBatchNorm(nn.BatchNorm2d):
+    """SyncBatchNorm for CPU processes (gloo), which torch's SyncBatchNorm does not run on: in
+    distributed training the batch statistics are summed over processes with a differentiable
+    all-reduce; otherwise a plain BatchNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from crossmae import distributed as du
+
+        if not (self.training and du.is_dist()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        C = x.shape[1]
+        count = x.new_full((1,), x.numel() / C)
+        stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
+        stats = all_reduce(stats)  # (2C + 1,) summed over processes
+        n = stats[-1]
+        if n <= 1:
+            raise ValueError("Expected more than 1 value per channel when training (SyncBN)")
+        mean = stats[:C] / n
+        var = stats[C : 2 * C] / n - mean * mean  # biased, for normalising
+        with torch.no_grad():
+            m = self.momentum
+            self.num_batches_tracked.add_(1)
+            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+            self.running_var.mul_(1 - m).add_(var * n / (n - 1), alpha=m)
+        shape = (1, C, 1, 1)
+        x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return x * self.weight.view(shape) + self.bias.view(shape)
+
+
+def to_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``model`` synchronised across processes (mmseg's SyncBN), weights
+    kept: torch's SyncBatchNorm on GPUs, ``CpuSyncBatchNorm`` on the CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            bn = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(model, name, bn)
+        else:
+            to_sync_batchnorm(child, device)
+    return model

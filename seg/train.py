@@ -1,6 +1,8 @@
-"""UperNet training for semantic segmentation (MAE / BEiT recipe: AdamW lr 1e-4, wd 0.05,
-layer-wise lr decay 0.65, 1500-iteration linear warmup then poly decay, batch 16, 512 crops,
-auxiliary FCN loss x 0.4, bf16), mIoU by sliding-window inference, ``--resume auto``.
+"""UperNet training for semantic segmentation as mmsegmentation 1.2.2's MAE UperNet config
+trains it: AdamW lr 1e-4, wd 0.05, layer-wise lr decay 0.65, LinearLR warmup over 1500
+iterations then PolyLR, batch 16 of 512 crops, SyncBN when distributed, cross entropy divided by
+all pixels, auxiliary FCN loss x 0.4, fp16 AMP; mIoU by sliding-window inference in full
+precision; ``--resume auto``.
 
     torchrun --nproc-per-node 8 -m seg train \
         --config configs/seg/upernet_vit_base_ade20k_160k.yaml root=/data/ADEChallengeData2016 \
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -25,7 +28,7 @@ from crossmae.checkpoint import (
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler, normalize_pixels
 from crossmae.models.vit import grid_of
-from crossmae.optim import param_groups, poly_lr_at
+from crossmae.optim import linear_then_poly_lr_at, param_groups, poly_lr_at
 from crossmae.train import (
     PRECISIONS,
     append_record,
@@ -35,12 +38,22 @@ from crossmae.train import (
     start_task_run,
 )
 
-from .data import ADE20K, CAMVID, IGNORE, LabelSpec, SegAugment, SegFolder
+from .data import (
+    ADE20K,
+    CAMVID,
+    IGNORE,
+    LabelSpec,
+    SegAugment,
+    SegFolder,
+    rescale_size,
+    resize_u8,
+)
 from .metrics import SegMetrics, format_table
-from .model import SegViT, UperNet, slide_inference
+from .model import SegViT, UperNet, slide_inference, to_sync_batchnorm
 
 log = logging.getLogger("crossmae")
-SEG_FORMAT = "crossmae-seg-v1"
+SEG_FORMAT = "crossmae-seg-v2"  # v2: mmseg's module names below the backbone
+LR_SCHEDULES = {"mmseg1": linear_then_poly_lr_at, "mmseg0": poly_lr_at}
 
 
 def label_spec(cfg: DictConfig) -> LabelSpec:
@@ -53,26 +66,88 @@ def label_spec(cfg: DictConfig) -> LabelSpec:
     raise ConfigError(f"dataset must be ade20k, camvid or custom, got {cfg.dataset!r}")
 
 
-def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict | None = None):
-    """UperNet on our encoder (loaded from the configured checkpoint unless ``encoder_config``
-    is given, for rebuilding a trained model); returns the model and the encoder settings."""
-    sd = None
-    if encoder_config is None:
-        sd, encoder_config = load_pretrained_encoder(
-            cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
-        )
-    backbone = SegViT(**{
-        **encoder_config, "img_size": cfg.crop, "drop_path_rate": cfg.drop_path_rate,
-        "patch_size": cfg.patch_size or encoder_config["patch_size"],
-    })  # fmt: skip
-    if sd is not None and not cfg.encoder.random_init:
-        backbone.load_pretrained(
-            sd, grid_of(encoder_config["img_size"], encoder_config["patch_size"])
-        )
-    return UperNet(backbone, num_classes, channels=cfg.channels), encoder_config
+def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict) -> UperNet:
+    """The UperNet a ``SegConfig`` describes on an encoder of ``encoder_config``, untrained."""
+    backbone = SegViT(
+        img_size=cfg.crop,
+        patch_size=cfg.patch_size or encoder_config["patch_size"],
+        embed_dim=encoder_config["embed_dim"],
+        depth=encoder_config["depth"],
+        num_heads=encoder_config["num_heads"],
+        mlp_ratio=encoder_config["mlp_ratio"],
+        norm_eps=encoder_config["norm_eps"],
+        drop_path_rate=cfg.drop_path_rate,
+        out_indices=cfg.out_indices,
+    )
+    return UperNet(backbone, num_classes, channels=cfg.channels, aux_channels=cfg.aux_channels,
+                   pool_scales=tuple(cfg.pool_scales))  # fmt: skip
+
+
+def pretrained_segmenter(cfg: DictConfig, num_classes: int) -> tuple[UperNet, dict]:
+    """The segmenter on the configured encoder checkpoint (its weights in the backbone, unless
+    ``encoder.random_init``); returns it and the encoder's settings."""
+    sd, encoder_config = load_pretrained_encoder(
+        cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
+    )
+    model = build_segmenter(cfg, num_classes, encoder_config)
+    if not cfg.encoder.random_init:
+        grid = grid_of(encoder_config["img_size"], encoder_config["patch_size"])
+        model.backbone.load_pretrained(sd, grid)
+    return model, encoder_config
+
+
+def rescaled(img: torch.Tensor, scale, ratio: float = 1.0) -> torch.Tensor:
+    """uint8 (3, H, W) resized as mmseg's test pipeline resizes it (``Resize(scale * ratio,
+    keep_ratio=True)``: OpenCV bilinear on uint8)."""
+    H, W = img.shape[-2:]
+    size = rescale_size(H, W, (int(scale[0] * ratio), int(scale[1] * ratio)))
+    out = resize_u8(np.ascontiguousarray(img.permute(1, 2, 0).numpy()), size)
+    return torch.from_numpy(out).permute(2, 0, 1)
 
 
 @torch.no_grad()
+def segment(
+    model: nn.Module,
+    img: torch.Tensor,
+    num_classes: int,
+    *,
+    crop: int,
+    stride: int,
+    scale=None,
+    ratios=(1.0,),
+    flip: bool = False,
+    mode: str = "slide",
+    precision: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Class scores (1, C, H, W) of one uint8 image (3, H, W) as mmseg's test pipeline makes
+    them: resized on uint8 to the training ``scale`` (times each of ``ratios``), normalised,
+    slide inference (``mode="whole"``: one crop x crop input instead), logits resized back to
+    the image. One ratio without flip gives the logits; several ratios or ``flip`` (multi-scale
+    + flip testing) the average of their softmax. ``precision``: an autocast dtype, None = full
+    precision (mmseg's)."""
+    if mode not in ("slide", "whole"):
+        raise ConfigError(f"eval_mode must be 'slide' or 'whole', got {mode!r}")
+    p = next(model.parameters())
+    H, W = img.shape[-2:]
+    scores = torch.zeros(1, num_classes, H, W, device=p.device, dtype=p.dtype)
+    for r in ratios:
+        u8 = rescaled(img, scale, r) if scale is not None else img
+        x = normalize_pixels(u8.to(p.device), dtype=p.dtype)[None]
+        for flipped in (False, True) if flip else (False,):
+            xi = x.flip(-1) if flipped else x
+            with torch.autocast(p.device.type, dtype=precision, enabled=precision is not None):
+                if mode == "slide":
+                    logits = slide_inference(model, xi, num_classes, crop=crop, stride=stride)
+                else:
+                    xw = F.interpolate(xi, size=(crop, crop), mode="bilinear", align_corners=False)
+                    logits = model(xw)["logits"]
+            logits = logits.flip(-1) if flipped else logits
+            logits = F.interpolate(logits.to(p.dtype), size=(H, W), mode="bilinear",
+                                   align_corners=False)  # fmt: skip
+            scores += logits if len(ratios) == 1 and not flip else logits.softmax(dim=1)
+    return scores
+
+
 def evaluate_segmenter(
     model: nn.Module,
     folder: SegFolder,
@@ -84,47 +159,59 @@ def evaluate_segmenter(
     ratios=(1.0,),
     flip: bool = False,
     mode: str = "slide",
+    precision: torch.dtype | None = None,
 ) -> dict:
-    """mIoU / mAcc / aAcc over ``folder``: each image rescaled to the training ``scale`` times
-    each of ``ratios`` (keeping its aspect, as mmseg's test pipeline; several ratios and ``flip``
-    = multi-scale + flip testing, softmax scores averaged), slide inference, scores resized back
-    to the label; each process takes its own shard and the confusion matrices are summed, so
-    every image counts once. ``mode="whole"`` instead resizes each (rescaled) image to one
-    crop x crop input (the backbone's position tables are made for that grid)."""
-    if mode not in ("slide", "whole"):
-        raise ConfigError(f"eval_mode must be 'slide' or 'whole', got {mode!r}")
+    """mIoU / mAcc / aAcc over ``folder`` with ``segment``'s scores; each process takes its own
+    shard and the confusion matrices are summed, so every image counts once."""
+    was_training = model.training
     model.eval()
     metrics = SegMetrics(num_classes, IGNORE)
     for i in du.shard(len(folder), du.rank(), du.world_size()):
         img, label, _ = folder[i]
-        image = normalize_pixels(img)[None].to(device)  # uint8 (3, H, W): no resize, slide windows
-        H, W = label.shape
-        base = min(max(scale) / max(H, W), min(scale) / min(H, W)) if scale is not None else 1.0
-        scores = torch.zeros(1, num_classes, H, W, device=device)
-        for r in ratios:
-            size = (round(H * base * r), round(W * base * r))
-            x = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-            for flipped in (False, True) if flip else (False,):
-                xi = x.flip(-1) if flipped else x
-                with torch.autocast(
-                    device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-                ):
-                    if mode == "slide":
-                        logits = slide_inference(model, xi, num_classes, crop=crop, stride=stride)
-                    else:
-                        xw = F.interpolate(
-                            xi, size=(crop, crop), mode="bilinear", align_corners=False
-                        )
-                        logits = model(xw)["logits"]
-                logits = logits.flip(-1) if flipped else logits
-                logits = F.interpolate(
-                    logits.float(), size=(H, W), mode="bilinear", align_corners=False
-                )
-                scores += logits.softmax(dim=1)
+        scores = segment(model, img, num_classes, crop=crop, stride=stride, scale=scale,
+                         ratios=ratios, flip=flip, mode=mode, precision=precision)  # fmt: skip
         metrics.update(scores.argmax(1)[0].cpu(), label)
     metrics.all_reduce()
-    model.train()
+    model.train(was_training)
     return metrics.compute()
+
+
+def seg_param_groups(model: UperNet, cfg: DictConfig) -> list[dict]:
+    """mmseg's ``LayerDecayOptimizerConstructor``: lr scale ``layer_decay ** (depth + 1 - i)``
+    for backbone depth i (embeddings 0, block k -> k + 1, everything else depth + 1); no weight
+    decay on 1-d parameters and biases; ``pos_embed`` / ``cls_token`` decayed unless
+    ``decay_pos_embed`` is false (mmseg's check misses their prefix)."""
+    vit, prefix = model.backbone, "backbone."
+    exempt = set() if cfg.decay_pos_embed else {"backbone.pos_embed", "backbone.cls_token"}
+    return param_groups(
+        model, cfg.weight_decay, layer_decay=cfg.layer_decay, num_layers=vit.depth,
+        layer_id=lambda n: vit.layer_id(n.removeprefix(prefix)) if n.startswith(prefix)
+        else vit.depth + 1,
+        no_decay_names=exempt,
+    )  # fmt: skip
+
+
+def segmentation_losses(
+    out: dict[str, torch.Tensor], labels: torch.Tensor, *, aux_weight: float,
+    avg_non_ignore: bool = False,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """mmseg's ``loss_by_feat`` of both heads: logits bilinearly resized to the labels, cross
+    entropy over the labelled pixels divided by all pixels (``avg_non_ignore=False``; true: by
+    the labelled ones), the auxiliary head's times ``aux_weight``; ``acc_seg`` as mmseg's
+    ``accuracy`` (percent of labelled pixels)."""
+    losses = {}
+    for key, name, weight in (("logits", "decode", 1.0), ("aux_logits", "aux", aux_weight)):
+        logits = F.interpolate(out[key].float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)  # fmt: skip
+        per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+        valid = labels != IGNORE
+        denom = valid.sum().clamp(min=1) if avg_non_ignore else labels.numel()
+        losses[f"{name}_loss_ce"] = weight * per_pixel.sum() / denom
+        with torch.no_grad():
+            eps = torch.finfo(torch.float32).eps
+            correct = (logits.argmax(1) == labels)[valid].sum() + eps
+            losses[f"{name}_acc_seg"] = correct * 100.0 / (valid.sum() + eps)
+    return losses
 
 
 def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
@@ -136,7 +223,9 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     rank, world = du.rank(), du.world_size()
 
     torch.manual_seed(cfg.seed)
-    model, encoder_config = build_segmenter(cfg, spec.num_classes)
+    model, encoder_config = pretrained_segmenter(cfg, spec.num_classes)
+    if world > 1:  # mmseg's SyncBN: batch statistics over every process's crops
+        model = to_sync_batchnorm(model, device)
     model.to(device)
     torch.manual_seed(cfg.seed + rank)
     data = SegAugment(
@@ -154,18 +243,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         pin_memory=device.type == "cuda",
         generator=torch.Generator(),
     )
-    vit = model.backbone
-    prefix = "backbone."
-    groups = param_groups(
-        model,
-        cfg.weight_decay,
-        layer_decay=cfg.layer_decay,
-        num_layers=vit.depth,
-        layer_id=lambda n: (
-            vit.layer_id(n.removeprefix(prefix)) if n.startswith(prefix) else vit.depth + 1
-        ),
-        no_decay_names={"backbone.pos_embed", "backbone.cls_token"},
-    )
+    groups = seg_param_groups(model, cfg)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
     amp = PRECISIONS[cfg.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
@@ -196,6 +274,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
             tuple(cfg.eval_ratios),
             cfg.eval_flip,
             cfg.eval_mode,
+            PRECISIONS[cfg.eval_precision],
         )
         append_record(
             metrics_file, {"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}
@@ -210,13 +289,10 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out_ = ddp(imgs)
-        size = labels.shape[-2:]  # logits upsampled to the labels, losses in fp32
-        main, aux = (
-            F.interpolate(out_[k].float(), size=size, mode="bilinear", align_corners=False)
-            for k in ("logits", "aux_logits")
-        )
-        loss = F.cross_entropy(main, labels, ignore_index=IGNORE)
-        return {"loss": loss + cfg.aux_weight * F.cross_entropy(aux, labels, ignore_index=IGNORE)}
+        losses = segmentation_losses(out_, labels, aux_weight=cfg.aux_weight,
+                                     avg_non_ignore=cfg.loss_avg_non_ignore)  # fmt: skip
+        total = losses["decode_loss_ce"] + losses["aux_loss_ce"]
+        return {**losses, "loss": total}
 
     def finish(metrics: dict) -> None:
         (out / "per_class.md").write_text(format_table(metrics, spec.names()) + "\n")
@@ -234,7 +310,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
         optimizer=opt,
         scaler=scaler,
         device=device,
-        lr_at=lambda s: poly_lr_at(
+        lr_at=lambda s: LR_SCHEDULES[cfg.lr_schedule](
             s, base_lr=cfg.lr, total_steps=cfg.iterations, warmup_steps=cfg.warmup_iterations
         ),
         losses_of=losses_of,

@@ -264,32 +264,6 @@ def test_flip_and_multi_scale_evaluation(shared_dir):
     assert 0 <= whole["mIoU"] <= 100 and whole["aAcc"] > 0
 
 
-def test_mmseg_export_layout(tmp_path):
-    from seg.__main__ import main
-
-    enc = tiny_encoder_export(
-        tmp_path / "enc.pt", "mae_vit_base_patch16", embed_dim=32, depth=2, num_heads=2
-    )
-    assert main(["export-mmseg", str(tmp_path / "enc.pt"), str(tmp_path / "mmseg.pth")]) == 0
-    sd = torch.load(tmp_path / "mmseg.pth", weights_only=True)
-    assert len(sd) == len(enc.encoder.state_dict())
-    expected = {
-        "backbone.cls_token",
-        "backbone.pos_embed",
-        "backbone.patch_embed.projection.weight",
-        "backbone.layers.1.ln1.weight",
-        "backbone.layers.1.attn.qkv.bias",
-        "backbone.layers.1.ffn.layers.0.0.weight",
-        "backbone.layers.1.ffn.layers.1.bias",
-        "backbone.layers.0.ln2.bias",
-        "backbone.norm.weight",
-    }
-    assert expected <= set(sd)
-    assert torch.equal(
-        sd["backbone.layers.1.ffn.layers.1.weight"], enc.encoder.blocks[1].mlp.fc2.weight
-    )
-
-
 def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
     import signal
 
@@ -302,7 +276,7 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
     st.train_segmenter(
         tiny_camvid_run(shared_dir, tmp_path, "a", "iterations=4", "drop_path_rate=0.2")
     )
-    orig = st.poly_lr_at
+    orig = st.LR_SCHEDULES["mmseg1"]
 
     def stop_during_step_2(step, **kw):
         if step == 1:
@@ -310,8 +284,95 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
         return orig(step, **kw)
 
     cfg = tiny_camvid_run(shared_dir, tmp_path, "b", "iterations=4", "drop_path_rate=0.2")
-    monkeypatch.setattr(st, "poly_lr_at", stop_during_step_2)
+    monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", stop_during_step_2)
     assert st.train_segmenter(cfg)["interrupted"]
-    monkeypatch.setattr(st, "poly_lr_at", orig)
+    monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", orig)
     st.train_segmenter(cfg, resume="auto")
     assert losses("b") == losses("a")
+
+
+def test_distributed_training_uses_syncbn_and_trains_one_crop_per_process(shared_dir, tmp_path):
+    """mmseg's SyncBN: a distributed run normalises over every process's crops, so one crop per
+    process trains (a per-process BatchNorm cannot: the 1x1 pooling branch would normalise one
+    value per channel)."""
+    import os
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from seg.model import CpuSyncBatchNorm, to_sync_batchnorm
+
+    model = UperNet(SegViT(img_size=64, embed_dim=32, depth=4, num_heads=2), 11, channels=16,
+                    aux_channels=8)  # fmt: skip
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    synced = to_sync_batchnorm(model, torch.device("cpu"))
+    assert sum(isinstance(m, CpuSyncBatchNorm) for m in synced.modules()) == n_bn > 0
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+    if torch.cuda.is_available():
+        synced = to_sync_batchnorm(model, torch.device("cuda"))
+        assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules()) == n_bn
+    # one crop per process would fail without the sync
+    single = UperNet(SegViT(img_size=64, embed_dim=32, depth=4, num_heads=2), 11, channels=16,
+                     aux_channels=8).train()  # fmt: skip
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        single(torch.randn(1, 3, 64, 64))
+
+    cfg = tiny_camvid_run(shared_dir, tmp_path, "ddp", "iterations=2", "batch_size=2")
+    OmegaConf.save(cfg, tmp_path / "cfg.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "seg", "train", "--config", str(tmp_path / "cfg.yaml")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses)
+    log = (tmp_path / "ddp" / "log.txt").read_text()
+    assert "batch 2 (2 x 1 x 1)" in log
+
+
+def test_training_pipeline_is_mmsegs(shared_dir):
+    """RandomResize + RandomCrop (cat_max_ratio, at most 10 redraws) + flip + photometric
+    distortion on uint8, then normalisation and zero padding; deterministic per seed."""
+    from seg.data import SegAugment, photometric_distortion
+
+    folder = SegFolder(shared_dir / "data" / "camvid", "val", CAMVID)
+    aug = SegAugment(folder, crop=128, scale=(240, 180), ratio_range=(0.5, 2.0))
+    x, lab = aug[(0, 7)]
+    assert x.shape == (3, 128, 128) and lab.shape == (128, 128) and x.dtype == torch.float32
+    assert torch.equal(x, aug[(0, 7)][0]) and not torch.equal(x, aug[(0, 8)][0])
+    small, small_lab = SegAugment(folder, crop=128, scale=(60, 45), ratio_range=(1.0, 1.0))[(0, 1)]
+    assert (small[:, 45:] == 0).all() and (
+        small_lab[45:] == IGNORE
+    ).all()  # padded after normalising
+    # a crop where one class always dominates: 10 redraws, then the 11th window unchecked
+    label = np.zeros((300, 300), np.uint8)
+
+    class Counting:
+        draws = 0
+
+        def integers(self, lo, hi):
+            self.draws += 1
+            return np.random.default_rng(self.draws).integers(lo, hi)
+
+    rng = Counting()
+    aug.crop_window(label, rng)
+    assert rng.draws == 22  # 11 windows x (top, left)
+
+    # photometric distortion: hue moves in OpenCV units of 2 degrees (mmseg's +-18 = +-36 deg)
+    class Fixed:
+        def __init__(self, ints):
+            self.ints = list(ints)
+
+        def integers(self, *args):
+            return self.ints.pop(0)
+
+    red = np.zeros((2, 2, 3), np.uint8)
+    red[..., 0] = 255
+    # brightness skipped, contrast last (mode 0), saturation skipped, hue +17, contrast skipped
+    out = photometric_distortion(red, Fixed([0, 0, 0, 1, 17, 0]))
+    assert out.dtype == np.uint8 and out[0, 0, 0] == 255 and out[0, 0, 2] == 0
+    assert out[0, 0, 1] in (144, 145)  # 34 degrees: G = 255 * 34 / 60

@@ -125,7 +125,8 @@ def cmd_to_mmseg(args) -> int:
 
     sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
     save_atomic(to_mmseg(sd), args.dest)
-    print(f"wrote {args.dest}: mmseg MAE backbone layout (backbone.layers.*)")
+    print(f"wrote {args.dest}: mmseg MAE backbone layout (layers.*, loaded with mmseg's "
+          f"--cfg-options model.pretrained={args.dest})")  # fmt: skip
     return 0
 
 
