@@ -44,7 +44,7 @@ def read_d2_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         data = load_foreign_checkpoint(path)
     if isinstance(data, dict) and isinstance(data.get("format"), str):
-        raise ValueError(f"{path} is a crossmae {data['format']!r} file, not a detectron2 model")
+        raise ValueError(f"{path} is a {data['format']!r} file, not a detectron2 model checkpoint")
     model = data.get("model", data) if isinstance(data, dict) else None
     if not isinstance(model, dict) or not model:
         raise ValueError(f"{path}: no model state dict (expected a 'model' dict of tensors)")

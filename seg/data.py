@@ -154,6 +154,8 @@ class SegAugment(torch.utils.data.Dataset):
         ratio_range=(0.5, 2.0),
         cat_max_ratio: float = 0.75,
     ):
+        if folder.spec.num_classes >= IGNORE:
+            raise ValueError(f"labels are resized as uint8: at most {IGNORE - 1} classes")
         self.folder, self.crop, self.scale = folder, crop, tuple(scale)
         self.ratio_range, self.cat_max_ratio = tuple(ratio_range), cat_max_ratio
 

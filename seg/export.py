@@ -116,7 +116,7 @@ def read_mmseg_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     data = load_foreign_checkpoint(path)
     if isinstance(data, dict) and isinstance(data.get("format"), str):
-        raise ValueError(f"{path} is a crossmae {data['format']!r} file, not an mmseg model")
+        raise ValueError(f"{path} is a {data['format']!r} file, not an mmseg model checkpoint")
     sd = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path}: no mmseg state dict (expected a 'state_dict' of tensors)")
@@ -128,10 +128,8 @@ def import_mmseg(path: str | Path, config: dict | None = None) -> dict:
     tensor used, none missing; the stored ``relative_position_index`` buffers must equal the
     ones we build). ``config``: SegConfig values besides the inferred ones, e.g. ``out_indices``
     (not in a state dict; default: B 3, 5, 7, 11) or the dataset's settings."""
-    from omegaconf import OmegaConf
-
     from crossmae.checkpoint import load_state_dict_strict
-    from crossmae.config import to_plain
+    from crossmae.config import load_config, to_plain
 
     from .config import SegConfig
     from .train import SEG_FORMAT, build_segmenter
@@ -140,7 +138,7 @@ def import_mmseg(path: str | Path, config: dict | None = None) -> dict:
     arch = mmseg_architecture(sd)
     inferred = {"crop": arch["crop"], "channels": arch["channels"],
                 "aux_channels": arch["aux_channels"]}  # fmt: skip
-    cfg = OmegaConf.merge(OmegaConf.structured(SegConfig), inferred, config or {})
+    cfg = load_config(SegConfig, base={**inferred, **(config or {})})
     if len(cfg.pool_scales) != arch["num_pool_scales"]:
         raise ValueError(
             f"{path} has {arch['num_pool_scales']} pooling branches; set pool_scales to as many "
