@@ -39,7 +39,7 @@ from crossmae.checkpoint import (
 )
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
-from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
 from crossmae.models import VisionTransformer
 from crossmae.optim import LARS, lr_at, param_groups
 from crossmae.train import (
@@ -156,8 +156,8 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
 
     # data
     if cfg.probe:
-        tf = T.Compose([
-            T.RandomResizedCrop(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
+        tf = T.Compose([  # MAE's main_linprobe.py
+            SingleDrawRandomResizedCrop(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from test_data import cifar_folder
 from test_models import TINY
 
@@ -279,3 +280,49 @@ def test_randaugment_posterize_at_full_magnitude_does_not_crash():
         64,
         0,
     )  # 2 bits kept
+
+
+RECIPE_CONFIGS = sorted((REPO / "configs" / "cls").glob("*_vit_*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: p.stem)
+def test_cls_config_follows_the_recipe_table(path):
+    """Each shipped ImageNet config sets exactly the values of ``cls/recipes.py`` for its size,
+    and its header names each value's source and the expected result."""
+    from cls.config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
+    from cls.recipes import FINETUNE, FROZEN_KEYS, LINPROBE
+    from crossmae.config import load_config
+
+    kind, size = path.stem.split("_vit_")
+    schema, table = {"finetune": (FinetuneConfig, FINETUNE), "linprobe": (LinprobeConfig, LINPROBE),
+                     "frozen": (FrozenEvalConfig, LINPROBE)}[kind]  # fmt: skip
+    recipe = table[size]
+    cfg = load_config(schema, [path])
+    header = "\n".join(line for line in path.read_text().splitlines() if line.startswith("#"))
+    keys = FROZEN_KEYS if kind == "frozen" else {k: k for k in recipe if k != "expected"}
+    for key, recipe_key in keys.items():
+        value, source = recipe[recipe_key]
+        assert cfg[key] == value, f"{path.name}: {key} = {cfg[key]}, the recipe says {value}"
+        assert f"{key}: " in header and source in header, f"{path.name}: {key} without its source"
+    expected, source = recipe["expected"]
+    assert f"Expected: top-1 {expected if expected is not None else 'not reported'}" in header
+    assert source in header
+
+
+def test_mae_evaluation_crop_and_linear_probe_crop():
+    """MAE's evaluation view (crop 224/256 up to 224 px, none above) and its linear-probe crop
+    (one draw, clamped to the image)."""
+    from PIL import Image
+
+    from crossmae.data.transforms import SingleDrawRandomResizedCrop, classify_eval_transform
+
+    assert classify_eval_transform(224).transforms[0].size == 256
+    assert classify_eval_transform(448).transforms[0].size == 448  # crop_pct 1.0
+    assert classify_eval_transform(384, crop_pct=0.875).transforms[0].size == 438
+    torch.manual_seed(0)
+    wide = Image.new("RGB", (300, 100))
+    crop = SingleDrawRandomResizedCrop.get_params
+    boxes = [crop(wide, (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(200)]
+    assert all(t >= 0 and left >= 0 and t + h <= 100 and left + w <= 300 for t, left, h, w in boxes)
+    # a wide image and a large area: torchvision retries or falls back to the centre; MAE's clamps
+    assert any(h == 100 for _, _, h, _ in boxes)

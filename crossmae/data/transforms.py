@@ -109,15 +109,40 @@ class EvalTransform:
         return TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def classify_eval_transform(img_size: int, crop_pct: float = 0.875) -> T.Compose:
-    """The classification evaluation view: resize the shorter side to img_size / crop_pct
-    (bicubic), centre crop, normalise."""
+def mae_crop_pct(img_size: int) -> float:
+    """MAE's evaluation crop fraction (``util/datasets.py``, ``build_transform``): 224 / 256 up
+    to 224 px, 1.0 (resize only, no crop margin) above, e.g. at 448."""
+    return 224 / 256 if img_size <= 224 else 1.0
+
+
+def classify_eval_transform(img_size: int, crop_pct: float | None = None) -> T.Compose:
+    """The classification evaluation view, MAE's: resize the shorter side to
+    ``int(img_size / crop_pct)`` (bicubic; ``crop_pct`` by default ``mae_crop_pct``), centre
+    crop, normalise."""
+    crop_pct = mae_crop_pct(img_size) if crop_pct is None else crop_pct
     return T.Compose([
-        T.Resize(int(round(img_size / crop_pct)), interpolation=InterpolationMode.BICUBIC),
+        T.Resize(int(img_size / crop_pct), interpolation=InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])  # fmt: skip
+
+
+class SingleDrawRandomResizedCrop(T.RandomResizedCrop):
+    """MAE's linear-probe crop (``util/crop.py``): one draw of area and aspect, the box clamped
+    to the image, instead of torchvision's up to 10 tries and a central fallback."""
+
+    @staticmethod
+    def get_params(img, scale, ratio) -> tuple[int, int, int, int]:
+        width, height = TF.get_image_size(img)
+        target = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round(math.sqrt(target * aspect))), width)
+        h = min(int(round(math.sqrt(target / aspect))), height)
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
+        return top, left, h, w
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
