@@ -35,11 +35,10 @@ def _evaluate(args) -> int:
     val_split, dataset, ...) and evaluation settings over the checkpoint's config."""
     from crossmae import distributed as du
     from crossmae.checkpoint import load_checkpoint, load_state_dict_strict
-    from crossmae.train import PRECISIONS
 
     from .config import SegConfig
     from .data import SegFolder
-    from .train import SEG_FORMAT, build_segmenter, evaluate_segmenter, label_spec
+    from .train import SEG_FORMAT, build_segmenter, eval_settings, evaluate_segmenter, label_spec
 
     ck = load_checkpoint(args.checkpoint)
     if ck["format"] != SEG_FORMAT:
@@ -58,19 +57,7 @@ def _evaluate(args) -> int:
     load_state_dict_strict(model, ck["model"], what=str(args.checkpoint))
     device = du.init_from_env(cfg.device)
     folder = SegFolder(cfg.root, cfg.val_split, spec)
-    m = evaluate_segmenter(
-        model.to(device),
-        folder,
-        spec.num_classes,
-        device,
-        cfg.crop,
-        cfg.eval_stride,
-        tuple(cfg.scale),
-        tuple(cfg.eval_ratios),
-        cfg.eval_flip,
-        cfg.eval_mode,
-        PRECISIONS[cfg.eval_precision],
-    )
+    m = evaluate_segmenter(model.to(device), folder, spec.num_classes, **eval_settings(cfg))
     print(json.dumps({k: m[k] for k in ("mIoU", "mAcc", "aAcc")}))
     return 0
 

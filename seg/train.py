@@ -148,32 +148,27 @@ def segment(
     return scores
 
 
-def evaluate_segmenter(
-    model: nn.Module,
-    folder: SegFolder,
-    num_classes: int,
-    device,
-    crop: int,
-    stride: int,
-    scale=None,
-    ratios=(1.0,),
-    flip: bool = False,
-    mode: str = "slide",
-    precision: torch.dtype | None = None,
-) -> dict:
-    """mIoU / mAcc / aAcc over ``folder`` with ``segment``'s scores; each process takes its own
-    shard and the confusion matrices are summed, so every image counts once."""
+def evaluate_segmenter(model: nn.Module, folder: SegFolder, num_classes: int, **settings) -> dict:
+    """mIoU / mAcc / aAcc over ``folder`` with ``segment``'s scores (``settings``: its keyword
+    arguments); each process takes its own shard and the confusion matrices are summed, so every
+    image counts once."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(num_classes, IGNORE)
     for i in du.shard(len(folder), du.rank(), du.world_size()):
         img, label, _ = folder[i]
-        scores = segment(model, img, num_classes, crop=crop, stride=stride, scale=scale,
-                         ratios=ratios, flip=flip, mode=mode, precision=precision)  # fmt: skip
+        scores = segment(model, img, num_classes, **settings)
         metrics.update(scores.argmax(1)[0].cpu(), label)
     metrics.all_reduce()
     model.train(was_training)
     return metrics.compute()
+
+
+def eval_settings(cfg: DictConfig) -> dict:
+    """``segment``'s keyword arguments from a ``SegConfig``."""
+    return {"crop": cfg.crop, "stride": cfg.eval_stride, "scale": tuple(cfg.scale),
+            "ratios": tuple(cfg.eval_ratios), "flip": cfg.eval_flip, "mode": cfg.eval_mode,
+            "precision": PRECISIONS[cfg.eval_precision]}  # fmt: skip
 
 
 def seg_param_groups(model: UperNet, cfg: DictConfig) -> list[dict]:
@@ -263,19 +258,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )
 
     def evaluate(step: int) -> dict:
-        m = evaluate_segmenter(
-            model,
-            val_folder,
-            spec.num_classes,
-            device,
-            cfg.crop,
-            cfg.eval_stride,
-            tuple(cfg.scale),
-            tuple(cfg.eval_ratios),
-            cfg.eval_flip,
-            cfg.eval_mode,
-            PRECISIONS[cfg.eval_precision],
-        )
+        m = evaluate_segmenter(model, val_folder, spec.num_classes, **eval_settings(cfg))
         append_record(
             metrics_file, {"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}
         )

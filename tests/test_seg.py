@@ -254,13 +254,14 @@ def test_flip_and_multi_scale_evaluation(shared_dir):
     folder.items = folder.items[:2]
     model = PerPixel()
     model.conv = torch.nn.Conv2d(3, 11, 1)
-    args = (model, folder, 11, torch.device("cpu"), 64, 43, (120, 90))
-    plain = evaluate_segmenter(*args)
+    args = (model, folder, 11)
+    settings = {"crop": 64, "stride": 43, "scale": (120, 90)}
+    plain = evaluate_segmenter(*args, **settings)
     # a per-pixel model sees a flipped image the same way: flip testing changes nothing
-    assert evaluate_segmenter(*args, flip=True)["mIoU"] == pytest.approx(plain["mIoU"])
-    multi = evaluate_segmenter(*args, ratios=(0.5, 1.0, 1.5), flip=True)
+    assert evaluate_segmenter(*args, **settings, flip=True)["mIoU"] == pytest.approx(plain["mIoU"])
+    multi = evaluate_segmenter(*args, **settings, ratios=(0.5, 1.0, 1.5), flip=True)
     assert 0 <= multi["mIoU"] <= 100 and multi["aAcc"] > 0
-    whole = evaluate_segmenter(*args, mode="whole")
+    whole = evaluate_segmenter(*args, **settings, mode="whole")
     assert 0 <= whole["mIoU"] <= 100 and whole["aAcc"] > 0
 
 
