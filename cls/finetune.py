@@ -34,6 +34,7 @@ from crossmae import distributed as du
 from crossmae.checkpoint import (
     LAST,
     load_pretrained_encoder,
+    random_states,
     save_atomic,
     write_text_atomic,
 )
@@ -233,7 +234,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )
 
     def save(tag: str, acc: dict) -> None:
-        rngs = du.all_gather_objects(torch.get_rng_state())
+        rngs = du.all_gather_objects(random_states())
         if rank != 0:
             return
         state = {

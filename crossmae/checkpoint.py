@@ -250,3 +250,49 @@ def load_foreign_checkpoint(path: str | Path) -> Any:
     except Exception as e:
         msg = f"{path} is not a readable torch checkpoint ({type(e).__name__})"
         raise ValueError(msg) from None
+
+
+# ----------------------------------------------------------------------------- random streams
+def random_states() -> dict[str, Any]:
+    """This process's random streams, for exact resumption: torch's CPU generator, every CUDA
+    device's (empty without CUDA), numpy's and Python's global ones; tensors and plain values
+    only (``weights_only`` loadable)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },  # fmt: skip
+        "python": [list(s) if isinstance(s, tuple) else s for s in random.getstate()],
+    }
+
+
+def restore_random_states(state: dict[str, Any]) -> None:
+    """The inverse of ``random_states``. States saved before numpy and Python were included (or
+    with one CUDA device's state under ``cuda``) restore what they hold."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available() and cuda is not None and len(cuda):
+        if isinstance(cuda, torch.Tensor):  # one device's state
+            torch.cuda.set_rng_state(cuda)
+        else:
+            torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["gauss"]))  # fmt: skip
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))

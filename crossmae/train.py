@@ -35,6 +35,8 @@ from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_state_dict_strict,
+    random_states,
+    restore_random_states,
     save_atomic,
     write_text_atomic,
 )
@@ -204,7 +206,8 @@ def resume_task_run(
     out: Path, resume: str | None, model: nn.Module, optimizer, scaler
 ) -> dict | None:
     """``--resume auto`` (the folder's last checkpoint) or a path: restore the model, optimizer,
-    scaler and this process's random stream; returns the checkpoint (for its step and extras)."""
+    scaler and this process's random streams (``random_states``); returns the checkpoint (for
+    its step and extras)."""
     path = latest_checkpoint(out) if resume == "auto" else resume
     if not path:
         return None
@@ -213,8 +216,9 @@ def resume_task_run(
     optimizer.load_state_dict(ck["optimizer"])
     scaler.load_state_dict(ck["scaler"])
     rngs = ck.get("rng") or []
-    if len(rngs) == du.world_size():
-        torch.set_rng_state(rngs[du.rank()])
+    if len(rngs) == du.world_size():  # each process continues its own random streams
+        state = rngs[du.rank()]
+        restore_random_states(state if isinstance(state, dict) else {"torch": state})
     log.info("resumed from %s at step %d", path, ck["step"])
     return ck
 
@@ -262,7 +266,7 @@ def run_task_iterations(
     rank, world = du.rank(), du.world_size()
 
     def save(step: int, metrics: dict | None) -> None:
-        rngs = du.all_gather_objects(torch.get_rng_state())  # every process's stream (drop path)
+        rngs = du.all_gather_objects(random_states())  # every process's streams (drop path)
         if rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "rng": rngs}  # fmt: skip
@@ -482,10 +486,8 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
-        if len(rngs) == world:  # each process continues its own random stream
-            torch.set_rng_state(rngs[rank]["torch"])
-            if device.type == "cuda" and rngs[rank]["cuda"] is not None:
-                torch.cuda.set_rng_state(rngs[rank]["cuda"], device)
+        if len(rngs) == world:  # each process continues its own random streams
+            restore_random_states(rngs[rank])
         else:
             torch.manual_seed(tc.seed + rank + ckpt["step"])
             log.warning("%d processes now, %d at save: random streams reseeded", world, len(rngs))
@@ -551,11 +553,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
     )  # fmt: skip
 
     def save(tag: str = LAST) -> None:
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
-        rngs = du.all_gather_objects(rng)  # every process's stream, for exact resume
+        rngs = du.all_gather_objects(random_states())  # every process's streams, exact resume
         if rank != 0:
             return
         state = {

@@ -60,3 +60,14 @@ def tiny_encoder_export(path: Path, name: str = "crossmae_vit_base_patch16", **w
     )
     save_atomic(encoder_export(model, model_name=name), path)
     return model
+
+
+def check_random_states(checkpoint: Path) -> None:
+    """A task checkpoint holds every process's random streams: torch CPU, each CUDA device's
+    (as many as this machine has), numpy's and Python's."""
+    ck = torch.load(checkpoint, weights_only=True)
+    assert ck["rng"], "no random states saved"
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for state in ck["rng"]:
+        assert set(state) == {"torch", "cuda", "numpy", "python"}
+        assert len(state["cuda"]) == cuda

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, check_random_states
 from test_data import cifar_folder
 from test_models import TINY
 
@@ -175,6 +175,7 @@ def test_finetune_end_to_end_and_resume_continues_the_schedule(
     stopped = ft.finetune(cfg)
     assert stopped["interrupted"] and stopped["step"] == 3
     monkeypatch.setattr(ft, "lr_at", orig)
+    check_random_states(tmp_path / "b" / "checkpoint-last.pt")
     resumed = ft.finetune(cfg, resume="auto")
     assert resumed["step"] == 6 and not resumed["interrupted"]
     assert lrs(tmp_path / "b") == pytest.approx(lrs(tmp_path / "a"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, tiny_encoder_export
+from conftest import REPO, check_random_states, tiny_encoder_export
 
 from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
 from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, pyramid_strides
@@ -230,6 +230,7 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(dt, "step_lr_at", stop_at_2)
     assert dt.train_detector(cfg("b"))["interrupted"]
     monkeypatch.setattr(dt, "step_lr_at", orig)
+    check_random_states(tmp_path / "b" / "checkpoint-last.pt")
     dt.train_detector(cfg("b"), resume="auto")
     assert losses("b") == losses("a")  # same data, same drop-path draws, same numbers
 

@@ -32,3 +32,17 @@ def test_nvjpeg_decode_matches_cpu_decode(tmp_path):
     # (0.0202 in normalised units on an H100), a wrong crop or flip is > 0.3
     assert (gpu.cpu() - cpu).abs().mean().item() < 0.04
     assert not batch["skipped"]
+
+
+@pytest.mark.gpu
+def test_cuda_random_streams_round_trip_through_a_checkpoint(tmp_path):
+    """Every CUDA device's generator is saved and restored (drop path draws on the GPU, so a
+    resumed det / seg / finetune run repeats the uninterrupted one only with them)."""
+    from crossmae.checkpoint import random_states, restore_random_states
+
+    torch.save(random_states(), tmp_path / "rng.pt")
+    expected = [torch.rand(4, device=f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    torch.cuda.manual_seed_all(123)
+    restore_random_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = [torch.rand(4, device=f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_encoder_export
+from conftest import REPO, check_random_states, tiny_encoder_export
 from PIL import Image
 
 from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
@@ -288,6 +288,7 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
     monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", stop_during_step_2)
     assert st.train_segmenter(cfg)["interrupted"]
     monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", orig)
+    check_random_states(tmp_path / "b" / "checkpoint-last.pt")
     st.train_segmenter(cfg, resume="auto")
     assert losses("b") == losses("a")
 

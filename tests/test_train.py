@@ -353,3 +353,30 @@ def test_knn_monitor_during_pretraining(shared_dir, tmp_path):
     assert (tmp_path / "r" / "loss.png").is_file()
     with pytest.raises(ConfigError, match="knn_train"):
         pretrain(load_config(PretrainConfig, [], [*TINY, "log.knn_every_epochs=1"]))
+
+
+def test_task_resume_restores_every_random_stream(tmp_path):
+    """``resume_task_run`` puts back torch's, numpy's and Python's streams (and CUDA's, where
+    there is one) as the checkpoint saved them."""
+    import random
+
+    import numpy as np
+
+    from crossmae.checkpoint import LAST, random_states, save_atomic
+    from crossmae.train import resume_task_run
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    state = {"format": "test", "model": model.state_dict(), "optimizer": opt.state_dict(),
+             "scaler": scaler.state_dict(), "step": 4, "rng": [random_states()]}  # fmt: skip
+    save_atomic(state, tmp_path / LAST)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)  # elsewhere now
+    assert resume_task_run(tmp_path, "auto", model, opt, scaler)["step"] == 4
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    assert got[2] == expected[2]

@@ -90,7 +90,7 @@ if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, 8 minutes of
     # GraphedStep's buffers (the example is the buffer; other inputs copied in), the training
     # loop with train.cuda_graph and the side-stream batch prefetch, the fused decoder in bf16
     stage 100 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_train.py \
-      tests/test_data.py -p no:cacheprovider
+      tests/test_data.py tests/test_gpu.py -p no:cacheprovider
     # the same step fed normalised fp32 images (the official code's input, and the input of
     # every earlier measurement) instead of uint8 pixels normalised inside the step
     stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient --input float
