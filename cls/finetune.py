@@ -36,6 +36,7 @@ from crossmae.checkpoint import (
     load_pretrained_encoder,
     random_states,
     save_atomic,
+    seed_all,
     write_text_atomic,
 )
 from crossmae.config import ConfigError, to_plain
@@ -153,7 +154,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=cfg.ema_decay)
-    torch.manual_seed(cfg.seed + rank)
+    seed_all(cfg.seed + rank)  # this process's streams (drop path, augmentations)
 
     # data
     if cfg.probe:
@@ -257,6 +258,7 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
 
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
     acc, interrupted, nonfinite_run = {}, False, 0
+    window_loss, window_steps = torch.zeros((), device=device), 0  # since the last record
     with StopRequest() as stop:
         while step < total and not interrupted:
             epoch, start = divmod(step, steps_per_epoch)
@@ -306,10 +308,13 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
                     if ema is not None:
                         ema.update(model, step=step)
                 step += 1
-                # log
+                # log: the mean loss since the last record
+                window_loss += loss_sum
+                window_steps += 1
                 if step % cfg.log_every == 0 or step == total:
-                    loss_value = float(du.all_reduce_mean(loss_sum))  # every process joins
+                    loss_value = float(du.all_reduce_mean(window_loss / window_steps))
                     append_record(metrics, {"step": step, "lr": lr, "loss": loss_value})
+                    window_loss, window_steps = torch.zeros((), device=device), 0
                 if stopping:
                     interrupted = True
                     break

@@ -253,6 +253,18 @@ def load_foreign_checkpoint(path: str | Path) -> Any:
 
 
 # ----------------------------------------------------------------------------- random streams
+def seed_all(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy's and Python's global generators: augmentations drawn
+    from any of them (timm's RandAugment and random erasing use Python's) repeat run to run."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def random_states() -> dict[str, Any]:
     """This process's random streams, for exact resumption: torch's CPU generator, every CUDA
     device's (empty without CUDA), numpy's and Python's global ones; tensors and plain values

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
-from crossmae.checkpoint import load_pretrained_encoder
+from crossmae.checkpoint import load_pretrained_encoder, seed_all
 from crossmae.config import to_plain
 from crossmae.data import ResumableSampler
 from crossmae.models.vit import grid_of
@@ -95,7 +95,7 @@ def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     model, encoder_config = pretrained_detector(cfg, train_set.num_classes)
     model.to(device)
-    torch.manual_seed(cfg.seed + rank)
+    seed_all(cfg.seed + rank)  # this process's streams (drop path, augmentations)
     micro, accum = plan_batches(cfg.batch_size, world, cfg.micro_batch)
     sampler = ResumableSampler(
         len(train_set), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=cfg.seed

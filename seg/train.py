@@ -22,9 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
-from crossmae.checkpoint import (
-    load_pretrained_encoder,
-)
+from crossmae.checkpoint import load_pretrained_encoder, seed_all
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler, normalize_pixels
 from crossmae.models.vit import grid_of
@@ -222,7 +220,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     if world > 1:  # mmseg's SyncBN: batch statistics over every process's crops
         model = to_sync_batchnorm(model, device)
     model.to(device)
-    torch.manual_seed(cfg.seed + rank)
+    seed_all(cfg.seed + rank)  # this process's streams (drop path, augmentations)
     data = SegAugment(
         train_folder, cfg.crop, tuple(cfg.scale), tuple(cfg.ratio_range), cfg.cat_max_ratio
     )

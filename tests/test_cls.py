@@ -179,6 +179,18 @@ def test_finetune_end_to_end_and_resume_continues_the_schedule(
     resumed = ft.finetune(cfg, resume="auto")
     assert resumed["step"] == 6 and not resumed["interrupted"]
     assert lrs(tmp_path / "b") == pytest.approx(lrs(tmp_path / "a"))
+    # a record every 3 steps holds the mean loss of those 3 steps
+    ft.finetune(finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'c'}",
+                             "ema_decay=0.99", "log_every=3"))  # fmt: skip
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    every, third = losses("a"), losses("c")
+    assert sorted(third) == [3, 6]
+    assert third[3] == pytest.approx(sum(every[s] for s in (1, 2, 3)) / 3, rel=1e-5)
+    assert third[6] == pytest.approx(sum(every[s] for s in (4, 5, 6)) / 3, rel=1e-5)
 
 
 CLS_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "cls").glob("*.yaml"))
