@@ -46,9 +46,10 @@ def nonempty(boxes: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float):
     """torchvision's class-wise NMS on float32-valued boxes (detectron2 passes ``boxes.float()``);
-    handed to the kernel in the scores' dtype, which it requires to match. Kept indices in
-    decreasing score order."""
-    return tv_batched_nms(boxes.float().to(scores.dtype), scores, groups, iou)
+    boxes and scores handed to the kernel in one dtype, at least float32 (fp16 logits under
+    autocast do not round the boxes). Kept indices in decreasing score order."""
+    dtype = torch.promote_types(torch.float32, scores.dtype)
+    return tv_batched_nms(boxes.float().to(dtype), scores.to(dtype), groups, iou)
 
 
 class BoxCoder:

@@ -325,3 +325,13 @@ def test_det_configs_follow_detectron2():
     assert list(h.lr_milestones) == [m * 3 // 4 for m in b.lr_milestones]
     assert (h.layer_decay, h.drop_path_rate, h.patch_size) == (0.9, 0.5, 16)
     assert cfgs["mask_rcnn_vit_large_100ep"].layer_decay == 0.8
+
+
+def test_nms_keeps_box_precision_under_fp16_scores():
+    """Autocast gives fp16 logits: NMS must still compare the float32 boxes (two boxes 0.2 px
+    apart near x = 1000 are one box in fp16)."""
+    from det.structures import batched_nms
+
+    boxes = torch.tensor([[1000.3, 0, 1010.7, 10], [1000.4, 0, 1010.6, 10.0]])
+    scores = torch.tensor([0.9, 0.8], dtype=torch.float16)
+    assert batched_nms(boxes, scores, torch.zeros(2, dtype=torch.long), 0.99).tolist() == [0, 1]
