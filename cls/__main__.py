@@ -8,7 +8,8 @@ import json
 import logging
 import sys
 
-from crossmae.config import ConfigError, load_config
+from crossmae.cli import run_command
+from crossmae.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,26 +29,27 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        if args.command == "frozen":
-            from .config import FrozenEvalConfig
-            from .frozen import evaluate_frozen
+    args.func = _frozen if args.command == "frozen" else _train
+    return run_command("python -m cls", args)
 
-            result = evaluate_frozen(load_config(FrozenEvalConfig, args.config, args.overrides))
-            print(json.dumps({k: v for k, v in result.items() if k != "config"}))
-        else:
-            from .config import FinetuneConfig, LinprobeConfig
-            from .finetune import finetune
 
-            schema = LinprobeConfig if args.command == "linprobe" else FinetuneConfig
-            cfg = load_config(schema, args.config, args.overrides)
-            result = finetune(cfg, resume=args.resume)
-            print(json.dumps(result))
-            return 1 if result["interrupted"] else 0
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"python -m cls {args.command}: error: {e}", file=sys.stderr)
-        return 2
+def _frozen(args) -> int:
+    from .config import FrozenEvalConfig
+    from .frozen import evaluate_frozen
+
+    result = evaluate_frozen(load_config(FrozenEvalConfig, args.config, args.overrides))
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}))
     return 0
+
+
+def _train(args) -> int:
+    from .config import FinetuneConfig, LinprobeConfig
+    from .finetune import finetune
+
+    schema = LinprobeConfig if args.command == "linprobe" else FinetuneConfig
+    result = finetune(load_config(schema, args.config, args.overrides), resume=args.resume)
+    print(json.dumps(result))
+    return 1 if result["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -106,15 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(prog: str, args: argparse.Namespace, extra: tuple[type, ...] = ()) -> int:
+    """Run ``args.func(args)``, the one error path of every command: an expected problem (a
+    config value, a missing or malformed file, a checkpoint of another kind: ``ConfigError``,
+    ``OSError``s about paths, ``ValueError``, ``KeyError``, and ``extra``) prints one line naming
+    it and returns 2; anything else keeps its traceback."""
     from .config import ConfigError
 
-    args = build_parser().parse_args(argv)
+    expected = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
+                KeyError, *extra)  # fmt: skip
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError) as e:
-        print(f"crossmae {args.command}: error: {e}", file=sys.stderr)
+    except expected as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # no repr quotes
+        print(f"{prog} {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("crossmae", build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

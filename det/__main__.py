@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from crossmae.config import ConfigError, load_config
+from crossmae.cli import run_command
+from crossmae.config import load_config
 
 
 def _train(args) -> int:
@@ -121,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_float32_matmul_precision("high")
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"python -m det {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    return run_command("python -m det", args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import json
 import logging
 import sys
 
-from crossmae.config import ConfigError, load_config
+from crossmae.cli import run_command
+from crossmae.config import load_config
 
 
 def _train(args) -> int:
@@ -124,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_import)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"python -m seg {args.command}: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    return run_command("python -m seg", args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from crossmae.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
+from crossmae.cli import run_command
 from crossmae.config import parse_settings
 from crossmae.models import create_model
 from crossmae.models.official import official_to_ours, to_official
@@ -161,11 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--official-arch", default=None, help="for an official release input")
         p.set_defaults(func=func)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-        print(f"convert {args.command}: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    return run_command("convert", args, extra=(RuntimeError,))  # + torch's load_state_dict
 
 
 if __name__ == "__main__":
