@@ -185,6 +185,19 @@ def load_pretrained_encoder(
     raise ValueError(f"{path}: not a pretraining checkpoint, encoder export or official release")
 
 
+def model_on_encoder(source, build, vit) -> tuple[nn.Module, dict[str, Any]]:
+    """A task model on the encoder checkpoint ``source`` names (an ``EncoderSource``):
+    ``build(encoder_config)`` makes it, and ``vit(model)`` (its ViT backbone) receives the
+    encoder's weights unless ``source.random_init``. Returns the model and the encoder config."""
+    from .models.vit import grid_of
+
+    sd, config = load_pretrained_encoder(source.checkpoint, official_arch=source.official_arch)
+    model = build(config)
+    if not source.random_init:
+        vit(model).load_pretrained(sd, grid_of(config["img_size"], config["patch_size"]))
+    return model, config
+
+
 # ----------------------------------------------------------------------------- other frameworks
 class SafeUnpickler(pickle.Unpickler):
     """Unpickles tensors, numpy arrays, containers and numbers, and never runs code: any other

@@ -19,10 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
-from crossmae.checkpoint import load_pretrained_encoder, seed_all
+from crossmae.checkpoint import model_on_encoder, seed_all
 from crossmae.config import to_plain
 from crossmae.data import ResumableSampler
-from crossmae.models.vit import grid_of
 from crossmae.optim import param_groups, step_lr_at
 from crossmae.train import (
     PRECISIONS,
@@ -44,14 +43,9 @@ DET_FORMAT = "crossmae-det-v2"  # v2: detectron2's module names and layouts
 def pretrained_detector(cfg: DictConfig, num_classes: int) -> tuple[ViTDetMaskRCNN, dict]:
     """The detector on the configured encoder checkpoint (its weights in the ViT, unless
     ``encoder.random_init``); returns it and the encoder's settings."""
-    sd, encoder_config = load_pretrained_encoder(
-        cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
+    return model_on_encoder(
+        cfg.encoder, lambda enc: build_detector(cfg, num_classes, enc), lambda m: m.backbone.net
     )
-    model = build_detector(cfg, num_classes, encoder_config)
-    if not cfg.encoder.random_init:
-        grid = grid_of(encoder_config["img_size"], encoder_config["patch_size"])
-        model.backbone.net.load_pretrained(sd, grid)
-    return model, encoder_config
 
 
 def detectron2_param_groups(model: ViTDetMaskRCNN, cfg: DictConfig) -> list[dict]:

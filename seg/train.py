@@ -22,10 +22,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
-from crossmae.checkpoint import load_pretrained_encoder, seed_all
+from crossmae.checkpoint import model_on_encoder, seed_all
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import ResumableSampler, normalize_pixels
-from crossmae.models.vit import grid_of
 from crossmae.optim import linear_then_poly_lr_at, param_groups, poly_lr_at
 from crossmae.train import (
     PRECISIONS,
@@ -84,14 +83,9 @@ def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict) -> 
 def pretrained_segmenter(cfg: DictConfig, num_classes: int) -> tuple[UperNet, dict]:
     """The segmenter on the configured encoder checkpoint (its weights in the backbone, unless
     ``encoder.random_init``); returns it and the encoder's settings."""
-    sd, encoder_config = load_pretrained_encoder(
-        cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
+    return model_on_encoder(
+        cfg.encoder, lambda enc: build_segmenter(cfg, num_classes, enc), lambda m: m.backbone
     )
-    model = build_segmenter(cfg, num_classes, encoder_config)
-    if not cfg.encoder.random_init:
-        grid = grid_of(encoder_config["img_size"], encoder_config["patch_size"])
-        model.backbone.load_pretrained(sd, grid)
-    return model, encoder_config
 
 
 def rescaled(img: torch.Tensor, scale, ratio: float = 1.0) -> torch.Tensor:

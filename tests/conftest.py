@@ -71,3 +71,10 @@ def check_random_states(checkpoint: Path) -> None:
     for state in ck["rng"]:
         assert set(state) == {"torch", "cuda", "numpy", "python"}
         assert len(state["cuda"]) == cuda
+
+
+def parity_fixture(request, env: str, name: str) -> Path:
+    """A parity file: ``$env`` when set (another file of the same format), else ``name`` in the
+    shared fixtures folder (skipped or failed as ``shared_dir`` is)."""
+    path = os.environ.get(env)
+    return Path(path) if path else request.getfixturevalue("shared_dir") / "fixtures" / name

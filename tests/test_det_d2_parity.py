@@ -28,6 +28,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from conftest import parity_fixture
 
 from crossmae.checkpoint import load_state_dict_strict
 from det.d2 import d2_architecture, import_d2, read_d2_checkpoint
@@ -50,10 +51,7 @@ FEAT_REL = 1e-10
 
 @pytest.fixture(scope="module")
 def d2(request) -> dict:
-    path = os.environ.get(FIXTURE_ENV)
-    if path is None:
-        path = request.getfixturevalue("shared_dir") / "fixtures" / "vitdet_d2_tiny.pt"
-    return load_fixture(path)
+    return load_fixture(parity_fixture(request, FIXTURE_ENV, "vitdet_d2_tiny.pt"))
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ format."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
+from conftest import parity_fixture
 from omegaconf import DictConfig
 
 from crossmae.checkpoint import encoder_export, load_state_dict_strict, save_atomic
@@ -29,10 +28,9 @@ REL = 1e-10
 
 @pytest.fixture(scope="module")
 def mm(request) -> dict:
-    path = os.environ.get(FIXTURE_ENV)
-    if path is None:
-        path = request.getfixturevalue("shared_dir") / "fixtures" / "mmseg_upernet_tiny.pt"
-    fx = torch.load(path, weights_only=True)
+    fx = torch.load(
+        parity_fixture(request, FIXTURE_ENV, "mmseg_upernet_tiny.pt"), weights_only=True
+    )
     assert fx["format"] == "mmseg-mae-upernet-parity-v1"
     return fx
 
