@@ -15,11 +15,9 @@ checkpoints, ``--resume auto``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
+from pathlib import Path
 
-import timm.data.auto_augment as timm_auto_augment
 import torch
 import torchvision.transforms as T
 from omegaconf import DictConfig
@@ -27,31 +25,17 @@ from PIL import Image, ImageOps
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from crossmae import distributed as du
-from crossmae.checkpoint import (
-    LAST,
-    load_pretrained_encoder,
-    random_states,
-    save_atomic,
-    seed_all,
-    write_text_atomic,
-)
+from crossmae.checkpoint import load_pretrained_encoder, seed_all
 from crossmae.config import ConfigError, to_plain
-from crossmae.data import Labelled, ResumableSampler, classify_eval_transform
+from crossmae.data import Labelled, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
+from crossmae.engine import Hooks, finish_task, open_run, task_engine, task_loader
+from crossmae.knn import topk_hits
 from crossmae.models import VisionTransformer
 from crossmae.optim import LARS, lr_at, param_groups
-from crossmae.train import (
-    PRECISIONS,
-    StopRequest,
-    append_record,
-    plan_batches,
-    resume_task_run,
-    start_task_run,
-)
 
 from .data import class_folders
 from .encoder import build_classifier
@@ -59,7 +43,6 @@ from .features import ProbeHead
 
 log = logging.getLogger("crossmae")
 FINETUNE_FORMAT = "crossmae-finetune-v1"
-MAX_NONFINITE = 5  # consecutive non-finite losses before the run stops
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -71,10 +54,6 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return ImageOps.posterize(img, bits_to_keep)
-
-
-for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
-    timm_auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 class _Keyed(Dataset):
@@ -91,7 +70,7 @@ class _Keyed(Dataset):
 
 
 @torch.no_grad()
-def evaluate(
+def evaluate_classifier(
     model: nn.Module, source, img_size: int, device, batch_size: int = 128, workers: int = 2
 ) -> dict:
     """Top-1 / top-5 on ``source``: each process takes its own shard (no padding) and the
@@ -106,11 +85,8 @@ def evaluate(
         imgs, y = imgs.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(imgs)
-        top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top == y.unsqueeze(1)
-        counts += torch.stack(
-            [hit[:, :1].any(1).sum(), hit.any(1).sum(), torch.tensor(len(y), device=device)]
-        )
+        hits = topk_hits(logits.float(), y, ks=(1, min(5, logits.shape[1])))
+        counts += torch.stack([hits[1], hits[max(hits)], torch.tensor(len(y), device=device)])
     if du.is_dist():
         torch.distributed.all_reduce(counts)
     model.train()
@@ -118,244 +94,145 @@ def evaluate(
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
 
 
+def training_transform(cfg: DictConfig):
+    """The training view: the linear probe's crop + flip (MAE's main_linprobe.py), or timm's
+    finetuning pipeline (RandAugment, random erasing) with posterize at 0 bits fixed."""
+    d = cfg.data
+    if cfg.model.probe:
+        return T.Compose([
+            SingleDrawRandomResizedCrop(d.img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])  # fmt: skip
+    tf = create_transform(
+        d.img_size, is_training=True, auto_augment=d.randaug, interpolation="bicubic",
+        re_prob=d.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+    )  # fmt: skip
+    for t in tf.transforms:  # this pipeline's own posterize ops, not timm's table
+        for op in getattr(t, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return tf
+
+
 def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
-    """Finetune per ``cfg`` (a ``config.FinetuneConfig``); returns best/last accuracy."""
-    train_src, val_src = class_folders(cfg.train, cfg.val)
-    device, out = start_task_run(cfg, resume)
-    rank, world = du.rank(), du.world_size()
+    """Finetune (or, with ``model.probe``, linear-probe) per ``cfg`` (a ``config.FinetuneConfig``);
+    returns best/last accuracy."""
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    train_src, val_src = class_folders(d.train, d.val)
+    device = open_run(cfg, resume, cfg.output_dir)
+    out = Path(cfg.output_dir)
+    rank = du.rank()
 
     # model
     sd, enc_cfg = load_pretrained_encoder(
         cfg.encoder.checkpoint, official_arch=cfg.encoder.official_arch
     )
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     num_classes = len(train_src.classes)
     if cfg.encoder.random_init:  # the baseline: same architecture, untrained encoder
         torch.manual_seed(cfg.encoder.seed)
         sd = VisionTransformer(**enc_cfg).state_dict()
     model = build_classifier(
-        sd,
-        enc_cfg,
-        num_classes=num_classes,
-        img_size=cfg.img_size,
-        global_pool=cfg.global_pool,
-        drop_path_rate=cfg.drop_path_rate,
-    )
-    if cfg.probe:  # frozen encoder; only the BatchNorm + Linear head trains
+        sd, enc_cfg, num_classes=num_classes, img_size=d.img_size, global_pool=m.global_pool,
+        drop_path_rate=m.drop_path_rate,
+    )  # fmt: skip
+    if m.probe:  # frozen encoder; only the BatchNorm + Linear head trains
         model.requires_grad_(False)
         model.head = ProbeHead(model.embed_dim, num_classes)
-        if cfg.ema_decay:
-            raise ConfigError("ema_decay applies to finetuning, not to the linear probe")
+        if m.ema_decay:
+            raise ConfigError("model.ema_decay applies to finetuning, not to the linear probe")
     else:
         nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE finetune head init
     model.to(device)
     ema = None
-    if cfg.ema_decay:
+    if m.ema_decay:
         from timm.utils import ModelEmaV3
 
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
-    seed_all(cfg.seed + rank)  # this process's streams (drop path, augmentations)
+        ema = ModelEmaV3(model, decay=m.ema_decay)
+    seed_all(cfg.train.seed + rank)  # this process's streams (drop path, augmentations)
 
     # data
-    if cfg.probe:
-        tf = T.Compose([  # MAE's main_linprobe.py
-            SingleDrawRandomResizedCrop(cfg.img_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])  # fmt: skip
-    else:
-        tf = create_transform(
-            cfg.img_size, is_training=True, auto_augment=cfg.randaug, interpolation="bicubic",
-            re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        )  # fmt: skip
-    micro, accum = plan_batches(cfg.batch_size, world, cfg.micro_batch)
-    sampler = ResumableSampler(
-        len(train_src), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=cfg.seed
-    )
-    loader = DataLoader(
-        _Keyed(Labelled(train_src, tf)),
-        batch_size=micro,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),
-    )
+    sampler, loader, accum = task_loader(_Keyed(Labelled(train_src, training_transform(cfg))),
+                                         cfg, device)  # fmt: skip
     mixup = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            label_smoothing=cfg.label_smoothing,
-            num_classes=num_classes,
-        )
+    if d.mixup > 0 or d.cutmix > 0:
+        mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
+                      label_smoothing=d.label_smoothing, num_classes=num_classes)  # fmt: skip
         criterion = SoftTargetCrossEntropy()
-    elif cfg.label_smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+    elif d.label_smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(d.label_smoothing)
     else:
         criterion = nn.CrossEntropyLoss()
 
     # optimizer
     steps_per_epoch = sampler.steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    base_lr = cfg.blr * cfg.batch_size / 256
-    if cfg.probe:
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    base_lr = o.blr * cfg.train.batch_size / 256
+    if m.probe:
         head = [p for p in model.parameters() if p.requires_grad]
-        opt = LARS([{"params": head, "lr_scale": 1.0}], lr=base_lr, weight_decay=cfg.weight_decay)
+        opt = LARS([{"params": head, "lr_scale": 1.0}], lr=base_lr, weight_decay=o.weight_decay)
     else:  # one layer-decay implementation, driven by the encoder's layer_id
         groups = param_groups(
-            model, cfg.weight_decay, layer_decay=cfg.layer_decay, layer_id=model.layer_id,
+            model, o.weight_decay, layer_decay=o.layer_decay, layer_id=model.layer_id,
             num_layers=model.depth, no_decay_names=model.no_weight_decay(),
         )  # fmt: skip
         opt = torch.optim.AdamW(
-            groups, lr=base_lr, betas=tuple(cfg.betas), fused=device.type == "cuda"
+            groups, lr=base_lr, betas=tuple(o.betas), fused=device.type == "cuda"
         )
-    amp = PRECISIONS[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
-    step, best = 0, {"top1": -1.0}
-    ck = resume_task_run(out, resume, model, opt, scaler)
+    best = {"top1": -1.0}
+
+    def evaluate(step: int) -> dict:
+        nonlocal best
+        acc = evaluate_classifier(model, val_src, d.img_size, device)
+        if ema is not None:
+            acc["ema"] = evaluate_classifier(ema.module, val_src, d.img_size, device)
+        epoch = step // steps_per_epoch
+        if acc["top1"] > best["top1"]:
+            best = {**acc, "epoch": epoch}
+            engine.metrics = acc
+            engine.save("checkpoint-best.pt", training_state=False)
+        log.info("epoch %d: top-1 %.2f top-5 %.2f (best %.2f)", epoch, acc["top1"], acc["top5"],
+                 best["top1"])  # fmt: skip
+        val = {f"val_{k}": v for k, v in acc.items() if k != "ema"}
+        engine.record({"step": step, "epoch": epoch, **val}, "eval")
+        return acc
+
+    def inputs(batch) -> dict:
+        imgs, y = batch
+        imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if mixup is not None:
+            imgs, y = mixup(imgs, y)
+        return {"imgs": imgs, "y": y}
+
+    def losses(forward, imgs, y) -> dict[str, torch.Tensor]:
+        return {"loss": criterion(forward(imgs).float(), y)}
+
+    def fields() -> dict:
+        state = {"format": FINETUNE_FORMAT, "encoder_config": model.config,
+                 "classes": train_src.classes, "best": best, "config": to_plain(cfg)}  # fmt: skip
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        return state
+
+    engine = task_engine(
+        cfg, model, opt, out=out, device=device, sampler=sampler, loader=loader, accum=accum,
+        steps=total, inputs=inputs, losses=losses,
+        lr_at=lambda s: lr_at(s, base_lr=base_lr, total_steps=total, warmup_steps=warmup,
+                              min_lr=o.min_lr),
+        hooks=Hooks(evaluate=evaluate, checkpoint_fields=fields,
+                    after_update=(lambda s: ema.update(model, step=s)) if ema else None),
+        eval_every_epochs=1, ckpt_every_epochs=1,
+    )  # fmt: skip
+    ck = engine.resume(resume)
     if ck:
+        best = ck["best"]
         if ema is not None:
             ema.module.load_state_dict(ck["ema"])
-        step, best = ck["step"], ck["best"]
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    log.info(
-        "%d classes, %d train / %d val images, batch %d (%d x %d x %d), lr %.3g, %d steps",
-        num_classes,
-        len(train_src),
-        len(val_src),
-        cfg.batch_size,
-        world,
-        micro,
-        accum,
-        base_lr,
-        total,
-    )
-
-    def save(tag: str, acc: dict) -> None:
-        rngs = du.all_gather_objects(random_states())
-        if rank != 0:
-            return
-        state = {
-            "format": FINETUNE_FORMAT,
-            "rng": rngs,
-            "model": model.state_dict(),
-            "encoder_config": model.config,
-            "classes": train_src.classes,
-            "step": step,
-            "epoch": step // steps_per_epoch,
-            "best": best,
-            "accuracy": acc,
-            "config": to_plain(cfg),
-        }
-        if tag == LAST:
-            state.update(optimizer=opt.state_dict(), scaler=scaler.state_dict())
-            if ema is not None:
-                state["ema"] = ema.module.state_dict()
-        save_atomic(state, out / tag)
-
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    acc, interrupted, nonfinite_run = {}, False, 0
-    window_loss, window_steps = torch.zeros((), device=device), 0  # since the last record
-    with StopRequest() as stop:
-        while step < total and not interrupted:
-            epoch, start = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, start)
-            batches = iter(loader)
-            for _ in range(start, steps_per_epoch):
-                # schedule
-                lr = lr_at(
-                    step, base_lr=base_lr, total_steps=total, warmup_steps=warmup, min_lr=cfg.min_lr
-                )
-                for g in opt.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                # forward + backward
-                loss_sum = torch.zeros((), device=device)
-                for k in range(accum):
-                    imgs, y = next(batches)
-                    imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if mixup is not None:
-                        imgs, y = mixup(imgs, y)
-                    sync = (
-                        contextlib.nullcontext() if world == 1 or k == accum - 1 else ddp.no_sync()
-                    )
-                    with sync:
-                        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                            loss = criterion(ddp(imgs).float(), y)
-                        scaler.scale(loss / accum).backward()
-                    loss_sum += loss.detach() / accum
-                # step (skipped on a non-finite loss; all processes agree)
-                nonfinite, stopping = stop.agree(loss_sum)
-                if nonfinite:
-                    opt.zero_grad(set_to_none=True)
-                    nonfinite_run += 1
-                    log.warning("step %d: non-finite loss, step skipped", step)
-                    if nonfinite_run >= MAX_NONFINITE:
-                        raise FloatingPointError(
-                            f"the loss was non-finite for {nonfinite_run} steps in a row (step "
-                            f"{step}); lower blr or set clip_grad"
-                        )
-                else:
-                    nonfinite_run = 0
-                    if cfg.clip_grad is not None:
-                        scaler.unscale_(opt)
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                    scaler.step(opt)
-                    scaler.update()
-                    opt.zero_grad(set_to_none=True)
-                    if ema is not None:
-                        ema.update(model, step=step)
-                step += 1
-                # log: the mean loss since the last record
-                window_loss += loss_sum
-                window_steps += 1
-                if step % cfg.log_every == 0 or step == total:
-                    loss_value = float(du.all_reduce_mean(window_loss / window_steps))
-                    append_record(metrics, {"step": step, "lr": lr, "loss": loss_value})
-                    window_loss, window_steps = torch.zeros((), device=device), 0
-                if stopping:
-                    interrupted = True
-                    break
-            # evaluate + checkpoint
-            if interrupted:
-                save(LAST, acc)
-                break
-            acc = evaluate(model, val_src, cfg.img_size, device)
-            if ema is not None:
-                acc["ema"] = evaluate(ema.module, val_src, cfg.img_size, device)
-            if acc["top1"] > best["top1"]:
-                best = {**acc, "epoch": step // steps_per_epoch}
-                save("checkpoint-best.pt", acc)
-            save(LAST, acc)
-            log.info(
-                "epoch %d: top-1 %.2f top-5 %.2f (best %.2f)",
-                step // steps_per_epoch,
-                acc["top1"],
-                acc["top5"],
-                best["top1"],
-            )
-            append_record(
-                metrics,
-                {
-                    "step": step,
-                    "epoch": step // steps_per_epoch,
-                    **{f"val_{k}": v for k, v in acc.items() if k != "ema"},
-                },
-            )
-    if metrics is not None:
-        metrics.close()
-    result = {
-        "output_dir": str(out),
-        "step": step,
-        "interrupted": interrupted,
-        "last": acc,
-        "best": best,
-    }
-    if rank == 0:
-        write_text_atomic(out / "results.json", json.dumps(result, indent=1))
-    du.barrier()
-    if interrupted:
-        stop.forward()
-    return result
+    log.info("%d classes, %d train / %d val images, batch %d (%d processes x %d accumulation), "
+             "lr %.3g, %d steps", num_classes, len(train_src), len(val_src),
+             cfg.train.batch_size, du.world_size(), accum, base_lr, total)  # fmt: skip
+    return finish_task(engine, out, lambda r: {"last": r["metrics"] or {}, "best": best})

@@ -36,39 +36,40 @@ def frozen_encoder(src: DictConfig) -> tuple[VisionTransformer, dict]:
 
 
 def evaluate_frozen(cfg: DictConfig) -> dict:
-    """kNN top-1/5 and the best linear-probe top-1/5 over ``probe_blrs``; writes ``cfg.output``."""
+    """kNN top-1/5 and the best linear-probe top-1/5 over ``probe.blrs``; writes ``cfg.output``."""
     device = du.init_from_env()
-    train, val = class_folders(cfg.train, cfg.val)
+    d = cfg.data
+    train, val = class_folders(d.train, d.val)
     encoder, enc_cfg = frozen_encoder(cfg.encoder)
-    if tuple(encoder.img_size) != (cfg.img_size, cfg.img_size):
-        encoder.set_img_size(cfg.img_size)
+    if tuple(encoder.img_size) != (d.img_size, d.img_size):
+        encoder.set_img_size(d.img_size)
     ckpt = Path(cfg.encoder.checkpoint)
     key = {
         "checkpoint": str(ckpt.resolve()),
         "mtime": ckpt.stat().st_mtime,
         "random_init": cfg.encoder.random_init,
         "seed": cfg.encoder.seed,
-        "img_size": cfg.img_size,
+        "img_size": d.img_size,
         "pool": cfg.pool,
     }
 
     def features(split):
         def compute():
             return extract_features(
-                encoder, split, img_size=cfg.img_size, pool=cfg.pool,
-                batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=device,
+                encoder, split, img_size=d.img_size, pool=cfg.pool,
+                batch_size=d.batch_size, num_workers=d.num_workers, device=device,
             )  # fmt: skip
 
-        return cached_features(cfg.cache_dir, {**key, "split": str(split.root.resolve())}, compute)
+        return cached_features(d.cache_dir, {**key, "split": str(split.root.resolve())}, compute)
 
     (ftr, ytr), (fva, yva) = features(train), features(val)
     C = len(train.classes)
-    knn = topk_accuracy(knn_classify(ftr, ytr, fva, num_classes=C, k=cfg.knn_k,
-                                     temperature=cfg.knn_temperature), yva)  # fmt: skip
+    knn = topk_accuracy(knn_classify(ftr, ytr, fva, num_classes=C, k=cfg.knn.k,
+                                     temperature=cfg.knn.temperature), yva)  # fmt: skip
     probe = linear_probe_grid(
-        ftr, ytr, fva, yva, num_classes=C, blrs=list(cfg.probe_blrs), epochs=cfg.probe_epochs,
-        warmup_epochs=cfg.probe_warmup_epochs, batch_size=cfg.probe_batch_size,
-        weight_decay=cfg.probe_weight_decay, seed=cfg.encoder.seed,
+        ftr, ytr, fva, yva, num_classes=C, blrs=list(cfg.probe.blrs), epochs=cfg.probe.epochs,
+        warmup_epochs=cfg.probe.warmup_epochs, batch_size=cfg.probe.batch_size,
+        weight_decay=cfg.probe.weight_decay, seed=cfg.encoder.seed,
     )  # fmt: skip
     result = {
         "checkpoint": cfg.encoder.checkpoint,

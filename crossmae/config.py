@@ -55,32 +55,44 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
+    """What every training command shares (``train.*``)."""
+
     batch_size: int = 128  # global batch (all processes, all accumulation steps)
     micro_batch: int | None = None  # per-process batch of one forward; None = batch / processes
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     precision: str = "bf16"  # bf16 | fp16 | fp32
-    compile: bool = False
-    cuda_graph: bool = False  # replay forward + backward as one CUDA graph (one GPU, no fp16)
-    sdpa: str = "auto"  # attention kernel: auto | flash | efficient | cudnn | math
-    # compiled step: what torch's partitioner may keep for backward, 1.0 = its fastest choice;
-    # lower recomputes more in backward to hold less (tools/benchmark.py saved)
-    activation_memory_budget: float = 1.0
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
 
 
 @dataclass
+class PretrainTrainConfig(TrainConfig):
+    epochs: int = 12
+    compile: bool = False
+    cuda_graph: bool = False  # replay forward + backward as one CUDA graph (one GPU, no fp16)
+    sdpa: str = "auto"  # attention kernel: auto | flash | efficient | cudnn | math
+    # compiled step: what torch's partitioner may keep for backward, 1.0 = its fastest choice;
+    # lower recomputes more in backward to hold less (crossmae benchmark saved)
+    activation_memory_budget: float = 1.0
+
+
+@dataclass
 class LogConfig:
+    """What every training command shares (``log.*``)."""
+
     every_steps: int = 10  # metrics.jsonl / TensorBoard / progress interval
-    ckpt_every_steps: int = 0  # extra mid-epoch checkpoints (0 = end of epoch only)
+    ckpt_every_steps: int = 0  # checkpoint-last.pt every N steps (0 = at the task's own times)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PretrainLogConfig(LogConfig):
     keep_every_epochs: int = 0  # also keep checkpoint-epochN.pt every N epochs (0 = never)
     vis_every_epochs: int = 1  # reconstruction PNG of fixed images every N epochs
     vis_images: int = 8
     knn_every_epochs: int = 0  # kNN top-1 of the encoder on data.knn_train/knn_val (0 = off)
-    tensorboard: bool = True
-    progress: bool = True
 
 
 @dataclass
@@ -89,8 +101,8 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
+    log: PretrainLogConfig = field(default_factory=PretrainLogConfig)
 
 
 @dataclass
@@ -126,12 +138,9 @@ def load_config(
         if base is not None:
             cfg = OmegaConf.merge(cfg, base)
         for f in files:
-            path = Path(f)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            diff = OmegaConf.load(path)
-            required |= set(OmegaConf.missing_keys(diff))
-            cfg = OmegaConf.merge(cfg, diff)
+            for diff in _file_chain(Path(f)):
+                required |= set(OmegaConf.missing_keys(diff))
+                cfg = OmegaConf.merge(cfg, diff)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got {bad}")
@@ -143,6 +152,26 @@ def load_config(
     if missing:
         raise ConfigError(f"set the required value(s) {missing}, e.g. {missing[0]}=...")
     return cfg
+
+
+BASE_KEY = "_base_"
+
+
+def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """A config file and the files it builds on, base first: a file's ``_base_: other.yaml``
+    (relative to the file) is read before it, so a large model's file holds only what differs
+    from the base one."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: {BASE_KEY} chain loops back to itself")
+    diff = OmegaConf.load(path)
+    if BASE_KEY not in diff:
+        return [diff]
+    base = diff.pop(BASE_KEY)
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY} must be one file name, got {base!r}")
+    return [*_file_chain(path.parent / base, (*seen, path.resolve())), diff]
 
 
 def _open_free_dicts(cfg: DictConfig) -> None:
@@ -159,6 +188,12 @@ def _open_free_dicts(cfg: DictConfig) -> None:
 def to_plain(cfg: DictConfig) -> dict[str, Any]:
     """A resolved plain-dict copy (for checkpoints and logs)."""
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def without_missing(values: dict) -> dict:
+    """``values`` (a saved config) less its unset (``???``) entries, at every depth."""
+    return {k: without_missing(v) if isinstance(v, dict) else v
+            for k, v in values.items() if v != "???"}  # fmt: skip
 
 
 def parse_settings(items: list[str]) -> dict:

@@ -73,8 +73,15 @@ def knn_classify(
     return torch.cat(scores)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    """Top-k accuracies in percent (a k above the number of classes is left out)."""
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, torch.Tensor]:
+    """How many rows have their label among the k best scores, per k (a k above the number of
+    classes is left out); counts, so that shards can be summed."""
     ks = [k for k in ks if k <= scores.shape[1]]
     hit = scores.topk(max(ks), dim=1).indices == labels.unsqueeze(1)  # (N, max k)
-    return {f"top{k}": 100.0 * hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+    return {k: hit[:, :k].any(dim=1).sum() for k in ks}
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
+    """Top-k accuracies in percent (a k above the number of classes is left out)."""
+    hits = topk_hits(scores, labels, ks)
+    return {f"top{k}": 100.0 * n.item() / len(labels) for k, n in hits.items()}

@@ -45,14 +45,14 @@ def _evaluate(args) -> int:
         raise ValueError(f"{args.checkpoint} is a {ck['format']!r} checkpoint, not {DET_FORMAT!r}"
                          " (a detector trained by this version, or made by import-d2)")  # fmt: skip
     cfg = OmegaConf.merge(OmegaConf.structured(DetConfig), ck["config"])
-    dataset = CocoInstances(args.json, args.images, train=False, img_size=cfg.img_size)
+    dataset = CocoInstances(args.json, args.images, train=False, img_size=cfg.model.img_size)
     if ck["categories"] is None:  # imported: detectron2 maps sorted category ids to classes too
         if dataset.num_classes != ck["num_classes"]:
             raise ValueError(f"{args.json} has {dataset.num_classes} categories, the detector "
                              f"{ck['num_classes']} classes")  # fmt: skip
     elif dataset.cat_ids != ck["categories"]:
         raise ValueError(f"{args.json} has other categories than the checkpoint was trained on")
-    model = build_detector(cfg, ck["num_classes"], ck["encoder_config"])
+    model = build_detector(cfg.model, ck["num_classes"], ck["encoder_config"])
     load_state_dict_strict(model, ck["model"], what=str(args.checkpoint))
     device = du.init_from_env()
     precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]

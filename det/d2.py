@@ -72,7 +72,7 @@ def _widths(sd: dict[str, torch.Tensor], fmt: str, start: int = 1) -> list[int]:
 def d2_architecture(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The architecture a detectron2 ViTDet Mask R-CNN state dict holds, inferred from shapes:
     ``encoder`` (the ViT's settings, as our encoder configs name them), ``detector`` (img_size,
-    window, global blocks, head widths, as ``DetConfig`` names them) and ``num_classes``."""
+    window, global blocks, head widths, as ``DetConfig.model`` names them) and ``num_classes``."""
     need = [NET + "pos_embed", NET + "patch_embed.proj.weight", NET + "blocks.0.attn.rel_pos_h",
             "backbone.simfp_4.0.weight", "roi_heads.box_predictor.cls_score.weight",
             "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.mask_head.predictor.weight",
@@ -151,7 +151,7 @@ def import_d2(
     every tensor used, none missing). ``annotations``: the COCO json whose sorted category ids
     the classes stand for (checked against the class count); without it the checkpoint leaves
     them open and ``det evaluate`` maps any json with as many categories the same way, as
-    detectron2 does. ``config``: DetConfig values to set besides the inferred ones."""
+    detectron2 does. ``config``: DetConfig values (nested) to set besides the inferred ones."""
     from omegaconf import OmegaConf
 
     from crossmae.checkpoint import load_state_dict_strict
@@ -163,9 +163,9 @@ def import_d2(
 
     sd = read_d2_checkpoint(path)
     arch = d2_architecture(sd)
-    cfg = OmegaConf.merge(OmegaConf.structured(DetConfig), arch["detector"], config or {},
-                          {"pretrain_img_size": arch["encoder"]["img_size"]})  # fmt: skip
-    model = build_detector(cfg, arch["num_classes"], arch["encoder"])
+    inferred = {"model": {**arch["detector"], "pretrain_img_size": arch["encoder"]["img_size"]}}
+    cfg = OmegaConf.merge(OmegaConf.structured(DetConfig), inferred, config or {})
+    model = build_detector(cfg.model, arch["num_classes"], arch["encoder"])
     load_state_dict_strict(model, {k: v.float() for k, v in sd.items()}, what=str(path))
     categories = None
     if annotations is not None:

@@ -136,7 +136,7 @@ def postprocess(
 
 
 def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCNN:
-    """The detector a ``DetConfig`` describes on an encoder of ``encoder_config`` (its
+    """The detector a ``DetConfig.model`` section describes on an encoder of ``encoder_config`` (its
     constructor settings: widths, depth, patch size, pretraining img_size), untrained."""
     backbone = ViTDetBackbone(
         img_size=cfg.img_size,

@@ -11,26 +11,25 @@ fp16 autocast with gradient scaling, large-scale jitter; COCO box / mask AP at t
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
 from crossmae.checkpoint import model_on_encoder, seed_all
 from crossmae.config import to_plain
-from crossmae.data import ResumableSampler
-from crossmae.optim import param_groups, step_lr_at
-from crossmae.train import (
+from crossmae.engine import (
     PRECISIONS,
-    append_record,
-    plan_batches,
-    resume_task_run,
-    run_task_iterations,
-    start_task_run,
+    Hooks,
+    check_precision,
+    finish_task,
+    open_run,
+    task_engine,
+    task_loader,
 )
+from crossmae.optim import param_groups, step_lr_at
 
 from .data import CocoInstances, collate_detection
 from .evaluate import evaluate_detector
@@ -43,12 +42,12 @@ DET_FORMAT = "crossmae-det-v2"  # v2: detectron2's module names and layouts
 def pretrained_detector(cfg: DictConfig, num_classes: int) -> tuple[ViTDetMaskRCNN, dict]:
     """The detector on the configured encoder checkpoint (its weights in the ViT, unless
     ``encoder.random_init``); returns it and the encoder's settings."""
-    return model_on_encoder(
-        cfg.encoder, lambda enc: build_detector(cfg, num_classes, enc), lambda m: m.backbone.net
-    )
+    return model_on_encoder(cfg.encoder, lambda enc: build_detector(cfg.model, num_classes, enc),
+                            lambda m: m.backbone.net)  # fmt: skip
 
 
 def detectron2_param_groups(model: ViTDetMaskRCNN, cfg: DictConfig) -> list[dict]:
+    # cfg: the ``optim`` section
     """detectron2's ``get_default_optimizer_params`` as ViTDet sets it: ``weight_decay``
     everywhere (biases and the pyramid's and heads' LayerNorms included) except the ViT's
     ``nn.LayerNorm`` parameters (``weight_decay_norm``) and ``pos_embed``
@@ -78,93 +77,55 @@ def detectron2_param_groups(model: ViTDetMaskRCNN, cfg: DictConfig) -> list[dict
 
 def train_detector(cfg: DictConfig, *, resume: str | None = None) -> dict:
     """Train per ``cfg`` (a ``config.DetConfig``); returns the final COCO metrics."""
-    if cfg.eval_precision not in PRECISIONS:
-        raise ValueError(f"eval_precision must be one of {sorted(PRECISIONS)}")
-    train_set = CocoInstances(cfg.train_json, cfg.train_images, train=True,
-                              img_size=cfg.img_size, scale_range=cfg.scale_range)  # fmt: skip
-    val_set = CocoInstances(cfg.val_json, cfg.val_images, train=False, img_size=cfg.img_size)
-    device, out = start_task_run(cfg, resume)
-    rank, world = du.rank(), du.world_size()
+    check_precision(cfg.eval.precision, "eval.precision")
+    d = cfg.data
+    train_set = CocoInstances(d.train_json, d.train_images, train=True,
+                              img_size=cfg.model.img_size, scale_range=d.scale_range)  # fmt: skip
+    val_set = CocoInstances(d.val_json, d.val_images, train=False, img_size=cfg.model.img_size)
+    device = open_run(cfg, resume, cfg.output_dir)
+    out = Path(cfg.output_dir)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model, encoder_config = pretrained_detector(cfg, train_set.num_classes)
     model.to(device)
-    seed_all(cfg.seed + rank)  # this process's streams (drop path, augmentations)
-    micro, accum = plan_batches(cfg.batch_size, world, cfg.micro_batch)
-    sampler = ResumableSampler(
-        len(train_set), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=cfg.seed
-    )
-    loader = DataLoader(train_set, batch_size=micro, sampler=sampler, num_workers=cfg.num_workers,
-                        collate_fn=collate_detection, generator=torch.Generator())  # fmt: skip
-    opt = torch.optim.AdamW(detectron2_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999),
-                            fused=device.type == "cuda")  # fmt: skip
-    amp = PRECISIONS[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-
-    ck = resume_task_run(out, resume, model, opt, scaler)
-    step = ck["step"] if ck else 0
-    ddp = model
-    if world > 1:
-        ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None)
-        if cfg.ddp_fp16_compression:
-            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
-
-            ddp.register_comm_hook(None, fp16_compress_hook)
-    log.info("ViTDet Mask R-CNN: %d classes, %d training images, batch %d (%d x %d x %d), "
-             "%d iterations", train_set.num_classes, len(train_set), cfg.batch_size, world, micro,
-             accum, cfg.iterations)  # fmt: skip
+    seed_all(cfg.train.seed + du.rank())  # this process's streams (drop path, augmentations)
+    sampler, loader, accum = task_loader(train_set, cfg, device, collate_detection)
+    opt = torch.optim.AdamW(detectron2_param_groups(model, cfg.optim), lr=cfg.optim.lr,
+                            betas=(0.9, 0.999), fused=device.type == "cuda")  # fmt: skip
 
     def evaluate(step: int) -> dict:
-        metrics = evaluate_detector(model, val_set, device, batch_size=cfg.eval_batch_size,
-                                    precision=PRECISIONS[cfg.eval_precision],
+        metrics = evaluate_detector(model, val_set, device, batch_size=cfg.eval.batch_size,
+                                    precision=PRECISIONS[cfg.eval.precision],
                                     results_file=out / f"coco_results-{step}.json")  # fmt: skip
-        append_record(
-            metrics_file,
-            {"step": step, **{f"{t}/{k}": v for t, m in metrics.items() for k, v in m.items()}},
-        )
-        log.info("iteration %d: box AP %.2f, mask AP %.2f", step, metrics["bbox"]["AP"],
+        engine.record({"step": step, **{f"{t}/{k}": v for t, m in metrics.items()
+                                        for k, v in m.items()}}, "eval")  # fmt: skip
+        log.info("step %d: box AP %.2f, mask AP %.2f", step, metrics["bbox"]["AP"],
                  metrics["segm"]["AP"])  # fmt: skip
         return metrics
 
-    def losses_of(batch) -> dict[str, torch.Tensor]:
+    def inputs(batch) -> dict:
         imgs, targets = batch
-        imgs = [im.to(device, non_blocking=True) for im in imgs]
-        targets = [t.to(device) for t in targets]
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            losses = ddp(imgs, targets)
-        return {**losses, "loss": sum(losses.values())}
+        return {"imgs": [im.to(device, non_blocking=True) for im in imgs],
+                "targets": [t.to(device) for t in targets]}  # fmt: skip
 
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    return run_task_iterations(
-        out=out,
-        iterations=cfg.iterations,
-        step=step,
-        sampler=sampler,
-        loader=loader,
-        accum=accum,
-        model=model,
-        ddp=ddp,
-        optimizer=opt,
-        scaler=scaler,
-        device=device,
-        lr_at=lambda s: step_lr_at(
-            s,
-            base_lr=cfg.lr,
-            warmup_steps=cfg.warmup_iterations,
-            milestones=list(cfg.lr_milestones),
-            warmup_factor=cfg.warmup_factor,
-        ),  # fmt: skip
-        losses_of=losses_of,
-        checkpoint_fields={
-            "format": DET_FORMAT,
-            "categories": train_set.cat_ids,
-            "num_classes": train_set.num_classes,
-            "encoder_config": encoder_config,
-            "config": to_plain(cfg),
-        },
-        evaluate=evaluate,
-        metrics_file=metrics_file,
-        log_every=cfg.log_every,
-        eval_every=cfg.eval_every,
-        ckpt_every=cfg.ckpt_every,
-    )
+    def losses(forward, imgs, targets) -> dict[str, torch.Tensor]:
+        parts = forward(imgs, targets)
+        return {**parts, "loss": sum(parts.values())}
+
+    fields = {"format": DET_FORMAT, "categories": train_set.cat_ids,
+              "num_classes": train_set.num_classes, "encoder_config": encoder_config,
+              "config": to_plain(cfg)}  # fmt: skip
+    o = cfg.optim
+    engine = task_engine(
+        cfg, model, opt, out=out, device=device, sampler=sampler, loader=loader, accum=accum,
+        steps=cfg.train.steps, inputs=inputs, losses=losses,
+        lr_at=lambda s: step_lr_at(s, base_lr=o.lr, warmup_steps=o.warmup_steps,
+                                   milestones=list(o.lr_milestones), warmup_factor=o.warmup_factor),
+        hooks=Hooks(evaluate=evaluate, checkpoint_fields=lambda: fields),
+        eval_every=cfg.eval.every_steps, ddp_fp16_compression=cfg.train.ddp_fp16_compression,
+    )  # fmt: skip
+    engine.resume(resume)
+    log.info("ViTDet Mask R-CNN: %d classes, %d training images, batch %d (%d processes x %d "
+             "accumulation), %d steps", train_set.num_classes, len(train_set),
+             cfg.train.batch_size, du.world_size(), accum, cfg.train.steps)  # fmt: skip
+    return finish_task(engine, out)

@@ -14,7 +14,7 @@ import logging
 import sys
 
 from crossmae.cli import run_command
-from crossmae.config import load_config
+from crossmae.config import load_config, without_missing
 
 
 def _train(args) -> int:
@@ -47,17 +47,16 @@ def _evaluate(args) -> int:
             f"{args.checkpoint} is a {ck['format']!r} checkpoint, not {SEG_FORMAT!r}"
             " (a segmenter trained by this version, or made by import-mmseg)"
         )
-    saved = {k: v for k, v in ck["config"].items() if v != "???"}  # less unset paths
-    cfg = load_config(SegConfig, [], args.overrides, base=saved)
-    spec = label_spec(cfg)
+    cfg = load_config(SegConfig, [], args.overrides, base=without_missing(ck["config"]))
+    spec = label_spec(cfg.data)
     if spec.num_classes != ck["num_classes"]:
         raise ValueError(
             f"the dataset has {spec.num_classes} classes, the model {ck['num_classes']}"
         )
     model = build_segmenter(cfg, ck["num_classes"], ck["encoder_config"])
     load_state_dict_strict(model, ck["model"], what=str(args.checkpoint))
-    device = du.init_from_env(cfg.device)
-    folder = SegFolder(cfg.root, cfg.val_split, spec)
+    device = du.init_from_env(cfg.train.device)
+    folder = SegFolder(cfg.data.root, cfg.data.val_split, spec)
     m = evaluate_segmenter(model.to(device), folder, spec.num_classes, **eval_settings(cfg))
     print(json.dumps({k: m[k] for k in ("mIoU", "mAcc", "aAcc")}))
     return 0

@@ -126,8 +126,11 @@ def read_mmseg_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 def import_mmseg(path: str | Path, config: dict | None = None) -> dict:
     """An mmseg MAE UperNet checkpoint -> our segmentation checkpoint, loaded strictly (every
     tensor used, none missing; the stored ``relative_position_index`` buffers must equal the
-    ones we build). ``config``: SegConfig values besides the inferred ones, e.g. ``out_indices``
+    ones we build). ``config``: SegConfig values (nested) besides the inferred ones, e.g.
+    ``model.out_indices``
     (not in a state dict; default: B 3, 5, 7, 11) or the dataset's settings."""
+    from omegaconf import OmegaConf
+
     from crossmae.checkpoint import load_state_dict_strict
     from crossmae.config import load_config, to_plain
 
@@ -136,13 +139,14 @@ def import_mmseg(path: str | Path, config: dict | None = None) -> dict:
 
     sd = read_mmseg_checkpoint(path)
     arch = mmseg_architecture(sd)
-    inferred = {"crop": arch["crop"], "channels": arch["channels"],
-                "aux_channels": arch["aux_channels"]}  # fmt: skip
-    cfg = load_config(SegConfig, base={**inferred, **(config or {})})
-    if len(cfg.pool_scales) != arch["num_pool_scales"]:
+    inferred = {"data": {"crop": arch["crop"]},
+                "model": {"channels": arch["channels"],
+                          "aux_channels": arch["aux_channels"]}}  # fmt: skip
+    cfg = load_config(SegConfig, base=OmegaConf.merge(inferred, config or {}))
+    if len(cfg.model.pool_scales) != arch["num_pool_scales"]:
         raise ValueError(
-            f"{path} has {arch['num_pool_scales']} pooling branches; set pool_scales to as many "
-            f"scales (now {list(cfg.pool_scales)})"
+            f"{path} has {arch['num_pool_scales']} pooling branches; set model.pool_scales to as "
+            f"many scales (now {list(cfg.model.pool_scales)})"
         )
     model = build_segmenter(cfg, arch["num_classes"], arch["encoder"])
     for k, v in sd.items():

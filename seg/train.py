@@ -12,28 +12,28 @@ precision; ``--resume auto``.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
 from crossmae.checkpoint import model_on_encoder, seed_all
 from crossmae.config import ConfigError, to_plain
-from crossmae.data import ResumableSampler, normalize_pixels
-from crossmae.optim import linear_then_poly_lr_at, param_groups, poly_lr_at
-from crossmae.train import (
+from crossmae.data import normalize_pixels
+from crossmae.engine import (
     PRECISIONS,
-    append_record,
-    plan_batches,
-    resume_task_run,
-    run_task_iterations,
-    start_task_run,
+    Hooks,
+    check_precision,
+    finish_task,
+    open_run,
+    task_engine,
+    task_loader,
 )
+from crossmae.optim import linear_then_poly_lr_at, param_groups, poly_lr_at
 
 from .data import (
     ADE20K,
@@ -54,6 +54,7 @@ LR_SCHEDULES = {"mmseg1": linear_then_poly_lr_at, "mmseg0": poly_lr_at}
 
 
 def label_spec(cfg: DictConfig) -> LabelSpec:
+    """The labels of a ``SegConfig.data`` section's dataset."""
     if cfg.dataset == "ade20k":
         return ADE20K
     if cfg.dataset == "camvid":
@@ -65,19 +66,20 @@ def label_spec(cfg: DictConfig) -> LabelSpec:
 
 def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict) -> UperNet:
     """The UperNet a ``SegConfig`` describes on an encoder of ``encoder_config``, untrained."""
+    m = cfg.model
     backbone = SegViT(
-        img_size=cfg.crop,
-        patch_size=cfg.patch_size or encoder_config["patch_size"],
+        img_size=cfg.data.crop,
+        patch_size=m.patch_size or encoder_config["patch_size"],
         embed_dim=encoder_config["embed_dim"],
         depth=encoder_config["depth"],
         num_heads=encoder_config["num_heads"],
         mlp_ratio=encoder_config["mlp_ratio"],
         norm_eps=encoder_config["norm_eps"],
-        drop_path_rate=cfg.drop_path_rate,
-        out_indices=cfg.out_indices,
+        drop_path_rate=m.drop_path_rate,
+        out_indices=m.out_indices,
     )
-    return UperNet(backbone, num_classes, channels=cfg.channels, aux_channels=cfg.aux_channels,
-                   pool_scales=tuple(cfg.pool_scales))  # fmt: skip
+    return UperNet(backbone, num_classes, channels=m.channels, aux_channels=m.aux_channels,
+                   pool_scales=tuple(m.pool_scales))  # fmt: skip
 
 
 def pretrained_segmenter(cfg: DictConfig, num_classes: int) -> tuple[UperNet, dict]:
@@ -158,16 +160,18 @@ def evaluate_segmenter(model: nn.Module, folder: SegFolder, num_classes: int, **
 
 def eval_settings(cfg: DictConfig) -> dict:
     """``segment``'s keyword arguments from a ``SegConfig``."""
-    return {"crop": cfg.crop, "stride": cfg.eval_stride, "scale": tuple(cfg.scale),
-            "ratios": tuple(cfg.eval_ratios), "flip": cfg.eval_flip, "mode": cfg.eval_mode,
-            "precision": PRECISIONS[cfg.eval_precision]}  # fmt: skip
+    e = cfg.eval
+    return {"crop": cfg.data.crop, "stride": e.stride, "scale": tuple(cfg.data.scale),
+            "ratios": tuple(e.ratios), "flip": e.flip, "mode": e.mode,
+            "precision": PRECISIONS[e.precision]}  # fmt: skip
 
 
 def seg_param_groups(model: UperNet, cfg: DictConfig) -> list[dict]:
-    """mmseg's ``LayerDecayOptimizerConstructor``: lr scale ``layer_decay ** (depth + 1 - i)``
-    for backbone depth i (embeddings 0, block k -> k + 1, everything else depth + 1); no weight
-    decay on 1-d parameters and biases; ``pos_embed`` / ``cls_token`` decayed unless
-    ``decay_pos_embed`` is false (mmseg's check misses their prefix)."""
+    """mmseg's ``LayerDecayOptimizerConstructor`` (``cfg``: the ``optim`` section): lr scale
+    ``layer_decay ** (depth + 1 - i)`` for backbone depth i (embeddings 0, block k -> k + 1,
+    everything else depth + 1); no weight decay on 1-d parameters and biases; ``pos_embed`` /
+    ``cls_token`` decayed unless ``decay_pos_embed`` is false (mmseg's check misses their
+    prefix)."""
     vit, prefix = model.backbone, "backbone."
     exempt = set() if cfg.decay_pos_embed else {"backbone.pos_embed", "backbone.cls_token"}
     return param_groups(
@@ -203,102 +207,60 @@ def segmentation_losses(
 
 def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     """Train per ``cfg`` (a ``config.SegConfig``); returns the final metrics."""
-    spec = label_spec(cfg)
-    train_folder = SegFolder(cfg.root, cfg.train_split, spec)
-    val_folder = SegFolder(cfg.root, cfg.val_split, spec)
-    device, out = start_task_run(cfg, resume)
-    rank, world = du.rank(), du.world_size()
+    check_precision(cfg.eval.precision, "eval.precision")
+    spec = label_spec(cfg.data)
+    d = cfg.data
+    train_folder = SegFolder(d.root, d.train_split, spec)
+    val_folder = SegFolder(d.root, d.val_split, spec)
+    device = open_run(cfg, resume, cfg.output_dir)
+    out = Path(cfg.output_dir)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model, encoder_config = pretrained_segmenter(cfg, spec.num_classes)
-    if world > 1:  # mmseg's SyncBN: batch statistics over every process's crops
+    if du.world_size() > 1:  # mmseg's SyncBN: batch statistics over every process's crops
         model = to_sync_batchnorm(model, device)
     model.to(device)
-    seed_all(cfg.seed + rank)  # this process's streams (drop path, augmentations)
-    data = SegAugment(
-        train_folder, cfg.crop, tuple(cfg.scale), tuple(cfg.ratio_range), cfg.cat_max_ratio
-    )
-    micro, accum = plan_batches(cfg.batch_size, world, cfg.micro_batch)
-    sampler = ResumableSampler(
-        len(data), per_rank_step=micro * accum, num_replicas=world, rank=rank, seed=cfg.seed
-    )
-    loader = DataLoader(
-        data,
-        batch_size=micro,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),
-    )
-    groups = seg_param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
-    amp = PRECISIONS[cfg.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-
-    ck = resume_task_run(out, resume, model, opt, scaler)
-    step = ck["step"] if ck else 0
-    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None) if world > 1 else model
-    log.info(
-        "UperNet: %d classes, %d training images, batch %d (%d x %d x %d), %d iterations",
-        spec.num_classes,
-        len(train_folder),
-        cfg.batch_size,
-        world,
-        micro,
-        accum,
-        cfg.iterations,
-    )
+    seed_all(cfg.train.seed + du.rank())  # this process's streams (drop path, augmentations)
+    data = SegAugment(train_folder, d.crop, tuple(d.scale), tuple(d.ratio_range), d.cat_max_ratio)
+    sampler, loader, accum = task_loader(data, cfg, device)
+    opt = torch.optim.AdamW(seg_param_groups(model, cfg.optim), lr=cfg.optim.lr,
+                            fused=device.type == "cuda")  # fmt: skip
 
     def evaluate(step: int) -> dict:
         m = evaluate_segmenter(model, val_folder, spec.num_classes, **eval_settings(cfg))
-        append_record(
-            metrics_file, {"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}
-        )
-        log.info(
-            "iteration %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, m["mIoU"], m["mAcc"], m["aAcc"]
-        )
+        engine.record({"step": step, "mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]},
+                      "eval")  # fmt: skip
+        log.info("step %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, m["mIoU"], m["mAcc"], m["aAcc"])
         return m
 
-    def losses_of(batch) -> dict[str, torch.Tensor]:
+    def inputs(batch) -> dict:
         imgs, labels = batch
-        imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out_ = ddp(imgs)
-        losses = segmentation_losses(out_, labels, aux_weight=cfg.aux_weight,
-                                     avg_non_ignore=cfg.loss_avg_non_ignore)  # fmt: skip
-        total = losses["decode_loss_ce"] + losses["aux_loss_ce"]
-        return {**losses, "loss": total}
+        return {"imgs": imgs.to(device, non_blocking=True),
+                "labels": labels.to(device, non_blocking=True)}  # fmt: skip
 
-    def finish(metrics: dict) -> None:
-        (out / "per_class.md").write_text(format_table(metrics, spec.names()) + "\n")
+    def losses(forward, imgs, labels) -> dict[str, torch.Tensor]:
+        parts = segmentation_losses(forward(imgs), labels, aux_weight=cfg.model.aux_weight,
+                                    avg_non_ignore=cfg.model.loss_avg_non_ignore)  # fmt: skip
+        return {**parts, "loss": parts["decode_loss_ce"] + parts["aux_loss_ce"]}
 
-    metrics_file = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
-    return run_task_iterations(
-        out=out,
-        iterations=cfg.iterations,
-        step=step,
-        sampler=sampler,
-        loader=loader,
-        accum=accum,
-        model=model,
-        ddp=ddp,
-        optimizer=opt,
-        scaler=scaler,
-        device=device,
-        lr_at=lambda s: LR_SCHEDULES[cfg.lr_schedule](
-            s, base_lr=cfg.lr, total_steps=cfg.iterations, warmup_steps=cfg.warmup_iterations
-        ),
-        losses_of=losses_of,
-        checkpoint_fields={
-            "format": SEG_FORMAT,
-            "encoder_config": encoder_config,
-            "num_classes": spec.num_classes,
-            "config": to_plain(cfg),
-        },
-        evaluate=evaluate,
-        metrics_file=metrics_file,
-        log_every=cfg.log_every,
-        eval_every=cfg.eval_every,
-        ckpt_every=cfg.ckpt_every,
-        finish=finish,
-    )
+    def summary(result: dict) -> dict:
+        if not result["interrupted"] and du.rank() == 0:
+            (out / "per_class.md").write_text(format_table(result["metrics"], spec.names()) + "\n")
+        return {}
+
+    fields = {"format": SEG_FORMAT, "encoder_config": encoder_config,
+              "num_classes": spec.num_classes, "config": to_plain(cfg)}  # fmt: skip
+    o = cfg.optim
+    engine = task_engine(
+        cfg, model, opt, out=out, device=device, sampler=sampler, loader=loader, accum=accum,
+        steps=cfg.train.steps, inputs=inputs, losses=losses,
+        lr_at=lambda s: LR_SCHEDULES[o.lr_schedule](
+            s, base_lr=o.lr, total_steps=cfg.train.steps, warmup_steps=o.warmup_steps),
+        hooks=Hooks(evaluate=evaluate, checkpoint_fields=lambda: fields),
+        eval_every=cfg.eval.every_steps,
+    )  # fmt: skip
+    engine.resume(resume)
+    log.info("UperNet: %d classes, %d training images, batch %d (%d processes x %d accumulation),"
+             " %d steps", spec.num_classes, len(train_folder), cfg.train.batch_size,
+             du.world_size(), accum, cfg.train.steps)  # fmt: skip
+    return finish_task(engine, out, summary)

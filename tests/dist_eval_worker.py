@@ -7,7 +7,7 @@ import torch
 
 from cls.data import class_folders
 from cls.encoder import build_classifier
-from cls.finetune import evaluate
+from cls.finetune import evaluate_classifier as evaluate
 from crossmae import distributed as du
 from crossmae.checkpoint import load_pretrained_encoder
 

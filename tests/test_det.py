@@ -150,25 +150,25 @@ def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
         [],
         [
             f"encoder.checkpoint={tmp_path / 'enc.pt'}",
-            f"train_json={small}",
-            f"train_images={images}",
-            f"val_json={small}",
-            f"val_images={images}",
+            f"data.train_json={small}",
+            f"data.train_images={images}",
+            f"data.val_json={small}",
+            f"data.val_images={images}",
             f"output_dir={tmp_path / run}",
-            "img_size=128",
-            "window=4",
-            "heads.pyramid_channels=16",
-            "heads.box_conv_dims=[16]",
-            "heads.box_fc_dims=[32]",
-            "heads.mask_conv_dims=[16]",
-            "heads.mask_deconv_dim=16",
-            "iterations=2",
-            "batch_size=2",
-            "warmup_iterations=1",
-            "num_workers=0",
-            "precision=fp32",
-            "device=cpu",
-            "log_every=1",
+            "model.img_size=128",
+            "model.window=4",
+            "model.heads.pyramid_channels=16",
+            "model.heads.box_conv_dims=[16]",
+            "model.heads.box_fc_dims=[32]",
+            "model.heads.mask_conv_dims=[16]",
+            "model.heads.mask_deconv_dim=16",
+            "train.steps=2",
+            "train.batch_size=2",
+            "optim.warmup_steps=1",
+            "data.num_workers=0",
+            "train.precision=fp32",
+            "train.device=cpu",
+            "log.every_steps=1",
             *extra,
         ],
     )
@@ -213,7 +213,9 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
     import det.train as dt
 
     def cfg(run):
-        return tiny_det_run(shared_dir, tmp_path, run, "iterations=4", "drop_path_rate=0.2")[0]
+        return tiny_det_run(shared_dir, tmp_path, run, "train.steps=4", "model.drop_path_rate=0.2")[
+            0
+        ]
 
     def losses(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
@@ -284,15 +286,16 @@ def test_detectron2_parameter_groups():
 
     enc = dict(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0,
                norm_eps=1e-6)  # fmt: skip
-    small = ["img_size=64", "window=2", "heads.pyramid_channels=16", "heads.box_conv_dims=[16]",
-             "heads.box_fc_dims=[16]", "heads.mask_conv_dims=[16]",
-             "heads.mask_deconv_dim=16"]  # fmt: skip
+    small = ["model.img_size=64", "model.window=2", "model.heads.pyramid_channels=16",
+             "model.heads.box_conv_dims=[16]",
+             "model.heads.box_fc_dims=[16]", "model.heads.mask_conv_dims=[16]",
+             "model.heads.mask_deconv_dim=16"]  # fmt: skip
     huge = ["configs/det/mask_rcnn_vit_huge_75ep.yaml"]
     for files, vit_norm_wd, pos_wd in (([], 0.0, 0.0), (huge, 0.1, 0.1)):
         cfg = load_config(DetConfig, [REPO / f for f in files], small)
-        model = build_detector(cfg, 3, enc)
+        model = build_detector(cfg.model, 3, enc)
         wd, scale = {}, {}
-        for g in detectron2_param_groups(model, cfg):
+        for g in detectron2_param_groups(model, cfg.optim):
             for n in g["names"]:
                 wd[n], scale[n] = g["weight_decay"], g["lr_scale"]
         assert wd["backbone.net.blocks.0.norm1.weight"] == vit_norm_wd
@@ -302,7 +305,7 @@ def test_detectron2_parameter_groups():
                      "roi_heads.box_predictor.cls_score.bias",
                      "backbone.net.blocks.1.attn.rel_pos_h"):  # fmt: skip
             assert wd[name] == 0.1, name
-        d = cfg.layer_decay
+        d = cfg.optim.layer_decay
         assert scale["backbone.net.patch_embed.proj.weight"] == pytest.approx(d**5)
         assert scale["backbone.net.blocks.2.mlp.fc1.weight"] == pytest.approx(d**2)
         assert (
@@ -319,12 +322,12 @@ def test_det_configs_follow_detectron2():
     assert len(files) >= 4
     cfgs = {f.stem: load_config(DetConfig, [f]) for f in files}
     b, h = cfgs["mask_rcnn_vit_base_100ep"], cfgs["mask_rcnn_vit_huge_75ep"]
-    assert (b.iterations, list(b.lr_milestones)) == (184375, [163889, 177546])
-    # the H config is 75 epochs: 3/4 of the iterations and milestones, integer-divided
-    assert h.iterations == b.iterations * 3 // 4
-    assert list(h.lr_milestones) == [m * 3 // 4 for m in b.lr_milestones]
-    assert (h.layer_decay, h.drop_path_rate, h.patch_size) == (0.9, 0.5, 16)
-    assert cfgs["mask_rcnn_vit_large_100ep"].layer_decay == 0.8
+    assert (b.train.steps, list(b.optim.lr_milestones)) == (184375, [163889, 177546])
+    # the H config is 75 epochs: 3/4 of the steps and milestones, integer-divided
+    assert h.train.steps == b.train.steps * 3 // 4
+    assert list(h.optim.lr_milestones) == [m * 3 // 4 for m in b.optim.lr_milestones]
+    assert (h.optim.layer_decay, h.model.drop_path_rate, h.model.patch_size) == (0.9, 0.5, 16)
+    assert cfgs["mask_rcnn_vit_large_100ep"].optim.layer_decay == 0.8
 
 
 def test_nms_keeps_box_precision_under_fp16_scores():

@@ -214,20 +214,20 @@ def tiny_camvid_run(shared_dir, tmp_path, run: str, *extra):
         SegConfig,
         [REPO / "configs" / "seg" / "upernet_camvid_small.yaml"],
         [
-            f"root={root}",
+            f"data.root={root}",
             f"encoder.checkpoint={tmp_path / 'enc.pt'}",
             f"output_dir={tmp_path / run}",
-            "crop=64",
-            "scale=[120,90]",
-            "eval_stride=43",
-            "channels=16",
-            "iterations=3",
-            "batch_size=2",
-            "warmup_iterations=1",
-            "num_workers=0",
-            "precision=fp32",
-            "device=cpu",
-            "log_every=1",
+            "data.crop=64",
+            "data.scale=[120,90]",
+            "eval.stride=43",
+            "model.channels=16",
+            "train.steps=3",
+            "train.batch_size=2",
+            "optim.warmup_steps=1",
+            "data.num_workers=0",
+            "train.precision=fp32",
+            "train.device=cpu",
+            "log.every_steps=1",
             *extra,
         ],
     )
@@ -275,7 +275,7 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
     st.train_segmenter(
-        tiny_camvid_run(shared_dir, tmp_path, "a", "iterations=4", "drop_path_rate=0.2")
+        tiny_camvid_run(shared_dir, tmp_path, "a", "train.steps=4", "model.drop_path_rate=0.2")
     )
     orig = st.LR_SCHEDULES["mmseg1"]
 
@@ -284,7 +284,7 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
             signal.raise_signal(signal.SIGTERM)
         return orig(step, **kw)
 
-    cfg = tiny_camvid_run(shared_dir, tmp_path, "b", "iterations=4", "drop_path_rate=0.2")
+    cfg = tiny_camvid_run(shared_dir, tmp_path, "b", "train.steps=4", "model.drop_path_rate=0.2")
     monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", stop_during_step_2)
     assert st.train_segmenter(cfg)["interrupted"]
     monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", orig)
@@ -320,7 +320,7 @@ def test_distributed_training_uses_syncbn_and_trains_one_crop_per_process(shared
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         single(torch.randn(1, 3, 64, 64))
 
-    cfg = tiny_camvid_run(shared_dir, tmp_path, "ddp", "iterations=2", "batch_size=2")
+    cfg = tiny_camvid_run(shared_dir, tmp_path, "ddp", "train.steps=2", "train.batch_size=2")
     OmegaConf.save(cfg, tmp_path / "cfg.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
@@ -333,7 +333,7 @@ def test_distributed_training_uses_syncbn_and_trains_one_crop_per_process(shared
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(0 < x < 100 for x in losses)
     log = (tmp_path / "ddp" / "log.txt").read_text()
-    assert "batch 2 (2 x 1 x 1)" in log
+    assert "batch 2 (2 processes x 1 accumulation)" in log
 
 
 def test_training_pipeline_is_mmsegs(shared_dir):

@@ -40,11 +40,11 @@ def config_of(mm: dict) -> DictConfig:
     c = mm["config"]
     assert c["rescales"] == [4, 2, 1, 0.5] and c["init_values"] == 1.0
     return load_config(SegConfig, [], [
-        f"crop={c['crop']}", f"eval_stride={c['stride']}", f"channels={c['channels']}",
-        f"aux_channels={c['aux_channels']}", f"pool_scales={list(c['pool_scales'])}",
-        f"out_indices={list(c['out_indices'])}", f"layer_decay={c['layer_decay']}",
-        f"weight_decay={c['weight_decay']}", f"lr={c['base_lr']}",
-        f"drop_path_rate={c['drop_path_rate']}",
+        f"data.crop={c['crop']}", f"eval.stride={c['stride']}", f"model.channels={c['channels']}",
+        f"model.aux_channels={c['aux_channels']}", f"model.pool_scales={list(c['pool_scales'])}",
+        f"model.out_indices={list(c['out_indices'])}", f"optim.layer_decay={c['layer_decay']}",
+        f"optim.weight_decay={c['weight_decay']}", f"optim.lr={c['base_lr']}",
+        f"model.drop_path_rate={c['drop_path_rate']}",
     ])  # fmt: skip
 
 
@@ -69,7 +69,7 @@ def model(mm, tmp_path_factory) -> UperNet:
     ``python -m seg import-mmseg``'s importer, in the model built from ``config``."""
     path = tmp_path_factory.mktemp("mmseg") / "iter_160000.pth"
     torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": mm["state_dict"]}, path)
-    ck = import_mmseg(path, {"out_indices": list(mm["config"]["out_indices"])})
+    ck = import_mmseg(path, {"model": {"out_indices": list(mm["config"]["out_indices"])}})
     m = model_from_config(mm)
     load_state_dict_strict(m, ck["model"], what="imported mmseg model")
     return m.eval()
@@ -163,7 +163,7 @@ def test_mmseg_losses(mm, model):
 
 def test_mmseg_parameter_groups_and_lr(mm, model):
     cfg = config_of(mm)
-    groups = seg_param_groups(model, cfg)
+    groups = seg_param_groups(model, cfg.optim)
     ours = {}
     for g in groups:
         for n in g["names"]:
@@ -179,8 +179,8 @@ def test_mmseg_parameter_groups_and_lr(mm, model):
     default = load_config(SegConfig, [], [])
     for it, lr in mm["expected"]["lr"].items():
         got = linear_then_poly_lr_at(it, base_lr=mm["config"]["base_lr"],
-                                     total_steps=default.iterations,
-                                     warmup_steps=default.warmup_iterations)  # fmt: skip
+                                     total_steps=default.train.steps,
+                                     warmup_steps=default.optim.warmup_steps)  # fmt: skip
         assert got == pytest.approx(lr, abs=1e-10 * mm["config"]["base_lr"]), it
 
 
@@ -243,16 +243,17 @@ def test_mmseg_import_then_evaluate_commands(mm, shared_dir, tmp_path, capsys):
     c = mm["config"]
     torch.save({"meta": {}, "state_dict": mm["state_dict"]}, tmp_path / "mmseg.pth")
     assert main(["import-mmseg", str(tmp_path / "mmseg.pth"), str(tmp_path / "ours.pt"),
-                 f"out_indices={list(c['out_indices'])}"]) == 0  # fmt: skip
+                 f"model.out_indices={list(c['out_indices'])}"]) == 0  # fmt: skip
     capsys.readouterr()
     root = shared_dir / "data" / "ade20k_samples"
-    args = [f"root={root}", "dataset=custom", f"num_classes={c['num_classes']}",
-            "reduce_zero_label=true", "val_split=validation", f"eval_stride={c['stride']}",
-            f"scale={list(mm['pipeline']['scale'])}", "device=cpu"]  # fmt: skip
+    args = [f"data.root={root}", "data.dataset=custom", f"data.num_classes={c['num_classes']}",
+            "data.reduce_zero_label=true", "data.val_split=validation",
+            f"eval.stride={c['stride']}", f"data.scale={list(mm['pipeline']['scale'])}",
+            "train.device=cpu"]  # fmt: skip
     assert main(["evaluate", str(tmp_path / "ours.pt"), *args]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(metrics) == {"mIoU", "mAcc", "aAcc"} and 0 <= metrics["mIoU"] <= 100
     # a checkpoint of another kind is refused in one line
     save_atomic({"format": "crossmae-det-v2"}, tmp_path / "det.pt")
-    assert main(["evaluate", str(tmp_path / "det.pt"), f"root={root}"]) == 2
+    assert main(["evaluate", str(tmp_path / "det.pt"), f"data.root={root}"]) == 2
     assert "not 'crossmae-seg-v2'" in capsys.readouterr().err

@@ -355,28 +355,34 @@ def test_knn_monitor_during_pretraining(shared_dir, tmp_path):
         pretrain(load_config(PretrainConfig, [], [*TINY, "log.knn_every_epochs=1"]))
 
 
-def test_task_resume_restores_every_random_stream(tmp_path):
-    """``resume_task_run`` puts back torch's, numpy's and Python's streams (and CUDA's, where
-    there is one) as the checkpoint saved them."""
+def test_engine_checkpoints_restore_every_random_stream(tmp_path):
+    """The engine's checkpoint holds every process's streams (torch CPU, each CUDA device, numpy,
+    Python) and ``resume`` puts them back as they were saved."""
     import random
 
     import numpy as np
+    from conftest import check_random_states
 
-    from crossmae.checkpoint import LAST, random_states, save_atomic
-    from crossmae.train import resume_task_run
+    from crossmae.checkpoint import LAST
+    from crossmae.engine import Engine, Hooks
 
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.AdamW(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    def engine() -> Engine:
+        model = torch.nn.Linear(2, 2)
+        return Engine(model, torch.optim.AdamW(model.parameters()), out=tmp_path,
+                      device=torch.device("cpu"), sampler=None, loader=None, steps=8,
+                      lr_at=lambda s: 1e-3, inputs=dict, losses=dict,
+                      hooks=Hooks(checkpoint_fields=lambda: {"format": "test"}))  # fmt: skip
+
+    saving = engine()
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    state = {"format": "test", "model": model.state_dict(), "optimizer": opt.state_dict(),
-             "scaler": scaler.state_dict(), "step": 4, "rng": [random_states()]}  # fmt: skip
-    save_atomic(state, tmp_path / LAST)
+    saving.step = 4
+    saving.save()
+    check_random_states(tmp_path / LAST)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)  # elsewhere now
-    assert resume_task_run(tmp_path, "auto", model, opt, scaler)["step"] == 4
+    assert engine().resume("auto")["step"] == 4
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
     assert got[2] == expected[2]

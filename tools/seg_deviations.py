@@ -31,7 +31,8 @@ def load_model(fixture: Path, dtype: torch.dtype) -> tuple[UperNet, dict]:
     c = fx["config"]
     with tempfile.TemporaryDirectory() as tmp:  # through the importer, as a user's file
         torch.save({"state_dict": fx["state_dict"]}, Path(tmp) / "mmseg.pth")
-        ck = import_mmseg(Path(tmp) / "mmseg.pth", {"out_indices": list(c["out_indices"])})
+        settings = {"model": {"out_indices": list(c["out_indices"])}}
+        ck = import_mmseg(Path(tmp) / "mmseg.pth", settings)
     backbone = SegViT(img_size=c["img"], patch_size=c["patch"], embed_dim=c["embed"],
                       depth=c["depth"], num_heads=c["heads"], mlp_ratio=c["mlp_ratio"],
                       norm_eps=c["ln_eps"], out_indices=c["out_indices"])  # fmt: skip

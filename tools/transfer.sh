@@ -65,17 +65,19 @@ if [[ $SMOKE == 1 ]]; then
   SHARED=$(cd "$SHARED" && pwd)
   D=$OUT/smoke_data
   $PY tools/transfer_steps.py smoke-data "$SHARED" "$D" || die "could not prepare $D"
-  CPU=(num_workers=0 device=cpu precision=fp32 log_every=1)
-  CLS=(train="$D/cls/train" val="$D/cls/val" img_size=32 epochs=1 warmup_epochs=0 batch_size=8)
+  CPU=(data.num_workers=0 train.device=cpu train.precision=fp32 log.every_steps=1)
+  CLS=(data.train="$D/cls/train" data.val="$D/cls/val" data.img_size=32 train.epochs=1
+    optim.warmup_epochs=0 train.batch_size=8)
   LINPROBE=(configs/cls/linprobe_cifar10_tiny.yaml "${CLS[@]}" "${CPU[@]}")
   FINETUNE=(configs/cls/finetune_cifar10_tiny.yaml "${CLS[@]}" "${CPU[@]}")
-  DET=(configs/det/mask_rcnn_coco128_small.yaml train_json="$D/det/small.json"
-    train_images="$SHARED/data/coco128/train2017" val_json="$D/det/small.json"
-    val_images="$SHARED/data/coco128/train2017" img_size=128 patch_size=16 window=4 iterations=2
-    batch_size=2 warmup_iterations=1 "${CPU[@]}")
-  SEG=(configs/seg/upernet_vit_base_ade20k_160k.yaml root="$SHARED/data/ade20k_samples"
-    train_split=validation val_split=validation crop=64 "scale=[128,64]" eval_stride=43
-    channels=16 iterations=2 batch_size=2 warmup_iterations=1 "${CPU[@]}")
+  DET=(configs/det/mask_rcnn_coco128_small.yaml data.train_json="$D/det/small.json"
+    data.train_images="$SHARED/data/coco128/train2017" data.val_json="$D/det/small.json"
+    data.val_images="$SHARED/data/coco128/train2017" model.img_size=128 model.patch_size=16
+    model.window=4 train.steps=2 train.batch_size=2 optim.warmup_steps=1 "${CPU[@]}")
+  SEG=(configs/seg/upernet_vit_base_ade20k_160k.yaml data.root="$SHARED/data/ade20k_samples"
+    data.train_split=validation data.val_split=validation data.crop=64 "data.scale=[128,64]"
+    eval.stride=43 model.channels=16 train.steps=2 train.batch_size=2 optim.warmup_steps=1
+    "${CPU[@]}")
 else
   if [[ $LAUNCHER == slurm ]]; then
     NPROC=${NPROC:-8}  # GPUs per node of the Slurm job (not of the machine submitting it)
@@ -88,12 +90,15 @@ else
   need() { [[ " ${STAGES[*]} " == *" $1 "* && -z ${!2:-} ]] && missing+=("$2 (for $1)"); }
   need linprobe IMAGENET; need finetune IMAGENET; need det COCO; need seg ADE20K
   [[ ${#missing[@]} == 0 ]] || die "set the dataset root(s): ${missing[*]}"
-  LINPROBE=(configs/cls/linprobe_vit_$ARCH.yaml train="${IMAGENET:-}/train" val="${IMAGENET:-}/val")
-  FINETUNE=(configs/cls/finetune_vit_$ARCH.yaml train="${IMAGENET:-}/train" val="${IMAGENET:-}/val")
+  LINPROBE=(configs/cls/linprobe_vit_$ARCH.yaml data.train="${IMAGENET:-}/train"
+    data.val="${IMAGENET:-}/val")
+  FINETUNE=(configs/cls/finetune_vit_$ARCH.yaml data.train="${IMAGENET:-}/train"
+    data.val="${IMAGENET:-}/val")
   DET=(configs/det/mask_rcnn_vit_${ARCH}_*ep.yaml
-    train_json="${COCO:-}/annotations/instances_train2017.json" train_images="${COCO:-}/train2017"
-    val_json="${COCO:-}/annotations/instances_val2017.json" val_images="${COCO:-}/val2017")
-  SEG=(configs/seg/upernet_vit_${ARCH}_ade20k_160k.yaml root="${ADE20K:-}")
+    data.train_json="${COCO:-}/annotations/instances_train2017.json"
+    data.train_images="${COCO:-}/train2017"
+    data.val_json="${COCO:-}/annotations/instances_val2017.json" data.val_images="${COCO:-}/val2017")
+  SEG=(configs/seg/upernet_vit_${ARCH}_ade20k_160k.yaml data.root="${ADE20K:-}")
   for s in "${STAGES[@]}"; do
     v=${s^^}[0]
     [[ -f ${!v} ]] || die "no $s config for ARCH=$ARCH: ${!v} does not exist"
