@@ -9,8 +9,9 @@
 Accuracy on the val split every epoch with exact distributed counting, best and last
 checkpoints, ``--resume auto``.
 
-    torchrun --nproc-per-node 8 -m cls finetune --config configs/cls/finetune_vit_base.yaml \
-        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt train=... val=... output_dir=...
+    torchrun --nproc-per-node 8 -m crossmae cls finetune \
+        --config configs/cls/finetune_vit_base.yaml output_dir=... data.train=... data.val=... \
+        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt
 """
 
 from __future__ import annotations

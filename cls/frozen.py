@@ -1,6 +1,6 @@
 """kNN accuracy and the fast linear probe of a frozen pretrained encoder.
 
-    python -m cls frozen --config configs/cls/frozen_cifar10_tiny.yaml \
+    crossmae cls frozen --config configs/cls/frozen_cifar10_tiny.yaml \
         encoder.checkpoint=runs/cifar10-crossmae-tiny/encoder.pt
 """
 

@@ -1,8 +1,23 @@
-"""Command line: ``crossmae <command> ...`` (also ``python -m crossmae``)."""
+"""Command line: ``crossmae <command> ...`` (also ``python -m crossmae``; under torchrun
+``-m crossmae <command> ...``), one entry for everything:
+
+  pretrain      pretrain CrossMAE / MAE          psnr       masked-patch PSNR of checkpoints
+  cls           kNN + fast probe, linear probe, finetuning
+  det           ViTDet Mask R-CNN: train, evaluate, import-d2
+  seg           UperNet: train, evaluate, import-mmseg
+  convert       checkpoints to / from the official code, MAE, timm, mmseg, detectron2
+  analyze       the paper's analyses (reconstructions, decoder blocks, attention, FLOPs)
+  benchmark     training-step, attention and data-pipeline speed
+  models        registered models
+
+Training commands take ``--config FILE`` (repeatable), ``--resume auto|PATH`` and ``key=value``
+settings; a bad value or a missing file is a one-line error (exit status 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -40,36 +55,49 @@ def _psnr(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint
+    from .checkpoint import load_checkpoint, model_from_checkpoint, write_text_atomic
     from .models import create_model
     from .reconstruction import folder_reconstruction_metrics
 
-    ckpt = load_checkpoint(args.checkpoint)
-    if args.random_init:
-        torch.manual_seed(args.seed)
-        model = create_model(ckpt["model_name"], **ckpt["model_config"])
-    else:
-        model = model_from_checkpoint(ckpt)
-    pred_ratio = model.mask_ratio if args.all_masked else None
-    metrics = folder_reconstruction_metrics(
-        model, args.data, images=args.images, batch_size=args.batch_size, seed=args.seed,
-        pred_ratio=pred_ratio, device="cuda" if torch.cuda.is_available() else "cpu",
-    )  # fmt: skip
-    record = {
-        "checkpoint": str(args.checkpoint),
-        "step": ckpt.get("step"),
-        "weights": "random init" if args.random_init else "trained",
-        "data": args.data,
-        "all_masked_decoded": args.all_masked,
-        **metrics,
-    }
-    print(json.dumps(record))
+    records = []
+    for path in args.checkpoints:
+        ckpt = load_checkpoint(path)
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            model = create_model(ckpt["model_name"], **ckpt["model_config"])
+        else:
+            model = model_from_checkpoint(ckpt)
+        pred_ratio = model.mask_ratio if args.all_masked else None
+        metrics = folder_reconstruction_metrics(
+            model, args.data, images=args.images, batch_size=args.batch_size, seed=args.seed,
+            pred_ratio=pred_ratio, device="cuda" if torch.cuda.is_available() else "cpu",
+        )  # fmt: skip
+        records.append({
+            "checkpoint": str(path),
+            "model": ckpt["model_name"],
+            "step": ckpt.get("step"),
+            "weights": "random init" if args.random_init else "trained",
+            "data": args.data,
+            "all_masked_decoded": args.all_masked,
+            **metrics,
+        })  # fmt: skip
+        print(json.dumps(records[-1]))
+    if args.out:
+        write_text_atomic(args.out, json.dumps(records, indent=1) + "\n")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crossmae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from cls.cli import register as register_cls
+    from det.cli import register as register_det
+    from seg.cli import register as register_seg
+
+    from .commands import analyze, benchmark, convert
+
+    parser = argparse.ArgumentParser(
+        prog="crossmae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("models", help="list registered models (with --params: their sizes)")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
     p.add_argument("--params", action="store_true", help="build each model and count parameters")
@@ -86,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="'auto' = continue the output_dir's last checkpoint (or start fresh); or a path",
     )
-    p.add_argument("overrides", nargs="*", help="key=value settings, e.g. train.epochs=5")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=5")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser(
         "psnr",
-        help="reconstruction loss and masked-patch PSNR of a pretraining checkpoint on a folder",
+        help="reconstruction loss and masked-patch PSNR of pretraining checkpoints on a folder",
     )
-    p.add_argument("checkpoint", help="a pretraining checkpoint (checkpoint-last.pt)")
+    p.add_argument("checkpoints", nargs="+", help="pretraining checkpoints (checkpoint-last.pt)")
     p.add_argument("--data", required=True, help="image folder (ImageFolder or flat)")
     p.add_argument("--images", type=int, default=1000, help="images, spread evenly over the folder")
     p.add_argument("--batch-size", type=int, default=128)
@@ -102,29 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--random-init", action="store_true", help="the checkpoint's architecture, untrained"
     )
+    p.add_argument("--out", default=None, help="also write the records to this JSON file")
     p.set_defaults(func=_psnr)
+    for register in (register_cls, register_det, register_seg, convert.register,
+                     analyze.register, benchmark.register):  # fmt: skip
+        register(sub)
     return parser
 
 
-def run_command(prog: str, args: argparse.Namespace, extra: tuple[type, ...] = ()) -> int:
+def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``, the one error path of every command: an expected problem (a
     config value, a missing or malformed file, a checkpoint of another kind: ``ConfigError``,
-    ``OSError``s about paths, ``ValueError``, ``KeyError``, and ``extra``) prints one line naming
-    it and returns 2; anything else keeps its traceback."""
+    ``OSError``s about paths, ``ValueError``, ``KeyError``, and the command's own ``errors``)
+    prints one line naming it and returns 2; anything else keeps its traceback."""
+    from omegaconf.errors import MissingMandatoryValue
+
     from .config import ConfigError
 
     expected = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-                KeyError, *extra)  # fmt: skip
+                KeyError, MissingMandatoryValue, *getattr(args, "errors", ()))  # fmt: skip
     try:
         return args.func(args)
     except expected as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # no repr quotes
-        print(f"{prog} {args.command}: error: {message}", file=sys.stderr)
+        if isinstance(e, MissingMandatoryValue):
+            message = f"set the required value {e.full_key}=..."
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        print(f"crossmae {command}: error: {message}", file=sys.stderr)
         return 2
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser``'s arguments, with ``key=value`` settings allowed anywhere (argparse takes a
+    command's positionals in one run, so settings after an option would be left over)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_command("crossmae", build_parser().parse_args(argv))
+    args = parse_args(build_parser(), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    return run_command(args)
 
 
 if __name__ == "__main__":

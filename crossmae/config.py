@@ -197,9 +197,9 @@ def without_missing(values: dict) -> dict:
 
 
 def parse_settings(items: list[str]) -> dict:
-    """``key=value`` strings (command-line ``--set``) -> a dict of typed values (YAML: 12, 1e-06,
+    """``key=value`` strings (a command's settings) -> a dict of typed values (YAML: 12, 1e-06,
     true, [-1])."""
     bad = [item for item in items if "=" not in item or item.startswith("=")]
     if bad:
-        raise SystemExit(f"expected key=value, got {bad}")
+        raise ConfigError(f"settings must be key=value, got {bad}")
     return OmegaConf.to_container(OmegaConf.from_dotlist(items))

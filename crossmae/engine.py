@@ -248,8 +248,9 @@ class Engine:
         log_every, ckpt_every, ckpt_every_epochs, keep_every_epochs, eval_every,
             eval_every_epochs: intervals in steps / epochs (0 = never; ``keep``: also keep
             ``checkpoint-epochN.pt``).
-        compile: ``torch.compile`` the forward module; ``cuda_graph``: replay forward + backward
-            of one micro-batch from a CUDA graph (one process, one micro-batch, no fp16);
+        compile: ``torch.compile`` the forward module (a string: with that mode);
+            ``cuda_graph``: replay forward + backward of one micro-batch from a CUDA graph (one
+            process, one micro-batch, no fp16);
             ``prefetch``: copy the next batch's ``images`` / ``ids_shuffle`` to the GPU while
             this one runs; ``ddp_fp16_compression``: all-reduce gradients in fp16.
         tensorboard, progress: TensorBoard events in ``out/tb`` and a progress bar (rank 0).
@@ -281,7 +282,7 @@ class Engine:
         keep_every_epochs: int = 0,
         eval_every: int = 0,
         eval_every_epochs: int = 0,
-        compile: bool = False,
+        compile: bool | str = False,
         cuda_graph: bool = False,
         prefetch: bool = False,
         ddp_fp16_compression: bool = False,
@@ -413,7 +414,8 @@ class Engine:
 
                 wrapped.register_comm_hook(None, fp16_compress_hook)
         self.ddp = wrapped
-        self.forward = torch.compile(wrapped) if self.compile else wrapped
+        mode = self.compile if isinstance(self.compile, str) else None
+        self.forward = torch.compile(wrapped, mode=mode) if self.compile else wrapped
         self._grad_norm = None
 
     def _losses(self, inputs: dict) -> dict[str, torch.Tensor]:
@@ -453,7 +455,7 @@ class Engine:
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        parts = self.forward_backward(batches)
+        parts = self.last_parts = self.forward_backward(batches)
         nonfinite, stopping = self.stop.agree(parts["loss"])
         if nonfinite:
             if self.graphed is None:  # a replay overwrites the graph's gradients

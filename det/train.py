@@ -2,10 +2,11 @@
 betas 0.9 / 0.999, weight decay 0.1 on everything but the ViT's LayerNorms and position table),
 layer-wise lr decay over the ViT, 250-iteration linear warmup from 0.1 %, x0.1 at each milestone,
 fp16 autocast with gradient scaling, large-scale jitter; COCO box / mask AP at the end (and every
-``eval_every``), in full precision.
+``eval.every_steps``), in full precision.
 
-    torchrun --nproc-per-node 8 -m det train --config configs/det/mask_rcnn_vit_base_100ep.yaml \
-        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/det_b ...
+    torchrun --nproc-per-node 8 -m crossmae det train \
+        --config configs/det/mask_rcnn_vit_base_100ep.yaml data.train_json=... \
+        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/det_b
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ backbone (``blocks`` <-> ``layers``, ``norm1/2`` <-> ``ln1/2``, ``mlp.fc1`` <->
 ``patch_embed.projection``), as mmseg's ``tools/model_converters/beit2mmseg.py`` maps an MAE
 release.
 
-The pretrained file (``python -m seg export-mmseg``) holds the backbone keys without any prefix:
+The pretrained file (``crossmae convert to-mmseg``) holds the backbone keys without any prefix:
 mmseg's MAE backbone loads its ``Pretrained`` file into itself, non-strictly, so prefixed keys
 would silently load nothing. Then, in mmsegmentation 1.x:
 

@@ -1,11 +1,11 @@
 """UperNet training for semantic segmentation as mmsegmentation 1.2.2's MAE UperNet config
 trains it: AdamW lr 1e-4, wd 0.05, layer-wise lr decay 0.65, LinearLR warmup over 1500
-iterations then PolyLR, batch 16 of 512 crops, SyncBN when distributed, cross entropy divided by
+steps then PolyLR, batch 16 of 512 crops, SyncBN when distributed, cross entropy divided by
 all pixels, auxiliary FCN loss x 0.4, fp16 AMP; mIoU by sliding-window inference in full
 precision; ``--resume auto``.
 
-    torchrun --nproc-per-node 8 -m seg train \
-        --config configs/seg/upernet_vit_base_ade20k_160k.yaml root=/data/ADEChallengeData2016 \
+    torchrun --nproc-per-node 8 -m crossmae seg train \
+        --config configs/seg/upernet_vit_base_ade20k_160k.yaml data.root=/data/ADEChallengeData \
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/seg_b
 """
 

@@ -1,24 +1,23 @@
-"""The paper's analyses (crossmae.analysis, tools/analyze.py) on tiny models: per-block terms sum
+"""The paper's analyses (crossmae.analysis, crossmae analyze) on tiny models: per-block terms sum
 to the prediction, attention masses sum to 1, PSNR of a perfect prediction is capped, fvcore
 agrees with torch's FLOP counter, and each command writes its PNG / JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import REPO
 from test_convert import TINY, ours_checkpoint
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
+from crossmae.cli import main
 from crossmae.models import create_model
 from crossmae.reconstruction import PSNR_CAP, masked_psnr
 
-spec = importlib.util.spec_from_file_location("analyze", REPO / "tools" / "analyze.py")
-analyze = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(analyze)
+
+def analyze(*argv: str) -> int:
+    return main(["analyze", *argv])
 
 
 @pytest.mark.parametrize("pred_ratio", [None, 0.75])
@@ -85,13 +84,15 @@ def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
     out = tmp_path / "out"
     c, m = ["--crossmae", str(tmp_path / "c.pt")], ["--mae", str(tmp_path / "m.pt")]
     common = ["--images", images, "--out", str(out)]
-    assert analyze.main(["recon", *c, *m, *common, "-n", "2"]) == 0
-    assert analyze.main(["blocks", *c, *common, "-n", "2"]) == 0
-    assert analyze.main(["iba", *c, "--out", str(out)]) == 0
-    assert analyze.main(["attention", *m, *common, "-n", "2"]) == 0
-    assert analyze.main(["psnr", *c, *m, *common, "-n", "8"]) == 0
-    argv = ["flops", "--models", "crossmae_vit_tiny_patch16", "--set", "decoder_depth=2"]
-    assert analyze.main([*argv, "--out", str(out)]) == 0
+    assert analyze("recon", *c, *m, *common, "-n", "2") == 0
+    assert analyze("blocks", *c, *common, "-n", "2") == 0
+    assert analyze("iba", *c, "--out", str(out)) == 0
+    assert analyze("attention", *m, *common, "-n", "2") == 0
+    assert analyze("flops", "--models", "crossmae_vit_tiny_patch16", "--out", str(out),
+                   "decoder_depth=2") == 0  # fmt: skip
+    psnr = [str(tmp_path / "c.pt"), str(tmp_path / "m.pt"), "--data", images, "--images", "8"]
+    assert main(["psnr", *psnr, "--out", str(out / "psnr.json")]) == 0
+    assert main(["psnr", *psnr[:1], *psnr[2:], "--all-masked", "--out", str(out / "all.json")]) == 0
     for name in ("reconstructions", "decoder_blocks", "iba_weights", "mae_attention"):
         assert (out / f"{name}.png").stat().st_size > 1000
     rec = json.loads((out / "reconstructions.json").read_text())
@@ -102,15 +103,20 @@ def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
     assert torch.allclose(torch.tensor(iba["weights"]), iba_weights(cross))
     att = json.loads((out / "mae_attention.json").read_text())
     assert sum(att["mean"].values()) == pytest.approx(1.0, abs=1e-5)
-    psnr = json.loads((out / "psnr.json").read_text())["runs"]
-    assert set(psnr) == {"CrossMAE", "CrossMAE, all masked", "MAE"}
-    assert all(r["images"] == 8 and 0 < r["psnr"] < PSNR_CAP for r in psnr.values())
+    psnr = [
+        *json.loads((out / "psnr.json").read_text()),
+        *json.loads((out / "all.json").read_text()),
+    ]
+    assert [(r["model"], r["all_masked_decoded"]) for r in psnr] == [
+        ("crossmae_vit_base_patch16", False), ("mae_vit_base_patch16", False),
+        ("crossmae_vit_base_patch16", True)]  # fmt: skip
+    assert all(r["images"] == 8 and 0 < r["psnr"] < PSNR_CAP for r in psnr)
     flops = json.loads((out / "flops.json").read_text())["rows"]
     assert [r["pred_ratio"] for r in flops] == [0.25, 0.75]
     assert all(r["settings"] == {"decoder_depth": 2} for r in flops)
 
 
-def test_analyses_reject_the_wrong_model(tmp_path):
+def test_analyses_reject_the_wrong_model(tmp_path, capsys):
     ours_checkpoint(tmp_path / "m.pt", name="mae_vit_base_patch16")
-    with pytest.raises(SystemExit, match="expected a CrossMAE"):
-        analyze.main(["iba", "--crossmae", str(tmp_path / "m.pt"), "--out", str(tmp_path)])
+    assert analyze("iba", "--crossmae", str(tmp_path / "m.pt"), "--out", str(tmp_path)) == 2
+    assert "expected a CrossMAE" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""tools/benchmark.py at a tiny size on CPU, and the FLOP counts that MFU is computed from."""
+"""crossmae benchmark at a tiny size on CPU, and the FLOP counts that MFU is computed from."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
 from torch.utils.flop_counter import FlopCounterMode
 
 import crossmae
@@ -16,7 +15,7 @@ import crossmae
 
 def run_tool(*args: str) -> list[dict]:
     res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), *args],
+        [sys.executable, "-m", "crossmae", "benchmark", *args],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
@@ -45,7 +44,7 @@ def test_step_benchmark_takes_inductor_settings_and_names_a_wrong_one():
     assert rows[0]["inductor"] == {"triton.mix_order_reduction_split_size": 64}
     assert rows[0]["memory_budget"] == 0.8
     res = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "benchmark.py"), "step", "--tiny",
+        [sys.executable, "-m", "crossmae", "benchmark", "step", "--tiny",
          "--inductor", "triton.no_such_setting=1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -73,7 +72,7 @@ def test_saved_lists_what_the_compiled_step_keeps_and_a_budget_shrinks_it():
         (["--sdpa", "efficient", "--device", "cpu"], "is a CUDA kernel"),
     ):
         res = subprocess.run(
-            [sys.executable, str(REPO / "tools" / "benchmark.py"), "saved", "--tiny", *bad],
+            [sys.executable, "-m", "crossmae", "benchmark", "saved", "--tiny", *bad],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert res.returncode != 0 and message in res.stderr

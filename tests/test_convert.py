@@ -1,25 +1,25 @@
-"""tools/convert.py: official <-> ours round trips are exact; our encoder loads strictly into
+"""crossmae convert: official <-> ours round trips are exact; our encoder loads strictly into
 timm's ViT with the same features; the MAE-release and mmseg layouts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 import timm
 import torch
-from conftest import REPO
 from test_parity import FIXTURES
 
 from crossmae.checkpoint import PRETRAIN_FORMAT, load_checkpoint, save_atomic
+from crossmae.cli import main
 from crossmae.models import VisionTransformer, create_model
 from crossmae.models.official import model_kwargs_from_official
 from seg.export import to_mmseg
 
-spec = importlib.util.spec_from_file_location("convert", REPO / "tools" / "convert.py")
-convert = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert)
+
+def convert_main(argv: list[str]) -> int:
+    return main(["convert", *argv])
+
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
             decoder_embed_dim=16, decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -43,13 +43,13 @@ def test_official_to_ours_to_official_is_exact(kind, shared_dir, tmp_path):
     torch.save({"model": data["state_dict"]}, tmp_path / "official.pth")
     settings = model_kwargs_from_official(data["model"], kind=kind)
     arch = f"{kind}_vit_base_patch16"
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in settings.items()]
+    sets = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
     argv = ["from-official", str(tmp_path / "official.pth"), str(tmp_path / "ours.pt"),
             "--arch", arch, *sets]  # fmt: skip
-    assert convert.main(argv) == 0
+    assert convert_main(argv) == 0
     ours = load_checkpoint(tmp_path / "ours.pt")
     assert ours["model_config"] == settings
-    assert convert.main(["to-official", str(tmp_path / "ours.pt"), str(tmp_path / "back.pth")]) == 0
+    assert convert_main(["to-official", str(tmp_path / "ours.pt"), str(tmp_path / "back.pth")]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert back.keys() == data["state_dict"].keys()
     assert all(torch.equal(back[k], v) for k, v in data["state_dict"].items())
@@ -60,10 +60,10 @@ def test_from_official_with_the_wrong_architecture_names_the_keys(shared_dir, tm
     data = torch.load(shared_dir / "fixtures" / FIXTURES["mae"], weights_only=True)
     torch.save({"model": data["state_dict"]}, tmp_path / "official.pth")
     settings = {**model_kwargs_from_official(data["model"], kind="mae"), "depth": 3}
-    sets = [f"--set={k}={json.dumps(v)}" for k, v in settings.items()]
+    sets = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
     argv = ["from-official", str(tmp_path / "official.pth"), str(tmp_path / "o.pt"),
             "--arch", "mae_vit_base_patch16", *sets]  # fmt: skip
-    assert convert.main(argv) == 2
+    assert convert_main(argv) == 2
     assert "blocks.2" in capsys.readouterr().err
     assert not (tmp_path / "o.pt").exists()
 
@@ -71,7 +71,7 @@ def test_from_official_with_the_wrong_architecture_names_the_keys(shared_dir, tm
 @pytest.mark.parametrize("weight_fm", [True, False])
 def test_timm_export_loads_strictly_and_gives_the_same_features(weight_fm, tmp_path):
     model = ours_checkpoint(tmp_path / "ours.pt", weight_fm=weight_fm)
-    assert convert.main(["to-timm", str(tmp_path / "ours.pt"), str(tmp_path / "timm.pth")]) == 0
+    assert convert_main(["to-timm", str(tmp_path / "ours.pt"), str(tmp_path / "timm.pth")]) == 0
     call = json.loads((tmp_path / "timm.pth.json").read_text())
     sd = torch.load(tmp_path / "timm.pth", weights_only=True)
     ref = timm.create_model(**call)
@@ -88,7 +88,7 @@ def test_timm_export_loads_strictly_and_gives_the_same_features(weight_fm, tmp_p
 def test_mae_release_and_mmseg_layouts(tmp_path):
     model = ours_checkpoint(tmp_path / "ours.pt", name="mae_vit_base_patch16")
     encoder_sd = model.encoder.state_dict()
-    assert convert.main(["to-mae", str(tmp_path / "ours.pt"), str(tmp_path / "mae.pth")]) == 0
+    assert convert_main(["to-mae", str(tmp_path / "ours.pt"), str(tmp_path / "mae.pth")]) == 0
     mae = torch.load(tmp_path / "mae.pth", weights_only=True)
     assert list(mae) == ["model"] and mae["model"].keys() == encoder_sd.keys()
     # ViTDet runs at stride 16: another patch size is resampled to it, the rest kept as it is
@@ -97,7 +97,7 @@ def test_mae_release_and_mmseg_layouts(tmp_path):
     )
     assert all(torch.equal(mae["model"][k], v) for k, v in encoder_sd.items()
                if k not in ("patch_embed.proj.weight", "pos_embed"))  # fmt: skip
-    assert convert.main(["to-mmseg", str(tmp_path / "ours.pt"), str(tmp_path / "mm.pth")]) == 0
+    assert convert_main(["to-mmseg", str(tmp_path / "ours.pt"), str(tmp_path / "mm.pth")]) == 0
     mm = torch.load(tmp_path / "mm.pth", weights_only=True)
     expected = to_mmseg(encoder_sd)
     assert mm.keys() == expected.keys() and all(torch.equal(mm[k], expected[k]) for k in mm)

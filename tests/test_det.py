@@ -188,7 +188,10 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
         assert set(result["metrics"][kind]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (tmp_path / "run" / "results.json").is_file()
     # the standalone evaluation of the trained checkpoint gives the same numbers
-    from det.__main__ import main
+    from crossmae.cli import main as cli
+
+    def main(argv):
+        return cli(["det", *argv])
 
     ckpt = tmp_path / "run" / "checkpoint-last.pt"
     out = tmp_path / "res.json"
@@ -199,7 +202,7 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
     assert json.dumps(printed) == json.dumps(result["metrics"])  # NaN where AP is undefined
     assert out.is_file()
     # the detectron2 export: the MAE release layout, which our backbone (like detectron2's) loads
-    assert main(["export-d2", str(tmp_path / "enc.pt"), str(tmp_path / "d2.pth")]) == 0
+    assert cli(["convert", "to-mae", str(tmp_path / "enc.pt"), str(tmp_path / "d2.pth")]) == 0
     exported = torch.load(tmp_path / "d2.pth", weights_only=True)["model"]
     assert set(exported) == set(model.encoder.state_dict())
     ViTDetBackbone(img_size=64, pretrain_img_size=32, window=2, **TINY_VIT).load_pretrained(
@@ -251,13 +254,16 @@ def test_export_d2_of_vit_huge_has_the_shapes_detectron2s_h_config_loads(tmp_pat
     """detectron2's mask_rcnn_vitdet_h_75ep.py builds ViT(embed 1280, patch 16,
     pretrain_img_size 224) and loads mae_pretrain_vit_huge_p14to16.pth: a 16-px kernel and a
     14 x 14 (+ cls) position table. Our ViT-H/14 export must have exactly those shapes."""
+    from crossmae.cli import main as cli
     from crossmae.models import create_model
-    from det.__main__ import main
+
+    def main(argv):
+        return cli(["det", *argv])
 
     torch.manual_seed(0)
     model = create_model("mae_vit_huge_patch14", depth=1, decoder_depth=1)  # H widths, 1 block
     save_atomic(encoder_export(model, model_name="mae_vit_huge_patch14"), tmp_path / "h.pt")
-    assert main(["export-d2", str(tmp_path / "h.pt"), str(tmp_path / "h_d2.pth")]) == 0
+    assert cli(["convert", "to-mae", str(tmp_path / "h.pt"), str(tmp_path / "h_d2.pth")]) == 0
     sd = torch.load(tmp_path / "h_d2.pth", weights_only=True)["model"]
     assert sd["patch_embed.proj.weight"].shape == (1280, 3, 16, 16)
     assert sd["pos_embed"].shape == (1, 1 + 14 * 14, 1280)

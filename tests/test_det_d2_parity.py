@@ -235,7 +235,11 @@ def test_d2_import_then_evaluate_commands(d2, shared_dir, tmp_path, capsys):
     on a COCO json (the fixture's two coco128 images, categories folded to its classes)."""
     import json
 
-    from det.__main__ import main
+    from crossmae.cli import main as cli
+
+    def main(argv):
+
+        return cli(["det", *argv])
 
     k = d2["config"]["roi_heads"]["num_classes"]
     coco = shared_dir / "data" / "coco128"

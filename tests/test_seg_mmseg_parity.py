@@ -213,8 +213,11 @@ def test_mmseg_export_has_the_backbone_keys_mmseg_loads(mm, tmp_path):
     """The pretrained file: exactly the fixture backbone's keys without the ``backbone.`` prefix
     and at their shapes, less only the relative-position tables and layer scales (which an MAE
     encoder does not have)."""
+    from crossmae.cli import main as cli
     from crossmae.models import create_model
-    from seg.__main__ import main
+
+    def main(argv):
+        return cli(["seg", *argv])
 
     c = mm["config"]
     torch.manual_seed(0)
@@ -222,7 +225,7 @@ def test_mmseg_export_has_the_backbone_keys_mmseg_loads(mm, tmp_path):
                        embed_dim=c["embed"], depth=c["depth"], num_heads=c["heads"],
                        decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
     save_atomic(encoder_export(enc, model_name="mae_vit_base_patch16"), tmp_path / "enc.pt")
-    assert main(["export-mmseg", str(tmp_path / "enc.pt"), str(tmp_path / "mm.pth")]) == 0
+    assert cli(["convert", "to-mmseg", str(tmp_path / "enc.pt"), str(tmp_path / "mm.pth")]) == 0
     out = torch.load(tmp_path / "mm.pth", weights_only=True)
     backbone = {k.removeprefix("backbone."): v.shape for k, v in mm["state_dict"].items()
                 if k.startswith("backbone.")}  # fmt: skip
@@ -238,7 +241,11 @@ def test_mmseg_import_then_evaluate_commands(mm, shared_dir, tmp_path, capsys):
     the ADE20K samples (classes beyond the model's count ignored, as in the fixture's label)."""
     import json
 
-    from seg.__main__ import main
+    from crossmae.cli import main as cli
+
+    def main(argv):
+
+        return cli(["seg", *argv])
 
     c = mm["config"]
     torch.save({"meta": {}, "state_dict": mm["state_dict"]}, tmp_path / "mmseg.pth")

@@ -26,7 +26,7 @@ export PYTHONPATH=$PWD:$PWD/.device_data/site PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_out}
 BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
-B=(python3 tools/benchmark.py step --batch 256 --steps 30 --warmup 5 --out "$OUT/step.jsonl")
+B=(crossmae benchmark step --batch 256 --steps 30 --warmup 5 --out "$OUT/step.jsonl")
 BASE=(--models crossmae_vit_base_patch16 --pred-ratios 0.25)
 stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than SECONDS
   local limit=$1
@@ -96,7 +96,7 @@ if [[ ${1:-} == next ]]; then  # prepared for the next GPU session, 8 minutes of
     stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa efficient --input float
     # what the compiled step keeps for backward, cut with CUDA's autocast (to compare with the
     # CPU cut in docs/results.md, fourth session), at the default budget and at 0.9
-    stage 60 python3 tools/benchmark.py saved "${BASE[@]}" --sdpa efficient --batch 256 \
+    stage 60 crossmae benchmark saved "${BASE[@]}" --sdpa efficient --batch 256 \
       --memory-budget 1.0 0.9 --top 25 | tee "$OUT/saved.txt"
     # memory for speed: recompute GELUs, LayerNorms, casts and the residual stream in backward
     # (Inductor's CPU cut keeps 4.43 GiB instead of 7.55; any budget in 0.8-0.99 cuts the same)
@@ -147,7 +147,7 @@ torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device
   stage 120 python3 -m pytest -q -m gpu tests/test_fast_path.py tests/test_gpu.py \
     tests/test_train.py -p no:cacheprovider
   # attention backends at the step's shapes; the full step with the fastest for CrossMAE's shapes
-  stage 40 python3 tools/benchmark.py attention --batch 256 | tee "$OUT/attention.jsonl"
+  stage 40 crossmae benchmark attention --batch 256 | tee "$OUT/attention.jsonl"
   best=$(python3 - "$OUT/attention.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if '"fwd_bwd_ms"' in l]
@@ -163,7 +163,7 @@ EOF
   stage 100 "${B[@]}" "${BASE[@]}" --modes graphed --sdpa "$best"
   stage 100 "${B[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.75 --modes graphed
   stage 100 "${B[@]}" "${BASE[@]}" --modes compiled --compile-mode reduce-overhead
-  stage 60 python3 tools/benchmark.py data --folder .device_data/imagenette_train \
+  stage 60 crossmae benchmark data --folder .device_data/imagenette_train \
     --images 1000 --batch 128
   stage 60 "${B[@]}" "${BASE[@]}" --modes compiled --profile "$OUT/profile.txt"
   echo "## done at $SECONDS s"

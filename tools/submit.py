@@ -24,13 +24,7 @@ from pathlib import Path
 
 import submitit
 
-TASKS = {  # --task -> (module whose main(argv) runs it, its sub-command)
-    "crossmae pretrain": ("crossmae.cli", "pretrain"),
-    "cls linprobe": ("cls.__main__", "linprobe"),
-    "cls finetune": ("cls.__main__", "finetune"),
-    "det train": ("det.__main__", "train"),
-    "seg train": ("seg.__main__", "train"),
-}
+TASKS = ("crossmae pretrain", "cls linprobe", "cls finetune", "det train", "seg train")
 
 
 class Task(submitit.helpers.Checkpointable):
@@ -41,19 +35,18 @@ class Task(submitit.helpers.Checkpointable):
         self.task, self.argv = task, argv
 
     def __call__(self) -> int:
-        import importlib
+        from crossmae.cli import main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        module, command = TASKS[self.task]
-        main = importlib.import_module(module).main
-        return main([command, *self.argv, "--resume", "auto"])
+        command = self.task.removeprefix("crossmae ").split()  # crossmae <command> [<action>]
+        return main([*command, *self.argv, "--resume", "auto"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--task", choices=sorted(TASKS), default="crossmae pretrain")
+    parser.add_argument("--task", choices=TASKS, default="crossmae pretrain")
     parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)

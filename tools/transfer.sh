@@ -124,8 +124,9 @@ launch() {  # launch "MODULE COMMAND" ARGS...: one stage on every process of eve
     $PY tools/submit.py --task "$task" --wait --nodes "${NNODES:-1}" --gpus-per-node "$NPROC" \
       ${SLURM_ARGS:-} "$@"
   else
+    # shellcheck disable=SC2086  # $task: the command and its action, two words
     $PY -m torch.distributed.run "${TORCHRUN[@]}" --nproc-per-node "$NPROC" \
-      -m "${task%% *}" "${task#* }" "$@" --resume auto
+      -m crossmae $task "$@" --resume auto
   fi
 }
 

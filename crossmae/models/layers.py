@@ -26,7 +26,7 @@ SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "efficient": "EFFICIE
 def sdpa_backend(name: str) -> contextlib.AbstractContextManager:
     """A context restricting ``F.scaled_dot_product_attention`` to one backend of
     ``SDPA_BACKENDS``. At ViT-B's short sequences the fastest differs by shape and card
-    (``tools/benchmark.py attention``)."""
+    (``crossmae benchmark attention``)."""
     if name not in SDPA_BACKENDS:
         raise ValueError(f"attention backend must be one of {sorted(SDPA_BACKENDS)}, got {name!r}")
     if SDPA_BACKENDS[name] is None:

@@ -2,18 +2,18 @@
 detectron2's ViTDet and mmsegmentation.
 
     # official release (the whole model, {"model": state_dict}) -> our pretraining checkpoint
-    python tools/convert.py from-official crossmae_b.pth ours.pt --arch crossmae_vit_base_patch16
-    python tools/convert.py from-official mae_visualize_vit_large.pth ours.pt \\
-        --arch mae_vit_large_patch16 --set norm_pix_loss=false   # constructor settings
+    crossmae convert from-official crossmae_b.pth ours.pt --arch crossmae_vit_base_patch16
+    crossmae convert from-official mae_visualize_vit_large.pth ours.pt \\
+        --arch mae_vit_large_patch16 norm_pix_loss=false   # constructor settings
     # our pretraining checkpoint -> official layout (whole model)
-    python tools/convert.py to-official runs/crossmae_b/checkpoint-last.pt official.pth
+    crossmae convert to-official runs/crossmae_b/checkpoint-last.pt official.pth
     # encoder only, the MAE release format: what detectron2's ViTDet loads (train.init_checkpoint;
     # ViT-H/14 resampled to patch 16 as its H config expects)
-    python tools/convert.py to-mae runs/crossmae_b/checkpoint-last.pt mae_format.pth
+    crossmae convert to-mae runs/crossmae_b/checkpoint-last.pt mae_format.pth
     # timm VisionTransformer state dict (+ OUT.json: the timm.create_model call that loads it)
-    python tools/convert.py to-timm runs/crossmae_b/checkpoint-last.pt vit_b_timm.pth
+    crossmae convert to-timm runs/crossmae_b/checkpoint-last.pt vit_b_timm.pth
     # mmsegmentation's MAE backbone layout (see seg/export.py)
-    python tools/convert.py to-mmseg runs/crossmae_b/checkpoint-last.pt mmseg.pth
+    crossmae convert to-mmseg runs/crossmae_b/checkpoint-last.pt mmseg.pth
 
 Inputs of to-*: our pretraining checkpoint, an encoder export (encoder.pt) or, with
 --official-arch, an official release. Every load is strict: a missing or unexpected key is an
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -37,7 +36,6 @@ from crossmae.checkpoint import (
     save_atomic,
     write_text_atomic,
 )
-from crossmae.cli import run_command
 from crossmae.config import parse_settings
 from crossmae.models import create_model
 from crossmae.models.official import official_to_ours, to_official
@@ -53,7 +51,7 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
     ckpt = torch.load(src, map_location="cpu", weights_only=True)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
-        raise SystemExit(f"{src}: not an official checkpoint ({{'model': state_dict}})")
+        raise ValueError(f"{src}: not an official checkpoint ({{'model': state_dict}})")
     kind = arch.split("_")[0]
     model = create_model(arch, **settings)
     ours = official_to_ours(state, kind=kind)
@@ -71,7 +69,7 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
 
 
 def cmd_from_official(args) -> int:
-    out = from_official_file(args.src, args.arch, parse_settings(args.settings))
+    out = from_official_file(args.src, args.arch, parse_settings(args.overrides))
     save_atomic(out, args.dest)
     print(f"wrote {args.dest}: {args.arch}, {len(out['model'])} tensors (our layout)")
     return 0
@@ -80,7 +78,7 @@ def cmd_from_official(args) -> int:
 def cmd_to_official(args) -> int:
     ckpt = load_checkpoint(args.src)
     if ckpt.get("format") != PRETRAIN_FORMAT:
-        raise SystemExit(f"{args.src}: to-official needs a whole-model pretraining checkpoint")
+        raise ValueError(f"{args.src}: to-official needs a whole-model pretraining checkpoint")
     kind = ckpt["model_name"].split("_")[0]
     save_atomic({"model": to_official(ckpt["model"], kind=kind)}, args.dest)
     print(f"wrote {args.dest}: official {kind} layout")
@@ -100,7 +98,7 @@ def cmd_to_mae(args) -> int:
 def timm_kwargs(config: dict) -> dict:
     """Our encoder's constructor settings -> timm ``VisionTransformer`` keyword arguments."""
     if abs(config["norm_eps"] - 1e-6) > 1e-12:
-        raise SystemExit(
+        raise ValueError(
             f"timm's ViT uses LayerNorm eps 1e-6; this encoder uses {config['norm_eps']}"
         )
     keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
@@ -131,27 +129,23 @@ def cmd_to_mmseg(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(commands) -> None:
+    """``crossmae convert <conversion> SRC DEST``."""
+    group = commands.add_parser("convert", help="checkpoint converters (official, MAE, timm, "
+                                "mmseg, detectron2)", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    group.set_defaults(errors=(RuntimeError,))  # + torch's load_state_dict
+    sub = group.add_subparsers(dest="action", required=True)
     p = sub.add_parser("from-official", help="official whole-model checkpoint -> ours")
     p.add_argument("src")
     p.add_argument("dest")
     p.add_argument("--arch", required=True, help="registered model, e.g. mae_vit_base_patch16")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a constructor setting of --arch (repeatable), e.g. --set decoder_depth=12",
-    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="constructor settings of --arch, e.g. decoder_depth=12")  # fmt: skip
     p.set_defaults(func=cmd_from_official)
     for name, func, help_ in (
         ("to-official", cmd_to_official, "ours -> the official whole-model layout"),
-        ("to-mae", cmd_to_mae, "encoder -> MAE release format (detectron2 ViTDet)"),
+        ("to-mae", cmd_to_mae, "encoder -> MAE release format (what detectron2's ViTDet loads)"),
         ("to-timm", cmd_to_timm, "encoder -> timm VisionTransformer state dict"),
         ("to-mmseg", cmd_to_mmseg, "encoder -> mmsegmentation MAE backbone"),
     ):
@@ -161,9 +155,3 @@ def main(argv: list[str] | None = None) -> int:
         if name != "to-official":
             p.add_argument("--official-arch", default=None, help="for an official release input")
         p.set_defaults(func=func)
-    args = parser.parse_args(argv)
-    return run_command("convert", args, extra=(RuntimeError,))  # + torch's load_state_dict
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,22 +1,21 @@
 """The paper's analyses of pretrained models, one command each, writing PNG and JSON to --out.
 
     # Fig. 2: original | masked | MAE | CrossMAE (γ as trained) | CrossMAE decoding all masked
-    python tools/analyze.py recon --crossmae runs/c/checkpoint-last.pt \\
+    crossmae analyze recon --crossmae runs/c/checkpoint-last.pt \\
         --mae runs/m/checkpoint-last.pt --images ../shared/data/imagenette/val --out figs
     # App. D / Fig. 5a-b: each decoder block's term of the CrossMAE prediction
-    python tools/analyze.py blocks --crossmae runs/c/checkpoint-last.pt --images DIR --out figs
+    crossmae analyze blocks --crossmae runs/c/checkpoint-last.pt --images DIR --out figs
     # Fig. 5c: inter-block attention weights
-    python tools/analyze.py iba --crossmae runs/c/checkpoint-last.pt --out figs
+    crossmae analyze iba --crossmae runs/c/checkpoint-last.pt --out figs
     # Fig. 1b / Table 6: MAE decoder attention of mask tokens to visible vs mask tokens
-    python tools/analyze.py attention --mae runs/m/checkpoint-last.pt --images DIR --out figs
-    # Table 13: masked-patch PSNR over a dataset, for each checkpoint given
-    python tools/analyze.py psnr --crossmae ... --mae ... --images DIR --out figs
+    crossmae analyze attention --mae runs/m/checkpoint-last.pt --images DIR --out figs
     # Fig. 7: decoder and total FLOPs (fvcore, cross-checked with torch.utils.flop_counter)
-    python tools/analyze.py flops --models crossmae_vit_base_patch16 mae_vit_base_patch16 --out figs
-    python tools/analyze.py flops --models crossmae_vit_base_patch16 --set decoder_depth=4 \\
+    crossmae analyze flops --models crossmae_vit_base_patch16 mae_vit_base_patch16 --out figs
+    crossmae analyze flops --models crossmae_vit_base_patch16 decoder_depth=4 \\
         --out figs
 
-Training-step runtime and memory (Tables 4, 18): tools/benchmark.py step.
+Training-step runtime and memory (Tables 4, 18): crossmae benchmark step. Masked-patch PSNR
+(Table 13): crossmae psnr.
 --images is an image folder (ImageFolder or flat); without it, scikit-image's bundled photos.
 Masks are drawn from --seed, and MAE and CrossMAE see the same masks.
 """
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -36,14 +34,14 @@ from crossmae.config import parse_settings
 from crossmae.data import BuiltinPhotos, EvalTransform, ImageFiles, denormalize
 from crossmae.models import MAE, CrossMAE, create_model
 from crossmae.models.masking import normalize_patches, patchify, unpatchify
-from crossmae.reconstruction import folder_reconstruction_metrics, masked_psnr, reconstruct
+from crossmae.reconstruction import masked_psnr, reconstruct
 from crossmae.visualize import _pyplot
 
 
 def load_model(path: str, kind: type) -> torch.nn.Module:
     model = model_from_checkpoint(load_checkpoint(path)).eval()
     if not isinstance(model, kind):
-        raise SystemExit(f"{path} holds a {type(model).__name__}, expected a {kind.__name__}")
+        raise ValueError(f"{path} holds a {type(model).__name__}, expected a {kind.__name__}")
     return model
 
 
@@ -87,10 +85,11 @@ def show(ax, img: torch.Tensor, title: str | None = None) -> None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_recon(args) -> int:
+    """Fig. 2: reconstructions of MAE and CrossMAE side by side."""
     cross = load_model(args.crossmae, CrossMAE)
     mae = load_model(args.mae, MAE) if args.mae else None
     if mae is not None and (mae.grid_size, mae.patch_size) != (cross.grid_size, cross.patch_size):
-        raise SystemExit("MAE and CrossMAE must share the image size and patch size")
+        raise ValueError("MAE and CrossMAE must share the image size and patch size")
     imgs = load_images(args.images, args.n, cross.grid_size[0] * cross.patch_size)
     ids = masks(cross, len(imgs), args.seed)
     with torch.no_grad():
@@ -122,6 +121,7 @@ def cmd_recon(args) -> int:
 
 
 def cmd_blocks(args) -> int:
+    """App. D / Fig. 5a-b: each decoder block's term of the prediction."""
     model = load_model(args.crossmae, CrossMAE)
     imgs = load_images(args.images, args.n, model.grid_size[0] * model.patch_size)
     ids = masks(model, len(imgs), args.seed)
@@ -178,6 +178,7 @@ def cmd_blocks(args) -> int:
 
 
 def cmd_iba(args) -> int:
+    """Fig. 5c: inter-block attention weights."""
     model = load_model(args.crossmae, CrossMAE)
     w = iba_weights(model)  # (decoder blocks, maps)
     names = (["input"] if model.use_input else []) + [f"enc {i + 1}" for i in model.fm_blocks]
@@ -198,6 +199,7 @@ def cmd_iba(args) -> int:
 
 
 def cmd_attention(args) -> int:
+    """Fig. 1b / Table 6: MAE decoder attention to visible vs mask tokens."""
     model = load_model(args.mae, MAE)
     imgs = load_images(args.images, args.n, model.grid_size[0] * model.patch_size)
     res = mae_attention_mass(model, imgs, masks(model, len(imgs), args.seed))
@@ -223,29 +225,9 @@ def cmd_attention(args) -> int:
     return 0
 
 
-def cmd_psnr(args) -> int:
-    if not args.images:
-        raise SystemExit("psnr needs --images (a folder)")
-    runs = []
-    if args.crossmae:
-        cross = load_model(args.crossmae, CrossMAE)
-        runs += [("CrossMAE", args.crossmae, cross, None), ("CrossMAE, all masked", args.crossmae,
-                 cross, cross.mask_ratio)]  # fmt: skip
-    if args.mae:
-        runs.append(("MAE", args.mae, load_model(args.mae, MAE), None))
-    if not runs:
-        raise SystemExit("give --crossmae and/or --mae")
-    rows = {}
-    for name, path, model, ratio in runs:
-        rows[name] = {"checkpoint": path, **folder_reconstruction_metrics(
-            model, args.images, images=args.n, batch_size=64, seed=args.seed, pred_ratio=ratio,
-            device="cpu")}  # fmt: skip
-        print(f"{name:22s} PSNR {rows[name]['psnr']:.2f} dB  loss {rows[name]['loss']:.4f}")
-    write_json(args.out, "psnr.json", {"images": args.images, "seed": args.seed, "runs": rows})
-    return 0
-
-
 def cmd_flops(args) -> int:
+    """Fig. 7: decoder and total FLOPs per image."""
+    args.settings = parse_settings(args.overrides)
     rows = []
     for name in args.models:
         ratios = args.pred_ratios if name.startswith("crossmae") else [None]
@@ -260,44 +242,38 @@ def cmd_flops(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = {"recon": cmd_recon, "blocks": cmd_blocks, "iba": cmd_iba,
-                "attention": cmd_attention, "psnr": cmd_psnr, "flops": cmd_flops}  # fmt: skip
-    for name, func in commands.items():
-        p = sub.add_parser(name)
+def register(commands) -> None:
+    """``crossmae analyze <analysis> ...``."""
+    group = commands.add_parser("analyze", help="the paper's analyses of pretrained models",
+                                description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = group.add_subparsers(dest="action", required=True)
+    analyses = {"recon": cmd_recon, "blocks": cmd_blocks, "iba": cmd_iba,
+                "attention": cmd_attention, "flops": cmd_flops}  # fmt: skip
+    for name, func in analyses.items():
+        p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0])
         p.add_argument("--out", type=Path, required=True, help="folder for the PNG / JSON")
-        p.set_defaults(func=func)
+        p.set_defaults(func=_in_out_folder(func))
         if name == "flops":
             p.add_argument("--models", nargs="+", default=["crossmae_vit_base_patch16",
                                                            "mae_vit_base_patch16"])  # fmt: skip
             p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
-            p.add_argument(
-                "--set",
-                dest="settings",
-                action="append",
-                default=[],
-                metavar="KEY=VALUE",
-                help="a constructor setting for every model, e.g. --set decoder_depth=4",
-            )
+            p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                           help="constructor settings, e.g. decoder_depth=4")  # fmt: skip
             continue
-        if name in ("recon", "blocks", "iba", "psnr"):
-            p.add_argument("--crossmae", required=name != "psnr", help="CrossMAE checkpoint")
-        if name in ("recon", "attention", "psnr"):
+        if name in ("recon", "blocks", "iba"):
+            p.add_argument("--crossmae", required=True, help="CrossMAE checkpoint")
+        if name in ("recon", "attention"):
             p.add_argument("--mae", required=name == "attention", help="MAE checkpoint")
         if name != "iba":
             p.add_argument("--images", default=None, help="image folder (default: bundled photos)")
-            p.add_argument("-n", type=int, default=6 if name != "psnr" else 1000, help="images")
+            p.add_argument("-n", type=int, default=6, help="images")
             p.add_argument("--seed", type=int, default=0, help="fixes the masks")
-    args = parser.parse_args(argv)
-    if args.command == "flops":
-        args.settings = parse_settings(args.settings)
-    args.out.mkdir(parents=True, exist_ok=True)
-    return args.func(args)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _in_out_folder(func):
+    def run(args) -> int:
+        args.out.mkdir(parents=True, exist_ok=True)
+        return func(args)
+
+    return run

@@ -2,20 +2,20 @@
 pipeline (decoded + augmented images per second).
 
     # training step, real sizes, on a GPU (one JSON line per run, then a table)
-    python tools/benchmark.py step --models crossmae_vit_base_patch16 mae_vit_base_patch16 \
+    crossmae benchmark step --models crossmae_vit_base_patch16 mae_vit_base_patch16 \
         --pred-ratios 0.25 0.75 --batch 256 --modes eager compiled
     # forward + backward replayed as one CUDA graph (what train.cuda_graph=true runs), compiled
-    python tools/benchmark.py step --models crossmae_vit_base_patch16 --pred-ratios 0.25 \
+    crossmae benchmark step --models crossmae_vit_base_patch16 --pred-ratios 0.25 \
         --modes graphed
     # attention kernels (fwd + bwd) at the encoder's and decoder's shapes, per SDPA backend
-    python tools/benchmark.py attention --batch 256
+    crossmae benchmark attention --batch 256
     # the same at a tiny size on CPU (what CI runs)
-    python tools/benchmark.py step --tiny --batch 8 --steps 3 --warmup 1
+    crossmae benchmark step --tiny --batch 8 --steps 3 --warmup 1
     # what the compiled step keeps for backward, at any size, on CPU, without running it
-    python tools/benchmark.py saved --models crossmae_vit_base_patch16 --batch 256 \
+    crossmae benchmark saved --models crossmae_vit_base_patch16 --batch 256 \
         --memory-budget 1.0 0.9
     # image pipeline: CPU decode + RandomResizedCrop per worker, and the GPU decode path
-    python tools/benchmark.py data --folder ../shared/data/imagenette/train --images 300
+    crossmae benchmark data --folder ../shared/data/imagenette/train --images 300
 
 Synthetic images and masks live on the device before timing starts (the images as uint8 pixels,
 normalised inside the step as in pretraining; ``--input float``: normalised fp32 images, the
@@ -37,16 +37,14 @@ import contextlib
 import gc
 import itertools
 import json
-import sys
 import time
-from unittest import mock
 
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from crossmae import create_model
-from crossmae.cuda_graph import GraphedStep
+from crossmae.engine import Engine
 from crossmae.models import CrossMAE
 from crossmae.models.layers import (
     SDPA_BACKENDS,
@@ -54,6 +52,7 @@ from crossmae.models.layers import (
     sdpa_device_problem,
     set_attention_backend,
 )
+from crossmae.train import pretrain_losses
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -139,18 +138,11 @@ def compile_settings(args, budget: float) -> contextlib.ExitStack:
     return stack
 
 
-def first_step(loss_of, opt, imgs: torch.Tensor, ids: torch.Tensor) -> None:
-    """One step, so that the optimizer's state exists; like ``step_flops``, nothing of its
-    autograd graph outlives the call."""
-    loss_of(imgs, ids).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
 def bench_step(
     name: str, pred_ratio: float | None, mode: str, budget: float, args, device: torch.device
 ) -> dict:
-    """Time forward + backward + AdamW of one model configuration."""
+    """Time the training engine's own step (forward + backward + AdamW, bf16 autocast, the
+    non-finite check) on one model configuration."""
     model = build(name, pred_ratio, args, device)
     opt = torch.optim.AdamW(
         model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda"
@@ -159,39 +151,26 @@ def bench_step(
     imgs = synthetic_images(args, size, device)
     masks = [model.mask_sampler(args.batch, device) for _ in range(4)]
     if mode == "graphed" and device.type != "cuda":
-        raise SystemExit("--modes graphed needs a CUDA device")
-    fwd = model if mode == "eager" else torch.compile(model, mode=args.compile_mode)
-
-    def loss_of(imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=mode != "graphed"):
-            return fwd(imgs, ids_shuffle=ids_shuffle, with_pred=False)["loss"]
-
-    graphed = None
-
-    def step(i: int) -> torch.Tensor:
-        if graphed is not None:
-            loss = graphed(imgs=imgs, ids_shuffle=masks[i % len(masks)])
-        else:
-            loss = loss_of(imgs, masks[i % len(masks)])
-            loss.backward()
-        opt.step()
-        if graphed is None:
-            opt.zero_grad(set_to_none=True)
-        return loss
-
+        raise ValueError("--modes graphed needs a CUDA device")
     flops_per_img = step_flops(model, imgs, masks[0]) / args.batch
     opt.zero_grad(set_to_none=True)
+    # the graph's input buffer is imgs itself (the loop copies each prefetched batch into it)
+    batches = itertools.cycle([{"imgs": imgs, "ids_shuffle": m.clone()} for m in masks])
+    engine = Engine(model, opt, out=".", device=device, sampler=None, loader=None,
+                    steps=args.warmup + args.steps, lr_at=lambda s: 1e-4, inputs=dict,
+                    losses=pretrain_losses(budget), batch_size=args.batch, precision="bf16",
+                    log_every=10**9, cuda_graph=mode == "graphed",
+                    compile=args.compile_mode if mode != "eager" else False)  # fmt: skip
+    engine.prepare()
 
-    if mode == "graphed":
-        # the peak is taken over the capture too: what the graph's private pool allocates then
-        # counts as allocated, and between replays it does not. AdamW's state is made first (one
-        # step), so that peak holds everything the step needs at once
-        first_step(loss_of, opt, imgs, masks[0])
-        sync(device)
+    def step(i: int) -> None:
+        engine.train_step(batches)
+
+    if device.type == "cuda":
+        # graphed: the peak is taken over the capture too (the first step captures, before
+        # AdamW's state exists, as in training): what the graph's private pool allocates then
+        # counts as allocated, and between replays it does not
         torch.cuda.reset_peak_memory_stats(device)
-        # imgs becomes the graph's input buffer and is passed as such (nothing copied; the
-        # training loop copies each prefetched batch into it); masks are copied
-        graphed = GraphedStep(loss_of, model.parameters(), imgs=imgs, ids_shuffle=masks[0].clone())
     for i in range(args.warmup):
         step(i)
     sync(device)
@@ -199,7 +178,7 @@ def bench_step(
         torch.cuda.reset_peak_memory_stats(device)
     t = time.perf_counter()
     for i in range(args.steps):
-        loss = step(i)
+        step(i)
     sync(device)
     dt = (time.perf_counter() - t) / args.steps
     if args.profile:
@@ -228,7 +207,7 @@ def bench_step(
         if device.type == "cuda"
         else None,
         "gflop_per_img": flops_per_img / 1e9,
-        "loss": float(loss.detach()),
+        "loss": float(engine.last_parts["loss"]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
@@ -310,22 +289,28 @@ def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
     The step compiles as one graph (``tests/test_fast_path.py``). On CPU, autocast keeps some ops
     in bf16 that CUDA's runs in fp32 (the model's LayerNorms are fp32 on both), so a CPU cut can
     still differ from the CUDA one in detail."""
-    import torch._inductor.compile_fx as compile_fx
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    cut = getattr(compile_fx, "min_cut_rematerialization_partition", None)
-    if cut is None:  # Inductor's partition_fn calls the partitioner by this module-level name
-        raise RuntimeError(
-            f"torch {torch.__version__}: Inductor's partitioner is not where saved_for_backward "
-            "intercepts it (torch._inductor.compile_fx.min_cut_rematerialization_partition)"
-        )
     found = {}
 
     def nbytes(v: torch.Tensor) -> int:
         return v.untyped_storage().nbytes()
 
-    def partition(joint, joint_inputs, *, num_fwd_outputs, **kw):
-        fw, _ = cut(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kw)
+    class Recorder(CustomPartitionerFn):
+        """Inductor's own partitioner, then a record of the cut and a stop (Inductor's hook for
+        replacing the partitioner: its config's ``custom_partitioner_fn``)."""
+
+        def __call__(self, joint, joint_inputs, **kw):
+            fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kw)
+            record(joint, joint_inputs, fw, bw, num_fwd_outputs=kw["num_fwd_outputs"])
+            raise _Partitioned
+
+        def uuid(self):
+            return None  # never cached
+
+    def record(joint, joint_inputs, fw, bw, *, num_fwd_outputs: int) -> None:
         (outputs,) = next(n for n in fw.graph.nodes if n.op == "output").args
         values = [n.meta.get("val") for n in outputs]
         found["output_bytes"] = sum(
@@ -344,13 +329,11 @@ def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
                           "producer": producer(node)})  # fmt: skip
             seen.add(storage)
         found["saved"] = saved
-        raise _Partitioned
 
     torch._dynamo.reset()
     try:
         with (
-            mock.patch.object(compile_fx, "min_cut_rematerialization_partition", partition),
-            torch._inductor.config.patch(fx_graph_cache=False),
+            torch._inductor.config.patch(fx_graph_cache=False, custom_partitioner_fn=Recorder()),
             functorch_config.patch(enable_autograd_cache=False),
             torch.autocast(imgs.device.type, dtype=torch.bfloat16, cache_enabled=False),
         ):
@@ -363,7 +346,7 @@ def saved_for_backward(model, imgs: torch.Tensor, ids: torch.Tensor) -> dict:
     if "saved" not in found:
         raise RuntimeError(
             "the compiled forward was never partitioned: no parameter needs grad, or this torch's "
-            "Inductor does not call compile_fx.min_cut_rematerialization_partition"
+            "Inductor does not call its config's custom_partitioner_fn"
         )
     return found
 
@@ -374,7 +357,7 @@ def model_device(args) -> torch.device:
     (read into ``args.inductor_settings``), before any row runs."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if problem := sdpa_device_problem(args.sdpa, device.type):
-        raise SystemExit(f"--sdpa {problem}")
+        raise ValueError(f"--sdpa {problem}")
     args.inductor_settings = inductor_settings(args.inductor)
     return device
 
@@ -430,16 +413,16 @@ def inductor_settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--inductor takes KEY=VALUE, got {pair!r}")
+            raise ValueError(f"--inductor takes KEY=VALUE, got {pair!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"--inductor {key}: {value!r} is not a Python literal") from None
+            raise ValueError(f"--inductor {key}: {value!r} is not a Python literal") from None
     try:
         with inductor_config.patch(out):
             pass
     except AttributeError as e:
-        raise SystemExit(f"--inductor: {e}") from None
+        raise ValueError(f"--inductor: {e}") from None
     return out
 
 
@@ -628,11 +611,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(commands) -> None:
+    """``crossmae benchmark step|saved|attention|data``."""
+    group = commands.add_parser("benchmark", help="training-step, attention and data-pipeline "
+                                "speed", description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    sub = group.add_subparsers(dest="action", required=True)
     p = sub.add_parser("step", help="training-step throughput")
     add_model_args(p)
     p.add_argument(
@@ -671,9 +655,3 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--no-gpu", action="store_true")
     p.set_defaults(func=cmd_data)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

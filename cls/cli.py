@@ -1,0 +1,47 @@
+"""``crossmae cls frozen|linprobe|finetune --config FILE key=value ...``: kNN + fast linear
+probe of a frozen encoder, the paper's linear probe, or end-to-end finetuning."""
+
+from __future__ import annotations
+
+import json
+
+from crossmae.config import load_config
+
+
+def register(commands) -> None:
+    """``crossmae cls frozen|linprobe|finetune``."""
+    group = commands.add_parser("cls", help="classification transfer: kNN + fast probe, the "
+                                "linear probe, finetuning", description=__doc__)  # fmt: skip
+    sub = group.add_subparsers(dest="action", required=True)
+    p = sub.add_parser("frozen", help="kNN and fast linear probe of a frozen encoder")
+    p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_frozen)
+    for name, what in (
+        ("finetune", "end-to-end finetuning (MAE / CrossMAE recipe)"),
+        ("linprobe", "the paper's linear probe (frozen encoder, LARS)"),
+    ):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+        p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        p.set_defaults(func=_train)
+
+
+def _frozen(args) -> int:
+    from .config import FrozenEvalConfig
+    from .frozen import evaluate_frozen
+
+    result = evaluate_frozen(load_config(FrozenEvalConfig, args.config, args.overrides))
+    print(json.dumps({k: v for k, v in result.items() if k != "config"}))
+    return 0
+
+
+def _train(args) -> int:
+    from .config import FinetuneConfig, LinprobeConfig
+    from .finetune import finetune
+
+    schema = LinprobeConfig if args.action == "linprobe" else FinetuneConfig
+    result = finetune(load_config(schema, args.config, args.overrides), resume=args.resume)
+    print(json.dumps(result))
+    return 1 if result["interrupted"] else 0

@@ -1,0 +1,1 @@
+"""The ``crossmae convert``, ``crossmae analyze`` and ``crossmae benchmark`` commands."""
