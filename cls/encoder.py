@@ -1,4 +1,4 @@
-"""Pretrained encoders (``crossmae.checkpoint.load_pretrained_encoder``: our pretraining
+"""Pretrained encoders (``crossmae.models.pretrained.load_pretrained_encoder``: our pretraining
 checkpoints, our encoder-only exports, or official MAE / CrossMAE releases) into a ViT
 classifier at any input size.
 

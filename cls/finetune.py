@@ -29,13 +29,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from crossmae import distributed as du
-from crossmae.checkpoint import load_pretrained_encoder, seed_all
+from crossmae.checkpoint import seed_all
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import Labelled, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
 from crossmae.engine import Hooks, finish_task, open_run, task_engine, task_loader
 from crossmae.knn import topk_hits
 from crossmae.models import VisionTransformer
+from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.optim import LARS, lr_at, param_groups
 
 from .data import class_folders

@@ -14,10 +14,10 @@ import torch
 from omegaconf import DictConfig
 
 from crossmae import distributed as du
-from crossmae.checkpoint import load_pretrained_encoder
 from crossmae.config import to_plain
 from crossmae.knn import extract_features, knn_classify, topk_accuracy
 from crossmae.models import VisionTransformer
+from crossmae.models.pretrained import load_pretrained_encoder
 
 from .data import class_folders
 from .features import cached_features, linear_probe_grid

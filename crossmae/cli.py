@@ -55,8 +55,9 @@ def _psnr(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .checkpoint import load_checkpoint, model_from_checkpoint, write_text_atomic
+    from .checkpoint import load_checkpoint, write_text_atomic
     from .models import create_model
+    from .models.pretrained import model_from_checkpoint
     from .reconstruction import folder_reconstruction_metrics
 
     records = []

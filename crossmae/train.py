@@ -22,7 +22,7 @@ from torch import nn
 
 from . import __version__
 from . import distributed as du
-from .checkpoint import PRETRAIN_FORMAT, encoder_export, save_atomic, seed_all, write_text_atomic
+from .checkpoint import PRETRAIN_FORMAT, save_atomic, seed_all, write_text_atomic
 from .config import ConfigError, ModelConfig, to_plain
 from .data import (
     BuiltinPhotos,
@@ -39,6 +39,7 @@ from .engine import Engine, Hooks, check_precision, open_run, plan_batches
 from .knn import extract_features, knn_classify, topk_accuracy
 from .models import create_model
 from .models.layers import SDPA_BACKENDS, sdpa_device_problem, set_attention_backend
+from .models.pretrained import encoder_export
 from .optim import lr_at, param_groups, pretrain_lr
 from .reconstruction import reconstruct
 from .visualize import save_loss_curve, save_reconstruction_grid

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmae.checkpoint import load_state_dict_strict
-from crossmae.models.layers import NORM_EPS, DropPath, Mlp, PatchEmbed, resample_patch_weight
+from crossmae.models.layers import (
+    NORM_EPS,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    adapt_encoder_state,
+)
 from crossmae.models.pos_embed import resample_abs_pos_embed
 
 
@@ -186,15 +192,6 @@ class ViTDetBackbone(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def layer_id(self, name: str) -> int:
-        """Depth for layer-wise lr decay (embeddings 0, block i -> i + 1; detectron2's
-        ``get_vit_lr_decay_rate``)."""
-        if name.startswith(("pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.depth + 1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed.proj(x).permute(0, 2, 3, 1)  # (B, H, W, D)
         H, W = x.shape[1:3]
@@ -213,20 +210,9 @@ class ViTDetBackbone(nn.Module):
         position table are resampled to this backbone's patch size (detectron2 runs ViT-H/14
         weights at stride 16, converted this way); only the relative-position tables may be
         missing."""
-        sd = {k: v for k, v in state_dict.items() if k != "cls_token" and not k.startswith("norm.")}
-        sd["patch_embed.proj.weight"] = resample_patch_weight(
-            sd["patch_embed.proj.weight"], self.patch_size
-        )
-        pe = sd["pos_embed"]
-        n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
-        if n_prefix not in (0, 1):
-            raise ValueError(f"pos_embed has {pe.shape[1]} slots for a {pretrain_grid} grid")
-        pe = resample_abs_pos_embed(
-            pe, (self.pretrain_grid,) * 2, pretrain_grid, num_prefix_tokens=n_prefix
-        )
-        if n_prefix == 0:  # a table without cls slot: give it an (unused) zero one
-            pe = torch.cat([pe.new_zeros(1, 1, pe.shape[-1]), pe], dim=1)
-        sd["pos_embed"] = pe
+        sd = adapt_encoder_state(state_dict, patch_size=self.patch_size,
+                                 grid=(self.pretrain_grid,) * 2, pretrain_grid=pretrain_grid,
+                                 drop=("norm.", "cls_token"))  # fmt: skip
         new = {k for k in self.state_dict() if ".rel_pos_" in k}
         load_state_dict_strict(self, sd, allow_missing=new, what="pretrained encoder")
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from crossmae import distributed as du
-from crossmae.checkpoint import model_on_encoder, seed_all
+from crossmae.checkpoint import seed_all
 from crossmae.config import to_plain
 from crossmae.engine import (
     PRECISIONS,
@@ -30,6 +30,8 @@ from crossmae.engine import (
     task_engine,
     task_loader,
 )
+from crossmae.models.layers import vit_layer_id
+from crossmae.models.pretrained import model_on_encoder
 from crossmae.optim import param_groups, step_lr_at
 
 from .data import CocoInstances, collate_detection
@@ -70,7 +72,8 @@ def detectron2_param_groups(model: ViTDetMaskRCNN, cfg: DictConfig) -> list[dict
 
     def layer_id(name: str) -> int:
         prefix = "backbone.net."
-        return vit.layer_id(name.removeprefix(prefix)) if name.startswith(prefix) else vit.depth + 1
+        inside = name.startswith(prefix)
+        return vit_layer_id(name.removeprefix(prefix), vit.depth) if inside else vit.depth + 1
 
     return param_groups(model, cfg.weight_decay, layer_decay=cfg.layer_decay, layer_id=layer_id,
                         num_layers=vit.depth, weight_decay_of=decay_of)  # fmt: skip

@@ -21,10 +21,10 @@ from crossmae.models.layers import (
     DropPath,
     Mlp,
     PatchEmbed,
+    adapt_encoder_state,
     init_weights_,
-    resample_patch_weight,
 )
-from crossmae.models.pos_embed import resample_abs_pos_embed, sincos_2d
+from crossmae.models.pos_embed import sincos_2d
 
 
 class RelPosBiasAttention(nn.Module):
@@ -124,24 +124,14 @@ class SegViT(nn.Module):
         init_weights_(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def layer_id(self, name: str) -> int:
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.depth + 1
-
     def load_pretrained(
         self, state_dict: dict[str, torch.Tensor], pretrain_grid: tuple[int, int]
     ) -> None:
         """Strict: the encoder's ``norm`` is dropped on purpose (features are taken without it),
         the position table is resampled to the crop's grid (and the patch kernel to this patch
         size), and only the relative position tables and layer scales may be missing."""
-        sd = {k: v for k, v in state_dict.items() if not k.startswith("norm.")}
-        sd["patch_embed.proj.weight"] = resample_patch_weight(
-            sd["patch_embed.proj.weight"], self.patch_size
-        )
-        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], self.grid, pretrain_grid)
+        sd = adapt_encoder_state(state_dict, patch_size=self.patch_size, grid=self.grid,
+                                 pretrain_grid=pretrain_grid)  # fmt: skip
         new = {
             k for k in self.state_dict() if "relative_position_bias_table" in k or ".gamma_" in k
         }

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from crossmae import distributed as du
-from crossmae.checkpoint import model_on_encoder, seed_all
+from crossmae.checkpoint import seed_all
 from crossmae.config import ConfigError, to_plain
 from crossmae.data import normalize_pixels
 from crossmae.engine import (
@@ -33,6 +33,8 @@ from crossmae.engine import (
     task_engine,
     task_loader,
 )
+from crossmae.models.layers import vit_layer_id
+from crossmae.models.pretrained import model_on_encoder
 from crossmae.optim import linear_then_poly_lr_at, param_groups, poly_lr_at
 
 from .data import (
@@ -176,7 +178,7 @@ def seg_param_groups(model: UperNet, cfg: DictConfig) -> list[dict]:
     exempt = set() if cfg.decay_pos_embed else {"backbone.pos_embed", "backbone.cls_token"}
     return param_groups(
         model, cfg.weight_decay, layer_decay=cfg.layer_decay, num_layers=vit.depth,
-        layer_id=lambda n: vit.layer_id(n.removeprefix(prefix)) if n.startswith(prefix)
+        layer_id=lambda n: vit_layer_id(n.removeprefix(prefix), vit.depth) if n.startswith(prefix)
         else vit.depth + 1,
         no_decay_names=exempt,
     )  # fmt: skip

@@ -51,8 +51,9 @@ def float64():
 def tiny_encoder_export(path: Path, name: str = "crossmae_vit_base_patch16", **widths):
     """A tiny pretraining model (seed 0, 32-px input, a 1-block 16-wide decoder, the encoder
     ``widths``) whose encoder export is written to ``path``; returns the model."""
-    from crossmae.checkpoint import encoder_export, save_atomic
+    from crossmae.checkpoint import save_atomic
     from crossmae.models import create_model
+    from crossmae.models.pretrained import encoder_export
 
     torch.manual_seed(0)
     model = create_model(

@@ -9,7 +9,7 @@ from cls.data import class_folders
 from cls.encoder import build_classifier
 from cls.finetune import evaluate_classifier as evaluate
 from crossmae import distributed as du
-from crossmae.checkpoint import load_pretrained_encoder
+from crossmae.models.pretrained import load_pretrained_encoder
 
 checkpoint, train, val, out = sys.argv[1:5]
 device = du.init_from_env("cpu")

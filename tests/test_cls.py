@@ -18,10 +18,11 @@ from test_models import TINY
 from cls.data import class_folders
 from cls.encoder import build_classifier
 from cls.features import linear_probe_grid
-from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
+from crossmae.checkpoint import save_atomic
 from crossmae.distributed import shard
 from crossmae.knn import knn_classify, topk_accuracy
 from crossmae.models import create_model, to_official
+from crossmae.models.pretrained import encoder_export, load_pretrained_encoder
 
 
 @pytest.fixture(scope="module")

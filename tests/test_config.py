@@ -66,3 +66,59 @@ def test_typos_and_wrong_types_name_the_key(tmp_path):
 def test_cli_reports_config_errors(capsys):
     assert main(["pretrain", "optim.weight_decy=0.1"]) == 2
     assert "optim.weight_decy" in capsys.readouterr().err
+
+
+def schema_of(path: Path):
+    """The schema a shipped config file is read with, from its folder and name."""
+    from cls.config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
+    from det.config import DetConfig
+    from seg.config import SegConfig
+
+    kind = path.parent.name
+    if kind == "cls":
+        return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig,
+                "frozen": FrozenEvalConfig}[path.stem.split("_")[0]]  # fmt: skip
+    return {"pretrain": PretrainConfig, "det": DetConfig, "seg": SegConfig}[kind]
+
+
+ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_config_loads_with_its_schema(path: Path):
+    """Every file under configs/ merges into its command's schema (its ``_base_`` chain too) and
+    says how it is run; the values it leaves to the command line are the data and the output."""
+    from omegaconf import OmegaConf
+
+    text = path.read_text()
+    assert "# Command:" in text and "# Hardware:" in text
+    required = ["data.path=/imagenet/train"] if path.parent.name == "pretrain" else []
+    cfg = load_config(schema_of(path), [path], required)
+    missing = set(OmegaConf.missing_keys(cfg))
+    allowed = {"encoder.checkpoint", "output_dir", "data.path", "data.train", "data.val",
+               "data.root", "data.train_json", "data.train_images", "data.val_json",
+               "data.val_images"}  # fmt: skip
+    assert missing <= allowed, missing - allowed
+
+
+def test_a_config_names_its_base_and_overrides_only_what_differs(tmp_path):
+    base = REPO / "configs" / "det" / "mask_rcnn_vit_base_100ep.yaml"
+    large = REPO / "configs" / "det" / "mask_rcnn_vit_large_100ep.yaml"
+    from det.config import DetConfig
+
+    b, l_ = load_config(DetConfig, [base]), load_config(DetConfig, [large])
+    assert "_base_: mask_rcnn_vit_base_100ep.yaml" in large.read_text()
+    assert (l_.model.drop_path_rate, l_.optim.layer_decay) == (0.4, 0.8)
+    assert (l_.train.steps, l_.data.num_workers) == (b.train.steps, b.data.num_workers)  # inherited
+    # a chain: base <- middle <- top, each overriding one value; a loop is an error
+    (tmp_path / "a.yaml").write_text("train:\n  epochs: 3\n  batch_size: 8\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\ntrain:\n  epochs: 4\n")
+    (tmp_path / "c.yaml").write_text("_base_: b.yaml\noptim:\n  blr: 0.5\n")
+    cfg = load_config(PretrainConfig, [tmp_path / "c.yaml"])
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.optim.blr) == (4, 8, 0.5)
+    (tmp_path / "a.yaml").write_text("_base_: c.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(PretrainConfig, [tmp_path / "c.yaml"])
+    (tmp_path / "d.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PretrainConfig, [tmp_path / "d.yaml"])

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, check_random_states, tiny_encoder_export
 
-from crossmae.checkpoint import encoder_export, load_pretrained_encoder, save_atomic
+from crossmae.checkpoint import save_atomic
+from crossmae.models.pretrained import encoder_export, load_pretrained_encoder
 from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, pyramid_strides
 from det.data import AnnotationError, CocoInstances, coco_subset, shortest_edge_size
 from det.evaluate import coco_evaluate, instances_to_coco_json

@@ -135,7 +135,7 @@ def test_slide_inference_on_a_non_square_image_off_the_stride_grid():
 
 
 def test_upernet_shapes_and_strict_loading(tmp_path):
-    from crossmae.checkpoint import load_pretrained_encoder
+    from crossmae.models.pretrained import load_pretrained_encoder
 
     enc = tiny_encoder_export(
         tmp_path / "enc.pt", "mae_vit_base_patch16", embed_dim=32, depth=4, num_heads=2

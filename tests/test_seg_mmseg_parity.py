@@ -12,8 +12,9 @@ import torch
 from conftest import parity_fixture
 from omegaconf import DictConfig
 
-from crossmae.checkpoint import encoder_export, load_state_dict_strict, save_atomic
+from crossmae.checkpoint import load_state_dict_strict, save_atomic
 from crossmae.config import load_config
+from crossmae.models.pretrained import encoder_export
 from crossmae.optim import linear_then_poly_lr_at
 from seg.config import SegConfig
 from seg.data import IGNORE, rescale_size, resize_u8

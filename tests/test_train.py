@@ -16,9 +16,10 @@ import torch
 from test_data import add_bad_files, cifar_folder
 
 import crossmae.train as train_mod
-from crossmae.checkpoint import LAST, load_checkpoint, model_from_checkpoint, save_atomic
+from crossmae.checkpoint import LAST, load_checkpoint, save_atomic
 from crossmae.config import ConfigError, PretrainConfig, load_config
 from crossmae.models import VisionTransformer
+from crossmae.models.pretrained import model_from_checkpoint
 from crossmae.train import pretrain
 
 TINY = [

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
-from crossmae.checkpoint import load_checkpoint, model_from_checkpoint, write_text_atomic
+from crossmae.checkpoint import load_checkpoint, write_text_atomic
 from crossmae.config import parse_settings
 from crossmae.data import BuiltinPhotos, EvalTransform, ImageFiles, denormalize
 from crossmae.models import MAE, CrossMAE, create_model
 from crossmae.models.masking import normalize_patches, patchify, unpatchify
+from crossmae.models.pretrained import model_from_checkpoint
 from crossmae.reconstruction import masked_psnr, reconstruct
 from crossmae.visualize import _pyplot
 

@@ -31,7 +31,6 @@ import torch
 from crossmae.checkpoint import (
     PRETRAIN_FORMAT,
     load_checkpoint,
-    load_pretrained_encoder,
     load_state_dict_strict,
     save_atomic,
     write_text_atomic,
@@ -39,6 +38,7 @@ from crossmae.checkpoint import (
 from crossmae.config import parse_settings
 from crossmae.models import create_model
 from crossmae.models.official import official_to_ours, to_official
+from crossmae.models.pretrained import load_pretrained_encoder
 
 TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
               768: "vit_base_patch16_224", 1024: "vit_large_patch16_224",

@@ -263,6 +263,44 @@ def resample_patch_weight(weight: torch.Tensor, patch_size: int) -> torch.Tensor
     return resample_patch_embed(weight, [patch_size, patch_size])
 
 
+def vit_layer_id(name: str, depth: int) -> int:
+    """Depth of a ViT parameter (timm names) for layer-wise lr decay: embeddings 0, block i ->
+    i + 1, the rest (norms, heads) depth + 1: the BEiT / MAE rule, which detectron2's
+    ``get_vit_lr_decay_rate`` and mmseg's ``LayerDecayOptimizerConstructor`` also follow."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def adapt_encoder_state(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    patch_size: int,
+    grid: tuple[int, int],
+    pretrain_grid: tuple[int, int],
+    drop: tuple[str, ...] = ("norm.",),
+) -> dict[str, torch.Tensor]:
+    """A pretrained encoder's state dict (timm names) for a backbone of another input: the keys
+    starting with one of ``drop`` removed (e.g. the final ``norm.``, which dense heads do not
+    use), the patch kernel resampled to ``patch_size`` and the position table (its cls slot
+    kept, a zero one added to a table without) resampled from ``pretrain_grid`` to ``grid``."""
+    from .pos_embed import resample_abs_pos_embed
+
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(drop)}
+    sd["patch_embed.proj.weight"] = resample_patch_weight(sd["patch_embed.proj.weight"], patch_size)
+    pe = sd["pos_embed"]
+    n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
+    if n_prefix not in (0, 1):
+        raise ValueError(f"pos_embed has {pe.shape[1]} slots for a {pretrain_grid} grid")
+    pe = resample_abs_pos_embed(pe, grid, pretrain_grid, num_prefix_tokens=n_prefix)
+    if n_prefix == 0:  # a table without cls slot: give it a zero one
+        pe = torch.cat([pe.new_zeros(1, 1, pe.shape[-1]), pe], dim=1)
+    sd["pos_embed"] = pe
+    return sd
+
+
 def init_weights_(module: nn.Module) -> None:
     """The MAE / CrossMAE initialisation: Xavier-uniform Linear weights (the patch-embedding
     convolution viewed as a Linear), zero biases, LayerNorm (1, 0)."""

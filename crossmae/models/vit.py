@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import NORM_EPS, Block, PatchEmbed, init_weights_
+from .layers import NORM_EPS, Block, PatchEmbed, init_weights_, vit_layer_id
 from .pos_embed import resample_abs_pos_embed, sincos_2d
 
 
@@ -242,13 +242,8 @@ class VisionTransformer(nn.Module):
 
     # ----------------------------------------------------------------------------- recipes
     def layer_id(self, name: str) -> int:
-        """Depth of a parameter for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest
-        (norms, head) depth + 1 (the BEiT / MAE convention)."""
-        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
-            return 0
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) + 1
-        return self.depth + 1
+        """Depth of a parameter for layer-wise lr decay (``vit_layer_id``)."""
+        return vit_layer_id(name, self.depth)
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}

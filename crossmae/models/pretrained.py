@@ -1,0 +1,102 @@
+"""Pretrained models from checkpoints: rebuilding a pretraining model, the encoder-only export,
+the encoder weights and settings of any supported file (ours, an encoder export, an official
+release) and a task model built on them. Checkpoint files themselves are ``crossmae.checkpoint``
+(no model building there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import ENCODER_FORMAT, PRETRAIN_FORMAT, load_state_dict_strict, unwrap
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the pretraining model a checkpoint describes and load its weights strictly."""
+    from . import create_model
+
+    if ckpt.get("format") != PRETRAIN_FORMAT:
+        raise ValueError(f"expected a {PRETRAIN_FORMAT} checkpoint, got {ckpt.get('format')!r}")
+    model = create_model(ckpt["model_name"], **ckpt["model_config"])
+    load_state_dict_strict(model, ckpt["model"], what=f"{ckpt['model_name']} checkpoint")
+    return model
+
+
+def encoder_export(model: nn.Module, *, model_name: str, extra: dict | None = None) -> dict:
+    """Encoder-only checkpoint: timm / official-MAE key names under ``"encoder"``, the encoder's
+    constructor settings under ``"encoder_config"`` (``VisionTransformer(**encoder_config)``)."""
+    from .. import __version__
+
+    model = unwrap(model)
+    return {
+        "format": ENCODER_FORMAT,
+        "version": __version__,
+        "model_name": model_name,
+        "encoder": {k: v.detach().cpu() for k, v in model.encoder.state_dict().items()},
+        "encoder_config": dict(model.encoder.config),
+        **(extra or {}),
+    }
+
+
+def _encoder_config_of(model_name: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    from . import create_model
+
+    with torch.device("meta"):  # the architecture only, no memory, no init cost
+        return dict(create_model(model_name, **model_config).encoder.config)
+
+
+def load_pretrained_encoder(
+    path: str | Path, *, official_arch: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Encoder weights (timm names) and the encoder's constructor settings of a checkpoint.
+
+    Args:
+        path: one of our pretraining checkpoints (``checkpoint-last.pt``), an encoder export
+            (``encoder.pt``), or an official release (``{"model": state_dict}``).
+        official_arch: for an official release, the registered model it was trained as, e.g.
+            ``crossmae_vit_base_patch16`` or ``mae_vit_large_patch16`` (official files do not say).
+    """
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == PRETRAIN_FORMAT:
+        sd = {
+            k.removeprefix("encoder."): v
+            for k, v in ckpt["model"].items()
+            if k.startswith("encoder.")
+        }
+        return sd, _encoder_config_of(ckpt["model_name"], ckpt["model_config"])
+    if fmt == ENCODER_FORMAT:
+        return dict(ckpt["encoder"]), dict(ckpt["encoder_config"])
+    if fmt is None and isinstance(ckpt, dict) and "model" in ckpt:
+        if official_arch is None:
+            raise ValueError(
+                f"{path} is an official checkpoint: name the model it was trained as with "
+                "official_arch (e.g. crossmae_vit_base_patch16)"
+            )
+        kind = official_arch.split("_")[0]
+        from .official import official_to_ours
+
+        ours = official_to_ours(ckpt["model"], kind=kind)
+        sd = {k.removeprefix("encoder."): v for k, v in ours.items() if k.startswith("encoder.")}
+        overrides = {"weight_fm": "norm.weight" not in sd} if kind == "crossmae" else {}
+        return sd, _encoder_config_of(official_arch, overrides)
+    raise ValueError(f"{path}: not a pretraining checkpoint, encoder export or official release")
+
+
+def model_on_encoder(source, build, vit) -> tuple[nn.Module, dict[str, Any]]:
+    """A task model on the encoder checkpoint ``source`` names (an ``EncoderSource``):
+    ``build(encoder_config)`` makes it, and ``vit(model)`` (its ViT backbone) receives the
+    encoder's weights unless ``source.random_init``. Returns the model and the encoder config."""
+    from .vit import grid_of
+
+    sd, config = load_pretrained_encoder(source.checkpoint, official_arch=source.official_arch)
+    model = build(config)
+    if not source.random_init:
+        vit(model).load_pretrained(sd, grid_of(config["img_size"], config["patch_size"]))
+    return model, config
+
+
+# ----------------------------------------------------------------------------- other frameworks
