@@ -19,9 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 @dataclass
 class ModelConfig:
-    name: str = "crossmae_vit_tiny_patch16"  # a registered model (crossmae.list_models())
+    name: str = "crossmae_vit_tiny_patch8"  # a registered model (crossmae.list_models())
     img_size: int = 64
-    patch_size: int | None = 8  # None = the registered variant's
+    patch_size: int | None = None  # None = the registered variant's
     decoder_depth: int | None = 4  # None = the registered variant's
     mask_ratio: float = 0.75  # p
     pred_ratio: float | None = None  # γ (CrossMAE only); None = the model's default (γ = p)

@@ -103,7 +103,7 @@ def test_data_benchmark_runs(shared_dir):
      ("mae_vit_base_patch16", None, 56.3)],
 )  # fmt: skip
 def test_training_flops_match_the_reference(name, pred_ratio, gflop):
-    """REFERENCE.md: forward + backward per 224^2 image, counted with torch.utils.flop_counter.
+    """docs/reference.md: forward + backward per 224^2 image, counted with torch.utils.flop_counter.
     The official encoder embeds all 196 patches and drops 147; ours embeds the 49 it keeps, so
     ours is the reference less that convolution's forward and weight-gradient work."""
     model = crossmae.create_model(

@@ -1,4 +1,4 @@
-"""Checks that need a CUDA device (skipped without one; run by tools/gpu_session.sh). This file
+"""Checks that need a CUDA device (skipped without one; run by tools/gpu_check.sh). This file
 imports only torch, torchvision, PIL and numpy, which the device image has."""
 
 from __future__ import annotations

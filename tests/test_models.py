@@ -65,7 +65,14 @@ def test_a_training_step_can_leave_the_prediction_out(name):
 
 
 def test_registry_defaults_follow_the_paper():
-    sizes = ("tiny_patch16", "small_patch16", "base_patch16", "large_patch16", "huge_patch14")
+    sizes = (
+        "tiny_patch8",
+        "tiny_patch16",
+        "small_patch16",
+        "base_patch16",
+        "large_patch16",
+        "huge_patch14",
+    )
     expected = {f"{kind}_vit_{size}" for kind in ("crossmae", "mae") for size in sizes}
     assert set(crossmae.list_models()) == expected
     # small decoders are 256-d / 8 heads, the others 512-d / 16 heads; depth 12 (CrossMAE), 8 (MAE)
@@ -163,7 +170,7 @@ def test_mae_variants_run(overrides):
 @pytest.mark.parametrize(
     "p, g, L, expected",
     [
-        (0.9, 0.1, 196, 21),  # int() truncation: 21, not 19 (REFERENCE.md)
+        (0.9, 0.1, 196, 21),  # int() truncation: 21, not 19 (docs/reference.md)
         (0.75, 0.25, 196, 49),
         (0.75, 0.75, 196, 147),
         (0.75, 0.5, 16, 8),

@@ -90,7 +90,7 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     assert [s for s, _ in losses(run)] == list(range(1, 9))
     ckpt = load_checkpoint(run / LAST)  # weights_only
     assert ckpt["step"] == 8 and ckpt["mask_ratio"] == 0.75 and ckpt["patch_size"] == 8
-    assert ckpt["config"]["model"]["name"] == "crossmae_vit_tiny_patch16" and ckpt["version"]
+    assert ckpt["config"]["model"]["name"] == "crossmae_vit_tiny_patch8" and ckpt["version"]
     model = model_from_checkpoint(ckpt)
     assert model.config["embed_dim"] == 32
     enc = torch.load(run / "encoder.pt", weights_only=True)

@@ -57,7 +57,7 @@ from crossmae.train import pretrain_losses
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
 
-# REFERENCE.md: the official code on one H100, torch 2.11, batch 256 ViT-B, AdamW included
+# the official code on one H100, torch 2.11, batch 256 ViT-B, AdamW included (docs/reference.md)
 OFFICIAL_H100 = {
     ("mae_vit_base_patch16", None, "fp16 eager"): 2962,
     ("crossmae_vit_base_patch16", 0.75, "fp16 eager"): 2199,

@@ -90,7 +90,7 @@ class ResumableSampler(Sampler):
 
 @dataclass
 class Sample:
-    image: torch.Tensor  # (3, H, W) normalised
+    image: torch.Tensor  # (3, H, W): uint8 pixels, or normalised floats (``normalize=True``)
     ids_shuffle: torch.Tensor | None  # (L,) mask permutation
     label: int
     skipped: list[str]  # files that failed to load on the way to this sample

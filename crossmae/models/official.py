@@ -1,6 +1,6 @@
 """Explicit converters between the official CrossMAE / MAE checkpoint layouts (``ckpt["model"]``,
-see REFERENCE.md) and ours. Ours nests the encoder under ``encoder.`` (a timm-compatible ViT) and
-the decoder under ``decoder.``; tensors keep their shapes, only names change.
+see docs/reference.md) and ours. Ours nests the encoder under ``encoder.`` (a timm-compatible
+ViT) and the decoder under ``decoder.``; tensors keep their shapes, only names change.
 """
 
 from __future__ import annotations

@@ -64,7 +64,8 @@ def _variant(cls: type, defaults: dict, **overrides) -> nn.Module:
     return cls(**{**defaults, **overrides})
 
 
-for _size, _dims in VIT_SIZES.items():
-    _p = _dims["patch_size"]
-    register_model(f"crossmae_vit_{_size}_patch{_p}", partial(_variant, CrossMAE, _dims))
-    register_model(f"mae_vit_{_size}_patch{_p}", partial(_variant, MAE, _dims))
+_TINY_P8 = {**VIT_SIZES["tiny"], "patch_size": 8}  # the tiny widths on 64-px images: 64 patches
+for _name, _dims in [*((f"{s}_patch{d['patch_size']}", d) for s, d in VIT_SIZES.items()),
+                     ("tiny_patch8", _TINY_P8)]:  # fmt: skip
+    register_model(f"crossmae_vit_{_name}", partial(_variant, CrossMAE, _dims))
+    register_model(f"mae_vit_{_name}", partial(_variant, MAE, _dims))

@@ -5,8 +5,9 @@ Parameter names are timm's ``VisionTransformer`` / the official MAE layout (``cl
 ``pos_embed``, ``patch_embed.proj``, ``blocks.{i}.*``, ``norm``, ``fc_norm``, ``head``), so the
 state dict of this module is the encoder part of every checkpoint we write and loads into timm.
 
-This encoder API is the contract for the task packages (cls/, det/, seg/): ``forward_features``,
-``forward_intermediates``, ``layer_id`` and ``set_img_size``.
+The classification tasks (cls/, the kNN monitor) use it directly through ``forward_features``,
+``layer_id`` and ``set_img_size``; det/ and seg/ have their own backbones (window or
+relative-position attention) that take its weights through ``layers.adapt_encoder_state``.
 """
 
 from __future__ import annotations
