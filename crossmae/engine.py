@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from . import distributed as du
 from .checkpoint import (
@@ -54,7 +54,7 @@ from .checkpoint import (
     write_text_atomic,
 )
 from .config import ConfigError
-from .data import CudaPrefetcher, ResumableSampler
+from .data import CudaPrefetcher, ResumableSampler, make_loader
 
 log = logging.getLogger("crossmae")
 
@@ -177,9 +177,8 @@ def task_loader(
     micro, accum = plan_batches(cfg.train.batch_size, world, cfg.train.micro_batch)
     sampler = ResumableSampler(len(dataset), per_rank_step=micro * accum, num_replicas=world,
                                rank=du.rank(), seed=cfg.train.seed)  # fmt: skip
-    loader = DataLoader(dataset, batch_size=micro, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        collate_fn=collate_fn, generator=torch.Generator())  # fmt: skip
+    loader = make_loader(dataset, sampler, micro, cfg.data.num_workers, device.type == "cuda",
+                         collate_fn or default_collate)  # fmt: skip
     return sampler, loader, accum
 
 
@@ -301,6 +300,12 @@ class Engine:
         self.compile, self.cuda_graph, self.prefetch = compile, cuda_graph, prefetch
         self.ddp_fp16_compression = ddp_fp16_compression
         self.tensorboard, self.progress_bar, self.seed = tensorboard, progress, seed
+        if isinstance(loader, DataLoader) and loader.generator is None:
+            raise ValueError(
+                "the training loader needs its own generator (DataLoader(..., "
+                "generator=torch.Generator()), as make_loader gives it): starting an epoch must "
+                "not draw from the global random stream, or a resumed run would differ"
+            )
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.rank, self.world = du.rank(), du.world_size()
         self.last_record: dict = {}  # the latest training record (every process has it)
@@ -508,6 +513,7 @@ class Engine:
         "metrics"}. A finished run ends with an evaluation and a checkpoint."""
         self.prepare()
         if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
             truncate_metrics(self.out / "metrics.jsonl", self.step)
             self._metrics_file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115
             if self.tensorboard:
