@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+from crossmae.cli import add_training_command
 from crossmae.config import load_config
 
 
@@ -21,11 +22,7 @@ def register(commands) -> None:
         ("finetune", "end-to-end finetuning (MAE / CrossMAE recipe)"),
         ("linprobe", "the paper's linear probe (frozen encoder, LARS)"),
     ):
-        p = sub.add_parser(name, help=what)
-        p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
-        p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-        p.set_defaults(func=_train)
+        add_training_command(sub, name, _train, help=what)
 
 
 def _frozen(args) -> int:

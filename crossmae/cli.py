@@ -88,6 +88,21 @@ def _psnr(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_training_command(sub, name: str, func, **parser_args) -> argparse.ArgumentParser:
+    """A command that trains: ``--config FILE`` (repeatable, merged in order), ``--resume
+    auto|PATH`` and ``key=value`` settings, the same for every one of them."""
+    p = sub.add_parser(name, **parser_args)
+    p.add_argument("--config", action="append", default=[], help="YAML file (repeatable, in order)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' = continue the output_dir's last checkpoint (or start fresh); or a path",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.batch_size=64")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cls.cli import register as register_cls
     from det.cli import register as register_det
@@ -104,19 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", action="store_true", help="build each model and count parameters")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser(
-        "pretrain",
+    add_training_command(
+        sub, "pretrain", _pretrain,
         help="pretrain CrossMAE / MAE (no arguments: a small CrossMAE on built-in photos)",
         description="Pretrain a CrossMAE or MAE model. Under torchrun, every process runs this.",
-    )
-    p.add_argument("--config", action="append", default=[], help="YAML file (repeatable, in order)")
-    p.add_argument(
-        "--resume",
-        default=None,
-        help="'auto' = continue the output_dir's last checkpoint (or start fresh); or a path",
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.epochs=5")
-    p.set_defaults(func=_pretrain)
+    )  # fmt: skip
 
     p = sub.add_parser(
         "psnr",

@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from crossmae.cli import add_training_command
 from crossmae.config import load_config
 
 
@@ -82,11 +83,7 @@ def register(commands) -> None:
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = group.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="train ViTDet Mask R-CNN (COCO AP at the end)")
-    p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
-    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=_train)
+    add_training_command(sub, "train", _train, help="train ViTDet Mask R-CNN (COCO AP at the end)")
     p = sub.add_parser("evaluate", help="COCO box / mask AP of a trained or imported detector")
     p.add_argument("checkpoint")
     p.add_argument("--json", required=True, help="COCO instances annotation file")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from crossmae.models.pretrained import encoder_widths
+
 from .backbone import PYRAMID_LEVELS, SimpleFeaturePyramid, ViTDetBackbone, pyramid_strides
 from .roi_heads import ROIHeads
 from .rpn import RPN
@@ -142,11 +144,7 @@ def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCN
         img_size=cfg.img_size,
         pretrain_img_size=cfg.pretrain_img_size or encoder_config["img_size"],
         patch_size=cfg.patch_size or encoder_config["patch_size"],
-        embed_dim=encoder_config["embed_dim"],
-        depth=encoder_config["depth"],
-        num_heads=encoder_config["num_heads"],
-        mlp_ratio=encoder_config["mlp_ratio"],
-        norm_eps=encoder_config["norm_eps"],
+        **encoder_widths(encoder_config),
         drop_path_rate=cfg.drop_path_rate,
         window=cfg.window,
         global_blocks=cfg.global_blocks,

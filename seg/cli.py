@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from crossmae.cli import add_training_command
 from crossmae.config import load_config, without_missing
 
 
@@ -82,11 +83,7 @@ def register(commands) -> None:
     group = commands.add_parser("seg", help="UperNet semantic segmentation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = group.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("train", help="train UperNet (mIoU at the end)")
-    p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
-    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=_train)
+    add_training_command(sub, "train", _train, help="train UperNet (mIoU at the end)")
     p = sub.add_parser("evaluate", help="mIoU of a trained or imported segmenter")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -34,7 +34,7 @@ from crossmae.engine import (
     task_loader,
 )
 from crossmae.models.layers import vit_layer_id
-from crossmae.models.pretrained import model_on_encoder
+from crossmae.models.pretrained import encoder_widths, model_on_encoder
 from crossmae.optim import linear_then_poly_lr_at, param_groups, poly_lr_at
 
 from .data import (
@@ -72,11 +72,7 @@ def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict) -> 
     backbone = SegViT(
         img_size=cfg.data.crop,
         patch_size=m.patch_size or encoder_config["patch_size"],
-        embed_dim=encoder_config["embed_dim"],
-        depth=encoder_config["depth"],
-        num_heads=encoder_config["num_heads"],
-        mlp_ratio=encoder_config["mlp_ratio"],
-        norm_eps=encoder_config["norm_eps"],
+        **encoder_widths(encoder_config),
         drop_path_rate=m.drop_path_rate,
         out_indices=m.out_indices,
     )

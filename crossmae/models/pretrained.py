@@ -86,6 +86,14 @@ def load_pretrained_encoder(
     raise ValueError(f"{path}: not a pretraining checkpoint, encoder export or official release")
 
 
+WIDTHS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
+
+
+def encoder_widths(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of an encoder config that a task backbone must share to take its weights."""
+    return {k: config[k] for k in WIDTHS}
+
+
 def model_on_encoder(source, build, vit) -> tuple[nn.Module, dict[str, Any]]:
     """A task model on the encoder checkpoint ``source`` names (an ``EncoderSource``):
     ``build(encoder_config)`` makes it, and ``vit(model)`` (its ViT backbone) receives the
