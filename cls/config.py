@@ -6,48 +6,62 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crossmae.config import EncoderSource, LogConfig, TrainConfig
+from crossmae.config import (
+    FRACTION,
+    POSITIVE,
+    EncoderSource,
+    LogConfig,
+    TrainConfig,
+    above,
+    at_least,
+    at_most,
+    checked,
+    each,
+    length,
+    not_empty,
+    one_of,
+)
 
 
 @dataclass
 class ClsData:
     train: str = "???"  # ImageFolder train split
     val: str = "???"  # ImageFolder val split, same classes
-    img_size: int = 224
-    num_workers: int = 8
+    img_size: int = checked(224, POSITIVE)
+    num_workers: int = checked(8, at_least(0))
     # training augmentation (finetuning; the linear probe uses crop + flip only)
     randaug: str | None = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25  # random erasing
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
+    reprob: float = checked(0.25, at_least(0), at_most(1))  # random erasing
+    mixup: float = checked(0.8, at_least(0))
+    cutmix: float = checked(1.0, at_least(0))
+    label_smoothing: float = checked(0.1, *FRACTION)
 
 
 @dataclass
 class ClsModel:
-    global_pool: str = "avg"  # avg (+ fc_norm) | token
-    drop_path_rate: float = 0.1
+    global_pool: str = checked("avg", one_of("avg", "token"))  # avg (+ fc_norm) | token
+    drop_path_rate: float = checked(0.1, *FRACTION)
     probe: bool = False  # linear probe: frozen encoder, BatchNorm + Linear head, LARS
-    ema_decay: float | None = None  # e.g. 0.9999; None = no EMA
+    ema_decay: float | None = checked(None, above(0), at_most(1))  # e.g. 0.9999; None = off
 
 
 @dataclass
 class ClsOptim:
     """AdamW with layer-wise lr decay (finetuning) or LARS (the linear probe)."""
 
-    blr: float = 5e-4  # lr = blr * batch_size / 256
-    min_lr: float = 1e-6
-    warmup_epochs: float = 5.0
-    layer_decay: float | None = 0.65  # None = no layer-wise decay
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    clip_grad: float | None = None
+    blr: float = checked(5e-4, POSITIVE)  # lr = blr * batch_size / 256
+    min_lr: float = checked(1e-6, at_least(0))
+    warmup_epochs: float = checked(5.0, at_least(0))
+    layer_decay: float | None = checked(0.65, above(0), at_most(1))  # None = no layer decay
+    weight_decay: float = checked(0.05, at_least(0))
+    betas: list[float] = checked([0.9, 0.999], length(2), each(*FRACTION))
+    clip_grad: float | None = checked(None, POSITIVE)
 
 
 @dataclass
 class ClsTrain(TrainConfig):
-    epochs: int = 100
-    batch_size: int = 1024
+    epochs: int = checked(100, POSITIVE)
+    batch_size: int = checked(1024, POSITIVE)
 
 
 @dataclass
@@ -83,27 +97,27 @@ class LinprobeConfig(FinetuneConfig):
 class FrozenData:
     train: str = "???"
     val: str = "???"
-    img_size: int = 224
-    batch_size: int = 256  # feature extraction
-    num_workers: int = 2
+    img_size: int = checked(224, POSITIVE)
+    batch_size: int = checked(256, POSITIVE)  # feature extraction
+    num_workers: int = checked(2, at_least(0))
     cache_dir: str | None = None  # features cached here (None = not cached)
 
 
 @dataclass
 class KnnConfig:
-    k: int = 20
-    temperature: float = 0.07
+    k: int = checked(20, POSITIVE)
+    temperature: float = checked(0.07, POSITIVE)
 
 
 @dataclass
 class FastProbeConfig:
     """The linear probe on cached features (the paper's recipe: LARS, 90 epochs, batch 16384)."""
 
-    blrs: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
-    epochs: int = 90
-    warmup_epochs: int = 10
-    batch_size: int = 16384
-    weight_decay: float = 0.0
+    blrs: list[float] = checked([0.01, 0.03, 0.1, 0.3, 1.0], not_empty, each(POSITIVE))
+    epochs: int = checked(90, POSITIVE)
+    warmup_epochs: int = checked(10, at_least(0))
+    batch_size: int = checked(16384, POSITIVE)
+    weight_decay: float = checked(0.0, at_least(0))
 
 
 @dataclass
@@ -112,7 +126,7 @@ class FrozenEvalConfig:
 
     encoder: EncoderSource = field(default_factory=EncoderSource)
     data: FrozenData = field(default_factory=FrozenData)
-    pool: str = "cls"  # cls | avg
+    pool: str = checked("cls", one_of("cls", "avg"))
     knn: KnnConfig = field(default_factory=KnnConfig)
     probe: FastProbeConfig = field(default_factory=FastProbeConfig)
     output: str | None = None  # results JSON written here

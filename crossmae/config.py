@@ -9,90 +9,203 @@ logged; they are never written back here.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
+
+
+# ----------------------------------------------------------------------------- valid values
+def checked(default: Any, *checks: Check) -> Any:
+    """A config field whose value must pass ``checks`` (each returns what is wrong, or None);
+    ``load_config`` runs them and names the key. None (a setting that is off) is not checked."""
+    meta = {"checks": checks}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def at_least(low: float) -> Check:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def above(low: float) -> Check:
+    return lambda v: None if v > low else f"must be greater than {low}"
+
+
+def below(high: float) -> Check:
+    return lambda v: None if v < high else f"must be less than {high}"
+
+
+def at_most(high: float) -> Check:
+    return lambda v: None if v <= high else f"must be at most {high}"
+
+
+def one_of(*choices: Any) -> Check:
+    return lambda v: None if v in choices else f"must be one of {list(choices)}"
+
+
+def each(*checks: Check) -> Check:
+    """Every item of a list passes ``checks``."""
+
+    def check(values: Sequence) -> str | None:
+        for v in values:
+            for c in checks:
+                if (problem := c(v)) is not None:
+                    return f"each value {problem}"
+        return None
+
+    return check
+
+
+def length(n: int) -> Check:
+    return lambda v: None if len(v) == n else f"must have {n} values, got {len(v)}"
+
+
+def increasing(v: Sequence) -> str | None:
+    return None if all(a <= b for a, b in zip(v, v[1:], strict=False)) else "must be increasing"
+
+
+def not_empty(v: Sequence) -> str | None:
+    return None if len(v) else "must not be empty"
+
+
+def registered_model(name: str) -> str | None:
+    from .models import list_models
+
+    return None if name in list_models() else "not a registered model (crossmae models)"
+
+
+POSITIVE = above(0)
+FRACTION = (at_least(0), below(1))  # [0, 1)
+PRECISION = one_of("bf16", "fp16", "fp32")
+DEVICE = one_of("auto", "cpu", "cuda")
+
+
+def problems_of(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every value of ``cfg`` that fails its field's checks, and every ``cross_checks`` problem
+    of its sections (a dataclass's static method: the section -> {key: problem}), as
+    ``key=value: problem``."""
+    schema = OmegaConf.get_type(cfg)
+    if not dataclasses.is_dataclass(schema):
+        return []
+    found = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        if OmegaConf.is_missing(cfg, f.name):
+            continue
+        value = cfg[f.name]
+        if isinstance(value, DictConfig):
+            found += problems_of(value, key + ".")
+            continue
+        if value is None:
+            continue
+        plain = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        for check in f.metadata.get("checks", ()):
+            if (problem := check(plain)) is not None:
+                found.append(f"{key}={plain}: {problem}")
+                break
+    cross = getattr(schema, "cross_checks", None)
+    if cross is not None:
+        found += [f"{prefix}{k}: {v}" for k, v in cross(cfg).items()]
+    return found
 
 
 @dataclass
 class ModelConfig:
-    name: str = "crossmae_vit_tiny_patch8"  # a registered model (crossmae.list_models())
-    img_size: int = 64
-    patch_size: int | None = None  # None = the registered variant's
-    decoder_depth: int | None = 4  # None = the registered variant's
-    mask_ratio: float = 0.75  # p
-    pred_ratio: float | None = None  # γ (CrossMAE only); None = the model's default (γ = p)
+    name: str = checked("crossmae_vit_tiny_patch8", registered_model)  # crossmae models lists them
+    img_size: int = checked(64, POSITIVE)
+    patch_size: int | None = checked(None, POSITIVE)  # None = the registered variant's
+    decoder_depth: int | None = checked(4, POSITIVE)  # None = the registered variant's
+    mask_ratio: float = checked(0.75, above(0), below(1))  # p
+    pred_ratio: float | None = checked(None, above(0), at_most(1))  # γ (CrossMAE only); None = p
     norm_pix_loss: bool = True
-    drop_path_rate: float = 0.0
+    drop_path_rate: float = checked(0.0, *FRACTION)
     # any other constructor argument of the model, e.g. {use_fm: [5, 11], fm_weighting: softmax}
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def cross_checks(m: DictConfig) -> dict[str, str]:
+        found = {}
+        if m.pred_ratio is not None and m.pred_ratio > m.mask_ratio:
+            found["pred_ratio"] = f"γ={m.pred_ratio} must be at most the mask ratio {m.mask_ratio}"
+        if m.patch_size is not None and m.img_size % m.patch_size:
+            found["img_size"] = f"{m.img_size} is not a multiple of patch_size {m.patch_size}"
+        return found
 
 
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageFolder root or a flat image folder; None = built-in photos
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    num_workers: int = 2  # loader processes per training process
+    crop_scale: list[float] = checked([0.2, 1.0], length(2), increasing, each(above(0), at_most(1)))
+    num_workers: int = checked(2, at_least(0))  # loader processes per training process
     gpu_decode: bool = False  # decode JPEGs and crop on the device (needs data.path)
-    demo_samples_per_epoch: int = 2048  # random crops per epoch of the built-in photos
+    demo_samples_per_epoch: int = checked(2048, POSITIVE)  # crops per epoch of the built-in photos
     knn_train: str | None = None  # labelled ImageFolder splits for the kNN monitor
     knn_val: str | None = None
 
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-3  # base lr: lr = blr * batch_size / 256 * (γ / p); the paper: 1.5e-4
-    lr: float | None = None  # absolute lr, overriding the rule above
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_epochs: float = 1.0
-    clip_grad: float | None = None  # max gradient norm; None = no clipping
+    blr: float = checked(1.5e-3, POSITIVE)  # lr = blr * batch_size / 256 * (γ / p); paper 1.5e-4
+    lr: float | None = checked(None, POSITIVE)  # absolute lr, overriding the rule above
+    min_lr: float = checked(0.0, at_least(0))
+    weight_decay: float = checked(0.05, at_least(0))
+    betas: list[float] = checked([0.9, 0.95], length(2), each(*FRACTION))
+    warmup_epochs: float = checked(1.0, at_least(0))
+    clip_grad: float | None = checked(None, POSITIVE)  # max gradient norm; None = no clipping
 
 
 @dataclass
 class TrainConfig:
     """What every training command shares (``train.*``)."""
 
-    batch_size: int = 128  # global batch (all processes, all accumulation steps)
-    micro_batch: int | None = None  # per-process batch of one forward; None = batch / processes
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    precision: str = "bf16"  # bf16 | fp16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = checked(128, POSITIVE)  # global batch (all processes, accumulation steps)
+    micro_batch: int | None = checked(None, POSITIVE)  # per-process forward; None = batch / procs
+    max_steps: int | None = checked(None, POSITIVE)  # stop after this many steps (smoke runs)
+    precision: str = checked("bf16", PRECISION)
+    device: str = checked("auto", DEVICE)
     seed: int = 0
-    max_nonfinite_steps: int = 5  # consecutive non-finite losses before the run stops
+    max_nonfinite_steps: int = checked(5, POSITIVE)  # non-finite losses in a row stop the run
+    # resuming with other settings than the checkpoint's is refused unless this is true
+    resume_with_changes: bool = False
 
 
 @dataclass
 class PretrainTrainConfig(TrainConfig):
-    epochs: int = 12
+    epochs: int = checked(12, POSITIVE)
     compile: bool = False
     cuda_graph: bool = False  # replay forward + backward as one CUDA graph (one GPU, no fp16)
-    sdpa: str = "auto"  # attention kernel: auto | flash | efficient | cudnn | math
+    sdpa: str = checked("auto", one_of("auto", "flash", "efficient", "cudnn", "math"))
     # compiled step: what torch's partitioner may keep for backward, 1.0 = its fastest choice;
     # lower recomputes more in backward to hold less (crossmae benchmark saved)
-    activation_memory_budget: float = 1.0
+    activation_memory_budget: float = checked(1.0, at_least(0), at_most(1))
 
 
 @dataclass
 class LogConfig:
     """What every training command shares (``log.*``)."""
 
-    every_steps: int = 10  # metrics.jsonl / TensorBoard / progress interval
-    ckpt_every_steps: int = 0  # checkpoint-last.pt every N steps (0 = at the task's own times)
+    every_steps: int = checked(10, POSITIVE)  # metrics.jsonl / TensorBoard / progress interval
+    ckpt_every_steps: int = checked(0, at_least(0))  # every N steps (0 = at the task's own times)
     tensorboard: bool = True
     progress: bool = True
 
 
 @dataclass
 class PretrainLogConfig(LogConfig):
-    keep_every_epochs: int = 0  # also keep checkpoint-epochN.pt every N epochs (0 = never)
-    vis_every_epochs: int = 1  # reconstruction PNG of fixed images every N epochs
-    vis_images: int = 8
-    knn_every_epochs: int = 0  # kNN top-1 of the encoder on data.knn_train/knn_val (0 = off)
+    keep_every_epochs: int = checked(0, at_least(0))  # keep checkpoint-epochN.pt (0 = never)
+    vis_every_epochs: int = checked(1, at_least(0))  # reconstruction PNG every N epochs
+    vis_images: int = checked(8, POSITIVE)
+    knn_every_epochs: int = checked(0, at_least(0))  # kNN top-1 on data.knn_train/val (0 = off)
 
 
 @dataclass
@@ -151,6 +264,8 @@ def load_config(
     missing = sorted(k for k in required if OmegaConf.select(cfg, k) is None)
     if missing:
         raise ConfigError(f"set the required value(s) {missing}, e.g. {missing[0]}=...")
+    if problems := problems_of(cfg):
+        raise ConfigError("; ".join(problems))
     return cfg
 
 
@@ -165,7 +280,14 @@ def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: {BASE_KEY} chain loops back to itself")
-    diff = OmegaConf.load(path)
+    try:
+        diff = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(diff, DictConfig):
+        raise ConfigError(f"{path}: a config file holds key: value settings, not {type(diff)}")
     if BASE_KEY not in diff:
         return [diff]
     base = diff.pop(BASE_KEY)

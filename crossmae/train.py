@@ -60,6 +60,8 @@ def build_model(mcfg: ModelConfig) -> nn.Module:
     for key in ("patch_size", "decoder_depth", "pred_ratio"):
         if getattr(mcfg, key) is not None:
             kwargs[key] = getattr(mcfg, key)
+    if mcfg.pred_ratio is None and mcfg.name.startswith("crossmae"):
+        kwargs["pred_ratio"] = mcfg.mask_ratio  # γ = p unless set
     try:
         return create_model(mcfg.name, **kwargs)
     except TypeError as e:  # an argument the model does not take (e.g. pred_ratio for MAE)

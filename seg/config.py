@@ -5,34 +5,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crossmae.config import EncoderSource, LogConfig, TrainConfig
+from crossmae.config import (
+    FRACTION,
+    POSITIVE,
+    PRECISION,
+    EncoderSource,
+    LogConfig,
+    TrainConfig,
+    above,
+    at_least,
+    at_most,
+    checked,
+    each,
+    increasing,
+    length,
+    not_empty,
+    one_of,
+)
 
 
 @dataclass
 class SegData:
     root: str = "???"  # images/<split>/ and annotations/<split>/
-    dataset: str = "ade20k"  # ade20k | camvid | custom
-    num_classes: int = 150  # custom only (ade20k: 150, camvid: 11)
+    dataset: str = checked("ade20k", one_of("ade20k", "camvid", "custom"))
+    num_classes: int = checked(150, POSITIVE)  # custom only (ade20k: 150, camvid: 11)
     ignore_value: int | None = None  # custom only: raw label value of unlabelled pixels
     reduce_zero_label: bool = False  # custom only
     train_split: str = "training"
     val_split: str = "validation"
-    crop: int = 512
-    scale: list[int] = field(default_factory=lambda: [2048, 512])
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
-    num_workers: int = 4
+    crop: int = checked(512, POSITIVE)
+    scale: list[int] = checked([2048, 512], length(2), each(POSITIVE))
+    ratio_range: list[float] = checked([0.5, 2.0], length(2), increasing, each(POSITIVE))
+    cat_max_ratio: float = checked(0.75, above(0), at_most(1))
+    num_workers: int = checked(4, at_least(0))
 
 
 @dataclass
 class SegModel:
-    patch_size: int | None = None  # None = the encoder's; else its patch kernel is resampled
-    out_indices: list[int] | None = None  # blocks feeding the pyramid; None = B: 3, 5, 7, 11
-    channels: int = 768  # UperNet width
-    aux_channels: int = 256  # auxiliary FCN head width
-    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
-    drop_path_rate: float = 0.1
-    aux_weight: float = 0.4
+    patch_size: int | None = checked(None, POSITIVE)  # None = the encoder's (else resampled)
+    # blocks feeding the pyramid; None = B: 3, 5, 7, 11
+    out_indices: list[int] | None = checked(None, length(4), increasing, each(at_least(0)))
+    channels: int = checked(768, POSITIVE)  # UperNet width
+    aux_channels: int = checked(256, POSITIVE)  # auxiliary FCN head width
+    pool_scales: list[int] = checked([1, 2, 3, 6], not_empty, each(POSITIVE))
+    drop_path_rate: float = checked(0.1, *FRACTION)
+    aux_weight: float = checked(0.4, at_least(0))
     # mmseg's CrossEntropyLoss(avg_non_ignore=False): the summed loss of the labelled pixels
     # divided by all pixels; true divides by the labelled pixels only
     loss_avg_non_ignore: bool = False
@@ -42,35 +59,37 @@ class SegModel:
 class SegOptim:
     """AdamW."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    layer_decay: float = 0.65
+    lr: float = checked(1e-4, POSITIVE)
+    weight_decay: float = checked(0.05, at_least(0))
+    layer_decay: float = checked(0.65, above(0), at_most(1))
     # mmseg's LayerDecayOptimizerConstructor misses backbone.pos_embed / cls_token in its no-decay
     # check (it compares unprefixed names), so they are decayed; false exempts them
     decay_pos_embed: bool = True
-    warmup_steps: int = 1500
+    warmup_steps: int = checked(1500, at_least(0))
     # "mmseg1": mmseg 1.x's LinearLR (from 1e-6) then PolyLR, as its config schedules it;
     # "mmseg0": mmseg 0.x's poly over the whole run times a linear warmup factor, the schedule
     # the published MAE / BEiT numbers were trained with (at most 1 % of the base lr apart)
-    lr_schedule: str = "mmseg1"
-    clip_grad: float | None = None
+    lr_schedule: str = checked("mmseg1", one_of("mmseg1", "mmseg0"))
+    clip_grad: float | None = checked(None, POSITIVE)
 
 
 @dataclass
 class SegTrain(TrainConfig):
-    steps: int = 160000
-    batch_size: int = 16
-    precision: str = "fp16"  # the config's AmpOptimWrapper: fp16 autocast, dynamic loss scale
+    steps: int = checked(160000, POSITIVE)
+    batch_size: int = checked(16, POSITIVE)
+    precision: str = checked(
+        "fp16", PRECISION
+    )  # the config's AmpOptimWrapper: fp16 autocast, dynamic loss scale
 
 
 @dataclass
 class SegEval:
-    every_steps: int = 16000  # 0 = at the end only
-    stride: int = 341
-    ratios: list[float] = field(default_factory=lambda: [1.0])  # MS: [0.5, 0.75, ..., 1.75]
+    every_steps: int = checked(16000, at_least(0))  # 0 = at the end only
+    stride: int = checked(341, POSITIVE)
+    ratios: list[float] = checked([1.0], not_empty, each(POSITIVE))  # MS: [0.5, ..., 1.75]
     flip: bool = False
-    mode: str = "slide"  # slide | whole
-    precision: str = "fp32"  # mmseg evaluates in full precision
+    mode: str = checked("slide", one_of("slide", "whole"))
+    precision: str = checked("fp32", PRECISION)  # mmseg evaluates in full precision
 
 
 @dataclass
