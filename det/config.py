@@ -36,9 +36,8 @@ class DetData:
 
 @dataclass
 class DetModel:
-    img_size: int = checked(
-        1024, POSITIVE
-    )  # the square canvas (detectron2's square_pad) and the LSJ / test size
+    # the square canvas (detectron2's square_pad) and the LSJ / test size
+    img_size: int = checked(1024, POSITIVE)
     patch_size: int | None = checked(None, POSITIVE)  # None = the encoder's; 16 for ViT-H/14
     pretrain_img_size: int | None = checked(None, POSITIVE)  # None = the encoder's (224)
     window: int = checked(14, POSITIVE)
@@ -67,9 +66,7 @@ class DetOptim:
 class DetTrain(TrainConfig):
     steps: int = checked(184375, POSITIVE)  # 100 epochs of COCO at batch 64
     batch_size: int = checked(64, POSITIVE)
-    precision: str = checked(
-        "fp16", PRECISION
-    )  # detectron2's AMPTrainer: fp16 autocast + gradient scaling
+    precision: str = checked("fp16", PRECISION)  # detectron2's AMPTrainer: fp16 + loss scaling
     ddp_fp16_compression: bool = True  # gradients all-reduced in fp16 (detectron2's ViTDet)
 
 

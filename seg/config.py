@@ -77,9 +77,7 @@ class SegOptim:
 class SegTrain(TrainConfig):
     steps: int = checked(160000, POSITIVE)
     batch_size: int = checked(16, POSITIVE)
-    precision: str = checked(
-        "fp16", PRECISION
-    )  # the config's AmpOptimWrapper: fp16 autocast, dynamic loss scale
+    precision: str = checked("fp16", PRECISION)  # mmseg's AmpOptimWrapper: fp16, dynamic scale
 
 
 @dataclass
