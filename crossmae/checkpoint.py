@@ -67,6 +67,9 @@ def _replace_atomic(path: str | Path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cause = e if isinstance(e, OSError) else e.__cause__ or e
+        raise OSError(f"could not write {path} (the previous file is kept): {cause}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -82,15 +85,24 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return _replace_atomic(path, lambda f: f.write(text.encode()))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load one of our checkpoints (plain dicts, ``weights_only``), with a clear error otherwise."""
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a file, a missing, truncated or foreign file being an
+    error that names it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(
+            f"{path} is not a loadable checkpoint ({type(e).__name__}: {first})"
+        ) from e
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load one of our checkpoints (plain dicts, ``weights_only``), with a clear error otherwise."""
+    ckpt = read_torch_file(path, map_location)
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise ValueError(f"{path} is not a crossmae checkpoint (no 'format' key)")
     return ckpt

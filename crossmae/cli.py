@@ -148,15 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``, the one error path of every command: an expected problem (a
-    config value, a missing or malformed file, a checkpoint of another kind: ``ConfigError``,
-    ``OSError``s about paths, ``ValueError``, ``KeyError``, and the command's own ``errors``)
-    prints one line naming it and returns 2; anything else keeps its traceback."""
+    config value, a missing, malformed or unwritable file, a checkpoint of another kind, a run
+    whose loss stays non-finite: ``ConfigError``, ``OSError``, ``ValueError``, ``KeyError``,
+    ``FloatingPointError`` and the command's own ``errors``) prints one line naming it and
+    returns 2; anything else keeps its traceback."""
     from omegaconf.errors import MissingMandatoryValue
 
     from .config import ConfigError
 
-    expected = (ConfigError, FileNotFoundError, FileExistsError, NotADirectoryError, ValueError,
-                KeyError, MissingMandatoryValue, *getattr(args, "errors", ()))  # fmt: skip
+    expected = (ConfigError, OSError, ValueError, KeyError, MissingMandatoryValue,
+                FloatingPointError, *getattr(args, "errors", ()))  # fmt: skip
     try:
         return args.func(args)
     except expected as e:

@@ -24,11 +24,14 @@ run resumed at step s reads the same batches as the uninterrupted one from step 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -59,7 +62,12 @@ from .data import CudaPrefetcher, ResumableSampler, make_loader
 log = logging.getLogger("crossmae")
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+# settings a run may change when it resumes: how it logs, where it runs, how fast it goes
+RESUMABLE_CHANGES = ("log.", "eval.", "output_dir", "data.num_workers", "train.device",
+                     "train.max_steps", "train.resume_with_changes", "train.micro_batch",
+                     "train.compile", "train.cuda_graph", "train.sdpa",
+                     "train.activation_memory_budget")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -95,8 +103,10 @@ class StopRequest:
         return bool(nonfinite), bool(stopping)
 
     def forward(self) -> None:
+        """Pass a received signal on to a previous Python handler (Ctrl-C's default one, which
+        would only print a KeyboardInterrupt traceback, excepted)."""
         prev = self._previous.get(self.signum)
-        if self.signum is not None and callable(prev):
+        if self.signum is not None and callable(prev) and prev is not signal.default_int_handler:
             signal.raise_signal(self.signum)
 
 
@@ -133,6 +143,72 @@ def check_precision(value: str, key: str = "train.precision") -> torch.dtype | N
     return PRECISIONS[value]
 
 
+class RunLock:
+    """``run.lock`` in a run folder, holding the host and process id of the run writing it: a
+    second run into the same folder is refused while the first is alive; a lock left by a
+    process that no longer exists (on this host) is taken over. Released on exit."""
+
+    NAME = "run.lock"
+    held: dict[Path, Path] = {}  # run folder -> lock file, taken by this process
+
+    @classmethod
+    def take(cls, out: Path) -> None:
+        path = out / cls.NAME
+        if out in cls.held:
+            return
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                host, _, pid = path.read_text().strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    log.warning("%s: taking over the lock of process %s, which has ended", out,
+                                pid)  # fmt: skip
+                    path.unlink(missing_ok=True)
+                    continue
+                raise FileExistsError(
+                    f"{out} is in use by process {pid} on {host} ({path}); if that run has "
+                    "ended elsewhere, delete the file"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            cls.held[out] = path
+            atexit.register(cls.release, out)
+            return
+
+    @classmethod
+    def release(cls, out: Path) -> None:
+        path = cls.held.pop(Path(out), None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """``key: saved -> now`` for every setting that differs, less ``RESUMABLE_CHANGES``."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(now)
+    keys = sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES))  # fmt: skip
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+
+
 def open_run(cfg: DictConfig, resume: str | None, out: str | Path) -> torch.device:
     """The opening of every run: a known precision, this process's device (joining torchrun's
     group), an output folder that does not already hold a run unless resuming, the resolved
@@ -147,7 +223,10 @@ def open_run(cfg: DictConfig, resume: str | None, out: str | Path) -> torch.devi
         )
     if du.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        RunLock.take(out)
+        if resume is None or (resume == "auto" and latest_checkpoint(out) is None):
+            write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))  # a resumed run's
+            # config.yaml is written once its checkpoint has accepted the settings
     du.barrier()
     setup_logging(out, du.rank())
     return device
@@ -332,7 +411,8 @@ class Engine:
         state = {**self.hooks.checkpoint_fields(), "model": self.model.state_dict(),
                  "step": self.step, "epoch": self.step // self.steps_per_epoch,
                  "steps_per_epoch": self.steps_per_epoch, "rng": rngs,
-                 "metrics": self.metrics}  # fmt: skip
+                 "metrics": self.metrics, "evaluated_at": self._evaluated_at,
+                 "last_record": self.last_record}  # fmt: skip
         if training_state:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict())
         save_atomic(state, self.out / tag)
@@ -347,6 +427,20 @@ class Engine:
                 log.info("no checkpoint in %s: starting a fresh run", self.out)
             return None
         ck = load_checkpoint(path)
+        fields = self.hooks.checkpoint_fields()
+        if "format" in fields and ck.get("format") != fields["format"]:
+            raise ConfigError(f"{path} is a {ck.get('format')!r} checkpoint; this run continues "
+                              f"{fields['format']!r} ones")  # fmt: skip
+        now = fields.get("config")
+        if now is not None and ck.get("config") is not None:
+            changes = changed_settings(ck["config"], now)
+            if changes and not now.get("train", {}).get("resume_with_changes"):
+                raise ConfigError(
+                    f"{path} was trained with other settings ({'; '.join(changes)}): resume "
+                    "with its settings, or add train.resume_with_changes=true to change them"
+                )
+            if self.rank == 0:
+                write_text_atomic(self.out / "config.yaml", OmegaConf.to_yaml(now))
         load_state_dict_strict(self.model, ck["model"], what=str(path))
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -357,6 +451,9 @@ class Engine:
                 f"{self.steps_per_epoch}: resume with the same data and batch size"
             )
         self.step, self.metrics = ck["step"], ck.get("metrics")
+        self.last_record = ck.get("last_record") or {}
+        self._saved_at = self.step
+        self._evaluated_at = ck.get("evaluated_at", -1)
         rngs = ck.get("rng") or []
         if len(rngs) == self.world:  # each process continues its own random streams
             restore_random_states(rngs[self.rank])
@@ -389,8 +486,10 @@ class Engine:
                **dict(zip(names, values, strict=True)),
                "img_per_s": w.steps * self.batch_size / dt, "step_time_s": dt / w.steps,
                "data_time_s": w.data_s / w.steps}  # fmt: skip
+        if w.good < w.steps:  # non-finite steps are skipped: not in the means
+            rec["skipped_steps"] = w.steps - w.good
         if w.good == 0:
-            rec["loss"] = float("nan")  # every step of the window was skipped
+            rec["loss"] = float("nan")
         if self._grad_norm is not None:
             rec["grad_norm"] = float(self._grad_norm)
             self._grad_norm = None
@@ -469,10 +568,12 @@ class Engine:
             log.warning("step %d: non-finite loss, step skipped (%d in a row)", self.step,
                         self.nonfinite_run)  # fmt: skip
             if self.nonfinite_run >= self.max_nonfinite:
+                last = latest_checkpoint(self.out)
+                state = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
                 raise FloatingPointError(
                     f"the loss was non-finite for {self.nonfinite_run} steps in a row (last at "
                     f"step {self.step}); lower the learning rate, set optim.clip_grad, or use "
-                    f"train.precision=bf16/fp32. Last good state: {self.out / LAST}"
+                    f"train.precision=bf16/fp32 ({state})"
                 )
         else:
             self.nonfinite_run = 0
@@ -563,9 +664,11 @@ class Engine:
                     self.save()
                 if self.keep_every_epochs and done % self.keep_every_epochs == 0:
                     self.save(f"checkpoint-epoch{done}.pt")
-        if not interrupted:
-            self._evaluate()
+        if not interrupted:  # the training is saved before a final evaluation can fail
             if self._saved_at != self.step:
+                self.save()
+            if self.hooks.evaluate is not None and self._evaluated_at != self.step:
+                self._evaluate()
                 self.save()
         return {"step": self.step, "interrupted": interrupted, "metrics": self.metrics}
 
@@ -576,6 +679,7 @@ class Engine:
                 f.close()
         self._progress = self._metrics_file = self._writer = None
         du.barrier()
+        RunLock.release(self.out)
         self.stop.forward()
 
 

@@ -32,6 +32,7 @@ from crossmae.checkpoint import (
     PRETRAIN_FORMAT,
     load_checkpoint,
     load_state_dict_strict,
+    read_torch_file,
     save_atomic,
     write_text_atomic,
 )
@@ -48,7 +49,7 @@ TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
 def from_official_file(src: str, arch: str, settings: dict) -> dict:
     """An official whole-model checkpoint -> our pretraining checkpoint (weights and the
     model's description; no optimizer state: for transfer and analysis, not for resuming)."""
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    ckpt = read_torch_file(src)
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{src}: not an official checkpoint ({{'model': state_dict}})")

@@ -11,7 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import ENCODER_FORMAT, PRETRAIN_FORMAT, load_state_dict_strict, unwrap
+from ..checkpoint import (
+    ENCODER_FORMAT,
+    PRETRAIN_FORMAT,
+    load_state_dict_strict,
+    read_torch_file,
+    unwrap,
+)
 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
@@ -59,7 +65,7 @@ def load_pretrained_encoder(
         official_arch: for an official release, the registered model it was trained as, e.g.
             ``crossmae_vit_base_patch16`` or ``mae_vit_large_patch16`` (official files do not say).
     """
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_torch_file(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt == PRETRAIN_FORMAT:
         sd = {
