@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
-from crossmae.cli import add_training_command
+from crossmae.cli import add_training_command, settings_help
 from crossmae.config import load_config
+
+from .config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
 
 
 def register(commands) -> None:
@@ -14,15 +16,16 @@ def register(commands) -> None:
     group = commands.add_parser("cls", help="classification transfer: kNN + fast probe, the "
                                 "linear probe, finetuning", description=__doc__)  # fmt: skip
     sub = group.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("frozen", help="kNN and fast linear probe of a frozen encoder")
+    p = sub.add_parser("frozen", help="kNN and fast linear probe of a frozen encoder",
+                       epilog=settings_help(FrozenEvalConfig))  # fmt: skip
     p.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.set_defaults(func=_frozen)
-    for name, what in (
-        ("finetune", "end-to-end finetuning (MAE / CrossMAE recipe)"),
-        ("linprobe", "the paper's linear probe (frozen encoder, LARS)"),
+    for name, schema, what in (
+        ("finetune", FinetuneConfig, "end-to-end finetuning (MAE / CrossMAE recipe)"),
+        ("linprobe", LinprobeConfig, "the paper's linear probe (frozen encoder, LARS)"),
     ):
-        add_training_command(sub, name, _train, help=what)
+        add_training_command(sub, name, _train, schema, help=what)
 
 
 def _frozen(args) -> int:

@@ -156,8 +156,8 @@ def finetune(cfg: DictConfig, *, resume: str | None = None) -> dict:
     seed_all(cfg.train.seed + rank)  # this process's streams (drop path, augmentations)
 
     # data
-    sampler, loader, accum = task_loader(_Keyed(Labelled(train_src, training_transform(cfg))),
-                                         cfg, device)  # fmt: skip
+    train_set = Labelled(train_src, training_transform(cfg), skip_unreadable=True)
+    sampler, loader, accum = task_loader(_Keyed(train_set), cfg, device)
     mixup = None
     if d.mixup > 0 or d.cutmix > 0:
         mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,

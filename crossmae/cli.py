@@ -88,10 +88,25 @@ def _psnr(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_training_command(sub, name: str, func, **parser_args) -> argparse.ArgumentParser:
+def settings_help(schema: type) -> str:
+    """What a command's ``key=value`` settings are: its schema's sections and required keys."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(schema)
+    sections = [k for k in cfg if not OmegaConf.is_missing(cfg, k) and OmegaConf.is_dict(cfg[k])]
+    required = sorted(OmegaConf.missing_keys(cfg))
+    text = (f"Settings are key=value over the sections {', '.join(sections)} "
+            f"({schema.__module__}.{schema.__name__}), after the --config files. ")  # fmt: skip
+    return text + (f"Required: {', '.join(required)}." if required else "None is required.")
+
+
+def add_training_command(
+    sub, name: str, func, schema: type, **parser_args
+) -> argparse.ArgumentParser:
     """A command that trains: ``--config FILE`` (repeatable, merged in order), ``--resume
-    auto|PATH`` and ``key=value`` settings, the same for every one of them."""
-    p = sub.add_parser(name, **parser_args)
+    auto|PATH`` and ``key=value`` settings, the same for every one of them; its help names
+    ``schema``'s sections and required keys."""
+    p = sub.add_parser(name, epilog=settings_help(schema), **parser_args)
     p.add_argument("--config", action="append", default=[], help="YAML file (repeatable, in order)")
     p.add_argument(
         "--resume",
@@ -119,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", action="store_true", help="build each model and count parameters")
     p.set_defaults(func=_models)
 
+    from .config import PretrainConfig
+
     add_training_command(
-        sub, "pretrain", _pretrain,
+        sub, "pretrain", _pretrain, PretrainConfig,
         help="pretrain CrossMAE / MAE (no arguments: a small CrossMAE on built-in photos)",
         description="Pretrain a CrossMAE or MAE model. Under torchrun, every process runs this.",
     )  # fmt: skip

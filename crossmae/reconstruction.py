@@ -81,19 +81,26 @@ def evaluate_reconstruction(
     model: nn.Module, loader, device: torch.device, *, pred_ratio: float | None = None
 ) -> dict[str, float]:
     """Mean loss and mean masked-patch PSNR over a loader of ``collate`` batches (which carry
-    their own masks, so the numbers are reproducible)."""
-    losses, psnrs, n = 0.0, 0.0, 0
+    their own masks, so the numbers are reproducible). A sample standing in for unreadable
+    files is left out: ``images`` counts the images measured, ``skipped_files`` names the
+    unreadable ones."""
+    losses, psnrs, n, skipped = 0.0, 0.0, 0, []
     for batch in loader:
-        imgs = batch["images"].to(device)
-        ids = batch["ids_shuffle"].to(device)
+        skipped += batch["skipped"]
+        keep = ~batch["replaced"]
+        if not keep.any():
+            continue
+        imgs = batch["images"][keep].to(device)
+        ids = batch["ids_shuffle"][keep].to(device)
         rec = reconstruct(model, imgs, ids, pred_ratio=pred_ratio)
         psnr = masked_psnr(rec["pred"], rec["original"], rec["predicted"], model.patch_size)
         losses += rec["loss"].item() * len(imgs)
         psnrs += psnr.sum().item()
         n += len(imgs)
     if n == 0:
-        raise ValueError("evaluate_reconstruction: the loader yielded no images")
-    return {"loss": losses / n, "psnr": psnrs / n, "images": n}
+        raise ValueError("evaluate_reconstruction: no readable image to measure")
+    return {"loss": losses / n, "psnr": psnrs / n, "images": n,
+            "skipped_files": sorted(set(skipped))}  # fmt: skip
 
 
 def folder_reconstruction_metrics(

@@ -185,9 +185,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
             return batch["images"].to(device, non_blocking=True)
 
     def inputs(batch: dict) -> dict[str, torch.Tensor]:
-        skipped.extend(batch["skipped"])
-        for name in batch["skipped"]:
-            log.warning("skipped unreadable file %s", name)
+        skipped.extend(batch["skipped"])  # each one logged by the worker that met it
         # on CUDA the prefetcher has copied them already (or the device decodes them)
         return {"imgs": to_images(batch),
                 "ids_shuffle": batch["ids_shuffle"].to(device, non_blocking=True)}  # fmt: skip
@@ -257,7 +255,7 @@ def pretrain(cfg: DictConfig, *, resume: str | None = None) -> dict:
                               warmup_steps=warmup_steps, min_lr=oc.min_lr),
         hooks=Hooks(evaluate=knn_monitor if knn_splits else None, after_epoch=visualise,
                     checkpoint_fields=fields,
-                    record_fields=lambda: {"skipped_files": len(skipped)}),
+                    record_fields=lambda: {"skipped_files": len(set(skipped))}),
         accum=accum, batch_size=tc.batch_size, precision=tc.precision, clip_grad=oc.clip_grad,
         max_nonfinite=tc.max_nonfinite_steps, log_every=lc.every_steps,
         ckpt_every=lc.ckpt_every_steps, ckpt_every_epochs=1, keep_every_epochs=lc.keep_every_epochs,

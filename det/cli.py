@@ -17,6 +17,8 @@ import torch
 from crossmae.cli import add_training_command
 from crossmae.config import load_config
 
+from .config import DetConfig
+
 
 def _train(args) -> int:
     from .config import DetConfig
@@ -83,7 +85,8 @@ def register(commands) -> None:
                                 description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = group.add_subparsers(dest="action", required=True)
-    add_training_command(sub, "train", _train, help="train ViTDet Mask R-CNN (COCO AP at the end)")
+    add_training_command(sub, "train", _train, DetConfig,
+                         help="train ViTDet Mask R-CNN (COCO AP at the end)")  # fmt: skip
     p = sub.add_parser("evaluate", help="COCO box / mask AP of a trained or imported detector")
     p.add_argument("checkpoint")
     p.add_argument("--json", required=True, help="COCO instances annotation file")

@@ -26,6 +26,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from crossmae.data.datasets import read_or_skip
+
 from .model import Targets
 from .structures import Polygons, nonempty, polygon_boxes
 
@@ -132,6 +134,13 @@ class CocoInstances(Dataset):
                 )
             self.anns[ann["image_id"]].append(ann)
         self.ids = sorted(self.images)
+        for i in self.ids:  # every image it names, before anything trains
+            name = self.images[i].get("file_name")
+            if not isinstance(name, str):
+                raise AnnotationError(f"{path}: image {i} has no file_name")
+            if not (self.root / name).is_file():
+                raise FileNotFoundError(f"{path}: image {i} names {self.root / name}, which "
+                                        "does not exist")  # fmt: skip
         if train:
             self.targets = {i: self._instances(i) for i in self.ids}
             self.ids = [i for i in self.ids if self.targets[i]]
@@ -165,8 +174,14 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict | Targets]:
         index, seed = key if isinstance(key, tuple) else (key, key)
+
+        def path(j: int) -> Path:
+            return self.root / self.images[self.ids[j]]["file_name"]
+
+        # training skips an unreadable image for the next; evaluation must see every one
+        index, img, _ = read_or_skip(lambda j: read_image(path(j)), lambda j: str(path(j)), index,
+                                     len(self.ids), skip=self.train)  # fmt: skip
         info = self.images[self.ids[index]]
-        img = read_image(self.root / info["file_name"])
         H, W = img.shape[:2]
         S = self.img_size
         if not self.train:

@@ -15,6 +15,8 @@ import json
 from crossmae.cli import add_training_command
 from crossmae.config import load_config, without_missing
 
+from .config import SegConfig
+
 
 def _train(args) -> int:
     from .config import SegConfig
@@ -83,7 +85,7 @@ def register(commands) -> None:
     group = commands.add_parser("seg", help="UperNet semantic segmentation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = group.add_subparsers(dest="action", required=True)
-    add_training_command(sub, "train", _train, help="train UperNet (mIoU at the end)")
+    add_training_command(sub, "train", _train, SegConfig, help="train UperNet (mIoU at the end)")
     p = sub.add_parser("evaluate", help="mIoU of a trained or imported segmenter")
     p.add_argument("checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",

@@ -31,6 +31,7 @@ class SegData:
     num_classes: int = checked(150, POSITIVE)  # custom only (ade20k: 150, camvid: 11)
     ignore_value: int | None = None  # custom only: raw label value of unlabelled pixels
     reduce_zero_label: bool = False  # custom only
+    ignore_other_labels: bool = False  # custom only: labels outside 0..C-1 ignored, not an error
     train_split: str = "training"
     val_split: str = "validation"
     crop: int = checked(512, POSITIVE)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from crossmae.data import load_rgb
+from crossmae.data.datasets import LabelError, read_or_skip
 
 IGNORE = 255
 IMG_EXTS = (".jpg", ".jpeg", ".png")
@@ -25,6 +26,8 @@ class LabelSpec:
     ignore_value: int | None = None  # a raw label value meaning "unlabelled"
     reduce_zero_label: bool = False  # ADE20K: raw 0 -> ignore, raw k -> k - 1
     class_names: tuple[str, ...] = ()  # for the per-class table ("class i" when empty)
+    # a label outside 0..C-1 (other than the ignore value) is an error; true ignores it instead
+    ignore_other_labels: bool = False
 
     def names(self) -> list[str]:
         return list(self.class_names) or [f"class {i}" for i in range(self.num_classes)]
@@ -37,7 +40,16 @@ class LabelSpec:
             lab = torch.where(
                 torch.from_numpy(raw.astype(np.int64)) == self.ignore_value, IGNORE, lab
             )
-        return torch.where((lab >= 0) & (lab < self.num_classes), lab, IGNORE)
+        inside = (lab >= 0) & (lab < self.num_classes)
+        if not self.ignore_other_labels:
+            other = lab[~inside & (lab != IGNORE)]
+            if other.numel():
+                values = sorted({int(v) for v in other.unique()[:8]})
+                raise LabelError(
+                    f"labels {values} are outside 0..{self.num_classes - 1} (raw values, after "
+                    "the dataset's mapping); set data.ignore_other_labels=true to ignore them"
+                )
+        return torch.where(inside, lab, IGNORE)
 
 
 ADE20K = LabelSpec(num_classes=150, reduce_zero_label=True)
@@ -56,8 +68,8 @@ class SegFolder(torch.utils.data.Dataset):
     Returns (image uint8 (3, H, W), label int64 (H, W) in 0..C-1 or ``IGNORE``, name).
     """
 
-    def __init__(self, root: str | Path, split: str, spec: LabelSpec):
-        self.root, self.spec = Path(root), spec
+    def __init__(self, root: str | Path, split: str, spec: LabelSpec, skip_unreadable=False):
+        self.root, self.spec, self.skip = Path(root), spec, skip_unreadable
         img_dir, ann_dir = self.root / "images" / split, self.root / "annotations" / split
         for d in (img_dir, ann_dir):
             if not d.is_dir():
@@ -80,10 +92,24 @@ class SegFolder(torch.utils.data.Dataset):
     def raw_label(self, i: int) -> np.ndarray:
         return np.array(Image.open(self.items[i][1]))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-        img_path, _ = self.items[i]
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img_path, lab_path = self.items[i]
         img = torch.from_numpy(np.array(load_rgb(img_path))).permute(2, 0, 1)
-        return img, self.spec.convert(self.raw_label(i)), img_path.stem
+        raw = self.raw_label(i)
+        if raw.shape != tuple(img.shape[1:]):
+            raise LabelError(f"{lab_path}: a {raw.shape} label map for a {tuple(img.shape[1:])} "
+                             f"image ({img_path})")  # fmt: skip
+        try:
+            return img, self.spec.convert(raw)
+        except LabelError as e:
+            raise LabelError(f"{lab_path}: {e}") from None
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """An unreadable image is skipped for the next (``skip_unreadable``) or is an error
+        naming it; a label map of another size or with unknown labels is an error naming it."""
+        i, (img, label), _ = read_or_skip(self.load, lambda j: str(self.items[j][0]), i,
+                                          len(self.items), skip=self.skip)  # fmt: skip
+        return img, label, self.items[i][0].stem
 
 
 def rescale_size(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:

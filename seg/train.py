@@ -62,16 +62,20 @@ def label_spec(cfg: DictConfig) -> LabelSpec:
     if cfg.dataset == "camvid":
         return CAMVID
     if cfg.dataset == "custom":
-        return LabelSpec(cfg.num_classes, cfg.ignore_value, cfg.reduce_zero_label)
+        return LabelSpec(cfg.num_classes, cfg.ignore_value, cfg.reduce_zero_label,
+                         ignore_other_labels=cfg.ignore_other_labels)  # fmt: skip
     raise ConfigError(f"dataset must be ade20k, camvid or custom, got {cfg.dataset!r}")
 
 
 def build_segmenter(cfg: DictConfig, num_classes: int, encoder_config: dict) -> UperNet:
     """The UperNet a ``SegConfig`` describes on an encoder of ``encoder_config``, untrained."""
     m = cfg.model
+    patch = m.patch_size or encoder_config["patch_size"]
+    if cfg.data.crop % patch:
+        raise ConfigError(f"data.crop={cfg.data.crop} is not a multiple of the patch size {patch}")
     backbone = SegViT(
         img_size=cfg.data.crop,
-        patch_size=m.patch_size or encoder_config["patch_size"],
+        patch_size=patch,
         **encoder_widths(encoder_config),
         drop_path_rate=m.drop_path_rate,
         out_indices=m.out_indices,
@@ -208,7 +212,7 @@ def train_segmenter(cfg: DictConfig, *, resume: str | None = None) -> dict:
     check_precision(cfg.eval.precision, "eval.precision")
     spec = label_spec(cfg.data)
     d = cfg.data
-    train_folder = SegFolder(d.root, d.train_split, spec)
+    train_folder = SegFolder(d.root, d.train_split, spec, skip_unreadable=True)
     val_folder = SegFolder(d.root, d.val_split, spec)
     device = open_run(cfg, resume, cfg.output_dir)
     out = Path(cfg.output_dir)

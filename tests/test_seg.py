@@ -3,6 +3,7 @@ and the data layouts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from conftest import REPO, check_random_states, tiny_encoder_export
 from PIL import Image
 
+from crossmae.data.datasets import LabelError
 from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
 from seg.metrics import SegMetrics, pixel_accuracy
 from seg.model import SegViT, UperNet, slide_inference
@@ -92,7 +94,11 @@ def test_perfect_predictions_give_miou_1(ade):
 
 
 def test_label_conventions(shared_dir):
-    assert ADE20K.convert(np.array([0, 1, 150, 151])).tolist() == [IGNORE, 0, 149, IGNORE]
+    assert ADE20K.convert(np.array([0, 1, 150])).tolist() == [IGNORE, 0, 149]
+    with pytest.raises(LabelError, match=r"labels \[150\] are outside 0..149"):
+        ADE20K.convert(np.array([0, 151]))  # no such class: an error, not silently ignored
+    lenient = dataclasses.replace(ADE20K, ignore_other_labels=True)
+    assert lenient.convert(np.array([0, 151])).tolist() == [IGNORE, IGNORE]
     assert CAMVID.convert(np.array([0, 10, 11])).tolist() == [0, 10, IGNORE]
     cam = SegFolder(shared_dir / "data" / "camvid", "val", CAMVID)
     img, label, _ = cam[0]

@@ -255,7 +255,8 @@ def test_mmseg_import_then_evaluate_commands(mm, shared_dir, tmp_path, capsys):
     capsys.readouterr()
     root = shared_dir / "data" / "ade20k_samples"
     args = [f"data.root={root}", "data.dataset=custom", f"data.num_classes={c['num_classes']}",
-            "data.reduce_zero_label=true", "data.val_split=validation",
+            "data.reduce_zero_label=true", "data.ignore_other_labels=true",
+            "data.val_split=validation",
             f"eval.stride={c['stride']}", f"data.scale={list(mm['pipeline']['scale'])}",
             "train.device=cpu"]  # fmt: skip
     assert main(["evaluate", str(tmp_path / "ours.pt"), *args]) == 0

@@ -6,7 +6,9 @@ one image on demand; loading errors are raised and handled by the caller, which 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -28,9 +30,48 @@ def _is_image(p: Path) -> bool:
 
 
 def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image fully (truncated or non-image files raise) as RGB."""
+    """Decode an image fully (truncated or non-image files raise) as 8-bit RGB. 16-bit and 32-bit
+    integer images (PIL modes ``I;16*`` and ``I``) are scaled to 0..255 rather than clipped."""
     with Image.open(path) as im:
+        if im.mode.startswith("I;16") or im.mode == "I":
+            a = np.asarray(im, dtype=np.float64)
+            top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+            im = Image.fromarray(np.round(a.clip(0, top) * (255.0 / top)).astype(np.uint8))
         return im.convert("RGB")
+
+
+T = TypeVar("T")
+MAX_CONSECUTIVE_BAD = 50  # unreadable files in a row before a run stops
+
+
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded; the message names it."""
+
+
+def read_or_skip(load: Callable[[int], T], name: Callable[[int], str], index: int, n: int,
+                 *, skip: bool) -> tuple[int, T, list[str]]:  # fmt: skip
+    """``load(index)``; if it fails and ``skip``, the next indices in turn (a warning naming
+    each unreadable file). Returns (the index used, what it loaded, the skipped files as
+    ``name (error)``). Without ``skip`` (evaluation: every image must count) the failure is an
+    ``UnreadableImage`` naming the file."""
+    skipped = []
+    for attempt in range(MAX_CONSECUTIVE_BAD if skip else 1):
+        i = (index + attempt) % n
+        try:
+            return i, load(i), skipped
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
+            if isinstance(e, LabelError):
+                raise
+            problem = f"{name(i)} ({type(e).__name__}: {e})"
+            if not skip:
+                raise UnreadableImage(f"unreadable image {problem}") from None
+            log.warning("skipped unreadable file %s", problem)
+            skipped.append(problem)
+    raise UnreadableImage(f"{MAX_CONSECUTIVE_BAD} unreadable files in a row, from {name(index)}")
+
+
+class LabelError(ValueError):
+    """A label map that does not fit its image or its dataset's classes; names the file."""
 
 
 class ImageFiles:
@@ -86,16 +127,20 @@ class ImageFiles:
 
 
 class Labelled(torch.utils.data.Dataset):
-    """(image tensor, label, index) of an ``ImageFiles`` source through a torchvision transform."""
+    """(image tensor, label, index) of an ``ImageFiles`` source through a torchvision transform.
+    ``skip_unreadable`` (training): an unreadable file is replaced by the next readable one and
+    reported; otherwise it is an error naming it."""
 
-    def __init__(self, source: ImageFiles, transform):
-        self.source, self.transform = source, transform
+    def __init__(self, source: ImageFiles, transform, skip_unreadable: bool = False):
+        self.source, self.transform, self.skip = source, transform, skip_unreadable
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        return self.transform(self.source.load(i)), self.source.labels[i], i
+        i, img, _ = read_or_skip(self.source.load, self.source.name, i, len(self.source),
+                                 skip=self.skip)  # fmt: skip
+        return self.transform(img), self.source.labels[i], i
 
 
 class BuiltinPhotos:

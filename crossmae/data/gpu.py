@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-from .datasets import ImageFiles
-from .loader import MAX_CONSECUTIVE_BAD
+from .datasets import ImageFiles, read_or_skip
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, rrc_params
 
 log = logging.getLogger(__name__)
@@ -47,19 +46,16 @@ class JpegSamples(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
         g = torch.Generator().manual_seed(seed)
-        skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            i = (index + attempt) % len(self.source)
-            path = self.source.files[i]
-            try:
-                data = path.read_bytes()
-                with Image.open(io.BytesIO(data)) as im:  # header only: the size, no decoding
-                    width, height = im.size
-                break
-            except Exception as e:
-                skipped.append(f"{path} ({type(e).__name__}: {e})")
-        else:
-            raise RuntimeError(f"{MAX_CONSECUTIVE_BAD} unreadable files in a row, from {path}")
+
+        def header(i: int) -> tuple[bytes, int, int]:
+            data = self.source.files[i].read_bytes()
+            with Image.open(io.BytesIO(data)) as im:  # header only: the size, no decoding
+                return data, *im.size
+
+        n = len(self.source)
+        i, (data, width, height), skipped = read_or_skip(header, self.source.name, index, n,
+                                                         skip=True)  # fmt: skip
+        path = self.source.files[i]
         box = rrc_params(height, width, self.scale, (3 / 4, 4 / 3), g)
         flip = bool(torch.rand((), generator=g).item() < 0.5)
         ids = self.mask_sampler(1, None, g)[0] if self.mask_sampler is not None else None

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-log = logging.getLogger(__name__)
+from .datasets import read_or_skip
 
-MAX_CONSECUTIVE_BAD = 50
+log = logging.getLogger(__name__)
 
 
 def sample_seed(*keys: int) -> int:
@@ -118,18 +117,8 @@ class PretrainSamples(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
         index, seed = key if isinstance(key, tuple) else (key, key)
         g = torch.Generator().manual_seed(seed)
-        skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD):
-            i = (index + attempt) % len(self.source)
-            try:
-                img: Image.Image = self.source.load(i)
-                break
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-                skipped.append(f"{self.source.name(i)} ({type(e).__name__}: {e})")
-        else:
-            raise RuntimeError(
-                f"{MAX_CONSECUTIVE_BAD} unreadable files in a row, from {self.source.name(index)}"
-            )
+        i, img, skipped = read_or_skip(self.source.load, self.source.name, index,
+                                       len(self.source), skip=True)  # fmt: skip
         image = self.transform(img, g)
         ids = self.mask_sampler(1, None, g)[0] if self.mask_sampler is not None else None
         labels = getattr(self.source, "labels", None)
@@ -138,13 +127,15 @@ class PretrainSamples(Dataset):
 
 def collate(samples: list[Sample]) -> dict:
     """Samples -> {"images" (N, 3, H, W), "ids_shuffle" (N, L) or None, "labels" (N,),
-    "skipped" [file names]}."""
+    "skipped" [file names], "replaced" (N,) bool: the sample is the next readable file after
+    unreadable ones}."""
     ids = [s.ids_shuffle for s in samples]
     return {
         "images": torch.stack([s.image for s in samples]),
         "ids_shuffle": torch.stack(ids) if ids[0] is not None else None,
         "labels": torch.tensor([s.label for s in samples]),
         "skipped": [name for s in samples for name in s.skipped],
+        "replaced": torch.tensor([bool(s.skipped) for s in samples]),
     }
 
 
