@@ -32,7 +32,9 @@ def _frozen(args) -> int:
     from .config import FrozenEvalConfig
     from .frozen import evaluate_frozen
 
-    result = evaluate_frozen(load_config(FrozenEvalConfig, args.config, args.overrides))
+    result = evaluate_frozen(
+        load_config(FrozenEvalConfig, args.config, args.overrides, complete=True)
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "config"}))
     return 0
 
@@ -42,6 +44,8 @@ def _train(args) -> int:
     from .finetune import finetune
 
     schema = LinprobeConfig if args.action == "linprobe" else FinetuneConfig
-    result = finetune(load_config(schema, args.config, args.overrides), resume=args.resume)
+    result = finetune(
+        load_config(schema, args.config, args.overrides, complete=True), resume=args.resume
+    )
     print(json.dumps(result))
     return 1 if result["interrupted"] else 0

@@ -45,7 +45,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .config import PretrainConfig, load_config
     from .train import pretrain
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    cfg = load_config(PretrainConfig, args.config, args.overrides, complete=True)
     summary = pretrain(cfg, resume=args.resume)
     return 1 if summary["interrupted"] else 0
 

@@ -235,13 +235,14 @@ def load_config(
     files: list[str | Path] = (),
     overrides: list[str] = (),
     base: dict[str, Any] | None = None,
+    complete: bool = False,
 ) -> DictConfig:
     """Schema defaults <- ``base`` (e.g. a checkpoint's config) <- each YAML file in order <-
     ``key=value`` overrides, in struct mode.
 
     A file may mark a value ``???`` (e.g. ``data.path``): it must then be set by a later file or
     an override. Raises ConfigError naming the offending key (unknown key, wrong type, missing
-    required value, unreadable file).
+    required value, unreadable file); ``complete``: also every value the schema leaves open.
     """
     cfg = OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
@@ -262,6 +263,8 @@ def load_config(
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"config key {getattr(e, 'full_key', '?')!r}: {msg}") from None
     missing = sorted(k for k in required if OmegaConf.select(cfg, k) is None)
+    if complete:  # a command about to run: every value the schema leaves open must be set
+        missing = sorted({*missing, *OmegaConf.missing_keys(cfg)})
     if missing:
         raise ConfigError(f"set the required value(s) {missing}, e.g. {missing[0]}=...")
     if problems := problems_of(cfg):

@@ -25,7 +25,9 @@ def _train(args) -> int:
     from .train import train_detector
 
     torch.set_float32_matmul_precision("high")
-    result = train_detector(load_config(DetConfig, args.config, args.overrides), resume=args.resume)
+    result = train_detector(
+        load_config(DetConfig, args.config, args.overrides, complete=True), resume=args.resume
+    )
     print(json.dumps(result))
     return 1 if result["interrupted"] else 0
 

@@ -23,7 +23,7 @@ def _train(args) -> int:
     from .train import train_segmenter
 
     result = train_segmenter(
-        load_config(SegConfig, args.config, args.overrides), resume=args.resume
+        load_config(SegConfig, args.config, args.overrides, complete=True), resume=args.resume
     )
     summary = {k: v for k, v in result.items() if k != "metrics"}
     if result["metrics"]:

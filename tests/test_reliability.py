@@ -1,0 +1,368 @@
+"""Reliability: no lost work, no silently wrong run, one-line errors. One test (or table row) per
+case of the list these were found in: concurrent runs, a failing final evaluation, resuming a
+finished or a changed run, Ctrl-C, nonsense settings, non-finite losses, 16-bit images, bad
+labels, unreadable files, and the messages a user reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO
+from PIL import Image
+from test_train import LONG, TINY, cli, wait_for_step
+
+from crossmae.checkpoint import LAST, load_checkpoint, save_atomic
+from crossmae.cli import main
+from crossmae.config import ConfigError, PretrainConfig, load_config
+from crossmae.train import pretrain
+
+
+def tiny(tmp_path: Path, *extra: str):
+    return load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path}", *extra])
+
+
+# ----------------------------------------------------------------------------- work lost
+def test_1_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """A live process's lock refuses the folder (nothing written); a dead one's is taken over;
+    a finished run leaves no lock."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "run.lock").write_text(f"{socket.gethostname()} {holder.pid}\n")
+        with pytest.raises(FileExistsError, match=f"in use by process {holder.pid}"):
+            pretrain(tiny(run, "train.epochs=1"))
+        assert sorted(p.name for p in run.iterdir()) == ["run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    summary = pretrain(tiny(run, "train.epochs=1"))  # the lock of an ended process: taken over
+    assert summary["step"] == 4 and not (run / "run.lock").exists()
+
+
+def test_2_the_training_is_saved_before_a_final_evaluation_that_fails(tmp_path):
+    from crossmae.data import ResumableSampler, make_loader
+    from crossmae.engine import Engine, Hooks
+
+    def evaluate(step):
+        raise RuntimeError("the evaluation found a problem")
+
+    model = torch.nn.Linear(2, 1)
+    sampler = ResumableSampler(8, per_rank_step=4, seed=0)
+    data = [(torch.randn(2), torch.randn(1)) for _ in range(8)]
+    engine = Engine(
+        model, torch.optim.SGD(model.parameters()), out=tmp_path, device=torch.device("cpu"),
+        sampler=sampler, loader=make_loader(_Keyed(data), sampler, 4, 0, False, _stack),
+        steps=4, lr_at=lambda s: 0.1, progress=False, inputs=lambda b: {"x": b[0], "y": b[1]},
+        losses=lambda f, x, y: {"loss": ((f(x) - y) ** 2).mean()},
+        hooks=Hooks(evaluate=evaluate, checkpoint_fields=lambda: {"format": "test"}),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="found a problem"):
+        engine.train()
+    assert load_checkpoint(tmp_path / LAST)["step"] == 4
+
+
+@pytest.mark.parametrize(
+    "schema, settings, message",
+    [("seg", ["eval.mode=sliding"], r"eval.mode=sliding: must be one of \['slide', 'whole'\]"),
+     ("det", ["eval.precision=fp8"], "eval.precision=fp8: must be one of")],
+)  # fmt: skip
+def test_2_settings_used_only_at_the_end_are_checked_when_the_config_loads(
+    schema, settings, message
+):
+    from det.config import DetConfig
+    from seg.config import SegConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config({"seg": SegConfig, "det": DetConfig}[schema], [], settings)
+
+
+def test_2_det_checks_every_image_its_annotations_name_before_training(shared_dir, tmp_path):
+    from det.data import AnnotationError, CocoInstances
+
+    coco = shared_dir / "data" / "coco128"
+    data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
+    data["images"][3]["file_name"] = "missing.jpg"
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    with pytest.raises(FileNotFoundError, match=r"names .*missing.jpg, which does not exist"):
+        CocoInstances(tmp_path / "a.json", coco / "train2017", train=False)
+    del data["images"][3]["file_name"]
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match="has no file_name"):
+        CocoInstances(tmp_path / "b.json", coco / "train2017", train=True)
+
+
+def test_3_resuming_a_finished_run_keeps_its_results(tmp_path):
+    first = pretrain(tiny(tmp_path))
+    again = pretrain(tiny(tmp_path), resume="auto")
+    assert again["step"] == first["step"] and again["final_loss"] == first["final_loss"]
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == first["final_loss"]
+
+
+def test_4_ctrl_c_stops_like_sigterm(tmp_path):
+    run = tmp_path / "run"
+    proc = cli(*LONG, f"output_dir={run}")
+    wait_for_step(run, proc, 3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out
+    assert "signal SIGINT: checkpoint written" in out and "Traceback" not in out
+    assert load_checkpoint(run / LAST)["step"] >= 3
+    assert not (run / "run.lock").exists()
+
+
+# ----------------------------------------------------------------------------- silently wrong
+@pytest.mark.parametrize(
+    "schema, setting, message",
+    [  # 5, 10, 14: each refused when the config loads, naming the key
+        ("pretrain", "optim.clip_grad=-1.0", "optim.clip_grad=-1.0: must be greater than 0"),
+        ("pretrain", "train.epochs=0", "train.epochs=0: must be greater than 0"),
+        ("pretrain", "data.crop_scale=[1.0,0.2]", r"crop_scale=\[1.0, 0.2\]: must be increasing"),
+        ("pretrain", "optim.warmup_epochs=-1", "optim.warmup_epochs=-1.0: must be at least 0"),
+        ("pretrain", "log.every_steps=0", "log.every_steps=0: must be greater than 0"),
+        ("pretrain", "optim.betas=[0.9]", r"optim.betas=\[0.9\]: must have 2 values"),
+        ("pretrain", "train.batch_size=0", "train.batch_size=0: must be greater than 0"),
+        ("pretrain", "model.mask_ratio=1.2", "model.mask_ratio=1.2: must be less than 1"),
+        ("pretrain", "model.name=crossmae_vit_bsae", "not a registered model"),
+        ("frozen", "knn.k=0", "knn.k=0: must be greater than 0"),
+        ("frozen", "probe.blrs=[0.1,-0.1]", "each value must be greater than 0"),
+        ("frozen", "probe.epochs=0", "probe.epochs=0: must be greater than 0"),
+        ("linprobe", "optim.blr=-0.1", "optim.blr=-0.1: must be greater than 0"),
+        ("linprobe", "train.epochs=0", "train.epochs=0: must be greater than 0"),
+        ("finetune", "data.label_smoothing=1.5", "data.label_smoothing=1.5: must be less than 1"),
+        ("finetune", "model.drop_path_rate=1.5", "model.drop_path_rate=1.5: must be less than 1"),
+        ("seg", "data.crop=0", "data.crop=0: must be greater than 0"),
+        ("det", "optim.lr_milestones=[10,5]", "must be increasing"),
+    ],
+)  # fmt: skip
+def test_5_10_14_nonsense_settings_are_refused_naming_the_key(schema, setting, message):
+    from cls.config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
+    from det.config import DetConfig
+    from seg.config import SegConfig
+
+    schemas = {"pretrain": PretrainConfig, "frozen": FrozenEvalConfig, "seg": SegConfig,
+               "linprobe": LinprobeConfig, "finetune": FinetuneConfig,
+               "det": DetConfig}  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        load_config(schemas[schema], [], [setting])
+
+
+def test_6_skipped_nonfinite_steps_are_counted_not_averaged_as_zero(tmp_path, monkeypatch):
+    from test_train import NanAfter
+
+    import crossmae.train as train_mod
+
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), {2, 3}))
+    pretrain(tiny(tmp_path / "a"))
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    assert [r.get("skipped_steps") for r in rows[:4]] == [None, 1, 1, None]
+    assert all(r["loss"] != r["loss"] for r in rows[1:3])  # NaN: no step to average, not 0.0
+    monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), range(1, 100)))
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        pretrain(tiny(tmp_path / "b", "train.max_nonfinite_steps=2"))
+
+
+def test_7_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from crossmae.data import load_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    rgb = np.asarray(load_rgb(tmp_path / "ramp16.png"))
+    assert rgb.shape == (8, 256, 3)
+    assert rgb[0, :, 0].tolist() == list(range(256))  # 0..65535 -> 0..255, in order
+
+
+def test_8_resuming_with_other_settings_is_refused_unless_asked(tmp_path):
+    pretrain(tiny(tmp_path, "train.epochs=1"))
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"optim.blr: 0.0015 -> 0.003.*resume_with_changes"):
+        pretrain(tiny(tmp_path, "train.epochs=1", "optim.blr=0.003"), resume="auto")
+    assert (tmp_path / "config.yaml").read_text() == saved  # not overwritten
+    # log settings may change; other settings on purpose
+    pretrain(tiny(tmp_path, "train.epochs=1", "log.every_steps=2"), resume="auto")
+    changed = tiny(tmp_path, "train.epochs=2", "train.resume_with_changes=true")
+    assert pretrain(changed, resume="auto")["step"] == 8
+    assert "epochs: 2" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("mask, expected", [(0.9, 0.9), (0.5, 0.5), (0.75, 0.75)])
+def test_9_the_prediction_ratio_defaults_to_the_mask_ratio(mask, expected):
+    from crossmae.train import build_model
+
+    cfg = load_config(PretrainConfig, [], [*TINY, f"model.mask_ratio={mask}"])
+    model = build_model(cfg.model)
+    assert (model.mask_ratio, model.pred_ratio) == (mask, expected)
+
+
+def test_10_a_crop_that_is_not_a_multiple_of_the_patch_is_refused():
+    from seg.config import SegConfig
+    from seg.train import build_segmenter
+
+    cfg = load_config(SegConfig, [], ["data.crop=100", "model.channels=8"])
+    enc = dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4.0,
+               norm_eps=1e-6)  # fmt: skip
+    with pytest.raises(ConfigError, match="data.crop=100 is not a multiple of the patch size 16"):
+        build_segmenter(cfg, 3, enc)
+
+
+def test_11_a_label_map_of_another_size_names_the_file(tmp_path):
+    from crossmae.data.datasets import LabelError
+    from seg.data import LabelSpec, SegFolder
+
+    for split in ("images", "annotations"):
+        (tmp_path / split / "train").mkdir(parents=True)
+    Image.new("RGB", (16, 12)).save(tmp_path / "images" / "train" / "a.jpg")
+    Image.new("L", (16, 8)).save(tmp_path / "annotations" / "train" / "a.png")
+    Image.new("RGB", (16, 12)).save(tmp_path / "images" / "train" / "b.jpg")
+    Image.fromarray(np.full((12, 16), 7, np.uint8)).save(
+        tmp_path / "annotations" / "train" / "b.png"
+    )
+    folder = SegFolder(tmp_path, "train", LabelSpec(num_classes=3))
+    with pytest.raises(LabelError, match=r"a.png: a \(8, 16\) label map for a \(12, 16\) image"):
+        folder[0]
+    with pytest.raises(LabelError, match=r"b.png: labels \[7\] are outside 0..2"):
+        folder[1]
+
+
+def test_12_psnr_leaves_out_and_names_unreadable_files(shared_dir, tmp_path, capsys):
+    from test_data import add_bad_files, cifar_folder
+
+    root = cifar_folder(shared_dir, tmp_path / "data", per_class=4, classes=1)
+    add_bad_files(root / "airplane", next((root / "airplane").iterdir()))
+    pretrain(tiny(tmp_path / "run", "train.epochs=1"))
+    args = [str(tmp_path / "run" / LAST), "--data", str(root), "--images", "100"]
+    assert main(["psnr", *args]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["images"] == 4  # the 4 readable images, none counted twice
+    names = {Path(s.split(" (")[0]).name for s in record["skipped_files"]}
+    assert names == {"corrupt.jpg", "truncated.jpg", "fake.png"}
+
+
+def test_12_records_and_summary_count_skipped_files_alike(shared_dir, tmp_path):
+    from test_data import add_bad_files, cifar_folder
+
+    root = cifar_folder(shared_dir, tmp_path / "data", per_class=10, classes=2)
+    add_bad_files(root / "airplane", next((root / "airplane").iterdir()))
+    summary = pretrain(tiny(tmp_path / "run", f"data.path={root}", "train.batch_size=8"))
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()][-1]
+    assert last["skipped_files"] == summary["skipped_files"] == 3
+
+
+# ----------------------------------------------------------------------------- crashes
+def test_13_unreadable_images_are_skipped_in_training_and_named_in_evaluation(shared_dir, tmp_path):
+    from test_data import cifar_folder
+
+    from cls.data import class_folders
+    from crossmae.data import Labelled
+    from crossmae.data.datasets import UnreadableImage
+
+    root = cifar_folder(shared_dir, tmp_path / "train", per_class=3, classes=2)
+    bad = root / "airplane" / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    src, _ = class_folders(root, root)
+    i = src.files.index(bad)
+    skipping = Labelled(src, lambda im: torch.zeros(1), skip_unreadable=True)
+    assert skipping[i][2] == (i + 1) % len(src)  # the next readable image stands in
+    with pytest.raises(UnreadableImage, match="broken.png"):
+        Labelled(src, lambda im: torch.zeros(1))[i]
+
+
+def test_13_seg_training_skips_an_unreadable_image(shared_dir, tmp_path):
+    import shutil
+
+    from seg.data import CAMVID, SegFolder
+
+    root = tmp_path / "camvid"
+    shutil.copytree(shared_dir / "data" / "camvid" / "images" / "val", root / "images" / "val")
+    shutil.copytree(shared_dir / "data" / "camvid" / "annotations" / "val",
+                    root / "annotations" / "val")  # fmt: skip
+    first = sorted((root / "images" / "val").iterdir())[0]
+    first.write_bytes(first.read_bytes()[:200])  # truncated
+    img, label, name = SegFolder(root, "val", CAMVID, skip_unreadable=True)[0]
+    assert name != first.stem and img.shape[1:] == label.shape
+
+
+# ----------------------------------------------------------------------------- messages
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crossmae", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)  # fmt: skip
+
+
+def test_15_expected_problems_are_one_line_errors(tmp_path):
+    random_file = tmp_path / "random.pt"
+    random_file.write_bytes(os.urandom(1000))
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: [1, \n")
+    seg_ckpt = tmp_path / "seg.pt"
+    save_atomic({"format": "crossmae-seg-v2", "config": {}, "model": {}}, seg_ckpt)
+    cases = [
+        (["cls", "finetune", "data.train=x", "data.val=y", f"output_dir={tmp_path}/o"],
+         "set the required value(s) ['encoder.checkpoint']"),
+        (["pretrain", "--config", str(tmp_path / "bad.yaml")], "bad.yaml line 3: not valid YAML"),
+        (["pretrain", *TINY, "train.batch_size=0"], "train.batch_size=0: must be greater than 0"),
+        (["det", "evaluate", str(seg_ckpt), "--json", "a.json", "--images", "d"],
+         "is a 'crossmae-seg-v2' checkpoint, not 'crossmae-det-v2'"),
+        (["convert", "to-timm", str(random_file), str(tmp_path / "t.pth")],
+         "random.pt is not a loadable checkpoint"),
+        (["pretrain", *TINY, f"output_dir={tmp_path / 'r'}", "--resume", str(seg_ckpt)],
+         "is a 'crossmae-seg-v2' checkpoint; this run continues 'crossmae-pretrain-v1' ones"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        res = run_cli(*argv)
+        assert res.returncode == 2, (argv, res.stderr[-2000:])
+        assert message in res.stderr, (argv, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr, (argv, res.stderr[-2000:])
+
+
+def test_15_a_failed_write_names_the_file_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / LAST
+    save_atomic({"format": "x", "step": 1}, path)
+
+    def full_disk(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc] file write failed") from (
+            OSError(28, "No space left on device")
+        )
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=f"could not write {path}.*No space left on device"):
+        save_atomic({"format": "x", "step": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+
+
+@pytest.mark.parametrize(
+    "argv, required",
+    [(["cls", "finetune"], "data.train, data.val, encoder.checkpoint, output_dir"),
+     (["det", "train"], "data.train_images, data.train_json"),
+     (["seg", "train"], "data.root, encoder.checkpoint, output_dir"),
+     (["pretrain"], "None is required")],
+)  # fmt: skip
+def test_16_help_names_the_sections_and_the_required_settings(argv, required, capsys):
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Settings are key=value over the sections" in text and required in text
+
+
+class _Keyed(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        return self.items[key[0]]
+
+
+def _stack(batch):
+    return torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
