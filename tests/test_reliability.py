@@ -366,3 +366,14 @@ class _Keyed(torch.utils.data.Dataset):
 
 def _stack(batch):
     return torch.stack([x for x, _ in batch]), torch.stack([y for _, y in batch])
+
+
+def test_15_transfer_sh_given_a_random_file_says_so(tmp_path):
+    random_file = tmp_path / "random.pt"
+    random_file.write_bytes(os.urandom(1000))
+    env = {**os.environ, "IMAGENET": str(tmp_path), "COCO": str(tmp_path), "ADE20K": str(tmp_path)}
+    res = subprocess.run(["bash", str(REPO / "tools" / "transfer.sh"), str(random_file),
+                          str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                         timeout=120)  # fmt: skip
+    assert res.returncode == 2
+    assert "random.pt is not a loadable checkpoint" in res.stderr and "Traceback" not in res.stderr

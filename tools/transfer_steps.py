@@ -22,9 +22,16 @@ STAGES = ("linprobe", "finetune", "det", "seg")
 
 def cmd_arch(args) -> int:
     """Width of the cls token, in any checkpoint format (ours, encoder export, official)."""
-    import torch
+    from crossmae.checkpoint import read_torch_file
 
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+    try:
+        ckpt = read_torch_file(args.checkpoint)
+    except (OSError, ValueError) as e:
+        print(f"transfer.sh: {e}", file=sys.stderr)
+        return 2
+    if not isinstance(ckpt, dict):
+        print(f"transfer.sh: {args.checkpoint} holds no state dict", file=sys.stderr)
+        return 2
     tensors = ckpt.get("model") or ckpt.get("encoder") or ckpt
     width = next((v.shape[-1] for k, v in tensors.items() if k.endswith("cls_token")), None)
     if width not in ARCH_BY_WIDTH:
