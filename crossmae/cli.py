@@ -8,6 +8,7 @@
   convert       checkpoints to / from the official code, MAE, timm, mmseg, detectron2
   analyze       the paper's analyses (reconstructions, decoder blocks, attention, FLOPs)
   benchmark     training-step, attention and data-pipeline speed
+  ablate        the paper's comparisons in miniature: variants x seeds, one table
   models        registered models
 
 Training commands take ``--config FILE`` (repeatable), ``--resume auto|PATH`` and ``key=value``
@@ -123,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     from det.cli import register as register_det
     from seg.cli import register as register_seg
 
-    from .commands import analyze, benchmark, convert
+    from .commands import ablate, analyze, benchmark, convert
 
     parser = argparse.ArgumentParser(
         prog="crossmae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -158,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the records to this JSON file")
     p.set_defaults(func=_psnr)
     for register in (register_cls, register_det, register_seg, convert.register,
-                     analyze.register, benchmark.register):  # fmt: skip
+                     analyze.register, benchmark.register, ablate.register):  # fmt: skip
         register(sub)
     return parser
 

@@ -1,1 +1,1 @@
-"""The ``crossmae convert``, ``crossmae analyze`` and ``crossmae benchmark`` commands."""
+"""The ``crossmae convert``, ``analyze``, ``benchmark`` and ``ablate`` commands."""

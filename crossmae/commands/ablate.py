@@ -1,0 +1,236 @@
+"""``crossmae ablate``: the paper's main comparisons in miniature, one command, one table.
+
+Pretrains each variant with each seed on one labelled image folder with one budget, evaluates
+every encoder the same way on a held-out split (kNN and the fast linear probe of ``cls frozen``,
+masked-patch PSNR), and writes ``OUT/ablation.md`` and ``OUT/ablation.json`` (per variant: decoder
+GMACs per image, img/s on this machine, final loss, PSNR, kNN top-1 and probe top-1, mean and
+spread over the seeds), the paper's comparisons read from them, and ``OUT/ablation.png``
+(accuracy against decoder FLOPs, the axes of the paper's Fig. 7). A finished run is not run
+again: the command continues where it stopped.
+
+    crossmae ablate --train ../shared/data/imagenette/train --val ../shared/data/imagenette/val \\
+        --out runs/ablation train.epochs=4
+
+``key=value`` settings apply to every pretraining run (``crossmae pretrain``'s schema); those
+starting with ``frozen.`` to the evaluation (``cls frozen``'s, e.g. ``frozen.probe.epochs=20``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+log = logging.getLogger("crossmae")
+
+# variant -> model settings on top of the shared ones; "{kind}" and "{arch}" fill the model name
+VARIANTS: dict[str, dict] = {
+    "mae": {"model.name": "mae_vit_{arch}", "model.decoder_depth": 8, "model.pred_ratio": None},
+    "mae_iba": {"model.name": "mae_vit_{arch}", "model.decoder_depth": 8,
+                "model.pred_ratio": None, "model.kwargs.weight_fm": True},
+    "crossmae_g0.75": {"model.name": "crossmae_vit_{arch}", "model.decoder_depth": 12,
+                       "model.pred_ratio": 0.75},
+    "crossmae_g0.25": {"model.name": "crossmae_vit_{arch}", "model.decoder_depth": 12,
+                       "model.pred_ratio": 0.25},
+    "crossmae_g0.25_last_block": {"model.name": "crossmae_vit_{arch}",
+                                  "model.decoder_depth": 12, "model.pred_ratio": 0.25,
+                                  "model.kwargs.weight_fm": False},
+    "crossmae_g0.25_depth4": {"model.name": "crossmae_vit_{arch}", "model.decoder_depth": 4,
+                              "model.pred_ratio": 0.25},
+}  # fmt: skip
+
+# the paper's claims as (claim, variant a, variant b): a is expected to be at least as good as b
+CLAIMS = [
+    ("CrossMAE matches MAE at a lower decoder cost (Table 1)", "crossmae_g0.25", "mae"),
+    ("predicting a quarter of the masked patches is as good as all of them (Table 3)",
+     "crossmae_g0.25", "crossmae_g0.75"),
+    ("inter-block attention beats the last encoder block alone (Table 3d)", "crossmae_g0.25",
+     "crossmae_g0.25_last_block"),
+    ("a deeper CrossMAE decoder helps little (Table 3)", "crossmae_g0.25",
+     "crossmae_g0.25_depth4"),
+    ("inter-block attention also helps MAE (Table 7)", "mae_iba", "mae"),
+]  # fmt: skip
+
+# the evaluation's defaults at this scale (configs/cls/frozen_imagenette_small.yaml's probe)
+FROZEN_DEFAULTS = ["probe.epochs=50", "probe.warmup_epochs=5", "probe.batch_size=1024",
+                   "probe.blrs=[0.1,0.3,1.0,3.0,10.0]"]  # fmt: skip
+METRICS = ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1")
+
+
+def settings_of(variant: str, arch: str) -> list[str]:
+    out = []
+    for key, value in VARIANTS[variant].items():
+        value = "null" if value is None else value
+        out.append(f"{key}={str(value).format(arch=arch)}")
+    return out
+
+
+def run_one(args, variant: str, seed: int, pretrain_settings: list[str],
+            frozen_settings: list[str]) -> dict:  # fmt: skip
+    """Pretrain (or continue) one variant with one seed, then evaluate it; cached in
+    ``ablate.json`` beside the run."""
+    import torch
+
+    from cls.config import FrozenEvalConfig
+    from cls.frozen import evaluate_frozen
+
+    from ..analysis import flop_counts
+    from ..checkpoint import write_text_atomic
+    from ..config import PretrainConfig, load_config
+    from ..models.pretrained import model_from_checkpoint
+    from ..reconstruction import folder_reconstruction_metrics
+    from ..train import pretrain
+
+    run = Path(args.out) / variant / f"seed{seed}"
+    done = run / "ablate.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    cfg = load_config(PretrainConfig, [], [
+        f"data.path={args.train}", f"output_dir={run}", f"train.seed={seed}",
+        "log.progress=false", "log.tensorboard=false", *pretrain_settings,
+        *settings_of(variant, args.arch)], complete=True)  # fmt: skip
+    log.info("ablate: %s seed %d -> %s", variant, seed, run)
+    summary = pretrain(cfg, resume="auto")
+    if summary["interrupted"]:
+        raise SystemExit(1)
+    from ..checkpoint import load_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(run / "checkpoint-last.pt")).eval()
+    frozen = load_config(FrozenEvalConfig, [], [
+        f"encoder.checkpoint={run / 'encoder.pt'}", f"data.train={args.train}",
+        f"data.val={args.val}", f"data.img_size={cfg.model.img_size}", "pool=avg",
+        f"data.num_workers={cfg.data.num_workers}", *FROZEN_DEFAULTS, *frozen_settings],
+        complete=True)  # fmt: skip
+    acc = evaluate_frozen(frozen)
+    rec = folder_reconstruction_metrics(model, args.val, images=args.psnr_images, seed=0)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
+    speeds = speeds[1:] if len(speeds) > 1 else speeds  # the first record holds the warm-up
+    result = {
+        "variant": variant, "seed": seed, "steps": summary["step"],
+        "decoder_gmacs": flop_counts(model)["decoder"],
+        "img_per_s": statistics.fmean(speeds), "final_loss": summary["final_loss"],
+        "psnr": rec["psnr"], "knn_top1": acc["knn_top1"], "probe_top1": acc["linprobe_top1"],
+        "settings": settings_of(variant, args.arch), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    write_text_atomic(done, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def aggregate(results: list[dict]) -> dict[str, dict]:
+    """Per variant: each metric's mean and spread (half the range over the seeds)."""
+    table = {}
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rows = [r for r in results if r["variant"] == variant]
+        table[variant] = {"seeds": len(rows)}
+        for m in METRICS:
+            values = [r[m] for r in rows]
+            table[variant][m] = {"mean": statistics.fmean(values),
+                                 "spread": (max(values) - min(values)) / 2}  # fmt: skip
+    return table
+
+
+def comparisons(table: dict[str, dict]) -> list[dict]:
+    """Each claim whose two variants were run: the difference of kNN and probe top-1, called a
+    difference only when it exceeds the two variants' spreads added."""
+    out = []
+    for claim, a, b in CLAIMS:
+        if a not in table or b not in table:
+            continue
+        row = {"claim": claim, "a": a, "b": b}
+        for m in ("knn_top1", "probe_top1"):
+            diff = table[a][m]["mean"] - table[b][m]["mean"]
+            noise = table[a][m]["spread"] + table[b][m]["spread"]
+            verdict = "no difference" if abs(diff) <= noise else ("a better" if diff > 0 else
+                                                                  "b better")  # fmt: skip
+            row[m] = {"difference": diff, "noise": noise, "verdict": verdict}
+        out.append(row)
+    return out
+
+
+def markdown(table: dict[str, dict], claims: list[dict], header: str) -> str:
+    def cell(v: dict, digits: int) -> str:
+        return f"{v['mean']:.{digits}f} ± {v['spread']:.{digits}f}"
+
+    lines = [header, "",
+             "| variant | seeds | decoder GMACs / image | img/s | final loss | PSNR (dB) "
+             "| kNN top-1 | probe top-1 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, t in table.items():
+        lines.append(f"| {name} | {t['seeds']} | {t['decoder_gmacs']['mean']:.3f} | "
+                     f"{t['img_per_s']['mean']:.0f} | {cell(t['final_loss'], 3)} | "
+                     f"{cell(t['psnr'], 2)} | {cell(t['knn_top1'], 2)} | "
+                     f"{cell(t['probe_top1'], 2)} |")  # fmt: skip
+    lines += ["", "Mean ± spread (half the range over the seeds). A difference is called one only "
+              "when it exceeds the two variants' spreads added.", "",
+              "| claim (a vs b) | kNN: a - b | probe: a - b |", "|---|---|---|"]  # fmt: skip
+    for c in claims:
+        k, p = c["knn_top1"], c["probe_top1"]
+        lines.append(f"| {c['claim']} ({c['a']} vs {c['b']}) | {k['difference']:+.2f} "
+                     f"({k['verdict']}) | {p['difference']:+.2f} ({p['verdict']}) |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: dict[str, dict], path: Path) -> None:
+    from ..visualize import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, t in table.items():
+        x = t["decoder_gmacs"]["mean"]
+        for m, marker in (("knn_top1", "o"), ("probe_top1", "s")):
+            ax.errorbar(x, t[m]["mean"], yerr=t[m]["spread"], fmt=marker,
+                        color="C0" if name.startswith("crossmae") else "C3", capsize=3)  # fmt: skip
+        ax.annotate(name, (x, t["knn_top1"]["mean"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("decoder GMACs per image (forward)")
+    ax.set_ylabel("top-1 (%): kNN (circles), linear probe (squares)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_ablate(args) -> int:
+    from ..checkpoint import write_text_atomic
+    from ..config import ConfigError
+
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be at least 1")
+    frozen = [o.removeprefix("frozen.") for o in args.overrides if o.startswith("frozen.")]
+    shared = [o for o in args.overrides if not o.startswith("frozen.")]
+    out = Path(args.out)
+    results = [run_one(args, v, s, shared, frozen)
+               for v in args.variants for s in range(args.seeds)]  # fmt: skip
+    table = aggregate(results)
+    claims = comparisons(table)
+    header = (f"Ablation on {args.train} (evaluated on {args.val}), {args.seeds} seed(s), "
+              f"settings: {' '.join(args.overrides) or 'defaults'}")  # fmt: skip
+    write_text_atomic(out / "ablation.md", markdown(table, claims, header))
+    write_text_atomic(out / "ablation.json", json.dumps(
+        {"table": table, "comparisons": claims, "runs": results}, indent=1) + "\n")  # fmt: skip
+    plot(table, out / "ablation.png")
+    print((out / "ablation.md").read_text())
+    return 0
+
+
+def register(commands) -> None:
+    """``crossmae ablate``."""
+    p = commands.add_parser("ablate", help="the paper's comparisons in miniature: one table",
+                            description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--train", required=True, help="labelled ImageFolder: pretraining and probes")
+    p.add_argument("--val", required=True, help="held-out ImageFolder with the same classes")
+    p.add_argument("--out", required=True, help="folder for the runs and the table")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
+                   help=f"any of {', '.join(VARIANTS)} (default: all)")  # fmt: skip
+    p.add_argument("--seeds", type=int, default=2, help="runs per variant (seeds 0, 1, ...)")
+    p.add_argument("--arch", default="tiny_patch8", help="model size: {kind}_vit_ARCH")
+    p.add_argument("--psnr-images", type=int, default=500, help="val images for the PSNR")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="pretraining settings; frozen.KEY=VALUE for the evaluation")  # fmt: skip
+    p.set_defaults(func=cmd_ablate)
