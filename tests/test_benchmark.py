@@ -115,3 +115,14 @@ def test_training_flops_match_the_reference(name, pred_ratio, gflop):
     embed_flops = 2 * 768 * (3 * 16 * 16)  # one patch through the 16x16 convolution, forward
     expected = gflop - dropped * embed_flops * 2 / 1e9  # forward + weight gradient
     assert counter.get_total_flops() / 1e9 == pytest.approx(expected, abs=0.05)
+
+
+def test_transfer_task_steps_are_timed_on_the_engine():
+    """ViTDet, UperNet and finetuning steps (each recipe's precision) and their evaluation
+    throughput, at a tiny size on CPU: one row each with speed and FLOPs."""
+    rows = run_tool("tasks", "--tiny", "--steps", "1", "--warmup", "1")
+    assert [(r["task"], r["precision"]) for r in rows] == [
+        ("det", "fp16"), ("seg", "fp16"), ("finetune", "bf16")
+    ]  # fmt: skip
+    for r in rows:
+        assert r["img_per_s"] > 0 and r["eval_img_per_s"] > 0 and r["gflop_per_img"] > 0

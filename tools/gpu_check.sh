@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks and speed measurements on any machine with one CUDA GPU: the GPU-marked tests, the
-# pretraining step at real sizes (the engine's own step: eager, compiled, compiled + CUDA graph),
-# the attention kernels at the model's shapes, and the image pipeline. Writes OUT/ (default
-# gpu_check/): gpu_check.log, step.jsonl (one JSON line per benchmark row, with the card's name),
-# attention.jsonl, data.jsonl.
+# pretraining step at real sizes (the engine's own step: eager, compiled, compiled + CUDA graph;
+# ViT-B, then ViT-L and ViT-H), the transfer tasks' training step and evaluation throughput
+# (ViTDet-B, UperNet-B, ViT-B finetuning), the attention kernels at the model's shapes, and the
+# image pipeline. Writes OUT/ (default gpu_check/): gpu_check.log, step.jsonl (one JSON line per
+# benchmark row, with the card's name), tasks.jsonl, attention.jsonl, data.jsonl.
 #
 #   bash tools/gpu_check.sh [OUT]
 #
@@ -40,6 +41,14 @@ stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than
   stage 120 "${STEP[@]}" --models mae_vit_base_patch16 --modes compiled graphed
   stage 150 "${STEP[@]}" --models crossmae_vit_base_patch16 --pred-ratios 0.25 0.75 \
     --modes eager compiled
+  stage 150 "$PY" -m crossmae benchmark tasks --steps 10 --warmup 3 --out "$OUT/tasks.jsonl"
+  stage 150 "$PY" -m crossmae benchmark tasks --compile --steps 10 --warmup 3 \
+    --out "$OUT/tasks.jsonl"
+  for size in large_patch16 huge_patch14; do
+    stage 200 "$PY" -m crossmae benchmark step --models "crossmae_vit_$size" "mae_vit_$size" \
+      --pred-ratios 0.25 0.75 --batch 128 --steps 20 --warmup 5 --modes compiled \
+      --out "$OUT/step.jsonl"
+  done
   stage 60 "$PY" -m crossmae benchmark attention --batch 256 | tee "$OUT/attention.jsonl"
   if [[ -d $IMAGES ]]; then
     stage 60 "$PY" -m crossmae benchmark data --folder "$IMAGES" --images 1000 \

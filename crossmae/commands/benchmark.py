@@ -479,6 +479,156 @@ def cmd_step(args) -> int:
     return 0
 
 
+VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+             norm_eps=1e-6)  # fmt: skip
+VIT_TINY = dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4.0,
+                norm_eps=1e-6)  # fmt: skip
+
+
+def task_case(task: str, tiny: bool, batch: int | None, device: torch.device):
+    """(model, inputs, losses, precision, eval_fn, batch) of one transfer task's training step at
+    its recipe's size (``tiny``: CPU / CI sizes): ViTDet-B Mask R-CNN at 1024 px, UperNet-B on
+    512 px crops, ViT-B finetuning at 224 px."""
+    enc = VIT_TINY if tiny else VIT_B
+    g = torch.Generator().manual_seed(0)
+    if task == "det":
+        import numpy as np
+        from omegaconf import OmegaConf
+
+        from det.config import DetConfig
+        from det.model import Targets, build_detector
+
+        size, batch = (64 if tiny else 1024), batch or 2
+        heads = {"pyramid_channels": 16, "box_conv_dims": [16], "box_fc_dims": [16],
+                 "mask_conv_dims": [16], "mask_deconv_dim": 16} if tiny else {}  # fmt: skip
+        shape = {"img_size": size, "window": 2 if tiny else 14, "heads": heads}
+        mcfg = OmegaConf.merge(OmegaConf.structured(DetConfig).model, shape)
+        model = build_detector(mcfg, 80, enc).to(device)
+        imgs = [torch.randint(0, 256, (3, size, size * 3 // 4), generator=g, dtype=torch.uint8)
+                .to(device) for _ in range(batch)]  # fmt: skip
+        boxes = torch.tensor([[10.0, 12.0, size / 2, size / 3], [size / 4, size / 5, size * 0.6,
+                              size * 0.7]])  # fmt: skip
+        polys = [[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
+                 for x0, y0, x1, y1 in boxes.tolist()]  # fmt: skip
+        targets = [Targets(boxes, torch.tensor([3, 7]), polys).to(device) for _ in range(batch)]
+
+        def losses(forward, imgs, targets):
+            parts = forward(imgs, targets)
+            return {**parts, "loss": sum(parts.values())}
+
+        def evaluate():
+            return model(imgs[:1])
+
+        return model, {"imgs": imgs, "targets": targets}, losses, "fp16", evaluate, batch
+    if task == "seg":
+        from omegaconf import OmegaConf
+
+        from seg.config import SegConfig
+        from seg.model import slide_inference
+        from seg.train import build_segmenter, segmentation_losses
+
+        crop, batch = (32 if tiny else 512), batch or 2
+        cfg = OmegaConf.merge(OmegaConf.structured(SegConfig), {
+            "data": {"crop": crop}, "model": {"channels": 16 if tiny else 768,
+                                              "aux_channels": 8 if tiny else 256}})  # fmt: skip
+        model = build_segmenter(cfg, 150, enc).to(device)
+        imgs = torch.randn(batch, 3, crop, crop, generator=g).to(device)
+        labels = torch.randint(0, 150, (batch, crop, crop), generator=g).to(device)
+
+        def losses(forward, imgs, labels):
+            parts = segmentation_losses(forward(imgs), labels, aux_weight=0.4)
+            return {**parts, "loss": parts["decode_loss_ce"] + parts["aux_loss_ce"]}
+
+        image = torch.randn(1, 3, crop, crop * 4 // 3, generator=g).to(device)  # 512 x 683
+
+        def evaluate():  # one image by sliding windows, as ADE20K's test images are scaled
+            return slide_inference(model, image, 150, crop=crop, stride=crop * 2 // 3)
+
+        return model, {"imgs": imgs, "labels": labels}, losses, "fp16", evaluate, batch
+    if task == "finetune":
+        from cls.encoder import build_classifier
+        from crossmae.models import VisionTransformer
+
+        batch = batch or 128
+        sd = VisionTransformer(**enc).state_dict()
+        model = build_classifier(sd, enc, num_classes=1000, img_size=enc["img_size"],
+                                 drop_path_rate=0.1).to(device)  # fmt: skip
+        imgs = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
+        ys = torch.randint(0, 1000, (batch,), generator=g).to(device)
+
+        def losses(forward, imgs, ys):
+            return {"loss": torch.nn.functional.cross_entropy(forward(imgs).float(), ys)}
+
+        def evaluate():
+            return model(imgs)
+
+        return model, {"imgs": imgs, "ys": ys}, losses, "bf16", evaluate, batch
+    raise ValueError(f"unknown task {task!r} (det, seg, finetune)")
+
+
+def cmd_tasks(args) -> int:
+    """The transfer tasks' training step (the engine's, at each recipe's precision) and their
+    evaluation throughput: img/s, step ms, peak memory, FLOPs per image and MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peak = args.peak_tflops or matmul_peak_tflops(device)
+    for task in args.tasks:
+        model, inputs, losses, precision, evaluate, batch = task_case(
+            task, args.tiny, args.batch, device
+        )
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                fused=device.type == "cuda")  # fmt: skip
+        for group in opt.param_groups:
+            group["lr_scale"] = 1.0
+        engine = Engine(model, opt, out=".", device=device, sampler=None, loader=None,
+                        steps=10**9, lr_at=lambda s: 1e-4, inputs=dict, losses=losses,
+                        batch_size=batch, precision=precision, log_every=10**9,
+                        compile=args.compile)  # fmt: skip
+        engine.prepare()
+        batches = itertools.repeat(inputs)
+        with FlopCounterMode(display=False) as counter:
+            engine.train_step(batches)
+        flops = counter.get_total_flops() / batch
+        for _ in range(args.warmup):
+            engine.train_step(batches)
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            engine.train_step(batches)
+        sync(device)
+        dt = (time.perf_counter() - t) / args.steps
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                             enabled=args.eval_bf16):  # fmt: skip
+            evaluate()
+            sync(device)
+            t_eval = time.perf_counter()
+            for _ in range(args.steps):
+                evaluate()
+            sync(device)
+        eval_s = (time.perf_counter() - t_eval) / args.steps
+        rec = {"task": task, "tiny": args.tiny, "batch": batch, "precision": precision,
+               "compile": args.compile, "img_per_s": batch / dt, "step_ms": dt * 1e3,
+               "gflop_per_img": flops / 1e9,
+               "eval_img_per_s": (len(inputs["imgs"]) if task == "finetune" else 1) / eval_s,
+               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
+               if device.type == "cuda" else None,
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__}  # fmt: skip
+        if peak:
+            rec["mfu"] = rec["img_per_s"] * flops / (peak * 1e12)
+        print(json.dumps(rec), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        del engine, model, opt
+        gc.collect()
+    return 0
+
+
 def cmd_attention(args) -> int:
     """Forward + backward of each SDPA backend at the attention shapes of a ViT-B step (mask ratio
     0.75: 50 encoder tokens with cls; CrossMAE γ=0.25: 49 queries; MAE: 197 decoder tokens).
@@ -642,6 +792,19 @@ def register(commands) -> None:
     add_model_args(p)
     p.add_argument("--top", type=int, default=15, help="largest groups listed per row")
     p.set_defaults(func=cmd_saved)
+    p = sub.add_parser("tasks", help="transfer tasks' training step and evaluation throughput")
+    p.add_argument("--tasks", nargs="+", default=["det", "seg", "finetune"],
+                   choices=["det", "seg", "finetune"])  # fmt: skip
+    p.add_argument("--batch", type=int, default=None, help="default: each recipe's per GPU")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--eval-bf16", action="store_true", help="evaluate under bf16 autocast")
+    p.add_argument("--tiny", action="store_true", help="tiny widths and sizes (CPU / CI)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="append the JSON lines to this file")
+    p.set_defaults(func=cmd_tasks)
     p = sub.add_parser("attention", help="SDPA backends at the model's attention shapes")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
