@@ -12,6 +12,8 @@
 #                     its own limit, so what finished is always written
 #            IMAGES   a JPEG folder for the image-pipeline stage (default: Imagenette's train split
 #                     under $CROSSMAE_SHARED or ../shared/data; skipped if absent)
+#            FROM     the first stage to run (default 1): a second call with FROM=N continues
+#                     where a first one stopped at its budget (the log numbers the stages)
 #            PYTHON   the interpreter (default: python)
 set -uo pipefail
 OUT=${1:-gpu_check}
@@ -24,11 +26,14 @@ export PYTHONUNBUFFERED=1
 STEP=("$PY" -m crossmae benchmark step --batch 256 --steps 30 --warmup 5 --out "$OUT/step.jsonl")
 B16=(--models crossmae_vit_base_patch16 --pred-ratios 0.25)
 
-stage() {  # stage SECONDS CMD...: run unless past the budget, never longer than SECONDS
+N=0
+stage() {  # stage SECONDS CMD...: run unless before FROM or past the budget, at most SECONDS
   local limit=$1
   shift
-  if ((SECONDS + 20 > BUDGET)); then echo "## skipped (time budget): $*"; return; fi
-  echo "## [$SECONDS s] $*"
+  N=$((N + 1))
+  if ((N < ${FROM:-1})); then return; fi
+  if ((SECONDS + 20 > BUDGET)); then echo "## stage $N skipped (time budget): $*"; return; fi
+  echo "## stage $N [$SECONDS s] $*"
   timeout -k 5 "$limit" "$@" || echo "## exit $? : $*"
 }
 
