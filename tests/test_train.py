@@ -242,14 +242,18 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert losses(run) == losses(tmp_path / "ref")  # bit for bit
 
 
-def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_leaves_a_usable_checkpoint(tmp_path, sig):
+    """SIGTERM (Slurm, submitit) and Ctrl-C alike: the step finishes, a checkpoint is written,
+    the run exits 1 without a traceback, and --resume auto completes it."""
     run = tmp_path / "run"
     proc = cli(*LONG, f"output_dir={run}")
     wait_for_step(run, proc, 3)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
-    assert "checkpoint written" in out and "--resume auto" in out
+    assert f"signal {sig.name}: checkpoint written" in out and "--resume auto" in out
+    assert "Traceback" not in out and not (run / "run.lock").exists()
     ckpt = load_checkpoint(run / LAST)
     assert 3 <= ckpt["step"] < 40 and json.loads((run / "summary.json").read_text())["interrupted"]
     model_from_checkpoint(ckpt)
