@@ -579,8 +579,6 @@ def cmd_tasks(args) -> int:
         )
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                 fused=device.type == "cuda")  # fmt: skip
-        for group in opt.param_groups:
-            group["lr_scale"] = 1.0
         engine = Engine(model, opt, out=".", device=device, sampler=None, loader=None,
                         steps=10**9, lr_at=lambda s: 1e-4, inputs=dict, losses=losses,
                         batch_size=batch, precision=precision, log_every=10**9,
