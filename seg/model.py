@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp
 from torch import nn
 
 from crossmae.checkpoint import load_state_dict_strict
 from crossmae.models.layers import (
     NORM_EPS,
-    DropPath,
-    Mlp,
     PatchEmbed,
     adapt_encoder_state,
     init_weights_,

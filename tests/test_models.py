@@ -96,7 +96,7 @@ def test_registry_errors():
     with pytest.raises(KeyError, match="did you mean crossmae_vit_base_patch16"):
         crossmae.create_model("crossmae_vit_bsae_patch16")
     with pytest.raises(ValueError, match="already registered"):
-        register_model("mae_vit_base_patch16", MAE)
+        register_model("mae_vit_base_patch16", MAE, {})
 
 
 @pytest.mark.parametrize(

@@ -37,13 +37,10 @@ from crossmae.checkpoint import (
     write_text_atomic,
 )
 from crossmae.config import parse_settings
-from crossmae.models import create_model
+from crossmae.models import create_model, model_class
 from crossmae.models.official import official_to_ours, to_official
 from crossmae.models.pretrained import load_pretrained_encoder
-
-TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224",
-              768: "vit_base_patch16_224", 1024: "vit_large_patch16_224",
-              1280: "vit_huge_patch14_224"}  # fmt: skip
+from crossmae.models.sizes import size_of
 
 
 def from_official_file(src: str, arch: str, settings: dict) -> dict:
@@ -53,7 +50,7 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{src}: not an official checkpoint ({{'model': state_dict}})")
-    kind = arch.split("_")[0]
+    kind = model_class(arch).kind
     model = create_model(arch, **settings)
     ours = official_to_ours(state, kind=kind)
     dtypes = {v.dtype for v in ours.values() if torch.is_floating_point(v)}
@@ -80,7 +77,7 @@ def cmd_to_official(args) -> int:
     ckpt = load_checkpoint(args.src)
     if ckpt.get("format") != PRETRAIN_FORMAT:
         raise ValueError(f"{args.src}: to-official needs a whole-model pretraining checkpoint")
-    kind = ckpt["model_name"].split("_")[0]
+    kind = model_class(ckpt["model_name"]).kind
     save_atomic({"model": to_official(ckpt["model"], kind=kind)}, args.dest)
     print(f"wrote {args.dest}: official {kind} layout")
     return 0
@@ -110,7 +107,10 @@ def timm_kwargs(config: dict) -> dict:
 def cmd_to_timm(args) -> int:
     sd, config = load_pretrained_encoder(args.src, official_arch=args.official_arch)
     kwargs = timm_kwargs(config)
-    name = TIMM_NAMES.get(config["embed_dim"], "vit_base_patch16_224")
+    try:  # the timm model of these widths; every width is passed explicitly anyway
+        name = size_of(config["embed_dim"], config["depth"], config["num_heads"]).timm_name
+    except ValueError:  # an encoder of no table size (a test model)
+        name = "vit_base_patch16_224"
     save_atomic(sd, args.dest)
     call = {"model_name": name, "pretrained": False, **kwargs}
     write_text_atomic(Path(str(args.dest) + ".json"), json.dumps(call, indent=1) + "\n")

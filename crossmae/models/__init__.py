@@ -3,7 +3,7 @@
 from .crossmae import CrossMAE
 from .mae import MAE
 from .official import from_official, to_official
-from .registry import create_model, list_models, register_model
+from .registry import create_model, list_models, model_class, register_model
 from .vit import VisionTransformer
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "create_model",
     "from_official",
     "list_models",
+    "model_class",
     "register_model",
     "to_official",
 ]

@@ -142,6 +142,8 @@ class CrossMAE(MaskedAutoencoderBase):
         norm_eps: LayerNorm epsilon.
     """
 
+    kind = "crossmae"  # the official code's name for this model (its checkpoint layout)
+
     def __init__(
         self,
         img_size: int | Sequence[int] = 224,

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath, Mlp  # stochastic depth; fc1 -> exact GELU -> fc2
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -51,46 +52,6 @@ def set_attention_backend(model: nn.Module, name: str) -> nn.Module:
         if isinstance(m, Attention | CrossAttention):
             m.backend = name
     return model
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al. 2016): drops the residual branch of a sample.
-
-    Args:
-        p: probability of dropping the branch.
-    """
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.p
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-class Mlp(nn.Module):
-    """Two-layer MLP with exact GELU.
-
-    Args:
-        dim: input and output width.
-        hidden_dim: hidden width.
-    """
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Attention(nn.Module):

@@ -102,6 +102,8 @@ class MAE(MaskedAutoencoderBase):
         norm_eps: LayerNorm epsilon.
     """
 
+    kind = "mae"  # the official code's name for this model (its checkpoint layout)
+
     def __init__(
         self,
         img_size: int | Sequence[int] = 224,

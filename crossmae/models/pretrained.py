@@ -18,6 +18,7 @@ from ..checkpoint import (
     read_torch_file,
     unwrap,
 )
+from .crossmae import CrossMAE
 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
@@ -82,12 +83,14 @@ def load_pretrained_encoder(
                 f"{path} is an official checkpoint: name the model it was trained as with "
                 "official_arch (e.g. crossmae_vit_base_patch16)"
             )
-        kind = official_arch.split("_")[0]
         from .official import official_to_ours
+        from .registry import model_class
+
+        kind = model_class(official_arch).kind
 
         ours = official_to_ours(ckpt["model"], kind=kind)
         sd = {k.removeprefix("encoder."): v for k, v in ours.items() if k.startswith("encoder.")}
-        overrides = {"weight_fm": "norm.weight" not in sd} if kind == "crossmae" else {}
+        overrides = {"weight_fm": "norm.weight" not in sd} if kind == CrossMAE.kind else {}
         return sd, _encoder_config_of(official_arch, overrides)
     raise ValueError(f"{path}: not a pretraining checkpoint, encoder export or official release")
 

@@ -1,45 +1,44 @@
 """Named model variants, looked up by ``create_model(name, **overrides)``.
 
-Defaults are the paper's (CrossMAE arXiv:2401.14391, Tables 10 and 18; MAE arXiv:2111.06377):
-CrossMAE decoders have 12 blocks, MAE decoders 8; ViT-S decoders are 256-d with 8 heads, ViT-B/L/H
-decoders 512-d with 16 heads.
+Every row of the size table (``sizes.SIZES``) and each of its patch sizes registers
+``crossmae_vit_{size}_patch{p}`` and ``mae_vit_{size}_patch{p}`` with the paper's defaults (CrossMAE
+arXiv:2401.14391, Tables 10 and 18; MAE arXiv:2111.06377): CrossMAE decoders have 12 blocks, MAE
+decoders 8 (the classes' own defaults).
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable
-from functools import partial
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from .crossmae import CrossMAE
 from .mae import MAE
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-# encoder / decoder sizes of the paper's ViTs
-VIT_SIZES: dict[str, dict] = {
-    # not in the paper: DeiT-Ti widths, for CPU demos and small-data experiments
-    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                 decoder_embed_dim=128, decoder_num_heads=4),
-    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                  decoder_embed_dim=256, decoder_num_heads=8),
-    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_num_heads=16),
-    "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                  decoder_embed_dim=512, decoder_num_heads=16),
-    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                 decoder_embed_dim=512, decoder_num_heads=16),
-}  # fmt: skip
+from .sizes import SIZES, ViTSize
 
 
-def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
+@dataclass(frozen=True)
+class Variant:
+    """A registered model: its class, size and constructor defaults."""
+
+    cls: type[nn.Module]
+    size: ViTSize | None
+    defaults: dict[str, Any]
+
+
+_REGISTRY: dict[str, Variant] = {}
+
+
+def register_model(
+    name: str, cls: type[nn.Module], defaults: dict[str, Any], size: ViTSize | None = None
+) -> None:
     """Add a variant; a name registered twice is an error."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    _REGISTRY[name] = factory
+    _REGISTRY[name] = Variant(cls, size, dict(defaults))
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -47,25 +46,32 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered variant; keyword overrides replace its defaults (e.g. ``pred_ratio``,
-    ``decoder_depth``, ``img_size``). The result carries ``model_name`` and ``config`` (every
-    constructor argument), which checkpoints record."""
+def variant(name: str) -> Variant:
+    """The registered variant ``name`` (its class, size and defaults), without building it."""
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f"; did you mean {', '.join(near)}?" if near else ""
         raise KeyError(f"unknown model {name!r}{hint} (see crossmae.list_models())")
-    model = _REGISTRY[name](**overrides)
+    return _REGISTRY[name]
+
+
+def model_class(name: str) -> type[nn.Module]:
+    """The class of a registered model (``CrossMAE`` / ``MAE``): what kind of model it is."""
+    return variant(name).cls
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered variant; keyword overrides replace its defaults (e.g. ``pred_ratio``,
+    ``decoder_depth``, ``img_size``). The result carries ``model_name`` and ``config`` (every
+    constructor argument), which checkpoints record."""
+    v = variant(name)
+    model = v.cls(**{**v.defaults, **overrides})
     model.model_name = name
     return model
 
 
-def _variant(cls: type, defaults: dict, **overrides) -> nn.Module:
-    return cls(**{**defaults, **overrides})
-
-
-_TINY_P8 = {**VIT_SIZES["tiny"], "patch_size": 8}  # the tiny widths on 64-px images: 64 patches
-for _name, _dims in [*((f"{s}_patch{d['patch_size']}", d) for s, d in VIT_SIZES.items()),
-                     ("tiny_patch8", _TINY_P8)]:  # fmt: skip
-    register_model(f"crossmae_vit_{_name}", partial(_variant, CrossMAE, _dims))
-    register_model(f"mae_vit_{_name}", partial(_variant, MAE, _dims))
+for _size in SIZES:
+    for _patch in _size.patch_sizes:
+        for _cls in (CrossMAE, MAE):
+            register_model(f"{_cls.kind}_vit_{_size.name}_patch{_patch}", _cls,
+                           _size.model_defaults(_patch), _size)  # fmt: skip
