@@ -11,15 +11,17 @@ from crossmae.config import (
     POSITIVE,
     EncoderSource,
     LogConfig,
+    OptimConfig,
+    RunConfig,
     TrainConfig,
     above,
     at_least,
     at_most,
     checked,
     each,
-    length,
     not_empty,
     one_of,
+    section,
 )
 
 
@@ -28,7 +30,7 @@ class ClsData:
     train: str = "???"  # ImageFolder train split
     val: str = "???"  # ImageFolder val split, same classes
     img_size: int = checked(224, POSITIVE)
-    num_workers: int = checked(8, at_least(0))
+    num_workers: int = checked(8, at_least(0), resumable=True)
     # training augmentation (finetuning; the linear probe uses crop + flip only)
     randaug: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = checked(0.25, at_least(0), at_most(1))  # random erasing
@@ -46,35 +48,21 @@ class ClsModel:
 
 
 @dataclass
-class ClsOptim:
-    """AdamW with layer-wise lr decay (finetuning) or LARS (the linear probe)."""
-
-    blr: float = checked(5e-4, POSITIVE)  # lr = blr * batch_size / 256
-    min_lr: float = checked(1e-6, at_least(0))
-    warmup_epochs: float = checked(5.0, at_least(0))
-    layer_decay: float | None = checked(0.65, above(0), at_most(1))  # None = no layer decay
-    weight_decay: float = checked(0.05, at_least(0))
-    betas: list[float] = checked([0.9, 0.999], length(2), each(*FRACTION))
-    clip_grad: float | None = checked(None, POSITIVE)
-
-
-@dataclass
-class ClsTrain(TrainConfig):
-    epochs: int = checked(100, POSITIVE)
-    batch_size: int = checked(1024, POSITIVE)
-
-
-@dataclass
 class FinetuneConfig:
-    """End-to-end finetuning, the MAE / CrossMAE recipe (paper Table 11) by default."""
+    """End-to-end finetuning, the MAE / CrossMAE recipe (paper Table 11) by default: AdamW, lr =
+    blr x batch / 256, layer decay, no weight decay on 1-d parameters, the position table and
+    the cls token, warmup + cosine."""
 
     encoder: EncoderSource = field(default_factory=EncoderSource)
-    output_dir: str = "???"
+    output_dir: str = checked("???", resumable=True)
     data: ClsData = field(default_factory=ClsData)
     model: ClsModel = field(default_factory=ClsModel)
-    optim: ClsOptim = field(default_factory=ClsOptim)
-    train: ClsTrain = field(default_factory=ClsTrain)
-    log: LogConfig = field(default_factory=lambda: LogConfig(every_steps=20))
+    optim: OptimConfig = section(
+        OptimConfig, blr=5e-4, min_lr=1e-6, warmup_epochs=5.0, layer_decay=0.65,
+        weight_decay=0.05, no_weight_decay=["1d", "pos_embed", "cls_token"],
+    )  # fmt: skip
+    train: TrainConfig = section(TrainConfig, epochs=100, batch_size=1024)
+    log: LogConfig = section(LogConfig, resumable=True, every_steps=20, ckpt_every_epochs=1)
 
 
 @dataclass
@@ -88,9 +76,8 @@ class LinprobeConfig(FinetuneConfig):
     model: ClsModel = field(
         default_factory=lambda: ClsModel(global_pool="token", drop_path_rate=0.0, probe=True)
     )
-    optim: ClsOptim = field(default_factory=lambda: ClsOptim(
-        blr=0.1, min_lr=0.0, warmup_epochs=10.0, layer_decay=None, weight_decay=0.0))  # fmt: skip
-    train: ClsTrain = field(default_factory=lambda: ClsTrain(epochs=90, batch_size=16384))
+    optim: OptimConfig = section(OptimConfig, name="lars", blr=0.1, warmup_epochs=10.0)
+    train: TrainConfig = section(TrainConfig, epochs=90, batch_size=16384)
 
 
 @dataclass
@@ -99,8 +86,13 @@ class FrozenData:
     val: str = "???"
     img_size: int = checked(224, POSITIVE)
     batch_size: int = checked(256, POSITIVE)  # feature extraction
-    num_workers: int = checked(2, at_least(0))
+    num_workers: int = checked(2, at_least(0), resumable=True)
     cache_dir: str | None = None  # features cached here (None = not cached)
+
+
+@dataclass
+class FrozenModel:
+    pool: str = checked("cls", one_of("cls", "avg"))  # the feature: cls token or patch mean
 
 
 @dataclass
@@ -122,11 +114,12 @@ class FastProbeConfig:
 
 @dataclass
 class FrozenEvalConfig:
-    """kNN and fast linear probe on frozen features."""
+    """kNN and fast linear probe on frozen features (an evaluation: no optimizer, no steps)."""
 
     encoder: EncoderSource = field(default_factory=EncoderSource)
+    output_dir: str | None = checked(None, resumable=True)  # results.json etc.; None = print only
     data: FrozenData = field(default_factory=FrozenData)
-    pool: str = checked("cls", one_of("cls", "avg"))
+    model: FrozenModel = field(default_factory=FrozenModel)
     knn: KnnConfig = field(default_factory=KnnConfig)
     probe: FastProbeConfig = field(default_factory=FastProbeConfig)
-    output: str | None = None  # results JSON written here
+    train: RunConfig = field(default_factory=RunConfig)

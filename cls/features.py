@@ -15,7 +15,7 @@ from torch import nn
 from crossmae import distributed as du
 from crossmae.checkpoint import save_atomic
 from crossmae.knn import topk_accuracy
-from crossmae.optim import LARS, lr_at
+from crossmae.optim import LARS, cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def linear_probe_grid(
             idx = perm[s * batch_size : (s + 1) * batch_size]
             x, y = train_feats[idx], train_labels[idx]
             for group in opt.param_groups:
-                group["lr"] = lr_at(
+                group["lr"] = cosine_lr(
                     step, base_lr=group["base_lr"], total_steps=total, warmup_steps=warmup
                 )
             loss = sum(F.cross_entropy(h(x), y) for h in heads)

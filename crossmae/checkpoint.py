@@ -52,8 +52,29 @@ def load_state_dict_strict(
 
 # ----------------------------------------------------------------------------- files
 LAST = "checkpoint-last.pt"
-PRETRAIN_FORMAT = "crossmae-pretrain-v1"
-ENCODER_FORMAT = "crossmae-encoder-v1"
+
+# ----------------------------------------------------------------------------- formats
+FORMATS: dict[str, str] = {}  # a checkpoint's "format" value -> what such a file holds
+
+
+def register_format(name: str, what: str) -> str:
+    """Declare a checkpoint format: the ``"format"`` value of the files a task writes, and what
+    they hold (named when a file of another format is given). Returns ``name``."""
+    if FORMATS.get(name, what) != what:
+        raise ValueError(f"checkpoint format {name!r} is already registered as {FORMATS[name]!r}")
+    FORMATS[name] = what
+    return name
+
+
+def describe_format(name: str) -> str:
+    what = FORMATS.get(name)
+    return f"a {name!r} checkpoint" + (f" ({what})" if what else "")
+
+
+PRETRAIN_FORMAT = register_format(
+    "crossmae-pretrain-v1", "a pretraining model and its training state"
+)
+ENCODER_FORMAT = register_format("crossmae-encoder-v1", "an encoder export, encoder.pt")
 
 
 def _replace_atomic(path: str | Path, write) -> Path:
@@ -100,11 +121,21 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from e
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load one of our checkpoints (plain dicts, ``weights_only``), with a clear error otherwise."""
+def load_checkpoint(
+    path: str | Path,
+    expect: str | Iterable[str] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> dict:
+    """Load one of our checkpoints (plain dicts, ``weights_only``). ``expect``: the format(s) the
+    caller reads; a file of another format is an error naming what it is and what was expected
+    (``FORMATS`` describes each)."""
     ckpt = read_torch_file(path, map_location)
-    if not isinstance(ckpt, dict) or "format" not in ckpt:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), str):
         raise ValueError(f"{path} is not a crossmae checkpoint (no 'format' key)")
+    wanted = [expect] if isinstance(expect, str) else list(expect or ())
+    if wanted and ckpt["format"] not in wanted:
+        raise ValueError(f"{path} is {describe_format(ckpt['format'])}, not "
+                         f"{' or '.join(describe_format(w) for w in wanted)}")  # fmt: skip
     return ckpt
 
 

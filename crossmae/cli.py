@@ -1,15 +1,9 @@
 """Command line: ``crossmae <command> ...`` (also ``python -m crossmae``; under torchrun
-``-m crossmae <command> ...``), one entry for everything:
-
-  pretrain      pretrain CrossMAE / MAE          psnr       masked-patch PSNR of checkpoints
-  cls           kNN + fast probe, linear probe, finetuning
-  det           ViTDet Mask R-CNN: train, evaluate, import-d2
-  seg           UperNet: train, evaluate, import-mmseg
-  convert       checkpoints to / from the official code, MAE, timm, mmseg, detectron2
-  analyze       the paper's analyses (reconstructions, decoder blocks, attention, FLOPs)
-  benchmark     training-step, attention and data-pipeline speed
-  ablate        the paper's comparisons in miniature: variants x seeds, one table
-  models        registered models
+``-m crossmae <command> ...``), one entry for everything. The commands are those registered
+(``crossmae.task``): each task's training command (``pretrain``, ``cls finetune``, ``det train``,
+...), the commands its package adds (``det evaluate``, ...) and crossmae's own (``convert``,
+``analyze``, ``benchmark``, ``ablate``, ``transfer``, ``psnr``, ``models``). ``crossmae --help``
+lists them.
 
 Training commands take ``--config FILE`` (repeatable), ``--resume auto|PATH`` and ``key=value``
 settings; a bad value or a missing file is a one-line error (exit status 2).
@@ -18,8 +12,64 @@ settings; a bad value or a missing file is a one-line error (exit status 2).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+
+from .task import Task, commands, register_command, tasks
+
+
+# ----------------------------------------------------------------------------- training commands
+def settings_help(schema: type) -> str:
+    """What a command's ``key=value`` settings are: its schema's sections and required keys."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(schema)
+    sections = [k for k in cfg if not OmegaConf.is_missing(cfg, k) and OmegaConf.is_dict(cfg[k])]
+    required = sorted(OmegaConf.missing_keys(cfg))
+    text = (f"Settings are key=value over the sections {', '.join(sections)} "
+            f"({schema.__module__}.{schema.__name__}), after the --config files. ")  # fmt: skip
+    return text + (f"Required: {', '.join(required)}." if required else "None is required.")
+
+
+def training_command(task: type[Task]):
+    """The command of a task: ``--config FILE`` (repeatable, merged in order), ``--resume
+    auto|PATH`` (a task that trains) and ``key=value`` settings, the same for every task; its
+    help names the schema's sections and required keys."""
+
+    def configure(p: argparse.ArgumentParser) -> None:
+        p.epilog = settings_help(task.schema)
+        p.add_argument("--config", action="append", default=[],
+                       help="YAML file (repeatable, in order)")  # fmt: skip
+        if task.trains:
+            p.add_argument("--resume", default=None, help="'auto' = continue the output_dir's "
+                           "last checkpoint (or start fresh); or a path")  # fmt: skip
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.seed=1")
+        p.set_defaults(func=lambda args: run_training(task, args))
+
+    return configure
+
+
+def run_training(task: type[Task], args: argparse.Namespace) -> int:
+    """Load the task's config, run it, print its results in one JSON line; status 1 if a stop
+    signal ended it."""
+    from .config import load_config
+    from .hooks import _scalars
+    from .runner import run_task
+
+    cfg = load_config(task.schema, args.config, args.overrides, complete=True)
+    result = run_task(task(cfg), cfg, getattr(args, "resume", None))
+    brief = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+    print(json.dumps({**brief, **_scalars(result.get("metrics") or {})}))
+    return 1 if result["interrupted"] else 0
+
+
+# ----------------------------------------------------------------------------- crossmae's own
+@register_command(("models",), help="list registered models (with --params: their sizes)")
+def _models_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
+    p.add_argument("--params", action="store_true", help="build each model and count parameters")
+    p.set_defaults(func=_models)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -42,111 +92,10 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pretrain(args: argparse.Namespace) -> int:
-    from .config import PretrainConfig, load_config
-    from .train import pretrain
-
-    cfg = load_config(PretrainConfig, args.config, args.overrides, complete=True)
-    summary = pretrain(cfg, resume=args.resume)
-    return 1 if summary["interrupted"] else 0
-
-
-def _psnr(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    from .checkpoint import load_checkpoint, write_text_atomic
-    from .models import create_model
-    from .models.pretrained import model_from_checkpoint
-    from .reconstruction import folder_reconstruction_metrics
-
-    records = []
-    for path in args.checkpoints:
-        ckpt = load_checkpoint(path)
-        if args.random_init:
-            torch.manual_seed(args.seed)
-            model = create_model(ckpt["model_name"], **ckpt["model_config"])
-        else:
-            model = model_from_checkpoint(ckpt)
-        pred_ratio = model.mask_ratio if args.all_masked else None
-        metrics = folder_reconstruction_metrics(
-            model, args.data, images=args.images, batch_size=args.batch_size, seed=args.seed,
-            pred_ratio=pred_ratio, device="cuda" if torch.cuda.is_available() else "cpu",
-        )  # fmt: skip
-        records.append({
-            "checkpoint": str(path),
-            "model": ckpt["model_name"],
-            "step": ckpt.get("step"),
-            "weights": "random init" if args.random_init else "trained",
-            "data": args.data,
-            "all_masked_decoded": args.all_masked,
-            **metrics,
-        })  # fmt: skip
-        print(json.dumps(records[-1]))
-    if args.out:
-        write_text_atomic(args.out, json.dumps(records, indent=1) + "\n")
-    return 0
-
-
-def settings_help(schema: type) -> str:
-    """What a command's ``key=value`` settings are: its schema's sections and required keys."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.structured(schema)
-    sections = [k for k in cfg if not OmegaConf.is_missing(cfg, k) and OmegaConf.is_dict(cfg[k])]
-    required = sorted(OmegaConf.missing_keys(cfg))
-    text = (f"Settings are key=value over the sections {', '.join(sections)} "
-            f"({schema.__module__}.{schema.__name__}), after the --config files. ")  # fmt: skip
-    return text + (f"Required: {', '.join(required)}." if required else "None is required.")
-
-
-def add_training_command(
-    sub, name: str, func, schema: type, **parser_args
-) -> argparse.ArgumentParser:
-    """A command that trains: ``--config FILE`` (repeatable, merged in order), ``--resume
-    auto|PATH`` and ``key=value`` settings, the same for every one of them; its help names
-    ``schema``'s sections and required keys."""
-    p = sub.add_parser(name, epilog=settings_help(schema), **parser_args)
-    p.add_argument("--config", action="append", default=[], help="YAML file (repeatable, in order)")
-    p.add_argument(
-        "--resume",
-        default=None,
-        help="'auto' = continue the output_dir's last checkpoint (or start fresh); or a path",
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.batch_size=64")
-    p.set_defaults(func=func)
-    return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from cls.cli import register as register_cls
-    from det.cli import register as register_det
-    from seg.cli import register as register_seg
-
-    from .commands import ablate, analyze, benchmark, convert
-
-    parser = argparse.ArgumentParser(
-        prog="crossmae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("models", help="list registered models (with --params: their sizes)")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
-    p.add_argument("--params", action="store_true", help="build each model and count parameters")
-    p.set_defaults(func=_models)
-
-    from .config import PretrainConfig
-
-    add_training_command(
-        sub, "pretrain", _pretrain, PretrainConfig,
-        help="pretrain CrossMAE / MAE (no arguments: a small CrossMAE on built-in photos)",
-        description="Pretrain a CrossMAE or MAE model. Under torchrun, every process runs this.",
-    )  # fmt: skip
-
-    p = sub.add_parser(
-        "psnr",
-        help="reconstruction loss and masked-patch PSNR of pretraining checkpoints on a folder",
-    )
+@register_command(
+    ("psnr",), help="reconstruction loss and masked-patch PSNR of pretraining checkpoints"
+)
+def _psnr_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", help="pretraining checkpoints (checkpoint-last.pt)")
     p.add_argument("--data", required=True, help="image folder (ImageFolder or flat)")
     p.add_argument("--images", type=int, default=1000, help="images, spread evenly over the folder")
@@ -158,9 +107,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default=None, help="also write the records to this JSON file")
     p.set_defaults(func=_psnr)
-    for register in (register_cls, register_det, register_seg, convert.register,
-                     analyze.register, benchmark.register, ablate.register):  # fmt: skip
-        register(sub)
+
+
+def _psnr(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
+    from .models import create_model
+    from .models.pretrained import model_from_checkpoint
+    from .reconstruction import folder_reconstruction_metrics
+
+    records = []
+    for path in args.checkpoints:
+        ckpt = load_checkpoint(path, expect=PRETRAIN_FORMAT)
+        if args.random_init:
+            torch.manual_seed(args.seed)
+            model = create_model(ckpt["model_name"], **ckpt["model_config"])
+        else:
+            model = model_from_checkpoint(ckpt)
+        pred_ratio = model.mask_ratio if args.all_masked else None
+        metrics = folder_reconstruction_metrics(
+            model, args.data, images=args.images, batch_size=args.batch_size, seed=args.seed,
+            pred_ratio=pred_ratio, device="cuda" if torch.cuda.is_available() else "cpu",
+        )  # fmt: skip
+        records.append({"checkpoint": str(path), "model": ckpt["model_name"],
+                        "step": ckpt.get("step"),
+                        "weights": "random init" if args.random_init else "trained",
+                        "data": args.data, "all_masked_decoded": args.all_masked,
+                        **metrics})  # fmt: skip
+        print(json.dumps(records[-1]))
+    if args.out:
+        write_text_atomic(args.out, json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the parser
+def plain(doc: str) -> str:
+    """A docstring as help text: dedented, its ``literal`` markup shown as `literal`."""
+    import inspect
+
+    return inspect.cleandoc(doc).replace("``", "`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every registered command: groups and their commands as nested
+    sub-commands, each task's training command under its ``command`` words."""
+    from . import commands as _builtin  # noqa: F401  (registers convert, analyze, ...)
+
+    entries = commands()
+    for task in tasks():
+        entries[task.command] = {"help": task.help, "description": task.__doc__,
+                                 "configure": training_command(task)}  # fmt: skip
+    for words in list(entries):  # a group nobody described: its commands' first words
+        for k in range(1, len(words)):
+            entries.setdefault(words[:k], {"help": f"{' '.join(words[:k])} commands",
+                                           "description": None, "configure": None})  # fmt: skip
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="crossmae", description=plain(__doc__),
+                                     formatter_class=raw)  # fmt: skip
+    groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
+    for words in sorted(entries, key=lambda w: (len(w), w)):
+        spec = entries[words]
+        parent, about = groups[words[:-1]], plain(spec["description"] or spec["help"])
+        p = parent.add_parser(words[-1], help=spec["help"], description=about, formatter_class=raw)
+        if spec["configure"] is None:  # a group: its commands follow
+            groups[words] = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+        else:
+            spec["configure"](p)
     return parser
 
 

@@ -24,13 +24,23 @@ Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
 
 
 # ----------------------------------------------------------------------------- valid values
-def checked(default: Any, *checks: Check) -> Any:
+def checked(default: Any, *checks: Check, resumable: bool = False) -> Any:
     """A config field whose value must pass ``checks`` (each returns what is wrong, or None);
-    ``load_config`` runs them and names the key. None (a setting that is off) is not checked."""
-    meta = {"checks": checks}
+    ``load_config`` runs them and names the key. None (a setting that is off) is not checked.
+    ``resumable``: a run may continue from a checkpoint with another value of this setting (how
+    it logs, where or how fast it runs); any other change is refused on resume."""
+    meta = {"checks": checks, "resumable": resumable}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def section(schema: type, *, resumable: bool = False, **defaults: Any) -> Any:
+    """A config section of type ``schema`` whose defaults are ``defaults`` (a task's schema
+    changes the shared sections' defaults this way, never their fields). ``resumable``: every
+    setting of the section may change on resume (``log``, ``eval``)."""
+    return field(default_factory=lambda: schema(**copy.deepcopy(defaults)),
+                 metadata={"resumable": resumable})  # fmt: skip
 
 
 def at_least(low: float) -> Check:
@@ -84,6 +94,18 @@ def registered_model(name: str) -> str | None:
     return None if name in list_models() else "not a registered model (crossmae models)"
 
 
+def in_table(table: str) -> Check:
+    """The value is a key of ``crossmae.optim``'s table ``table`` (optimizers, schedules, ...)."""
+
+    def check(value: str) -> str | None:
+        from . import optim
+
+        keys = list(getattr(optim, table))
+        return None if value in keys else f"must be one of {keys}"
+
+    return check
+
+
 POSITIVE = above(0)
 FRACTION = (at_least(0), below(1))  # [0, 1)
 PRECISION = one_of("bf16", "fp16", "fp32")
@@ -119,6 +141,106 @@ def problems_of(cfg: DictConfig, prefix: str = "") -> list[str]:
     return found
 
 
+# ----------------------------------------------------------------------------- shared sections
+@dataclass
+class EncoderSource:
+    """The pretrained encoder a transfer task starts from (``encoder.*``)."""
+
+    checkpoint: str = "???"  # one of our checkpoint-last.pt / encoder.pt, or an official release
+    official_arch: str | None = None  # for official files: e.g. crossmae_vit_base_patch16
+    random_init: bool = False  # the checkpoint's architecture, untrained (a baseline)
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """The optimiser and its lr schedule, one schema for every training command (``optim.*``).
+    A task's schema changes its defaults only (``section(OptimConfig, ...)``).
+
+    The peak lr is ``lr``, or ``blr x train.batch_size / 256`` (times γ / p for CrossMAE
+    pretraining, paper App. A.6); the schedule (``crossmae.optim.SCHEDULES``) warms up linearly
+    from ``warmup_start x lr`` over ``warmup_steps`` (or ``warmup_epochs``) steps, then: ``cosine``
+    (half cosine to ``min_lr``, MAE), ``multistep`` (x ``gamma`` at each of ``milestones``,
+    detectron2), ``poly`` (``(1 - step / total) ** power`` times the warmup factor, mmseg 0.x),
+    ``linear_poly`` (LinearLR then PolyLR, mmseg 1.x). Each parameter group's lr is scaled by
+    ``layer_decay ** (depth + 1 - layer)`` with layer decay; the parameters ``no_weight_decay``
+    names (``crossmae.optim.NO_WEIGHT_DECAY``) get no weight decay.
+    """
+
+    name: str = checked("adamw", in_table("OPTIMIZERS"))
+    lr: float | None = checked(None, POSITIVE)  # absolute peak lr (wins over blr)
+    blr: float | None = checked(None, POSITIVE)  # base lr per 256 images
+    min_lr: float = checked(0.0, at_least(0))
+    weight_decay: float = checked(0.0, at_least(0))
+    no_weight_decay: list[str] = checked(["1d"], each(in_table("NO_WEIGHT_DECAY")))
+    layer_decay: float | None = checked(None, above(0), at_most(1))  # None = no layer decay
+    betas: list[float] = checked([0.9, 0.999], length(2), each(*FRACTION))  # AdamW
+    schedule: str = checked("cosine", in_table("SCHEDULES"))
+    warmup_epochs: float | None = checked(None, at_least(0))
+    warmup_steps: int | None = checked(None, at_least(0))
+    warmup_start: float = checked(0.0, at_least(0), at_most(1))  # lr factor at step 0
+    milestones: list[int] = checked([], increasing, each(POSITIVE))  # multistep, in steps
+    gamma: float = checked(0.1, above(0), at_most(1))  # multistep decay factor
+    power: float = checked(1.0, above(0))  # poly schedules
+    clip_grad: float | None = checked(None, POSITIVE)  # max gradient norm; None = no clipping
+
+    @staticmethod
+    def cross_checks(o: DictConfig) -> dict[str, str]:
+        found = {}
+        if o.lr is None and o.blr is None:
+            found["lr"] = "set optim.lr (absolute) or optim.blr (per 256 images)"
+        if o.warmup_epochs is not None and o.warmup_steps is not None:
+            found["warmup_steps"] = (f"{o.warmup_steps} and optim.warmup_epochs={o.warmup_epochs}"
+                                     " are both set: set the other to null")  # fmt: skip
+        return found
+
+
+@dataclass
+class RunConfig:
+    """Where and with which seed a command runs (``train.*`` of an evaluation command)."""
+
+    device: str = checked("auto", DEVICE, resumable=True)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """What every training command shares (``train.*``): the length of training in ``epochs``
+    or ``steps`` (one of them), the global batch, precision, device, seed."""
+
+    epochs: int | None = checked(None, POSITIVE)
+    steps: int | None = checked(None, POSITIVE)
+    batch_size: int = checked(128, POSITIVE)  # global batch (all processes, accumulation steps)
+    # per-process forward; None = batch / processes
+    micro_batch: int | None = checked(None, POSITIVE, resumable=True)
+    # stop after this many steps, the schedule unchanged (smoke runs)
+    max_steps: int | None = checked(None, POSITIVE, resumable=True)
+    precision: str = checked("bf16", PRECISION)
+    max_nonfinite_steps: int = checked(5, POSITIVE)  # non-finite losses in a row stop the run
+    # resuming with other settings than the checkpoint's is refused unless this is true
+    resume_with_changes: bool = checked(False, resumable=True)
+
+    @staticmethod
+    def cross_checks(t: DictConfig) -> dict[str, str]:
+        if (t.epochs is None) == (t.steps is None):
+            return {"steps": f"{t.steps} and train.epochs={t.epochs}: set exactly one of them "
+                             "(the other to null)"}  # fmt: skip
+        return {}
+
+
+@dataclass
+class LogConfig:
+    """What every training command shares (``log.*``); every setting may change on resume."""
+
+    every_steps: int = checked(10, POSITIVE)  # metrics.jsonl / TensorBoard / progress interval
+    ckpt_every_steps: int = checked(0, at_least(0))  # checkpoint-last.pt every N steps (0: never)
+    ckpt_every_epochs: int = checked(0, at_least(0))  # and / or every N epochs (0: never)
+    keep_every_epochs: int = checked(0, at_least(0))  # keep checkpoint-epochN.pt (0 = never)
+    tensorboard: bool = True
+    progress: bool = True
+
+
+# ----------------------------------------------------------------------------- pretraining
 @dataclass
 class ModelConfig:
     name: str = checked("crossmae_vit_tiny_patch8", registered_model)  # crossmae models lists them
@@ -146,7 +268,8 @@ class ModelConfig:
 class DataConfig:
     path: str | None = None  # ImageFolder root or a flat image folder; None = built-in photos
     crop_scale: list[float] = checked([0.2, 1.0], length(2), increasing, each(above(0), at_most(1)))
-    num_workers: int = checked(2, at_least(0))  # loader processes per training process
+    # loader processes per training process
+    num_workers: int = checked(2, at_least(0), resumable=True)
     gpu_decode: bool = False  # decode JPEGs and crop on the device (needs data.path)
     demo_samples_per_epoch: int = checked(2048, POSITIVE)  # crops per epoch of the built-in photos
     knn_train: str | None = None  # labelled ImageFolder splits for the kNN monitor
@@ -154,55 +277,19 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    blr: float = checked(1.5e-3, POSITIVE)  # lr = blr * batch_size / 256 * (γ / p); paper 1.5e-4
-    lr: float | None = checked(None, POSITIVE)  # absolute lr, overriding the rule above
-    min_lr: float = checked(0.0, at_least(0))
-    weight_decay: float = checked(0.05, at_least(0))
-    betas: list[float] = checked([0.9, 0.95], length(2), each(*FRACTION))
-    warmup_epochs: float = checked(1.0, at_least(0))
-    clip_grad: float | None = checked(None, POSITIVE)  # max gradient norm; None = no clipping
-
-
-@dataclass
-class TrainConfig:
-    """What every training command shares (``train.*``)."""
-
-    batch_size: int = checked(128, POSITIVE)  # global batch (all processes, accumulation steps)
-    micro_batch: int | None = checked(None, POSITIVE)  # per-process forward; None = batch / procs
-    max_steps: int | None = checked(None, POSITIVE)  # stop after this many steps (smoke runs)
-    precision: str = checked("bf16", PRECISION)
-    device: str = checked("auto", DEVICE)
-    seed: int = 0
-    max_nonfinite_steps: int = checked(5, POSITIVE)  # non-finite losses in a row stop the run
-    # resuming with other settings than the checkpoint's is refused unless this is true
-    resume_with_changes: bool = False
-
-
-@dataclass
 class PretrainTrainConfig(TrainConfig):
-    epochs: int = checked(12, POSITIVE)
-    compile: bool = False
-    cuda_graph: bool = False  # replay forward + backward as one CUDA graph (one GPU, no fp16)
-    sdpa: str = checked("auto", one_of("auto", "flash", "efficient", "cudnn", "math"))
+    compile: bool = checked(False, resumable=True)
+    # replay forward + backward as one CUDA graph (one GPU, no fp16)
+    cuda_graph: bool = checked(False, resumable=True)
+    sdpa: str = checked("auto", one_of("auto", "flash", "efficient", "cudnn", "math"),
+                        resumable=True)  # fmt: skip
     # compiled step: what torch's partitioner may keep for backward, 1.0 = its fastest choice;
     # lower recomputes more in backward to hold less (crossmae benchmark saved)
-    activation_memory_budget: float = checked(1.0, at_least(0), at_most(1))
-
-
-@dataclass
-class LogConfig:
-    """What every training command shares (``log.*``)."""
-
-    every_steps: int = checked(10, POSITIVE)  # metrics.jsonl / TensorBoard / progress interval
-    ckpt_every_steps: int = checked(0, at_least(0))  # every N steps (0 = at the task's own times)
-    tensorboard: bool = True
-    progress: bool = True
+    activation_memory_budget: float = checked(1.0, at_least(0), at_most(1), resumable=True)
 
 
 @dataclass
 class PretrainLogConfig(LogConfig):
-    keep_every_epochs: int = checked(0, at_least(0))  # keep checkpoint-epochN.pt (0 = never)
     vis_every_epochs: int = checked(1, at_least(0))  # reconstruction PNG every N epochs
     vis_images: int = checked(8, POSITIVE)
     knn_every_epochs: int = checked(0, at_least(0))  # kNN top-1 on data.knn_train/val (0 = off)
@@ -210,20 +297,13 @@ class PretrainLogConfig(LogConfig):
 
 @dataclass
 class PretrainConfig:
-    output_dir: str | None = None  # None = runs/<model>-<date>-<time>
+    output_dir: str | None = checked(None, resumable=True)  # None = runs/<model>-<date>-<time>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
-    log: PretrainLogConfig = field(default_factory=PretrainLogConfig)
-
-
-@dataclass
-class EncoderSource:
-    checkpoint: str = "???"  # one of our checkpoint-last.pt / encoder.pt, or an official release
-    official_arch: str | None = None  # for official files: e.g. crossmae_vit_base_patch16
-    random_init: bool = False  # the checkpoint's architecture, untrained (a baseline)
-    seed: int = 0
+    optim: OptimConfig = section(OptimConfig, blr=1.5e-3, weight_decay=0.05, betas=[0.9, 0.95],
+                                 warmup_epochs=1.0)  # fmt: skip
+    train: PretrainTrainConfig = section(PretrainTrainConfig, epochs=12)
+    log: PretrainLogConfig = section(PretrainLogConfig, resumable=True, ckpt_every_epochs=1)
 
 
 class ConfigError(ValueError):
@@ -308,6 +388,38 @@ def _open_free_dicts(cfg: DictConfig) -> None:
                 OmegaConf.set_struct(node, False)
             else:
                 _open_free_dicts(node)
+
+
+def resumable(cfg: DictConfig, key: str) -> bool:
+    """Whether the setting ``key`` (dotted) of ``cfg`` may change when a run resumes: its field,
+    or a section above it, is declared ``resumable`` in the schema."""
+    node: Any = cfg
+    for part in key.split("."):
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is None or not dataclasses.is_dataclass(schema):
+            return False
+        spec = {f.name: f for f in dataclasses.fields(schema)}.get(part)
+        if spec is None:
+            return False
+        if spec.metadata.get("resumable"):
+            return True
+        node = node[part]
+    return False
+
+
+def changed_settings(saved: dict, now: DictConfig) -> list[str]:
+    """``key: saved -> now`` for every setting of ``now`` that differs from the ``saved`` config
+    (a checkpoint's) and may not change on resume (``resumable``)."""
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(to_plain(now))
+    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not resumable(now, k))
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

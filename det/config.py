@@ -11,14 +11,14 @@ from crossmae.config import (
     PRECISION,
     EncoderSource,
     LogConfig,
+    OptimConfig,
     TrainConfig,
-    above,
     at_least,
-    at_most,
     checked,
     each,
     increasing,
     length,
+    section,
 )
 
 from .model import HeadConfig
@@ -31,7 +31,7 @@ class DetData:
     val_json: str = "???"
     val_images: str = "???"
     scale_range: list[float] = checked([0.1, 2.0], length(2), increasing, each(POSITIVE))  # LSJ
-    num_workers: int = checked(4, at_least(0))
+    num_workers: int = checked(4, at_least(0), resumable=True)
 
 
 @dataclass
@@ -47,26 +47,7 @@ class DetModel:
 
 
 @dataclass
-class DetOptim:
-    """AdamW, betas 0.9 / 0.999."""
-
-    lr: float = checked(1e-4, POSITIVE)
-    weight_decay: float = checked(0.1, at_least(0))
-    # the ViT's LayerNorms; None = weight_decay (ViT-H)
-    weight_decay_norm: float | None = checked(0.0, at_least(0))
-    pos_embed_weight_decay: float | None = checked(0.0, at_least(0))  # None = wd (ViT-H)
-    layer_decay: float = checked(0.7, above(0), at_most(1))  # 0.7 B, 0.8 L, 0.9 H
-    warmup_steps: int = checked(250, at_least(0))
-    warmup_factor: float = checked(0.001, above(0), at_most(1))
-    lr_milestones: list[int] = checked([163889, 177546], increasing)  # x0.1 at each
-    clip_grad: float | None = checked(None, POSITIVE)
-
-
-@dataclass
 class DetTrain(TrainConfig):
-    steps: int = checked(184375, POSITIVE)  # 100 epochs of COCO at batch 64
-    batch_size: int = checked(64, POSITIVE)
-    precision: str = checked("fp16", PRECISION)  # detectron2's AMPTrainer: fp16 + loss scaling
     ddp_fp16_compression: bool = True  # gradients all-reduced in fp16 (detectron2's ViTDet)
 
 
@@ -80,10 +61,18 @@ class DetEval:
 @dataclass
 class DetConfig:
     encoder: EncoderSource = field(default_factory=EncoderSource)
-    output_dir: str = "???"
+    output_dir: str = checked("???", resumable=True)
     data: DetData = field(default_factory=DetData)
     model: DetModel = field(default_factory=DetModel)
-    optim: DetOptim = field(default_factory=DetOptim)
-    train: DetTrain = field(default_factory=DetTrain)
-    log: LogConfig = field(default_factory=lambda: LogConfig(every_steps=20, ckpt_every_steps=5000))
-    eval: DetEval = field(default_factory=DetEval)
+    # detectron2's ViTDet: AdamW lr 1e-4, betas 0.9 / 0.999, weight decay 0.1 on everything but
+    # the ViT's LayerNorms and position table (ViT-H: on everything), layer decay 0.7 (B), 250
+    # warmup iterations from 0.1 %, x0.1 at 88.9 % and 96.3 % of training
+    optim: OptimConfig = section(
+        OptimConfig, lr=1e-4, weight_decay=0.1, no_weight_decay=["layernorm", "pos_embed"],
+        layer_decay=0.7, schedule="multistep", warmup_steps=250, warmup_start=0.001,
+        milestones=[163889, 177546],
+    )  # fmt: skip
+    # 100 epochs of COCO at batch 64; detectron2's AMPTrainer: fp16 + loss scaling
+    train: DetTrain = section(DetTrain, steps=184375, batch_size=64, precision="fp16")
+    log: LogConfig = section(LogConfig, resumable=True, every_steps=20, ckpt_every_steps=5000)
+    eval: DetEval = section(DetEval, resumable=True)

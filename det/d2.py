@@ -158,8 +158,7 @@ def import_d2(
     from crossmae.config import to_plain
 
     from .config import DetConfig
-    from .model import build_detector
-    from .train import DET_FORMAT
+    from .model import DET_FORMAT, build_detector
 
     sd = read_d2_checkpoint(path)
     arch = d2_architecture(sd)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from crossmae.checkpoint import register_format
+from crossmae.models.layers import vit_layer_id
 from crossmae.models.pretrained import encoder_widths
 
 from .backbone import PYRAMID_LEVELS, SimpleFeaturePyramid, ViTDetBackbone, pyramid_strides
@@ -26,6 +28,9 @@ from .roi_heads import ROIHeads
 from .rpn import RPN
 from .structures import Polygons, clip_boxes, nonempty, paste_masks_in_image
 
+DET_FORMAT = register_format(  # v2: detectron2's module names and layouts
+    "crossmae-det-v2", "a ViTDet Mask R-CNN trained by det train or imported by det import-d2"
+)
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # RGB, 0-255
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -89,6 +94,19 @@ class ViTDetMaskRCNN(nn.Module):
         )
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers of layer-wise lr decay: the ViT's blocks (``layer_id``)."""
+        return self.backbone.net.depth
+
+    def layer_id(self, name: str) -> int:
+        """detectron2's ``get_vit_lr_decay_rate``: the ViT's parameters by depth (embeddings 0,
+        block i -> i + 1), everything else (pyramid, heads) ``num_layers + 1``."""
+        prefix = "backbone.net."
+        if name.startswith(prefix):
+            return vit_layer_id(name.removeprefix(prefix), self.num_layers)
+        return self.num_layers + 1
 
     def preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
         """uint8 (3, h, w) images -> the normalised batch (B, 3, S, S), zero-padded."""

@@ -1,6 +1,6 @@
 """Reproducing a detectron2 parity file (``detectron2-vitdet-mask-rcnn-parity-v1``: what
 detectron2's ViTDet Mask R-CNN computed at every stage on a few images, with its own state dict;
-see the parity tests and ``tools/d2_parity.py``): build our detector from the file's ``config``,
+see the parity tests): build our detector from the file's ``config``,
 run the evaluation stages on its images, and replay its training forward with the anchors and
 RoIs detectron2 sampled."""
 

@@ -11,6 +11,7 @@ from crossmae.config import (
     PRECISION,
     EncoderSource,
     LogConfig,
+    OptimConfig,
     TrainConfig,
     above,
     at_least,
@@ -21,6 +22,7 @@ from crossmae.config import (
     length,
     not_empty,
     one_of,
+    section,
 )
 
 
@@ -38,7 +40,7 @@ class SegData:
     scale: list[int] = checked([2048, 512], length(2), each(POSITIVE))
     ratio_range: list[float] = checked([0.5, 2.0], length(2), increasing, each(POSITIVE))
     cat_max_ratio: float = checked(0.75, above(0), at_most(1))
-    num_workers: int = checked(4, at_least(0))
+    num_workers: int = checked(4, at_least(0), resumable=True)
 
 
 @dataclass
@@ -57,31 +59,6 @@ class SegModel:
 
 
 @dataclass
-class SegOptim:
-    """AdamW."""
-
-    lr: float = checked(1e-4, POSITIVE)
-    weight_decay: float = checked(0.05, at_least(0))
-    layer_decay: float = checked(0.65, above(0), at_most(1))
-    # mmseg's LayerDecayOptimizerConstructor misses backbone.pos_embed / cls_token in its no-decay
-    # check (it compares unprefixed names), so they are decayed; false exempts them
-    decay_pos_embed: bool = True
-    warmup_steps: int = checked(1500, at_least(0))
-    # "mmseg1": mmseg 1.x's LinearLR (from 1e-6) then PolyLR, as its config schedules it;
-    # "mmseg0": mmseg 0.x's poly over the whole run times a linear warmup factor, the schedule
-    # the published MAE / BEiT numbers were trained with (at most 1 % of the base lr apart)
-    lr_schedule: str = checked("mmseg1", one_of("mmseg1", "mmseg0"))
-    clip_grad: float | None = checked(None, POSITIVE)
-
-
-@dataclass
-class SegTrain(TrainConfig):
-    steps: int = checked(160000, POSITIVE)
-    batch_size: int = checked(16, POSITIVE)
-    precision: str = checked("fp16", PRECISION)  # mmseg's AmpOptimWrapper: fp16, dynamic scale
-
-
-@dataclass
 class SegEval:
     every_steps: int = checked(16000, at_least(0))  # 0 = at the end only
     stride: int = checked(341, POSITIVE)
@@ -94,10 +71,20 @@ class SegEval:
 @dataclass
 class SegConfig:
     encoder: EncoderSource = field(default_factory=EncoderSource)
-    output_dir: str = "???"
+    output_dir: str = checked("???", resumable=True)
     data: SegData = field(default_factory=SegData)
     model: SegModel = field(default_factory=SegModel)
-    optim: SegOptim = field(default_factory=SegOptim)
-    train: SegTrain = field(default_factory=SegTrain)
-    log: LogConfig = field(default_factory=lambda: LogConfig(every_steps=50, ckpt_every_steps=4000))
-    eval: SegEval = field(default_factory=SegEval)
+    # mmseg's AdamW lr 1e-4, wd 0.05 but on 1-d parameters (its LayerDecayOptimizerConstructor
+    # compares unprefixed names, so backbone.pos_embed / cls_token are decayed: add pos_embed and
+    # cls_token to no_weight_decay to exempt them), layer decay 0.65; schedule "linear_poly":
+    # mmseg 1.x's LinearLR (from 1e-6) over 1500 steps then PolyLR; "poly": mmseg 0.x's poly over
+    # the whole run times a linear warmup factor, the schedule the published MAE / BEiT numbers
+    # were trained with (at most 1 % of the base lr apart)
+    optim: OptimConfig = section(
+        OptimConfig, lr=1e-4, weight_decay=0.05, layer_decay=0.65, schedule="linear_poly",
+        warmup_steps=1500, warmup_start=1e-6,
+    )  # fmt: skip
+    # mmseg's AmpOptimWrapper: fp16, dynamic scale
+    train: TrainConfig = section(TrainConfig, steps=160000, batch_size=16, precision="fp16")
+    log: LogConfig = section(LogConfig, resumable=True, every_steps=50, ckpt_every_steps=4000)
+    eval: SegEval = section(SegEval, resumable=True)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from crossmae.config import ConfigError
 from crossmae.data import load_rgb
 from crossmae.data.datasets import LabelError, read_or_skip
 
@@ -231,3 +232,15 @@ class SegAugment(torch.utils.data.Dataset):
         x = torch.nn.functional.pad(x, (0, pw, 0, ph))  # zeros after normalising
         lab = torch.nn.functional.pad(lab, (0, pw, 0, ph), value=IGNORE)
         return x, lab
+
+
+def label_spec(cfg) -> LabelSpec:
+    """The labels of a ``SegConfig.data`` section's dataset."""
+    if cfg.dataset == "ade20k":
+        return ADE20K
+    if cfg.dataset == "camvid":
+        return CAMVID
+    if cfg.dataset == "custom":
+        return LabelSpec(cfg.num_classes, cfg.ignore_value, cfg.reduce_zero_label,
+                         ignore_other_labels=cfg.ignore_other_labels)  # fmt: skip
+    raise ConfigError(f"dataset must be ade20k, camvid or custom, got {cfg.dataset!r}")

@@ -135,7 +135,7 @@ def import_mmseg(path: str | Path, config: dict | None = None) -> dict:
     from crossmae.config import load_config, to_plain
 
     from .config import SegConfig
-    from .train import SEG_FORMAT, build_segmenter
+    from .model import SEG_FORMAT, build_segmenter
 
     sd = read_mmseg_checkpoint(path)
     arch = mmseg_architecture(sd)

@@ -16,14 +16,23 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
 
-from crossmae.checkpoint import load_state_dict_strict
+from crossmae.checkpoint import load_state_dict_strict, register_format
+from crossmae.config import ConfigError
 from crossmae.models.layers import (
     NORM_EPS,
     PatchEmbed,
     adapt_encoder_state,
     init_weights_,
+    vit_layer_id,
 )
 from crossmae.models.pos_embed import sincos_2d
+from crossmae.models.pretrained import encoder_widths
+
+from .data import IGNORE
+
+SEG_FORMAT = register_format(  # v2: mmseg's module names below the backbone
+    "crossmae-seg-v2", "a UperNet segmenter trained by seg train or imported by seg import-mmseg"
+)
 
 
 class RelPosBiasAttention(nn.Module):
@@ -282,6 +291,18 @@ class UperNet(nn.Module):
         self.decode_head = UPerHead(D, channels, num_classes, tuple(pool_scales), dropout)
         self.auxiliary_head = FCNHead(D, aux_channels, num_classes, dropout)
 
+    @property
+    def num_layers(self) -> int:
+        """Layers of layer-wise lr decay: the ViT's blocks (``layer_id``)."""
+        return self.backbone.depth
+
+    def layer_id(self, name: str) -> int:
+        """mmseg's ``LayerDecayOptimizerConstructor``: the backbone's parameters by depth
+        (embeddings 0, block i -> i + 1), everything else (neck, heads) ``num_layers + 1``."""
+        if name.startswith("backbone."):
+            return vit_layer_id(name.removeprefix("backbone."), self.num_layers)
+        return self.num_layers + 1
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {"logits": (B, C, H/4, W/4), "aux_logits": (B, C, H/16, W/16)}."""
         feats = self.neck(self.backbone(x))  # strides 4, 8, 16, 32
@@ -365,3 +386,43 @@ def to_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         else:
             to_sync_batchnorm(child, device)
     return model
+
+
+def build_segmenter(cfg, num_classes: int, encoder_config: dict) -> UperNet:
+    """The UperNet a ``SegConfig`` describes on an encoder of ``encoder_config``, untrained."""
+    m = cfg.model
+    patch = m.patch_size or encoder_config["patch_size"]
+    if cfg.data.crop % patch:
+        raise ConfigError(f"data.crop={cfg.data.crop} is not a multiple of the patch size {patch}")
+    backbone = SegViT(
+        img_size=cfg.data.crop,
+        patch_size=patch,
+        **encoder_widths(encoder_config),
+        drop_path_rate=m.drop_path_rate,
+        out_indices=m.out_indices,
+    )
+    return UperNet(backbone, num_classes, channels=m.channels, aux_channels=m.aux_channels,
+                   pool_scales=tuple(m.pool_scales))  # fmt: skip
+
+
+def segmentation_losses(
+    out: dict[str, torch.Tensor], labels: torch.Tensor, *, aux_weight: float,
+    avg_non_ignore: bool = False,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """mmseg's ``loss_by_feat`` of both heads: logits bilinearly resized to the labels, cross
+    entropy over the labelled pixels divided by all pixels (``avg_non_ignore=False``; true: by
+    the labelled ones), the auxiliary head's times ``aux_weight``; ``acc_seg`` as mmseg's
+    ``accuracy`` (percent of labelled pixels)."""
+    losses = {}
+    for key, name, weight in (("logits", "decode", 1.0), ("aux_logits", "aux", aux_weight)):
+        logits = F.interpolate(out[key].float(), size=labels.shape[-2:], mode="bilinear",
+                               align_corners=False)  # fmt: skip
+        per_pixel = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+        valid = labels != IGNORE
+        denom = valid.sum().clamp(min=1) if avg_non_ignore else labels.numel()
+        losses[f"{name}_loss_ce"] = weight * per_pixel.sum() / denom
+        with torch.no_grad():
+            eps = torch.finfo(torch.float32).eps
+            correct = (logits.argmax(1) == labels)[valid].sum() + eps
+            losses[f"{name}_acc_seg"] = correct * 100.0 / (valid.sum() + eps)
+    return losses

@@ -45,9 +45,9 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
     assert "| crossmae_g0.25 | 2 |" in text and "CrossMAE matches MAE" in text
     assert (out / "ablation.png").stat().st_size > 1000
     # a second call runs nothing again
-    import crossmae.train
+    import crossmae.runner
 
-    monkeypatch.setattr(crossmae.train, "pretrain", lambda *a, **k: pytest.fail("ran again"))
+    monkeypatch.setattr(crossmae.runner, "run_task", lambda *a, **k: pytest.fail("ran again"))
     assert main(argv) == 0
 
 

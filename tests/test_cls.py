@@ -106,21 +106,22 @@ def test_frozen_eval_end_to_end_and_on_two_processes(shared_dir, tiny_checkpoint
         "data.img_size=32",
         "data.num_workers=0", "probe.epochs=3", "probe.warmup_epochs=1", "probe.batch_size=8",
     ]  # fmt: skip
-    one = run_frozen([*common, f"output={tmp_path / 'one.json'}"])
+    one = run_frozen([*common, f"output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "cls", "frozen", *common, f"output={tmp_path / 'two.json'}"],
+         "-m", "cls", "frozen", *common, f"output_dir={tmp_path / 'two'}"],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert two.returncode == 0, two.stdout + two.stderr
-    a, b = (json.loads(Path(tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    a, b = (json.loads((tmp_path / f / "results.json").read_text())["metrics"]
+            for f in ("one", "two"))  # fmt: skip
     assert a["val_images"] == b["val_images"] == 15 and a["train_images"] == 24
     # every validation image counted once: the same accuracies on 1 and 2 processes
     assert a["knn_top1"] == pytest.approx(b["knn_top1"])
     assert a["linprobe_top1"] == pytest.approx(b["linprobe_top1"])
-    bad = run_frozen([*common, "pool=max"])
+    bad = run_frozen([*common, "model.pool=max"])
     assert bad.returncode != 0 and "pool" in bad.stderr
 
 
@@ -149,6 +150,17 @@ def finetune_cfg(shared_dir, tmp_path, ckpt_dir, *extra, schema=None):
     return load_config(schema or FinetuneConfig, [], overrides)
 
 
+def finetune(cfg, resume: str | None = None) -> dict:
+    """``crossmae cls finetune`` / ``linprobe`` (by the config's schema) through the runner."""
+    from omegaconf import OmegaConf
+
+    from crossmae.runner import run_task
+    from crossmae.task import get_task
+
+    name = "linprobe" if OmegaConf.get_type(cfg).__name__ == "LinprobeConfig" else "finetune"
+    return run_task(get_task(name)(cfg), cfg, resume)
+
+
 def lrs(run: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["lr"] for r in rows if "lr" in r}
@@ -159,10 +171,10 @@ def test_finetune_end_to_end_and_resume_continues_the_schedule(
 ):
     import signal
 
-    import cls.finetune as ft
+    from crossmae import optim
 
     _, d = tiny_checkpoints
-    full = ft.finetune(
+    full = finetune(
         finetune_cfg(
             shared_dir, tmp_path, d, f"output_dir={tmp_path / 'a'}", "model.ema_decay=0.99"
         )
@@ -173,26 +185,26 @@ def test_finetune_end_to_end_and_resume_continues_the_schedule(
         assert (tmp_path / "a" / f).is_file()
 
     # interrupt during step 2 (of 6), then resume: the lr of every step is the uninterrupted one
-    orig = ft.lr_at
+    orig = optim.SCHEDULES["cosine"]
 
     def lr_at_and_stop(step, **kw):
         if step == 2:
             signal.raise_signal(signal.SIGTERM)
         return orig(step, **kw)
 
-    monkeypatch.setattr(ft, "lr_at", lr_at_and_stop)
+    monkeypatch.setitem(optim.SCHEDULES, "cosine", lr_at_and_stop)
     cfg = finetune_cfg(
         shared_dir, tmp_path, d, f"output_dir={tmp_path / 'b'}", "model.ema_decay=0.99"
     )
-    stopped = ft.finetune(cfg)
+    stopped = finetune(cfg)
     assert stopped["interrupted"] and stopped["step"] == 3
-    monkeypatch.setattr(ft, "lr_at", orig)
+    monkeypatch.setitem(optim.SCHEDULES, "cosine", orig)
     check_random_states(tmp_path / "b" / "checkpoint-last.pt")
-    resumed = ft.finetune(cfg, resume="auto")
+    resumed = finetune(cfg, resume="auto")
     assert resumed["step"] == 6 and not resumed["interrupted"]
     assert lrs(tmp_path / "b") == pytest.approx(lrs(tmp_path / "a"))
     # a record every 3 steps holds the mean loss of those 3 steps
-    ft.finetune(finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'c'}",
+    finetune(finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'c'}",
                              "model.ema_decay=0.99", "log.every_steps=3"))  # fmt: skip
 
     def losses(run):
@@ -226,7 +238,6 @@ def test_cls_configs_load(path):
 
 def test_linear_probe_trains_only_the_head(shared_dir, tiny_checkpoints, tmp_path):
     from cls.config import LinprobeConfig
-    from cls.finetune import finetune
 
     _, d = tiny_checkpoints
     cfg = finetune_cfg(shared_dir, tmp_path, d, f"output_dir={tmp_path / 'p'}", "optim.blr=1.0",

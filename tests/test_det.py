@@ -176,9 +176,15 @@ def tiny_det_run(shared_dir, tmp_path, run: str, *extra):
     return cfg, model, small, images
 
 
-def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
-    from det.train import train_detector
+def train_detector(cfg, resume: str | None = None) -> dict:
+    """``crossmae det train`` through the runner."""
+    from crossmae.runner import run_task
+    from det.task import DetTask
 
+    return run_task(DetTask(cfg), cfg, resume)
+
+
+def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
     cfg, model, small, images = tiny_det_run(shared_dir, tmp_path, "run")
     result = train_detector(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -214,7 +220,7 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
 def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
     import signal
 
-    import det.train as dt
+    from crossmae import optim
 
     def cfg(run):
         return tiny_det_run(shared_dir, tmp_path, run, "train.steps=4", "model.drop_path_rate=0.2")[
@@ -225,19 +231,19 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-    dt.train_detector(cfg("a"))
-    orig = dt.step_lr_at
+    train_detector(cfg("a"))
+    orig = optim.SCHEDULES["multistep"]
 
     def stop_at_2(step, **kw):
         if step == 1:
             signal.raise_signal(signal.SIGTERM)
         return orig(step, **kw)
 
-    monkeypatch.setattr(dt, "step_lr_at", stop_at_2)
-    assert dt.train_detector(cfg("b"))["interrupted"]
-    monkeypatch.setattr(dt, "step_lr_at", orig)
+    monkeypatch.setitem(optim.SCHEDULES, "multistep", stop_at_2)
+    assert train_detector(cfg("b"))["interrupted"]
+    monkeypatch.setitem(optim.SCHEDULES, "multistep", orig)
     check_random_states(tmp_path / "b" / "checkpoint-last.pt")
-    dt.train_detector(cfg("b"), resume="auto")
+    train_detector(cfg("b"), resume="auto")
     assert losses("b") == losses("a")  # same data, same drop-path draws, same numbers
 
 
@@ -287,9 +293,9 @@ def test_detectron2_parameter_groups():
     """detectron2's get_default_optimizer_params + get_vit_lr_decay_rate as ViTDet sets them:
     B / L decay everything but the ViT's nn.LayerNorms and pos_embed; H decays everything."""
     from crossmae.config import load_config
+    from crossmae.optim import optimizer_groups
     from det.config import DetConfig
     from det.model import build_detector
-    from det.train import detectron2_param_groups
 
     enc = dict(img_size=32, patch_size=16, embed_dim=64, depth=4, num_heads=2, mlp_ratio=4.0,
                norm_eps=1e-6)  # fmt: skip
@@ -302,7 +308,7 @@ def test_detectron2_parameter_groups():
         cfg = load_config(DetConfig, [REPO / f for f in files], small)
         model = build_detector(cfg.model, 3, enc)
         wd, scale = {}, {}
-        for g in detectron2_param_groups(model, cfg.optim):
+        for g in optimizer_groups(model, cfg.optim):
             for n in g["names"]:
                 wd[n], scale[n] = g["weight_decay"], g["lr_scale"]
         assert wd["backbone.net.blocks.0.norm1.weight"] == vit_norm_wd
@@ -329,10 +335,10 @@ def test_det_configs_follow_detectron2():
     assert len(files) >= 4
     cfgs = {f.stem: load_config(DetConfig, [f]) for f in files}
     b, h = cfgs["mask_rcnn_vit_base_100ep"], cfgs["mask_rcnn_vit_huge_75ep"]
-    assert (b.train.steps, list(b.optim.lr_milestones)) == (184375, [163889, 177546])
+    assert (b.train.steps, list(b.optim.milestones)) == (184375, [163889, 177546])
     # the H config is 75 epochs: 3/4 of the steps and milestones, integer-divided
     assert h.train.steps == b.train.steps * 3 // 4
-    assert list(h.optim.lr_milestones) == [m * 3 // 4 for m in b.optim.lr_milestones]
+    assert list(h.optim.milestones) == [m * 3 // 4 for m in b.optim.milestones]
     assert (h.optim.layer_decay, h.model.drop_path_rate, h.model.patch_size) == (0.9, 0.5, 16)
     assert cfgs["mask_rcnn_vit_large_100ep"].optim.layer_decay == 0.8
 

@@ -239,9 +239,15 @@ def tiny_camvid_run(shared_dir, tmp_path, run: str, *extra):
     )
 
 
-def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
-    from seg.train import train_segmenter
+def train_segmenter(cfg, resume: str | None = None) -> dict:
+    """``crossmae seg train`` through the runner."""
+    from crossmae.runner import run_task
+    from seg.task import SegTask
 
+    return run_task(SegTask(cfg), cfg, resume)
+
+
+def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
     cfg = tiny_camvid_run(shared_dir, tmp_path, "run")
     result = train_segmenter(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
@@ -253,7 +259,7 @@ def test_a_few_training_iterations_on_camvid_crops(shared_dir, tmp_path):
 
 
 def test_flip_and_multi_scale_evaluation(shared_dir):
-    from seg.train import evaluate_segmenter
+    from seg.evaluate import evaluate_segmenter
 
     torch.manual_seed(0)
     folder = SegFolder(shared_dir / "data" / "camvid", "val", CAMVID)
@@ -274,16 +280,16 @@ def test_flip_and_multi_scale_evaluation(shared_dir):
 def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
     import signal
 
-    import seg.train as st
+    from crossmae import optim
 
     def losses(run):
         rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
         return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
-    st.train_segmenter(
+    train_segmenter(
         tiny_camvid_run(shared_dir, tmp_path, "a", "train.steps=4", "model.drop_path_rate=0.2")
     )
-    orig = st.LR_SCHEDULES["mmseg1"]
+    orig = optim.SCHEDULES["linear_poly"]
 
     def stop_during_step_2(step, **kw):
         if step == 1:
@@ -291,11 +297,11 @@ def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch)
         return orig(step, **kw)
 
     cfg = tiny_camvid_run(shared_dir, tmp_path, "b", "train.steps=4", "model.drop_path_rate=0.2")
-    monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", stop_during_step_2)
-    assert st.train_segmenter(cfg)["interrupted"]
-    monkeypatch.setitem(st.LR_SCHEDULES, "mmseg1", orig)
+    monkeypatch.setitem(optim.SCHEDULES, "linear_poly", stop_during_step_2)
+    assert train_segmenter(cfg)["interrupted"]
+    monkeypatch.setitem(optim.SCHEDULES, "linear_poly", orig)
     check_random_states(tmp_path / "b" / "checkpoint-last.pt")
-    st.train_segmenter(cfg, resume="auto")
+    train_segmenter(cfg, resume="auto")
     assert losses("b") == losses("a")
 
 
@@ -339,7 +345,7 @@ def test_distributed_training_uses_syncbn_and_trains_one_crop_per_process(shared
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 2 and all(0 < x < 100 for x in losses)
     log = (tmp_path / "ddp" / "log.txt").read_text()
-    assert "batch 2 (2 processes x 1 accumulation)" in log
+    assert "2 process(es) x micro-batch 1 x 1 accumulation = batch 2" in log
 
 
 def test_training_pipeline_is_mmsegs(shared_dir):

@@ -15,13 +15,13 @@ from omegaconf import DictConfig
 from crossmae.checkpoint import load_state_dict_strict, save_atomic
 from crossmae.config import load_config
 from crossmae.models.pretrained import encoder_export
-from crossmae.optim import linear_then_poly_lr_at
+from crossmae.optim import make_schedule, optimizer_groups
 from seg.config import SegConfig
 from seg.data import IGNORE, rescale_size, resize_u8
+from seg.evaluate import segment
 from seg.export import backbone_to_mmseg, import_mmseg, mmseg_architecture
 from seg.metrics import SegMetrics
-from seg.model import SegViT, UperNet, slide_inference, slide_windows
-from seg.train import seg_param_groups, segment, segmentation_losses
+from seg.model import SegViT, UperNet, segmentation_losses, slide_inference, slide_windows
 
 FIXTURE_ENV = "CROSSMAE_MMSEG_FIXTURE"
 REL = 1e-10
@@ -164,7 +164,7 @@ def test_mmseg_losses(mm, model):
 
 def test_mmseg_parameter_groups_and_lr(mm, model):
     cfg = config_of(mm)
-    groups = seg_param_groups(model, cfg.optim)
+    groups = optimizer_groups(model, cfg.optim)
     ours = {}
     for g in groups:
         for n in g["names"]:
@@ -178,11 +178,9 @@ def test_mmseg_parameter_groups_and_lr(mm, model):
         assert ours[name][1] == wd, name
     # our default schedule is mmseg 1.x's LinearLR + PolyLR, value at each stored iteration
     default = load_config(SegConfig, [], [])
+    schedule = make_schedule(default.optim, mm["config"]["base_lr"], default.train.steps, 1)
     for it, lr in mm["expected"]["lr"].items():
-        got = linear_then_poly_lr_at(it, base_lr=mm["config"]["base_lr"],
-                                     total_steps=default.train.steps,
-                                     warmup_steps=default.optim.warmup_steps)  # fmt: skip
-        assert got == pytest.approx(lr, abs=1e-10 * mm["config"]["base_lr"]), it
+        assert schedule(it) == pytest.approx(lr, abs=1e-10 * mm["config"]["base_lr"]), it
 
 
 def test_mmseg_test_pipeline(mm, model):
@@ -265,4 +263,4 @@ def test_mmseg_import_then_evaluate_commands(mm, shared_dir, tmp_path, capsys):
     # a checkpoint of another kind is refused in one line
     save_atomic({"format": "crossmae-det-v2"}, tmp_path / "det.pt")
     assert main(["evaluate", str(tmp_path / "det.pt"), f"data.root={root}"]) == 2
-    assert "not 'crossmae-seg-v2'" in capsys.readouterr().err
+    assert "is a 'crossmae-det-v2' checkpoint (a ViTDet Mask R-CNN" in capsys.readouterr().err

@@ -15,12 +15,12 @@ import pytest
 import torch
 from test_data import add_bad_files, cifar_folder
 
-import crossmae.train as train_mod
+import crossmae.pretrain as train_mod
 from crossmae.checkpoint import LAST, load_checkpoint, save_atomic
 from crossmae.config import ConfigError, PretrainConfig, load_config
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import model_from_checkpoint
-from crossmae.train import pretrain
+from crossmae.pretrain import pretrain
 
 TINY = [
     "model.img_size=32",
@@ -84,7 +84,7 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     run = tmp_path / "run"
     summary = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
     assert summary["step"] == 8 and not summary["interrupted"]
-    for f in ("config.yaml", "log.txt", "metrics.jsonl", "loss.png", "summary.json", "encoder.pt",
+    for f in ("config.yaml", "log.txt", "metrics.jsonl", "loss.png", "results.json", "encoder.pt",
               "recon/epoch-0001.png", "recon/epoch-0002.png", LAST):  # fmt: skip
         assert (run / f).is_file(), f
     assert [s for s, _ in losses(run)] == list(range(1, 9))
@@ -255,7 +255,7 @@ def test_a_stop_signal_leaves_a_usable_checkpoint(tmp_path, sig):
     assert f"signal {sig.name}: checkpoint written" in out and "--resume auto" in out
     assert "Traceback" not in out and not (run / "run.lock").exists()
     ckpt = load_checkpoint(run / LAST)
-    assert 3 <= ckpt["step"] < 40 and json.loads((run / "summary.json").read_text())["interrupted"]
+    assert 3 <= ckpt["step"] < 40 and json.loads((run / "results.json").read_text())["interrupted"]
     model_from_checkpoint(ckpt)
     res = cli(*LONG, f"output_dir={run}", "--resume", "auto")
     assert res.wait(timeout=300) == 0
@@ -285,7 +285,7 @@ def test_bad_files_are_skipped_counted_and_reported(shared_dir, tmp_path):
     cfg = load_config(PretrainConfig, [], [*TINY, *overrides])
     summary = pretrain(cfg)
     assert summary["step"] == 2 * (23 // 8) and summary["skipped_files"] == 3
-    report = json.loads((tmp_path / "run" / "summary.json").read_text())
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
     assert {Path(s.split(" (")[0]).name for s in report["skipped"]} == {
         "corrupt.jpg",
         "truncated.jpg",
@@ -359,36 +359,51 @@ def test_knn_monitor_during_pretraining(shared_dir, tmp_path):
 
 
 def test_engine_checkpoints_restore_every_random_stream(tmp_path):
-    """The engine's checkpoint holds every process's streams (torch CPU, each CUDA device, numpy,
-    Python) and ``resume`` puts them back as they were saved."""
+    """The checkpoint hook's file holds every process's streams (torch CPU, each CUDA device,
+    numpy, Python) and ``Engine.load_state_dict`` puts them back as they were saved."""
     import random
 
     import numpy as np
     from conftest import check_random_states
 
-    from crossmae.checkpoint import LAST
-    from crossmae.engine import Engine, Hooks
+    from crossmae.engine import Engine
+    from crossmae.hooks import CheckpointHook
 
-    def engine() -> Engine:
+    def engine() -> tuple[Engine, CheckpointHook]:
         model = torch.nn.Linear(2, 2)
-        return Engine(model, torch.optim.AdamW(model.parameters()), out=tmp_path,
-                      device=torch.device("cpu"), sampler=None, loader=None, steps=8,
-                      lr_at=lambda s: 1e-3, inputs=dict, losses=dict,
-                      hooks=Hooks(checkpoint_fields=lambda: {"format": "test"}))  # fmt: skip
+        saver = CheckpointHook(tmp_path, lambda: {"format": "test"})
+        e = Engine(model, torch.optim.AdamW(model.parameters()), None, lambda s: 1e-3, None,
+                   steps=8, device=torch.device("cpu"), hooks=[saver])  # fmt: skip
+        return e, saver
 
-    saving = engine()
+    saving, saver = engine()
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
     saving.step = 4
-    saving.save()
+    saver.save(saving)
     check_random_states(tmp_path / LAST)
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(9), np.random.seed(9), random.seed(9)  # elsewhere now
-    assert engine().resume("auto")["step"] == 4
+    resumed, _ = engine()
+    resumed.load_state_dict(load_checkpoint(tmp_path / LAST), what="test")
+    assert resumed.step == 4
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
     assert got[2] == expected[2]
+
+
+class Regression:
+    """What an engine step computes in the tests below: a squared error on (x, y) batches."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def inputs(self, batch, device):
+        return {"x": batch[0].to(device), "y": batch[1].to(device)}
+
+    def losses(self, forward, x, y):
+        return {"loss": ((forward(x) - y) ** 2).mean()}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -399,7 +414,8 @@ def test_engine_resume_repeats_the_uninterrupted_run(tmp_path, device):
     from torch.utils.data import Dataset, default_collate
 
     from crossmae.data import ResumableSampler, make_loader
-    from crossmae.engine import Engine, Hooks
+    from crossmae.engine import Engine
+    from crossmae.hooks import CheckpointHook, MetricsWriter
 
     class Keyed(Dataset):
         def __init__(self):
@@ -417,17 +433,18 @@ def test_engine_resume_repeats_the_uninterrupted_run(tmp_path, device):
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.5),
                                     torch.nn.Linear(32, 1)).to(device)  # fmt: skip
         sampler = ResumableSampler(16, per_rank_step=4, seed=0)
+        writer = MetricsWriter(out, images_per_step=4, every_steps=1)
+        saver = CheckpointHook(out, lambda: {"format": "test"})
         engine = Engine(
-            model, torch.optim.AdamW(model.parameters()), out=out, device=torch.device(device),
-            sampler=sampler, loader=make_loader(Keyed(), sampler, 4, 0, False, default_collate),
-            steps=steps, lr_at=lambda s: 1e-2, log_every=1, progress=False,
-            inputs=lambda b: {"x": b[0].to(device), "y": b[1].to(device)},
-            losses=lambda f, x, y: {"loss": ((f(x) - y) ** 2).mean()},
-            hooks=Hooks(checkpoint_fields=lambda: {"format": "test"}),
+            model, torch.optim.AdamW(model.parameters()),
+            make_loader(Keyed(), sampler, 4, 0, False, default_collate), lambda s: 1e-2,
+            Regression(device), steps=steps, device=torch.device(device), hooks=[writer, saver],
         )  # fmt: skip
-        engine.resume("auto")
+        if (out / LAST).is_file():
+            engine.load_state_dict(load_checkpoint(out / LAST), what="test")
         engine.train()
-        engine.finish()
+        saver.save_if_stale(engine)
+        writer.close()
         rows = [json.loads(line) for line in (out / "metrics.jsonl").open()]
         return {r["step"]: r["loss"] for r in rows}
 
@@ -441,6 +458,5 @@ def test_engine_resume_repeats_the_uninterrupted_run(tmp_path, device):
     from torch.utils.data import DataLoader
 
     with pytest.raises(ValueError, match="its own generator"):
-        Engine(torch.nn.Linear(1, 1), None, out=tmp_path, device=torch.device("cpu"),
-               sampler=None, loader=DataLoader(Keyed()), steps=1, lr_at=float, inputs=dict,
-               losses=dict)  # fmt: skip
+        Engine(torch.nn.Linear(1, 1), None, DataLoader(Keyed()), float, Regression("cpu"),
+               steps=1, device=torch.device("cpu"))  # fmt: skip

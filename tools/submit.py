@@ -1,10 +1,11 @@
-"""Submit ``crossmae pretrain`` (or a transfer task: ``--task "cls linprobe"``, ``"cls
-finetune"``, ``"det train"``, ``"seg train"``) to Slurm through submitit, one task per GPU.
+"""Submit ``crossmae pretrain`` (or any other registered training command: ``--task "cls
+linprobe"``, ``"cls finetune"``, ``"det train"``, ``"seg train"``, ...) to Slurm through submitit,
+one task per GPU.
 
-    python tools/submit.py --nodes 4 --gpus-per-node 8 --partition learn --timeout-min 4320 \
-        --config configs/pretrain/crossmae_vit_base_800ep_pred0.75.yaml \
+    python tools/submit.py --nodes 4 --gpus-per-node 8 --partition learn --timeout-min 4320 \\
+        --config configs/pretrain/crossmae_vit_base_800ep_pred0.75.yaml \\
         data.path=/data/imagenet/train output_dir=runs/crossmae_b_800
-    python tools/submit.py --task "det train" --config configs/det/mask_rcnn_vit_base_100ep.yaml \
+    python tools/submit.py --task "det train" --config configs/det/mask_rcnn_vit_base_100ep.yaml \\
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt ... output_dir=runs/det_b
 
 Every task runs with ``--resume auto``. Slurm signals the job (USR2) before its time limit, and
@@ -24,7 +25,12 @@ from pathlib import Path
 
 import submitit
 
-TASKS = ("crossmae pretrain", "cls linprobe", "cls finetune", "det train", "seg train")
+
+def training_commands() -> list[str]:
+    """The registered tasks' training commands (``crossmae.task``)."""
+    from crossmae.task import tasks
+
+    return [" ".join(t.command) for t in tasks() if t.trains]
 
 
 class Task(submitit.helpers.Checkpointable):
@@ -38,15 +44,20 @@ class Task(submitit.helpers.Checkpointable):
         from crossmae.cli import main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        command = self.task.removeprefix("crossmae ").split()  # crossmae <command> [<action>]
-        return main([*command, *self.argv, "--resume", "auto"])
+        return main([*self.task.split(), *self.argv, "--resume", "auto"])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--task", choices=TASKS, default="crossmae pretrain")
+    parser.add_argument(
+        "--task",
+        default="pretrain",
+        type=lambda t: t.removeprefix("crossmae "),
+        choices=training_commands(),
+        help="a training command",
+    )
     parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)

@@ -1,1 +1,4 @@
-"""The ``crossmae convert``, ``analyze``, ``benchmark`` and ``ablate`` commands."""
+"""crossmae's own commands (``convert``, ``analyze``, ``benchmark``, ``ablate``, ``transfer``):
+importing this package registers them (``crossmae.task.register_command``)."""
+
+from . import ablate, analyze, benchmark, convert, transfer  # noqa: F401

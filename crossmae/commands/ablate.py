@@ -23,6 +23,9 @@ import logging
 import statistics
 from pathlib import Path
 
+from ..models import MAE
+from ..task import register_command
+
 log = logging.getLogger("crossmae")
 
 # variant -> model settings on top of the shared ones; "{kind}" and "{arch}" fill the model name
@@ -73,43 +76,41 @@ def run_one(args, variant: str, seed: int, pretrain_settings: list[str],
     ``ablate.json`` beside the run."""
     import torch
 
-    from cls.config import FrozenEvalConfig
-    from cls.frozen import evaluate_frozen
-
     from ..analysis import flop_counts
-    from ..checkpoint import write_text_atomic
-    from ..config import PretrainConfig, load_config
+    from ..checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
+    from ..config import load_config
     from ..models.pretrained import model_from_checkpoint
     from ..reconstruction import folder_reconstruction_metrics
-    from ..train import pretrain
+    from ..runner import run_task
+    from ..task import get_task
 
     run = Path(args.out) / variant / f"seed{seed}"
     done = run / "ablate.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = load_config(PretrainConfig, [], [
+    pretrain, frozen = get_task("pretrain"), get_task("frozen")
+    cfg = load_config(pretrain.schema, [], [
         f"data.path={args.train}", f"output_dir={run}", f"train.seed={seed}",
         "log.progress=false", "log.tensorboard=false", *pretrain_settings,
         *settings_of(variant, args.arch)], complete=True)  # fmt: skip
     log.info("ablate: %s seed %d -> %s", variant, seed, run)
-    summary = pretrain(cfg, resume="auto")
+    summary = run_task(pretrain(cfg), cfg, "auto")
     if summary["interrupted"]:
         raise SystemExit(1)
-    from ..checkpoint import load_checkpoint
-
-    model = model_from_checkpoint(load_checkpoint(run / "checkpoint-last.pt")).eval()
-    frozen = load_config(FrozenEvalConfig, [], [
+    model = model_from_checkpoint(load_checkpoint(run / "checkpoint-last.pt",
+                                                  expect=PRETRAIN_FORMAT)).eval()  # fmt: skip
+    evaluation = load_config(frozen.schema, [], [
         f"encoder.checkpoint={run / 'encoder.pt'}", f"data.train={args.train}",
-        f"data.val={args.val}", f"data.img_size={cfg.model.img_size}", "pool=avg",
+        f"data.val={args.val}", f"data.img_size={cfg.model.img_size}", "model.pool=avg",
         f"data.num_workers={cfg.data.num_workers}", *FROZEN_DEFAULTS, *frozen_settings],
         complete=True)  # fmt: skip
-    acc = evaluate_frozen(frozen)
+    acc = run_task(frozen(evaluation), evaluation)["metrics"]
     rec = folder_reconstruction_metrics(model, args.val, images=args.psnr_images, seed=0)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
     speeds = speeds[1:] if len(speeds) > 1 else speeds  # the first record holds the warm-up
     result = {
-        "variant": variant, "seed": seed, "steps": summary["step"],
+        "variant": variant, "kind": model.kind, "seed": seed, "steps": summary["step"],
         "decoder_gmacs": flop_counts(model)["decoder"],
         "img_per_s": statistics.fmean(speeds), "final_loss": summary["final_loss"],
         "psnr": rec["psnr"], "knn_top1": acc["knn_top1"], "probe_top1": acc["linprobe_top1"],
@@ -124,7 +125,7 @@ def aggregate(results: list[dict]) -> dict[str, dict]:
     table = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         rows = [r for r in results if r["variant"] == variant]
-        table[variant] = {"seeds": len(rows)}
+        table[variant] = {"seeds": len(rows), "kind": rows[0].get("kind")}
         for m in METRICS:
             values = [r[m] for r in rows]
             table[variant][m] = {"mean": statistics.fmean(values),
@@ -181,7 +182,7 @@ def plot(table: dict[str, dict], path: Path) -> None:
         x = t["decoder_gmacs"]["mean"]
         for m, marker in (("knn_top1", "o"), ("probe_top1", "s")):
             ax.errorbar(x, t[m]["mean"], yerr=t[m]["spread"], fmt=marker,
-                        color="C0" if name.startswith("crossmae") else "C3", capsize=3)  # fmt: skip
+                        color="C3" if t["kind"] == MAE.kind else "C0", capsize=3)  # fmt: skip
         ax.annotate(name, (x, t["knn_top1"]["mean"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("decoder GMACs per image (forward)")
@@ -218,11 +219,9 @@ def cmd_ablate(args) -> int:
     return 0
 
 
-def register(commands) -> None:
-    """``crossmae ablate``."""
-    p = commands.add_parser("ablate", help="the paper's comparisons in miniature: one table",
-                            description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+@register_command(("ablate",), help="the paper's comparisons in miniature: one table",
+                  description=__doc__)  # fmt: skip
+def _ablate_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", required=True, help="labelled ImageFolder: pretraining and probes")
     p.add_argument("--val", required=True, help="held-out ImageFolder with the same classes")
     p.add_argument("--out", required=True, help="folder for the runs and the table")

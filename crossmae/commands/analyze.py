@@ -29,18 +29,19 @@ from pathlib import Path
 import torch
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
-from crossmae.checkpoint import load_checkpoint, write_text_atomic
+from crossmae.checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
 from crossmae.config import parse_settings
 from crossmae.data import BuiltinPhotos, EvalTransform, ImageFiles, denormalize
-from crossmae.models import MAE, CrossMAE, create_model
+from crossmae.models import MAE, CrossMAE, create_model, model_class
 from crossmae.models.masking import normalize_patches, patchify, unpatchify
 from crossmae.models.pretrained import model_from_checkpoint
 from crossmae.reconstruction import masked_psnr, reconstruct
+from crossmae.task import register_command, register_group
 from crossmae.visualize import _pyplot
 
 
 def load_model(path: str, kind: type) -> torch.nn.Module:
-    model = model_from_checkpoint(load_checkpoint(path)).eval()
+    model = model_from_checkpoint(load_checkpoint(path, expect=PRETRAIN_FORMAT)).eval()
     if not isinstance(model, kind):
         raise ValueError(f"{path} holds a {type(model).__name__}, expected a {kind.__name__}")
     return model
@@ -231,7 +232,7 @@ def cmd_flops(args) -> int:
     args.settings = parse_settings(args.overrides)
     rows = []
     for name in args.models:
-        ratios = args.pred_ratios if name.startswith("crossmae") else [None]
+        ratios = args.pred_ratios if issubclass(model_class(name), CrossMAE) else [None]
         for g in ratios:
             settings = {**args.settings, **({} if g is None else {"pred_ratio": g})}
             counts = flop_counts(create_model(name, **settings))
@@ -243,16 +244,13 @@ def cmd_flops(args) -> int:
     return 0
 
 
-def register(commands) -> None:
-    """``crossmae analyze <analysis> ...``."""
-    group = commands.add_parser("analyze", help="the paper's analyses of pretrained models",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = group.add_subparsers(dest="action", required=True)
-    analyses = {"recon": cmd_recon, "blocks": cmd_blocks, "iba": cmd_iba,
-                "attention": cmd_attention, "flops": cmd_flops}  # fmt: skip
-    for name, func in analyses.items():
-        p = sub.add_parser(name, help=(func.__doc__ or "").split("\n")[0])
+register_group(("analyze",), "the paper's analyses of pretrained models", __doc__)
+
+
+def _analysis(name: str, func) -> None:
+    """``crossmae analyze NAME --out DIR ...`` running ``func``."""
+
+    def configure(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", type=Path, required=True, help="folder for the PNG / JSON")
         p.set_defaults(func=_in_out_folder(func))
         if name == "flops":
@@ -261,7 +259,7 @@ def register(commands) -> None:
             p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
             p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                            help="constructor settings, e.g. decoder_depth=4")  # fmt: skip
-            continue
+            return
         if name in ("recon", "blocks", "iba"):
             p.add_argument("--crossmae", required=True, help="CrossMAE checkpoint")
         if name in ("recon", "attention"):
@@ -271,6 +269,8 @@ def register(commands) -> None:
             p.add_argument("-n", type=int, default=6, help="images")
             p.add_argument("--seed", type=int, default=0, help="fixes the masks")
 
+    register_command(("analyze", name), help=(func.__doc__ or "").split("\n")[0])(configure)
+
 
 def _in_out_folder(func):
     def run(args) -> int:
@@ -278,3 +278,8 @@ def _in_out_folder(func):
         return func(args)
 
     return run
+
+
+for _name, _func in {"recon": cmd_recon, "blocks": cmd_blocks, "iba": cmd_iba,
+                     "attention": cmd_attention, "flops": cmd_flops}.items():  # fmt: skip
+    _analysis(_name, _func)

@@ -38,21 +38,24 @@ import gc
 import itertools
 import json
 import time
+from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from crossmae import create_model
-from crossmae.engine import Engine
-from crossmae.models import CrossMAE
+from crossmae.engine import Engine, StepOptions
+from crossmae.models import CrossMAE, model_class
 from crossmae.models.layers import (
     SDPA_BACKENDS,
     sdpa_backend,
     sdpa_device_problem,
     set_attention_backend,
 )
-from crossmae.train import pretrain_losses
+from crossmae.pretrain import pretrain_losses
+from crossmae.task import Task, get_task, register_command, register_group, tasks
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -156,11 +159,12 @@ def bench_step(
     opt.zero_grad(set_to_none=True)
     # the graph's input buffer is imgs itself (the loop copies each prefetched batch into it)
     batches = itertools.cycle([{"imgs": imgs, "ids_shuffle": m.clone()} for m in masks])
-    engine = Engine(model, opt, out=".", device=device, sampler=None, loader=None,
-                    steps=args.warmup + args.steps, lr_at=lambda s: 1e-4, inputs=dict,
-                    losses=pretrain_losses(budget), batch_size=args.batch, precision="bf16",
-                    log_every=10**9, cuda_graph=mode == "graphed",
-                    compile=args.compile_mode if mode != "eager" else False)  # fmt: skip
+    step_fns = SimpleNamespace(inputs=lambda batch, device: batch,
+                               losses=partial(pretrain_losses, budget=budget))  # fmt: skip
+    options = StepOptions(precision="bf16", grad_norm_every=10**9, cuda_graph=mode == "graphed",
+                          compile=args.compile_mode if mode != "eager" else False)  # fmt: skip
+    engine = Engine(model, opt, None, lambda s: 1e-4, step_fns, steps=args.warmup + args.steps,
+                    device=device, options=options)  # fmt: skip
     engine.prepare()
 
     def step(i: int) -> None:
@@ -183,6 +187,15 @@ def bench_step(
     dt = (time.perf_counter() - t) / args.steps
     if args.profile:
         print_profile(step, device, f"{name} γ={pred_ratio} {mode}", args.profile)
+    rec = step_record(model, name, mode, budget, args, device, dt, flops_per_img)
+    rec["loss"] = float(engine.last_parts["loss"])
+    return rec
+
+
+def step_record(model, name: str, mode: str, budget: float, args, device: torch.device,
+                dt: float, flops_per_img: float) -> dict:  # fmt: skip
+    """One row of ``benchmark step``: the configuration, speed, memory, FLOPs, MFU and the
+    official code's speed on the same configuration."""
     rec = {
         "model": name,
         "tiny": args.tiny,
@@ -207,7 +220,6 @@ def bench_step(
         if device.type == "cuda"
         else None,
         "gflop_per_img": flops_per_img / 1e9,
-        "loss": float(engine.last_parts["loss"]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
@@ -216,7 +228,7 @@ def bench_step(
     # graphed (compiled + CUDA graph) is compared with the official code's best, compiled
     official_mode = "bf16 compiled" if mode == "graphed" else rec["mode"]
     official = not args.plain_decoder and OFFICIAL_H100.get(
-        (name, rec["pred_ratio"] if "crossmae" in name else None, official_mode)
+        (name, rec["pred_ratio"] if isinstance(model, CrossMAE) else None, official_mode)
     )
     if official and not args.tiny:
         rec["official_h100_img_per_s"] = official
@@ -365,7 +377,7 @@ def model_device(args) -> torch.device:
 def cmd_saved(args) -> int:
     device = model_device(args)
     for name in args.models:
-        for g in args.pred_ratios if name.startswith("crossmae") else [None]:
+        for g in args.pred_ratios if issubclass(model_class(name), CrossMAE) else [None]:
             model = build(name, g, args, device)
             size = model.grid_size[0] * model.patch_size
             imgs = synthetic_images(args, size, device)
@@ -432,7 +444,7 @@ def cmd_step(args) -> int:
         args.peak_tflops = matmul_peak_tflops(device)
     rows = []
     for name in args.models:
-        ratios = args.pred_ratios if name.startswith("crossmae") else [None]
+        ratios = args.pred_ratios if issubclass(model_class(name), CrossMAE) else [None]
         for g in ratios:
             for mode, budget in itertools.product(args.modes, args.memory_budget):
                 if mode == "eager" and budget != args.memory_budget[0]:
@@ -463,7 +475,7 @@ def cmd_step(args) -> int:
         g = f"{r['pred_ratio']:.2f}" if r["pred_ratio"] is not None else "-"
         name = r["model"] + (" (tiny)" if r["tiny"] else "")
         name += f" d{r['decoder_depth']}"
-        name += " plain" if r["decoder_path"] == "plain" and "crossmae" in r["model"] else ""
+        name += " plain" if r["decoder_path"] == "plain" and r["pred_ratio"] is not None else ""
         name += " ckpt" if r["grad_checkpointing"] else ""
         name += f" {r['sdpa']}" if r["sdpa"] != "auto" else ""
         name += " +inductor" if r["inductor"] else ""
@@ -479,152 +491,69 @@ def cmd_step(args) -> int:
     return 0
 
 
-VIT_B = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-             norm_eps=1e-6)  # fmt: skip
-VIT_TINY = dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2, mlp_ratio=4.0,
-                norm_eps=1e-6)  # fmt: skip
-
-
-def task_case(task: str, tiny: bool, batch: int | None, device: torch.device):
-    """(model, inputs, losses, precision, eval_fn, batch) of one transfer task's training step at
-    its recipe's size (``tiny``: CPU / CI sizes): ViTDet-B Mask R-CNN at 1024 px, UperNet-B on
-    512 px crops, ViT-B finetuning at 224 px."""
-    enc = VIT_TINY if tiny else VIT_B
-    g = torch.Generator().manual_seed(0)
-    if task == "det":
-        import numpy as np
-        from omegaconf import OmegaConf
-
-        from det.config import DetConfig
-        from det.model import Targets, build_detector
-
-        size, batch = (64 if tiny else 1024), batch or 2
-        heads = {"pyramid_channels": 16, "box_conv_dims": [16], "box_fc_dims": [16],
-                 "mask_conv_dims": [16], "mask_deconv_dim": 16} if tiny else {}  # fmt: skip
-        shape = {"img_size": size, "window": 2 if tiny else 14, "heads": heads}
-        mcfg = OmegaConf.merge(OmegaConf.structured(DetConfig).model, shape)
-        model = build_detector(mcfg, 80, enc).to(device)
-        imgs = [torch.randint(0, 256, (3, size, size * 3 // 4), generator=g, dtype=torch.uint8)
-                .to(device) for _ in range(batch)]  # fmt: skip
-        boxes = torch.tensor([[10.0, 12.0, size / 2, size / 3], [size / 4, size / 5, size * 0.6,
-                              size * 0.7]])  # fmt: skip
-        polys = [[np.array([x0, y0, x1, y0, x1, y1, x0, y1], dtype=np.float64)]
-                 for x0, y0, x1, y1 in boxes.tolist()]  # fmt: skip
-        targets = [Targets(boxes, torch.tensor([3, 7]), polys).to(device) for _ in range(batch)]
-
-        def losses(forward, imgs, targets):
-            parts = forward(imgs, targets)
-            return {**parts, "loss": sum(parts.values())}
-
-        def evaluate():
-            return model(imgs[:1])
-
-        return model, {"imgs": imgs, "targets": targets}, losses, "fp16", evaluate, batch
-    if task == "seg":
-        from omegaconf import OmegaConf
-
-        from seg.config import SegConfig
-        from seg.model import slide_inference
-        from seg.train import build_segmenter, segmentation_losses
-
-        crop, batch = (32 if tiny else 512), batch or 2
-        cfg = OmegaConf.merge(OmegaConf.structured(SegConfig), {
-            "data": {"crop": crop}, "model": {"channels": 16 if tiny else 768,
-                                              "aux_channels": 8 if tiny else 256}})  # fmt: skip
-        model = build_segmenter(cfg, 150, enc).to(device)
-        imgs = torch.randn(batch, 3, crop, crop, generator=g).to(device)
-        labels = torch.randint(0, 150, (batch, crop, crop), generator=g).to(device)
-
-        def losses(forward, imgs, labels):
-            parts = segmentation_losses(forward(imgs), labels, aux_weight=0.4)
-            return {**parts, "loss": parts["decode_loss_ce"] + parts["aux_loss_ce"]}
-
-        image = torch.randn(1, 3, crop, crop * 4 // 3, generator=g).to(device)  # 512 x 683
-
-        def evaluate():  # one image by sliding windows, as ADE20K's test images are scaled
-            return slide_inference(model, image, 150, crop=crop, stride=crop * 2 // 3)
-
-        return model, {"imgs": imgs, "labels": labels}, losses, "fp16", evaluate, batch
-    if task == "finetune":
-        from cls.encoder import build_classifier
-        from crossmae.models import VisionTransformer
-
-        batch = batch or 128
-        sd = VisionTransformer(**enc).state_dict()
-        model = build_classifier(sd, enc, num_classes=1000, img_size=enc["img_size"],
-                                 drop_path_rate=0.1).to(device)  # fmt: skip
-        imgs = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
-        ys = torch.randint(0, 1000, (batch,), generator=g).to(device)
-
-        def losses(forward, imgs, ys):
-            return {"loss": torch.nn.functional.cross_entropy(forward(imgs).float(), ys)}
-
-        def evaluate():
-            return model(imgs)
-
-        return model, {"imgs": imgs, "ys": ys}, losses, "bf16", evaluate, batch
-    raise ValueError(f"unknown task {task!r} (det, seg, finetune)")
-
-
 def cmd_tasks(args) -> int:
-    """The transfer tasks' training step (the engine's, at each recipe's precision) and their
-    evaluation throughput: img/s, step ms, peak memory, FLOPs per image and MFU."""
+    """The registered tasks' training step (the engine's, at each recipe's precision and size,
+    ``Task.benchmark_case``) and their evaluation throughput: img/s, step ms, peak memory, FLOPs
+    per image and MFU."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peak = args.peak_tflops or matmul_peak_tflops(device)
-    for task in args.tasks:
-        model, inputs, losses, precision, evaluate, batch = task_case(
-            task, args.tiny, args.batch, device
-        )
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                                fused=device.type == "cuda")  # fmt: skip
-        engine = Engine(model, opt, out=".", device=device, sampler=None, loader=None,
-                        steps=10**9, lr_at=lambda s: 1e-4, inputs=dict, losses=losses,
-                        batch_size=batch, precision=precision, log_every=10**9,
-                        compile=args.compile)  # fmt: skip
+    for name in args.tasks or benchmarked_tasks():
+        case = get_task(name).benchmark_case(args.tiny, args.batch, device)
+        params = [p for p in case.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+        options = StepOptions(precision=case.precision, grad_norm_every=10**9,
+                              compile=args.compile)  # fmt: skip
+        engine = Engine(case.model, opt, None, lambda s: 1e-4, case.task, steps=10**9,
+                        device=device, options=options)  # fmt: skip
         engine.prepare()
-        batches = itertools.repeat(inputs)
+        batches = itertools.repeat(case.batch)
         with FlopCounterMode(display=False) as counter:
             engine.train_step(batches)
-        flops = counter.get_total_flops() / batch
-        for _ in range(args.warmup):
-            engine.train_step(batches)
-        sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            engine.train_step(batches)
-        sync(device)
-        dt = (time.perf_counter() - t) / args.steps
-        model.eval()
+        flops = counter.get_total_flops() / case.images
+        dt = timed(partial(engine.train_step, batches), args.warmup, args.steps, device)
+        cuda = device.type == "cuda"
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        case.model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
                                              enabled=args.eval_bf16):  # fmt: skip
-            evaluate()
-            sync(device)
-            t_eval = time.perf_counter()
-            for _ in range(args.steps):
-                evaluate()
-            sync(device)
-        eval_s = (time.perf_counter() - t_eval) / args.steps
-        rec = {"task": task, "tiny": args.tiny, "batch": batch, "precision": precision,
-               "compile": args.compile, "img_per_s": batch / dt, "step_ms": dt * 1e3,
-               "gflop_per_img": flops / 1e9,
-               "eval_img_per_s": (len(inputs["imgs"]) if task == "finetune" else 1) / eval_s,
-               "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30
-               if device.type == "cuda" else None,
-               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__}  # fmt: skip
+            eval_s = timed(case.evaluate, 1, args.steps, device)
+        rec = {"task": name, "tiny": args.tiny, "batch": case.images, "precision": case.precision,
+               "compile": args.compile, "img_per_s": case.images / dt, "step_ms": dt * 1e3,
+               "gflop_per_img": flops / 1e9, "eval_img_per_s": case.eval_images / eval_s,
+               "peak_mem_gib": peak_mem, "torch": torch.__version__,
+               "device": torch.cuda.get_device_name(device) if cuda else "cpu"}  # fmt: skip
         if peak:
             rec["mfu"] = rec["img_per_s"] * flops / (peak * 1e12)
         print(json.dumps(rec), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        del engine, model, opt
+        del engine, case, opt
         gc.collect()
     return 0
+
+
+def benchmarked_tasks() -> list[str]:
+    """The registered tasks that have a benchmark case."""
+    base = Task.benchmark_case.__func__
+    return [t.name for t in tasks() if t.benchmark_case.__func__ is not base]
+
+
+def timed(fn, warmup: int, steps: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` over ``steps`` calls after ``warmup`` (peak memory counted
+    from the timed calls on)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / steps
 
 
 def cmd_attention(args) -> int:
@@ -759,13 +688,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
 
 
-def register(commands) -> None:
-    """``crossmae benchmark step|saved|attention|data``."""
-    group = commands.add_parser("benchmark", help="training-step, attention and data-pipeline "
-                                "speed", description=__doc__,
-                                formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
-    sub = group.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("step", help="training-step throughput")
+register_group(("benchmark",), "training-step, attention and data-pipeline speed", __doc__)
+
+
+@register_command(("benchmark", "step"), help="training-step throughput")
+def _step_command(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument(
         "--modes",
@@ -786,13 +713,21 @@ def register(commands) -> None:
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--profile", default=None, help="append a kernel-time table of 5 steps here")
     p.set_defaults(func=cmd_step)
-    p = sub.add_parser("saved", help="what the compiled step keeps for backward (no step is run)")
+
+
+@register_command(("benchmark", "saved"),
+                  help="what the compiled step keeps for backward (no step is run)")  # fmt: skip
+def _saved_command(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--top", type=int, default=15, help="largest groups listed per row")
     p.set_defaults(func=cmd_saved)
-    p = sub.add_parser("tasks", help="transfer tasks' training step and evaluation throughput")
-    p.add_argument("--tasks", nargs="+", default=["det", "seg", "finetune"],
-                   choices=["det", "seg", "finetune"])  # fmt: skip
+
+
+@register_command(("benchmark", "tasks"),
+                  help="the tasks' training step and evaluation throughput")  # fmt: skip
+def _tasks_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                   help="registered tasks with a benchmark case (default: all)")  # fmt: skip
     p.add_argument("--batch", type=int, default=None, help="default: each recipe's per GPU")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -803,13 +738,19 @@ def register(commands) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.set_defaults(func=cmd_tasks)
-    p = sub.add_parser("attention", help="SDPA backends at the model's attention shapes")
+
+
+@register_command(("benchmark", "attention"), help="SDPA backends at the model's attention shapes")
+def _attention_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_attention)
-    p = sub.add_parser("data", help="image pipeline throughput")
+
+
+@register_command(("benchmark", "data"), help="image pipeline throughput")
+def _data_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", required=True, type=str)
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--img-size", type=int, default=224)

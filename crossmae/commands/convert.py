@@ -1,5 +1,5 @@
 """Checkpoint converters between our layout, the official MAE / CrossMAE code, timm,
-detectron2's ViTDet and mmsegmentation.
+detectron2's ViTDet and mmsegmentation (the last two registered by det/ and seg/).
 
     # official release (the whole model, {"model": state_dict}) -> our pretraining checkpoint
     crossmae convert from-official crossmae_b.pth ours.pt --arch crossmae_vit_base_patch16
@@ -41,6 +41,7 @@ from crossmae.models import create_model, model_class
 from crossmae.models.official import official_to_ours, to_official
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.models.sizes import size_of
+from crossmae.task import register_command, register_group
 
 
 def from_official_file(src: str, arch: str, settings: dict) -> dict:
@@ -74,22 +75,10 @@ def cmd_from_official(args) -> int:
 
 
 def cmd_to_official(args) -> int:
-    ckpt = load_checkpoint(args.src)
-    if ckpt.get("format") != PRETRAIN_FORMAT:
-        raise ValueError(f"{args.src}: to-official needs a whole-model pretraining checkpoint")
+    ckpt = load_checkpoint(args.src, expect=PRETRAIN_FORMAT)  # the whole model
     kind = model_class(ckpt["model_name"]).kind
     save_atomic({"model": to_official(ckpt["model"], kind=kind)}, args.dest)
     print(f"wrote {args.dest}: official {kind} layout")
-    return 0
-
-
-def cmd_to_mae(args) -> int:
-    from det.d2 import d2_init_checkpoint
-
-    sd, config = load_pretrained_encoder(args.src, official_arch=args.official_arch)
-    out, note = d2_init_checkpoint(sd, config)
-    save_atomic(out, args.dest)
-    print(f"wrote {args.dest}: {note} (detectron2 ViTDet's train.init_checkpoint)")
     return 0
 
 
@@ -120,39 +109,45 @@ def cmd_to_timm(args) -> int:
     return 0
 
 
-def cmd_to_mmseg(args) -> int:
-    from seg.export import to_mmseg
-
-    sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
-    save_atomic(to_mmseg(sd), args.dest)
-    print(f"wrote {args.dest}: mmseg MAE backbone layout (layers.*, loaded with mmseg's "
-          f"--cfg-options model.pretrained={args.dest})")  # fmt: skip
-    return 0
+register_group(
+    ("convert",), "checkpoint converters (official, MAE, timm, mmseg, detectron2)", __doc__
+)
+CONVERTER_ERRORS = (RuntimeError,)  # + torch's load_state_dict
 
 
-def register(commands) -> None:
-    """``crossmae convert <conversion> SRC DEST``."""
-    group = commands.add_parser("convert", help="checkpoint converters (official, MAE, timm, "
-                                "mmseg, detectron2)", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    group.set_defaults(errors=(RuntimeError,))  # + torch's load_state_dict
-    sub = group.add_subparsers(dest="action", required=True)
-    p = sub.add_parser("from-official", help="official whole-model checkpoint -> ours")
+@register_command(("convert", "from-official"), help="official whole-model checkpoint -> ours")
+def _from_official(p: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("dest")
     p.add_argument("--arch", required=True, help="registered model, e.g. mae_vit_base_patch16")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="constructor settings of --arch, e.g. decoder_depth=12")  # fmt: skip
-    p.set_defaults(func=cmd_from_official)
-    for name, func, help_ in (
-        ("to-official", cmd_to_official, "ours -> the official whole-model layout"),
-        ("to-mae", cmd_to_mae, "encoder -> MAE release format (what detectron2's ViTDet loads)"),
-        ("to-timm", cmd_to_timm, "encoder -> timm VisionTransformer state dict"),
-        ("to-mmseg", cmd_to_mmseg, "encoder -> mmsegmentation MAE backbone"),
-    ):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("src")
-        p.add_argument("dest")
-        if name != "to-official":
+    p.set_defaults(func=cmd_from_official, errors=CONVERTER_ERRORS)
+
+
+def converter(name: str, help: str):
+    """Register ``crossmae convert NAME SRC DEST [--official-arch ARCH]`` running the decorated
+    ``func(args)``: an encoder (any checkpoint ``load_pretrained_encoder`` reads) -> ``args.dest``.
+    Task packages add theirs (detectron2's, mmseg's) this way."""
+
+    def add(func):
+        def configure(p: argparse.ArgumentParser) -> None:
+            p.add_argument("src")
+            p.add_argument("dest")
             p.add_argument("--official-arch", default=None, help="for an official release input")
-        p.set_defaults(func=func)
+            p.set_defaults(func=func, errors=CONVERTER_ERRORS)
+
+        register_command(("convert", name), help=help)(configure)
+        return func
+
+    return add
+
+
+@register_command(("convert", "to-official"), help="ours -> the official whole-model layout")
+def _to_official(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_to_official, errors=CONVERTER_ERRORS)
+
+
+converter("to-timm", "encoder -> timm VisionTransformer state dict")(cmd_to_timm)

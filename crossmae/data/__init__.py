@@ -3,6 +3,7 @@
 from .datasets import BuiltinPhotos, ImageFiles, Labelled, load_rgb
 from .loader import (
     CudaPrefetcher,
+    Indexed,
     PretrainSamples,
     ResumableSampler,
     collate,
@@ -22,6 +23,7 @@ __all__ = [
     "CudaPrefetcher",
     "EvalTransform",
     "ImageFiles",
+    "Indexed",
     "Labelled",
     "PretrainSamples",
     "PretrainTransform",

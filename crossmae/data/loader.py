@@ -87,6 +87,20 @@ class ResumableSampler(Sampler):
             yield i, sample_seed(self.seed, self.epoch, i)
 
 
+class Indexed(Dataset):
+    """A dataset of plain indices seen through ``ResumableSampler``'s ``(index, seed)`` keys: the
+    seed is left out (a dataset whose randomness comes from its workers' generators)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.dataset[key[0]]
+
+
 @dataclass
 class Sample:
     image: torch.Tensor  # (3, H, W): uint8 pixels, or normalised floats (``normalize=True``)

@@ -14,6 +14,7 @@ from torch import nn
 from ..checkpoint import (
     ENCODER_FORMAT,
     PRETRAIN_FORMAT,
+    describe_format,
     load_state_dict_strict,
     read_torch_file,
     unwrap,
@@ -26,7 +27,8 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     from . import create_model
 
     if ckpt.get("format") != PRETRAIN_FORMAT:
-        raise ValueError(f"expected a {PRETRAIN_FORMAT} checkpoint, got {ckpt.get('format')!r}")
+        raise ValueError(f"expected {describe_format(PRETRAIN_FORMAT)}, got "
+                         f"{describe_format(ckpt.get('format'))}")  # fmt: skip
     model = create_model(ckpt["model_name"], **ckpt["model_config"])
     load_state_dict_strict(model, ckpt["model"], what=f"{ckpt['model_name']} checkpoint")
     return model

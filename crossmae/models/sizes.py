@@ -75,3 +75,18 @@ def size_of(embed_dim: int, depth: int, num_heads: int | None = None) -> ViTSize
         f"no ViT size has width {embed_dim} and depth {depth}{heads} "
         f"(sizes: {', '.join(f'{s.name} {s.embed_dim}x{s.depth}' for s in SIZES)})"
     )
+
+
+def size_of_state_dict(state_dict: dict[str, Any]) -> ViTSize:
+    """The row of the encoder in a state dict of any of our layouts or the official one (its
+    ``cls_token`` width and the number of its ``blocks.N``, under an optional ``encoder.``)."""
+    width, blocks = None, set()
+    for key, value in state_dict.items():
+        name = key.removeprefix("encoder.")
+        if name == "cls_token":
+            width = value.shape[-1]
+        elif name.startswith("blocks."):
+            blocks.add(name.split(".")[1])
+    if width is None or not blocks:
+        raise ValueError("no ViT encoder (cls_token and blocks.N) in this state dict")
+    return size_of(width, len(blocks))

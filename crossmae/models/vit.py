@@ -242,6 +242,11 @@ class VisionTransformer(nn.Module):
         return sorted(out)
 
     # ----------------------------------------------------------------------------- recipes
+    @property
+    def num_layers(self) -> int:
+        """Layers of layer-wise lr decay below the head: the blocks (``layer_id``)."""
+        return self.depth
+
     def layer_id(self, name: str) -> int:
         """Depth of a parameter for layer-wise lr decay (``vit_layer_id``)."""
         return vit_layer_id(name, self.depth)

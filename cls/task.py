@@ -1,0 +1,301 @@
+"""The classification tasks on a pretrained encoder, run by ``crossmae.runner``:
+
+- ``cls finetune`` (``FinetuneTask``): the MAE / CrossMAE recipe: AdamW, layer-wise lr decay,
+  warmup + cosine, drop path, RandAugment, mixup / cutmix, random erasing, label smoothing,
+  average pooling + fc_norm, optional EMA;
+- ``cls linprobe`` (``LinprobeTask``): the paper's linear probe: frozen encoder, cls token,
+  BatchNorm + Linear head, LARS, RandomResizedCrop + flip;
+- ``cls frozen`` (``FrozenTask``): kNN and the fast linear probe on cached features (an
+  evaluation: no training steps).
+
+Accuracy on the val split every epoch (exact distributed counting), best and last checkpoints:
+
+    torchrun --nproc-per-node 8 -m crossmae cls finetune \\
+        --config configs/cls/finetune_vit_base.yaml output_dir=... data.train=... data.val=... \\
+        encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+
+from crossmae.checkpoint import register_format
+from crossmae.config import ConfigError
+from crossmae.data import Indexed, Labelled
+from crossmae.engine import Engine, Hook
+from crossmae.knn import extract_features, knn_classify, topk_accuracy
+from crossmae.models import VisionTransformer
+from crossmae.models.pretrained import load_pretrained_encoder
+from crossmae.task import (
+    BenchCase,
+    Task,
+    TransferStage,
+    bench_encoder,
+    register_group,
+    register_task,
+)
+
+from .config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
+from .data import class_folders
+from .encoder import build_classifier
+from .features import ProbeHead, cached_features, linear_probe_grid
+from .finetune import evaluate_classifier, training_transform
+
+log = logging.getLogger("crossmae")
+FINETUNE_FORMAT = register_format(
+    "crossmae-finetune-v1", "a classifier finetuned or linear-probed by cls finetune / linprobe"
+)
+IMAGENET = {"IMAGENET": ("data.train={root}/train", "data.val={root}/val")}
+register_group(("cls",), "classification transfer: kNN + fast probe, the linear probe, finetuning")
+
+
+class EmaUpdate(Hook):
+    """Update a timm ``ModelEmaV3`` after every optimizer step that was taken."""
+
+    name = "ema"
+
+    def __init__(self, ema, model: nn.Module):
+        self.ema, self.model = ema, model
+
+    def after_update(self, engine: Engine) -> None:
+        self.ema.update(self.model, step=engine.step)
+
+
+@register_task
+class FinetuneTask(Task):
+    """End-to-end finetuning of a pretrained encoder on an ImageFolder (module docstring)."""
+
+    name = "finetune"
+    command = ("cls", "finetune")
+    help = "end-to-end finetuning (MAE / CrossMAE recipe)"
+    schema = FinetuneConfig
+    format = FINETUNE_FORMAT
+    best_metric, record_prefix = "top1", "val_"
+    transfer = TransferStage("finetune", 2, "configs/cls/finetune_vit_{size}.yaml", IMAGENET,
+                             (("finetune top-1", ("finetune_top1",)),))  # fmt: skip
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg.data
+        self.mixup = None
+        if d.mixup > 0 or d.cutmix > 0:
+            self.criterion = SoftTargetCrossEntropy()
+        elif d.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(d.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.ema = None
+
+    def open_data(self) -> None:
+        m, d = self.cfg.model, self.cfg.data
+        if m.probe and m.ema_decay:
+            raise ConfigError("model.ema_decay applies to finetuning, not to the linear probe")
+        self.train_src, self.val_src = class_folders(d.train, d.val)
+        self.set_classes(len(self.train_src.classes))
+
+    def set_classes(self, num_classes: int) -> None:
+        d = self.cfg.data
+        self.num_classes = num_classes
+        if d.mixup > 0 or d.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix,
+                               label_smoothing=d.label_smoothing,
+                               num_classes=num_classes)  # fmt: skip
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        e, m = self.cfg.encoder, self.cfg.model
+        sd, enc_cfg = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
+        if e.random_init:  # the baseline: same architecture, untrained encoder
+            torch.manual_seed(e.seed)
+            sd = VisionTransformer(**enc_cfg).state_dict()
+        model = classifier_on(sd, enc_cfg, self.cfg, self.num_classes)
+        self.encoder_config = enc_cfg
+        model.to(device)
+        if m.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=m.ema_decay)
+        log.info("%d classes, %d train / %d val images", self.num_classes, len(self.train_src),
+                 len(self.val_src))  # fmt: skip
+        return model
+
+    def train_set(self):
+        return Indexed(Labelled(self.train_src, training_transform(self.cfg), skip_unreadable=True))
+
+    def inputs(self, batch, device: torch.device) -> dict:
+        imgs, y, _ = batch  # images, labels, the indices read
+        imgs, y = imgs.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if self.mixup is not None:
+            imgs, y = self.mixup(imgs, y)
+        return {"imgs": imgs, "y": y}
+
+    def losses(self, forward, imgs: torch.Tensor, y: torch.Tensor) -> dict:
+        return {"loss": self.criterion(forward(imgs).float(), y)}
+
+    def eval_every(self) -> tuple[int, int]:
+        return (0, 1)
+
+    def evaluate(self, step: int) -> dict:
+        size = self.cfg.data.img_size
+        acc = evaluate_classifier(self.model, self.val_src, size, self.device)
+        if self.ema is not None:
+            acc["ema"] = evaluate_classifier(self.ema.module, self.val_src, size, self.device)
+        return acc
+
+    def describe(self, metrics: dict) -> str:
+        return f"top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}"
+
+    def state(self) -> dict:
+        state = {"encoder_config": self.model.config, "classes": self.train_src.classes}
+        if self.ema is not None:
+            state["ema"] = self.ema.module.state_dict()
+        return state
+
+    def load_state(self, ckpt: dict) -> None:
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+
+    def hooks(self) -> list[Hook]:
+        return [EmaUpdate(self.ema, self.model)] if self.ema is not None else []
+
+    def summary(self, result: dict) -> dict:
+        return {"last": result["metrics"] or {}}
+
+    @classmethod
+    def headline(cls, result: dict) -> dict:
+        key = cls.transfer.columns[0][1][0]
+        return {key: result["last"]["top1"], f"{key}_best": result["best"]["top1"]}
+
+    @classmethod
+    def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
+        """3 CIFAR-10 classes, 8 training and 4 val images each, 32 px, one epoch."""
+        root = cifar_subset(shared, scratch / "cls")
+        return (f"configs/cls/{cls.name}_cifar10_tiny.yaml",
+                [f"data.train={root / 'train'}", f"data.val={root / 'val'}", "data.img_size=32",
+                 "train.epochs=1", "optim.warmup_epochs=0", "train.batch_size=8"])  # fmt: skip
+
+    @classmethod
+    def benchmark_case(cls, tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
+        """ViT-B finetuning at 224 px, 128 images per GPU, bf16 (tiny: a 4-block 32-wide ViT)."""
+        from crossmae.config import load_config
+
+        enc = bench_encoder(tiny)
+        batch = batch or 128
+        cfg = load_config(cls.schema, [], [f"data.img_size={enc['img_size']}"])
+        task = cls(cfg)
+        task.set_classes(1000)
+        model = classifier_on(VisionTransformer(**enc).state_dict(), enc, cfg, 1000).to(device)
+        g = torch.Generator().manual_seed(0)
+        imgs = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
+        ys = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        return BenchCase(task, model, (imgs, ys, None), batch, cfg.train.precision,
+                         lambda: model(imgs), eval_images=batch)  # fmt: skip
+
+
+def classifier_on(state_dict: dict, encoder_config: dict, cfg, num_classes: int) -> nn.Module:
+    """The classifier of a finetune / linprobe config on encoder weights: finetuning's head
+    initialised as MAE's (std 2e-5), the linear probe's a BatchNorm + Linear on a frozen ViT."""
+    m = cfg.model
+    model = build_classifier(state_dict, encoder_config, num_classes=num_classes,
+                             img_size=cfg.data.img_size, global_pool=m.global_pool,
+                             drop_path_rate=m.drop_path_rate)  # fmt: skip
+    if m.probe:  # frozen encoder; only the BatchNorm + Linear head trains
+        model.requires_grad_(False)
+        model.head = ProbeHead(model.embed_dim, num_classes)
+    else:
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # MAE finetune head init
+    return model
+
+
+def cifar_subset(shared: Path, dest: Path, classes: int = 3) -> Path:
+    """A small CIFAR-10 ImageFolder (links to the shared files): ``classes`` classes, 8 training
+    and 4 val images each."""
+    cifar = shared / "data" / "cifar10"
+    for split, src, n in (("train", "train", 8), ("val", "test", 4)):
+        for cls_dir in sorted((cifar / src).iterdir())[:classes]:
+            out = dest / split / cls_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted(cls_dir.iterdir())[:n]:
+                if not (out / f.name).exists():
+                    (out / f.name).symlink_to(f.resolve())
+    return dest
+
+
+@register_task
+class LinprobeTask(FinetuneTask):
+    """The paper's linear probe: the finetuning loop on a frozen encoder (module docstring)."""
+
+    name = "linprobe"
+    command = ("cls", "linprobe")
+    help = "the paper's linear probe (frozen encoder, LARS)"
+    schema = LinprobeConfig
+    transfer = TransferStage("linprobe", 1, "configs/cls/linprobe_vit_{size}.yaml", IMAGENET,
+                             (("linear probe top-1", ("linear_probe_top1",)),))  # fmt: skip
+
+    # not benchmarked: the probe's step is a head's (finetuning's case covers the encoder)
+    benchmark_case = Task.__dict__["benchmark_case"]
+
+
+@register_task
+class FrozenTask(Task):
+    """kNN (top-1 / top-5) and the best fast linear probe over ``probe.blrs`` on features of a
+    frozen encoder, extracted once (cached in ``data.cache_dir``)."""
+
+    name = "frozen"
+    command = ("cls", "frozen")
+    help = "kNN and fast linear probe of a frozen encoder"
+    schema = FrozenEvalConfig
+    trains = False
+
+    def open_data(self) -> None:
+        self.train_src, self.val_src = class_folders(self.cfg.data.train, self.cfg.data.val)
+
+    def build_model(self, device: torch.device) -> nn.Module:
+        """The encoder of the checkpoint (or its architecture untrained), at ``data.img_size``."""
+        e = self.cfg.encoder
+        sd, cfg = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
+        torch.manual_seed(e.seed)
+        encoder = VisionTransformer(**cfg)
+        if not e.random_init:
+            encoder.load_state_dict(sd, strict=True)
+        size = self.cfg.data.img_size
+        if tuple(encoder.img_size) != (size, size):
+            encoder.set_img_size(size)
+        return encoder
+
+    def features(self, split) -> tuple[torch.Tensor, torch.Tensor]:
+        d, e = self.cfg.data, self.cfg.encoder
+        ckpt = Path(e.checkpoint)
+        key = {"checkpoint": str(ckpt.resolve()), "mtime": ckpt.stat().st_mtime,
+               "random_init": e.random_init, "seed": e.seed, "img_size": d.img_size,
+               "pool": self.cfg.model.pool, "split": str(split.root.resolve())}  # fmt: skip
+        return cached_features(d.cache_dir, key, lambda: extract_features(
+            self.model, split, img_size=d.img_size, pool=self.cfg.model.pool,
+            batch_size=d.batch_size, num_workers=d.num_workers, device=self.device))  # fmt: skip
+
+    def evaluate(self, step: int = 0) -> dict:
+        (ftr, ytr), (fva, yva) = self.features(self.train_src), self.features(self.val_src)
+        c, k, p = len(self.train_src.classes), self.cfg.knn, self.cfg.probe
+        knn = topk_accuracy(knn_classify(ftr, ytr, fva, num_classes=c, k=k.k,
+                                         temperature=k.temperature), yva)  # fmt: skip
+        probe = linear_probe_grid(
+            ftr, ytr, fva, yva, num_classes=c, blrs=list(p.blrs), epochs=p.epochs,
+            warmup_epochs=p.warmup_epochs, batch_size=p.batch_size, weight_decay=p.weight_decay,
+            seed=self.cfg.encoder.seed,
+        )  # fmt: skip
+        return {"checkpoint": self.cfg.encoder.checkpoint,
+                "weights": "random init" if self.cfg.encoder.random_init else "pretrained",
+                "train_images": len(self.train_src), "val_images": len(self.val_src),
+                "knn_top1": knn["top1"], "knn_top5": knn.get("top5"),
+                "linprobe_top1": probe["best_top1"], "linprobe_top5": probe.get("best_top5"),
+                "linprobe_best_blr": probe["best_blr"],
+                "linprobe_by_blr": {str(b): v for b, v in probe["by_blr"].items()}}  # fmt: skip
+
+    def describe(self, metrics: dict) -> str:
+        return (f"kNN top-1 {metrics['knn_top1']:.2f}, linear probe top-1 "
+                f"{metrics['linprobe_top1']:.2f} (blr {metrics['linprobe_best_blr']})")  # fmt: skip

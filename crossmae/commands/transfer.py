@@ -1,0 +1,262 @@
+"""Transfer evaluation of one pretraining checkpoint: every registered transfer stage (ImageNet
+linear probe and finetuning, COCO ViTDet Mask R-CNN, ADE20K UperNet, and any task a package
+registers with a ``TransferStage``), then one results table (OUT/results.md and results.json:
+each stage's headline numbers, config and status).
+
+    IMAGENET=/data/imagenet COCO=/data/coco ADE20K=/data/ADEChallengeData2016 \\
+        crossmae transfer runs/crossmae_b/checkpoint-last.pt [OUT]      # = tools/transfer.sh
+    crossmae transfer --smoke runs/demo/checkpoint-last.pt /tmp/smoke   # CPU, shared data
+    crossmae transfer --list                                            # the stages
+
+Options:   --smoke           every stage for a few steps on tiny splits of ../shared/data (or
+                             $CROSSMAE_SHARED) on the CPU: a check of the wiring, not of accuracy
+           --stages "a b"    a subset of the stages (default: all, in their order)
+Variables: each stage's dataset root (--list names them: IMAGENET with train/ and val/, COCO with
+           annotations/instances_{train,val}2017.json, train2017/, val2017/, ADE20K with images/
+           and annotations/), needed by the stages that read them.
+           ARCH     config size (crossmae.models.sizes: small, base, large, huge; default: read
+                    from the checkpoint's encoder)
+           NPROC    processes (GPUs) per node (default: the GPUs nvidia-smi lists, else 1; with
+                    LAUNCHER=slurm, 8)
+           NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node torchrun (run this on every
+                    node with the same OUT on a shared filesystem)
+           LAUNCHER torchrun (default) | slurm: each stage becomes a Slurm job through
+                    tools/submit.py (submitit), waited for; SLURM_ARGS adds its options
+                    (e.g. "--partition learn --timeout-min 4320")
+           <STAGE>_ARGS  extra key=value settings of a stage (LINPROBE_ARGS, DET_ARGS, ...)
+           PYTHON   the interpreter the stages run with (default: this one)
+OUT defaults to the checkpoint's folder + /transfer. A stage whose final results.json exists is
+skipped; one that was interrupted resumes from its last checkpoint (--resume auto). Stage logs:
+OUT/<stage>.log. Exit status 1 if any stage did not finish, 2 on a setting to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ..checkpoint import read_torch_file, write_text_atomic
+from ..config import ConfigError
+from ..models.sizes import get_size, size_of_state_dict
+from ..task import Task, register_command, transfer_stages
+
+REPO = Path(__file__).resolve().parents[2]  # configs/ and tools/ are found from here
+SMOKE_SETTINGS = ["data.num_workers=0", "train.device=cpu", "train.precision=fp32",
+                  "log.every_steps=1"]  # fmt: skip
+
+
+@dataclass
+class Plan:
+    """How one stage runs: its task, config file and settings."""
+
+    task: type[Task]
+    config: Path
+    settings: list[str]
+
+
+@register_command(("transfer",), help="transfer evaluation of a checkpoint: every stage, one "
+                  "table (tools/transfer.sh)", description=__doc__)  # fmt: skip
+def _transfer_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", nargs="?", help="a pretraining checkpoint or encoder export")
+    p.add_argument("out", nargs="?", help="output folder (default: beside the checkpoint)")
+    p.add_argument("--smoke", action="store_true", help="a few CPU steps on the shared data")
+    p.add_argument("--stages", default=None, help='a subset, e.g. "linprobe seg"')
+    p.add_argument("--list", action="store_true", help="list the registered stages and exit")
+    p.set_defaults(func=cmd_transfer)
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    stages = {t.transfer.name: t for t in transfer_stages()}
+    if args.list:
+        for name, task in stages.items():
+            t = task.transfer
+            print(f"{name:10s} crossmae {' '.join(task.command):16s} {t.config:48s} "
+                  f"{' '.join(t.datasets)}")  # fmt: skip
+        return 0
+    chosen = args.stages.split() if args.stages is not None else list(stages)
+    unknown = [s for s in chosen if s not in stages]
+    if unknown:
+        raise ConfigError(f"unknown stage '{unknown[0]}' ({' '.join(stages)})")
+    if not args.checkpoint:
+        raise ConfigError("name the checkpoint to evaluate (see --help)")
+    ckpt = Path(args.checkpoint).resolve()
+    if not ckpt.is_file():
+        raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    out = Path(args.out or ckpt.parent / ("transfer-smoke" if args.smoke else "transfer"))
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        plans = smoke_plans([stages[s] for s in chosen], out)
+    else:
+        plans = full_plans([stages[s] for s in chosen], ckpt)
+    failed = []
+    for name, plan in plans.items():
+        if stage_result(out / name) is not None:
+            print(f"== {name}: done already ({out / name / 'results.json'}), skipped", flush=True)
+            continue
+        log_file = out / f"{name}.log"
+        print(f"== {name}: {' '.join(plan.task.command)} --config {plan.config} (log: "
+              f"{log_file})", flush=True)  # fmt: skip
+        if run_stage(plan, ckpt, out / name, log_file, smoke=args.smoke) != 0:
+            print(f"== {name}: FAILED (see {log_file})", flush=True)
+            failed.append(name)
+    status = write_table(out, ckpt, plans)
+    if failed:
+        print(f"crossmae transfer: failed stage(s): {' '.join(failed)}", file=sys.stderr)
+        return 1
+    return status
+
+
+def smoke_plans(chosen: list[type[Task]], out: Path) -> dict[str, Plan]:
+    """Each stage's smoke config and settings on the shared data, on the CPU."""
+    shared = Path(os.environ.get("CROSSMAE_SHARED", REPO.parent / "shared"))
+    if not (shared / "data").is_dir():
+        raise ConfigError(f"--smoke reads {shared / 'data'} (set CROSSMAE_SHARED)")
+    scratch = out / "smoke_data"
+    plans = {}
+    for task in chosen:
+        config, settings = task.smoke_settings(shared.resolve(), scratch)
+        plans[task.transfer.name] = Plan(task, REPO / config, [*settings, *SMOKE_SETTINGS])
+    return plans
+
+
+def full_plans(chosen: list[type[Task]], ckpt: Path) -> dict[str, Plan]:
+    """Each stage's config for the encoder's size and its dataset settings, every file it names
+    checked before anything runs."""
+    size = os.environ.get("ARCH") or encoder_size(ckpt)
+    get_size(size)  # a known size
+    missing = [f"{var} (for {t.transfer.name})" for t in chosen for var in t.transfer.datasets
+               if not os.environ.get(var)]  # fmt: skip
+    if missing:
+        raise ConfigError(f"set the dataset root(s): {' '.join(missing)}")
+    plans = {}
+    for task in chosen:
+        stage = task.transfer
+        found = sorted(REPO.glob(stage.config.format(size=size)))
+        if not found:
+            raise ConfigError(f"no {stage.name} config for ARCH={size}: "
+                              f"{stage.config.format(size=size)} does not exist")  # fmt: skip
+        settings = [s.format(root=os.environ[var]) for var, items in stage.datasets.items()
+                    for s in items]  # fmt: skip
+        for kv in settings:  # every dataset path a stage reads must exist
+            key, _, value = kv.partition("=")
+            if value.startswith("/") and not Path(value).exists():
+                raise ConfigError(f"{stage.name}: {key}={value} does not exist")
+        plans[stage.name] = Plan(task, found[0], settings)
+    return plans
+
+
+def encoder_size(ckpt: Path) -> str:
+    """The size name of a checkpoint's encoder (any of our formats or an official release)."""
+    data = read_torch_file(ckpt)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{ckpt} holds no state dict")
+    tensors = data.get("model") or data.get("encoder") or data
+    try:
+        return size_of_state_dict(tensors).name
+    except ValueError as e:
+        raise ConfigError(f"{ckpt}: {e}; set ARCH") from None
+
+
+def launch_command(plan: Plan, smoke: bool) -> tuple[list[str], list[str]]:
+    """torchrun on this node's processes (NNODES > 1: every node), or a Slurm job through
+    tools/submit.py (LAUNCHER=slurm, which resumes every job it submits): the command before
+    the stage's settings and after them."""
+    env = os.environ
+    python = env.get("PYTHON", sys.executable)
+    launcher = env.get("LAUNCHER", "torchrun")
+    if launcher not in ("torchrun", "slurm"):
+        raise ConfigError(f"LAUNCHER must be torchrun or slurm, not {launcher!r}")
+    nproc = env.get("NPROC") or ("1" if smoke else "8" if launcher == "slurm" else gpu_count())
+    if not nproc.isdigit() or int(nproc) < 1:
+        raise ConfigError(f"NPROC must be a number of processes, not {nproc!r}")
+    nnodes = env.get("NNODES", "1")
+    if launcher == "slurm":
+        return [python, str(REPO / "tools" / "submit.py"), "--task", " ".join(plan.task.command),
+                "--wait", "--nodes", nnodes, "--gpus-per-node", nproc,
+                *shlex.split(env.get("SLURM_ARGS", ""))], []  # fmt: skip
+    if int(nnodes) > 1:
+        for var in ("NODE_RANK", "MASTER_ADDR"):
+            if var not in env:
+                raise ConfigError(f"NNODES={nnodes}: set {var}")
+        where = ["--nnodes", nnodes, "--node-rank", env["NODE_RANK"], "--master-addr",
+                 env["MASTER_ADDR"], "--master-port", env.get("MASTER_PORT", "29500")]  # fmt: skip
+    else:
+        where = ["--standalone", "--nnodes", "1"]
+    return [python, "-m", "torch.distributed.run", *where, "--nproc-per-node", nproc,
+            "-m", "crossmae", *plan.task.command], ["--resume", "auto"]  # fmt: skip
+
+
+def gpu_count() -> str:
+    if shutil.which("nvidia-smi") is None:
+        return "1"
+    res = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return str(max(1, sum(line.startswith("GPU") for line in res.stdout.splitlines())))
+
+
+def run_stage(plan: Plan, ckpt: Path, out: Path, log_file: Path, *, smoke: bool) -> int:
+    """One stage, its output shown and kept in ``log_file``; returns its exit status."""
+    extra = shlex.split(os.environ.get(f"{plan.task.transfer.name.upper()}_ARGS", ""))
+    before, after = launch_command(plan, smoke)
+    cmd = [*before, "--config", str(plan.config), *plan.settings, f"encoder.checkpoint={ckpt}",
+           f"output_dir={out}", *extra, *after]  # fmt: skip
+    with (
+        open(log_file, "a") as log,
+        subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ) as proc,
+    ):
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        sys.stdout.flush()
+    return proc.returncode
+
+
+def stage_result(stage_dir: Path) -> dict | None:
+    """The stage's final ``results.json``, or None while it is missing or from a stopped run."""
+    path = stage_dir / "results.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return None if result.get("interrupted") else result
+
+
+def fmt(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def write_table(out: Path, ckpt: Path, plans: dict[str, Plan]) -> int:
+    """OUT/results.json and results.md from the stages' results; 1 if a stage is missing."""
+    rows = {}
+    for name, plan in plans.items():
+        result = stage_result(out / name)
+        config = out / name / "config.yaml"
+        rows[name] = {"status": "done" if result is not None else "missing",
+                      "output_dir": str(out / name),
+                      "config": str(config) if config.is_file() else None,
+                      "metrics": {} if result is None else plan.task.headline(result)}  # fmt: skip
+    written = datetime.now(UTC).isoformat(timespec="seconds")
+    numbers = {k: v for r in rows.values() for k, v in r["metrics"].items()}
+    summary = {"checkpoint": str(ckpt), "written": written, "stages": rows, **numbers}
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    lines = [f"# Transfer results of `{summary['checkpoint']}`", "",
+             "| stage | metric | value | config | status |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, row in rows.items():
+        for label, keys in plans[name].task.transfer.columns:
+            value = " / ".join(fmt(row["metrics"].get(k)) for k in keys)
+            lines.append(f"| {name} | {label} | {value} | {row['config'] or '—'} | "
+                         f"{row['status']} |")  # fmt: skip
+    lines += ["", f"Written {summary['written']}; the same in results.json.", ""]
+    write_text_atomic(out / "results.md", "\n".join(lines))
+    print("\n".join(lines))
+    return 0 if all(r["status"] == "done" for r in rows.values()) else 1

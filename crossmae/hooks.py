@@ -1,0 +1,295 @@
+"""The loop hooks every run has (``crossmae.runner`` adds them, the task's own in between):
+
+- ``MetricsWriter``: every ``every_steps`` steps one ``metrics.jsonl`` record with the means since
+  the last record (losses, throughput, gradient norm), TensorBoard and a progress bar (rank 0);
+- ``EvalHook``: the task's evaluation every N steps and / or epochs, recorded and logged, the best
+  one kept as ``checkpoint-best.pt``;
+- ``CheckpointHook``: ``checkpoint-last.pt`` every N steps and / or epochs and when a stop signal
+  arrives (``checkpoint-epochN.pt`` kept every N epochs), holding the model, optimizer, scaler,
+  position, the hooks' state, the task's fields and every process's random streams.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import distributed as du
+from .checkpoint import LAST, save_atomic, write_text_atomic
+from .engine import Engine, Hook
+
+log = logging.getLogger("crossmae")
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past ``last_step`` (written after the checkpoint a resumed run starts from)."""
+    if not path.is_file():
+        return
+    keep = [
+        line
+        for line in path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= last_step
+    ]
+    write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+@dataclass
+class _Window:
+    """Sums since the last record."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    good: int = 0  # steps taken (non-finite ones are skipped, not averaged)
+    steps: int = 0
+    data_s: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+class MetricsWriter(Hook):
+    """Training records, TensorBoard and the progress bar (module docstring).
+
+    Args:
+        out: the run folder (``metrics.jsonl``, ``tb/``).
+        images_per_step: the global batch (for img/s).
+        every_steps: record interval.
+        tensorboard, progress: TensorBoard events and a progress bar (rank 0).
+        extra: fields added to every training record.
+    """
+
+    name = "metrics"
+
+    def __init__(self, out: Path, *, images_per_step: int, every_steps: int,
+                 tensorboard: bool = False, progress: bool = False,
+                 extra: Callable[[], dict] = dict):  # fmt: skip
+        self.out, self.images_per_step, self.every_steps = Path(out), images_per_step, every_steps
+        self.tensorboard, self.progress, self.extra = tensorboard, progress, extra
+        self.last_record: dict = {}  # the latest training record (every process has it)
+        self.window = _Window()
+        self._grad_norm: torch.Tensor | None = None
+        self._file = self._writer = self._bar = None
+
+    def before_train(self, engine: Engine) -> None:
+        self.window = _Window()
+        if engine.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.out / "metrics.jsonl", engine.step)
+        self._file = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115
+        if self.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self.out / "tb", purge_step=engine.step)
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=engine.steps, initial=engine.step, unit="step",
+                             dynamic_ncols=True)  # fmt: skip
+
+    def after_step(self, engine: Engine) -> None:
+        w = self.window
+        w.steps += 1
+        w.data_s += engine.data_time
+        if engine.taken:
+            for name, v in engine.last_parts.items():
+                w.sums[name] = w.sums.get(name, 0.0) + v
+            w.good += 1
+        if engine.grad_norm is not None:
+            self._grad_norm = engine.grad_norm
+        s = engine.step
+        if s % self.every_steps == 0 or s == engine.steps or engine.stopping:
+            self.record_window(engine)
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def record_window(self, engine: Engine) -> dict:
+        """One record of the means since the last one (every process joins)."""
+        w = self.window
+        names = sorted(w.sums)
+        means = torch.stack([w.sums[n] for n in names]) / max(w.good, 1) if names else None
+        values = du.all_reduce_mean(means).tolist() if means is not None else []
+        dt = time.perf_counter() - w.t0
+        rec = {"step": engine.step, "epoch": engine.step / engine.steps_per_epoch,
+               "lr": engine.lr, **dict(zip(names, values, strict=True)),
+               "img_per_s": w.steps * self.images_per_step / dt, "step_time_s": dt / w.steps,
+               "data_time_s": w.data_s / w.steps}  # fmt: skip
+        if w.good < w.steps:  # non-finite steps are skipped: not in the means
+            rec["skipped_steps"] = w.steps - w.good
+        if w.good == 0:
+            rec["loss"] = float("nan")
+        if self._grad_norm is not None:
+            rec["grad_norm"] = float(self._grad_norm)
+            self._grad_norm = None
+        if engine.device.type == "cuda":
+            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
+        rec.update(self.extra())
+        engine.record(rec)
+        self.last_record = rec
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{engine.lr:.2e}",
+                                  img_s=f"{rec['img_per_s']:.0f}")  # fmt: skip
+        self.window = _Window()
+        return rec
+
+    def write(self, record: dict, group: str) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._writer.add_scalar(f"{group}/{key}", value, record["step"])
+
+    def state_dict(self) -> dict:
+        return {"last_record": self.last_record}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_record = state.get("last_record") or {}
+
+    def close(self) -> None:
+        for f in (self._bar, self._file, self._writer):
+            if f is not None:
+                f.close()
+        self._bar = self._file = self._writer = None
+
+
+class CheckpointHook(Hook):
+    """``checkpoint-last.pt`` at its intervals and at a stop signal (module docstring).
+
+    Args:
+        out: the run folder.
+        fields: what every checkpoint holds besides the engine's state (format, config, the
+            task's fields).
+        every_steps, every_epochs: intervals (0 = never).
+        keep_every_epochs: also keep ``checkpoint-epochN.pt`` every N epochs (0 = never).
+    """
+
+    name = "checkpoint"
+
+    def __init__(self, out: Path, fields: Callable[[], dict], *, every_steps: int = 0,
+                 every_epochs: int = 0, keep_every_epochs: int = 0):  # fmt: skip
+        self.out, self.fields = Path(out), fields
+        self.every_steps, self.every_epochs = every_steps, every_epochs
+        self.keep_every_epochs = keep_every_epochs
+        self.saved_at = -1  # the step of the last checkpoint-last.pt
+
+    def save(self, engine: Engine, tag: str = LAST, *, training_state: bool = True) -> None:
+        """Write ``out/tag`` atomically (every process joins: each one's random streams are
+        gathered). ``training_state=False`` leaves out the optimizer and scaler."""
+        rngs = engine.gather_random_states()
+        if tag == LAST:
+            self.saved_at = engine.step
+        if engine.rank == 0:
+            state = {**self.fields(), **engine.state_dict(training_state), "rng": rngs}
+            save_atomic(state, self.out / tag)
+
+    def save_if_stale(self, engine: Engine) -> None:
+        if self.saved_at != engine.step:
+            self.save(engine)
+
+    def after_step(self, engine: Engine) -> None:
+        if engine.stopping:
+            self.save(engine)
+            by = engine.stop.signum
+            log.warning("signal %s: checkpoint written at step %d; continue with --resume auto",
+                        signal.Signals(by).name if by else "from another process",
+                        engine.step)  # fmt: skip
+        elif self.every_steps and engine.step % self.every_steps == 0:
+            self.save(engine)
+
+    def after_epoch(self, engine: Engine) -> None:
+        done = engine.step // engine.steps_per_epoch
+        if self.every_epochs and done % self.every_epochs == 0:
+            self.save(engine)
+        if self.keep_every_epochs and done % self.keep_every_epochs == 0:
+            self.save(engine, f"checkpoint-epoch{done}.pt")
+
+
+class EvalHook(Hook):
+    """The task's evaluation at its intervals (every process joins), recorded under the task's
+    ``record_group`` and logged; with the task's ``best_metric``, the best evaluation so far is
+    kept (``best``) and written as ``checkpoint-best.pt`` (no optimizer state).
+
+    Args:
+        task: the task (``evaluate``, ``describe``, ``record_group`` / ``record_prefix``,
+            ``best_metric``).
+        every_steps, every_epochs: intervals (0 = never).
+        saver: the checkpoint hook that writes ``checkpoint-best.pt``.
+    """
+
+    name = "evaluation"
+
+    def __init__(self, task: Any, *, every_steps: int = 0, every_epochs: int = 0,
+                 saver: CheckpointHook | None = None):  # fmt: skip
+        self.task, self.every_steps, self.every_epochs, self.saver = (
+            task, every_steps, every_epochs, saver
+        )  # fmt: skip
+        self.evaluated_at = -1
+        self.metrics: dict | None = None  # the latest evaluation
+        self.best: dict | None = None  # the best, with its epoch
+
+    def evaluate(self, engine: Engine) -> dict:
+        metrics = self.task.evaluate(engine.step)
+        self.metrics, self.evaluated_at = metrics, engine.step
+        epoch = engine.step / engine.steps_per_epoch
+        flat = _scalars(metrics, self.task.record_prefix)
+        engine.record({"step": engine.step, "epoch": epoch, **flat}, self.task.record_group)
+        key = self.task.best_metric
+        if key is not None and (self.best is None or metrics[key] > self.best[key]):
+            self.best = {**metrics, "epoch": math.floor(epoch)}
+            if self.saver is not None:
+                self.saver.save(engine, "checkpoint-best.pt", training_state=False)
+        best = f" (best {key} {self.best[key]:.4g})" if key is not None else ""
+        log.info("step %d (epoch %g): %s%s", engine.step, epoch, self.task.describe(metrics), best)
+        return metrics
+
+    def evaluate_if_stale(self, engine: Engine) -> bool:
+        """Evaluate unless this step was evaluated; returns whether it evaluated."""
+        if self.evaluated_at == engine.step:
+            return False
+        self.evaluate(engine)
+        return True
+
+    def after_step(self, engine: Engine) -> None:
+        if not engine.stopping and self.every_steps and engine.step % self.every_steps == 0:
+            self.evaluate_if_stale(engine)
+
+    def after_epoch(self, engine: Engine) -> None:
+        done = engine.step // engine.steps_per_epoch
+        if self.every_epochs and done % self.every_epochs == 0:
+            self.evaluate_if_stale(engine)
+
+    def state_dict(self) -> dict:
+        return {"evaluated_at": self.evaluated_at, "metrics": self.metrics, "best": self.best}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.evaluated_at = state.get("evaluated_at", -1)
+        self.metrics, self.best = state.get("metrics"), state.get("best")
+
+
+def _scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of a (nested) metrics dict, flat: ``{"bbox": {"AP": ..}}`` -> ``bbox/AP``."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_scalars(v, f"{prefix}{k}/"))
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class TqdmHandler(logging.Handler):
+    """Writes log lines above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)

@@ -1,0 +1,259 @@
+"""Pretraining of CrossMAE and MAE as a task (``crossmae.task``), run by the one runner
+(``crossmae.runner.run_task``): ``crossmae pretrain``.
+
+What is pretraining's own: the model of ``config.PretrainConfig.model``, random crops of an image
+folder (or of scikit-image's photos) with a mask drawn per sample, the lr rule ``blr x batch / 256
+x γ / p`` (paper App. A.6), the model's named losses, an optional kNN monitor on a labelled split,
+reconstruction PNGs and the loss curve, and the encoder export ``encoder.pt`` (timm key names,
+written at the end of a finished run). A run folder holds ``config.yaml``, ``log.txt``,
+``metrics.jsonl``, TensorBoard events, ``checkpoint-last.pt``, ``encoder.pt``, ``results.json``,
+``loss.png`` and ``recon/epoch-*.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch._functorch.config as functorch_config
+from torch import nn
+
+from . import distributed as du
+from .checkpoint import PRETRAIN_FORMAT, save_atomic
+from .config import ConfigError, ModelConfig, PretrainConfig, to_plain
+from .data import (
+    BuiltinPhotos,
+    EvalTransform,
+    ImageFiles,
+    PretrainSamples,
+    PretrainTransform,
+    collate,
+)
+from .data.gpu import JpegSamples, collate_raw, decode_batch
+from .engine import Engine, Hook
+from .knn import extract_features, knn_classify, topk_accuracy
+from .models import create_model, model_class
+from .models.crossmae import CrossMAE
+from .models.layers import sdpa_device_problem, set_attention_backend
+from .models.pretrained import encoder_export
+from .reconstruction import reconstruct
+from .task import Task, register_task
+from .visualize import save_loss_curve, save_reconstruction_grid
+
+log = logging.getLogger("crossmae")
+
+
+def build_model(mcfg: ModelConfig) -> nn.Module:
+    """The registered model named by the config, with the config's settings applied."""
+    kwargs = dict(mcfg.kwargs)
+    kwargs.update(
+        img_size=mcfg.img_size,
+        mask_ratio=mcfg.mask_ratio,
+        norm_pix_loss=mcfg.norm_pix_loss,
+        drop_path_rate=mcfg.drop_path_rate,
+    )
+    for key in ("patch_size", "decoder_depth", "pred_ratio"):
+        if getattr(mcfg, key) is not None:
+            kwargs[key] = getattr(mcfg, key)
+    if mcfg.pred_ratio is None and issubclass(model_class(mcfg.name), CrossMAE):
+        kwargs["pred_ratio"] = mcfg.mask_ratio  # γ = p unless set
+    try:
+        return create_model(mcfg.name, **kwargs)
+    except TypeError as e:  # an argument the model does not take (e.g. pred_ratio for MAE)
+        raise ConfigError(f"model {mcfg.name!r}: {e}") from None
+
+
+def pretrain_losses(
+    forward: nn.Module, imgs: torch.Tensor, ids_shuffle: torch.Tensor, *, budget: float = 1.0
+) -> dict[str, torch.Tensor]:
+    """The losses of a pretraining step: the model's named losses and their sum. ``budget``: the
+    activation memory budget the compiled step is partitioned with (read when it compiles)."""
+    with functorch_config.patch(activation_memory_budget=budget):
+        out = forward(imgs, ids_shuffle=ids_shuffle, with_pred=False)
+    parts = {n: v for n, v in out.items() if n.startswith("loss_")}
+    return {**parts, "loss": sum(parts.values())}
+
+
+@register_task
+class PretrainTask(Task):
+    """CrossMAE / MAE pretraining (module docstring)."""
+
+    name = "pretrain"
+    command = ("pretrain",)
+    help = "pretrain CrossMAE / MAE (no arguments: a small CrossMAE on built-in photos)"
+    schema = PretrainConfig
+    format = PRETRAIN_FORMAT
+    record_group, record_prefix = "knn", "knn_"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.skipped: list[str] = []  # unreadable files met so far (this process)
+
+    # ------------------------------------------------------------------ settings and data
+    def open_data(self) -> None:
+        tc, d = self.cfg.train, self.cfg.data
+        if problem := sdpa_device_problem(tc.sdpa, self.device.type):
+            raise ConfigError(f"train.sdpa={problem}")
+        if tc.activation_memory_budget != 1.0 and not tc.compile:
+            raise ConfigError("train.activation_memory_budget applies to the compiled step: "
+                              "set train.compile=true")  # fmt: skip
+        self.source = ImageFiles(d.path) if d.path else BuiltinPhotos(d.demo_samples_per_epoch)
+        self.knn_splits = []
+        if self.cfg.log.knn_every_epochs:
+            if not (d.knn_train and d.knn_val):
+                raise ConfigError("log.knn_every_epochs needs data.knn_train and data.knn_val")
+            self.knn_splits = [ImageFiles(d.knn_train), ImageFiles(d.knn_val)]
+            if self.knn_splits[0].classes != self.knn_splits[1].classes or not (
+                self.knn_splits[0].classes
+            ):
+                raise ConfigError("data.knn_train and data.knn_val need the same class folders")
+
+    def output_dir(self) -> str:
+        return self.cfg.output_dir or str(
+            Path("runs") / f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+        )
+
+    def engine_options(self) -> dict:
+        tc = self.cfg.train
+        return {"compile": tc.compile, "cuda_graph": tc.cuda_graph,
+                "prefetch": not self.cfg.data.gpu_decode}  # fmt: skip
+
+    # ------------------------------------------------------------------ model and data
+    def build_model(self, device: torch.device) -> nn.Module:
+        model = set_attention_backend(build_model(self.cfg.model).to(device), self.cfg.train.sdpa)
+        self.mask_ratio = model.mask_ratio
+        self.pred_ratio = getattr(model, "pred_ratio", model.mask_ratio)
+        log.info("%s: p=%.2f γ=%.2f, compile %s, CUDA graph %s, attention %s", self.cfg.model.name,
+                 self.mask_ratio, self.pred_ratio, self.cfg.train.compile,
+                 self.cfg.train.cuda_graph, self.cfg.train.sdpa)  # fmt: skip
+        return model
+
+    def lr_factor(self) -> float:
+        return self.pred_ratio / self.mask_ratio  # γ / p
+
+    def train_set(self):
+        d, size, src = self.cfg.data, self.cfg.model.img_size, self.source
+        if isinstance(src, ImageFiles):
+            log.info("data: %d images in %s (%s layout)", len(src), src.root, src.layout)
+        else:
+            log.info("data: %d crops of %d scikit-image photos per epoch", len(src),
+                     len(src.photos))  # fmt: skip
+        if d.gpu_decode:  # workers read bytes; the device decodes, crops and resizes
+            return JpegSamples(src, size, self.model.mask_sampler, tuple(d.crop_scale))
+        # uint8 crops: normalised by the model on the device (a quarter of the bytes to copy)
+        transform = PretrainTransform(size, tuple(d.crop_scale), normalize=False)
+        return PretrainSamples(src, transform, self.model.mask_sampler)
+
+    def collate_fn(self):
+        return collate_raw if self.cfg.data.gpu_decode else collate
+
+    def inputs(self, batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+        self.skipped.extend(batch["skipped"])  # each one logged by the worker that met it
+        # on CUDA the prefetcher has copied them already (or the device decodes them)
+        if self.cfg.data.gpu_decode:
+            imgs = decode_batch(batch, self.cfg.model.img_size, device)
+        else:
+            imgs = batch["images"].to(device, non_blocking=True)
+        return {"imgs": imgs, "ids_shuffle": batch["ids_shuffle"].to(device, non_blocking=True)}
+
+    def losses(self, forward, imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> dict:
+        budget = self.cfg.train.activation_memory_budget
+        return pretrain_losses(forward, imgs, ids_shuffle, budget=budget)
+
+    # ------------------------------------------------------------------ the kNN monitor
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.knn_splits)
+
+    def eval_every(self) -> tuple[int, int]:
+        return (0, self.cfg.log.knn_every_epochs)
+
+    def evaluate(self, step: int) -> dict:
+        """kNN top-1 / top-5 (k = 20) of the encoder's average-pooled features."""
+        feats = [
+            extract_features(self.model.encoder, split, img_size=self.cfg.model.img_size,
+                             pool="avg", num_workers=self.cfg.data.num_workers, device=self.device)
+            for split in self.knn_splits
+        ]  # fmt: skip
+        self.model.train()
+        (ftr, ytr), (fva, yva) = feats
+        scores = knn_classify(ftr, ytr, fva, num_classes=len(self.knn_splits[0].classes))
+        return topk_accuracy(scores, yva)
+
+    def describe(self, metrics: dict) -> str:
+        return f"kNN top-1 {metrics['top1']:.2f}"
+
+    # ------------------------------------------------------------------ checkpoints and results
+    def state(self) -> dict:
+        m = self.model
+        return {"model_name": self.cfg.model.name, "model_config": m.config,
+                "mask_ratio": self.mask_ratio, "pred_ratio": self.pred_ratio,
+                "norm_pix_loss": m.norm_pix_loss, "img_size": self.cfg.model.img_size,
+                "patch_size": m.patch_size, "skipped": self.skipped}  # fmt: skip
+
+    def load_state(self, ckpt: dict) -> None:
+        self.skipped.extend(ckpt.get("skipped", []))
+
+    def hooks(self) -> list[Hook]:
+        return [ReconstructionImages(self, Path(self.output_dir()))]
+
+    def record_fields(self) -> dict:
+        return {"skipped_files": len(set(self.skipped))}
+
+    def summary(self, result: dict) -> dict:
+        names = sorted({n for part in du.all_gather_objects(self.skipped) for n in part})
+        if names and du.rank() == 0:
+            log.warning("skipped %d unreadable files: %s", len(names), ", ".join(names[:10]))
+        return {"skipped_files": len(names), "skipped": names}
+
+    def finish(self, result: dict) -> None:
+        out = Path(result["output_dir"])
+        extra = {"step": result["step"], "pretrain_config": to_plain(self.cfg)}
+        export = encoder_export(self.model, model_name=self.cfg.model.name, extra=extra)
+        save_atomic(export, out / "encoder.pt")
+        log.info("look at %s: loss.png, recon/epoch-*.png (reconstructions), metrics.jsonl, tb/; "
+                 "checkpoint-last.pt and encoder.pt for the transfer tasks", out)  # fmt: skip
+
+
+class ReconstructionImages(Hook):
+    """Rank 0: the reconstruction PNG of fixed images (every masked patch decoded) and the loss
+    curve, every ``log.vis_every_epochs`` epochs and at the end of a run stopped mid-epoch."""
+
+    name = "reconstructions"
+
+    def __init__(self, task: PretrainTask, out: Path):
+        self.task, self.out = task, out
+        cfg, src = task.cfg, task.source
+        span = len(src.photos) if isinstance(src, BuiltinPhotos) else len(src)
+        idx = torch.linspace(0, span - 1, min(cfg.log.vis_images, span)).long().tolist()
+        images = PretrainSamples(src, EvalTransform(cfg.model.img_size), task.model.mask_sampler)
+        self.batch = collate([images[(i, cfg.train.seed + i)] for i in idx])
+
+    def draw(self, engine: Engine, epoch: int) -> None:
+        model, device = self.task.model, self.task.device
+        imgs, ids = self.batch["images"].to(device), self.batch["ids_shuffle"].to(device)
+        rec = reconstruct(model, imgs, ids, pred_ratio=self.task.mask_ratio)
+        title = (f"{self.task.cfg.model.name}  epoch {epoch}  step {engine.step}  (all masked "
+                 "patches decoded)")  # fmt: skip
+        (self.out / "recon").mkdir(exist_ok=True)
+        save_reconstruction_grid(rec, self.out / "recon" / f"epoch-{epoch:04d}.png", title)
+        save_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
+
+    def after_epoch(self, engine: Engine) -> None:
+        every = self.task.cfg.log.vis_every_epochs
+        epoch = engine.step // engine.steps_per_epoch
+        if engine.rank == 0 and every and epoch % every == 0:
+            self.draw(engine, epoch)
+
+    def after_train(self, engine: Engine, interrupted: bool) -> None:
+        if engine.rank == 0 and not interrupted and engine.step % engine.steps_per_epoch:
+            self.draw(engine, engine.step // engine.steps_per_epoch)  # stopped mid-epoch
+
+
+def pretrain(cfg, *, resume: str | None = None) -> dict:
+    """Pretrain per ``cfg`` (a ``config.PretrainConfig``): ``run_task`` of ``PretrainTask``."""
+    from .runner import run_task
+
+    return run_task(PretrainTask(cfg), cfg, resume)

@@ -1,0 +1,330 @@
+"""One runner for every task: ``run_task(task, cfg, resume)``.
+
+It alone owns what every run shares, in this order:
+
+1. settings and data: the device, the batch plan and the step options are checked and the task
+   opens its datasets (``Task.open_data``) before anything is written;
+2. the run folder: its lock (``RunLock``), the resolved ``config.yaml``, logging (``log.txt``);
+3. seeding, the model (``Task.build_model``), then each process's own streams;
+4. the loader over a ``ResumableSampler``, the optimizer and lr schedule of the ``optim`` section;
+5. the engine with its hooks: metrics, the task's own, evaluation, checkpoints;
+6. resume: a checkpoint of the task's format, trained with the same settings (those declared
+   ``resumable`` excepted), restored exactly;
+7. training; then the final checkpoint before the final evaluation (so a failing evaluation
+   loses no training) and once more after it;
+8. ``results.json``: step, whether a signal stopped the run, the metrics and what the task adds.
+
+An evaluation-only task (``Task.trains`` false) stops after step 3 with one ``evaluate()``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from . import distributed as du
+from .checkpoint import latest_checkpoint, load_checkpoint, seed_all, write_text_atomic
+from .config import ConfigError, changed_settings, to_plain
+from .data import ResumableSampler, make_loader
+from .engine import Engine, StepOptions
+from .hooks import CheckpointHook, EvalHook, MetricsWriter, TqdmHandler
+from .optim import build_optimizer, make_schedule, peak_lr
+from .task import Task, get_task
+
+log = logging.getLogger("crossmae")
+
+
+# ----------------------------------------------------------------------------- run folder
+class RunLock:
+    """``run.lock`` in a run folder, holding the host and process id of the run writing it: a
+    second run into the same folder is refused while the first is alive; a lock left by a
+    process that no longer exists (on this host) is taken over. Released on exit."""
+
+    NAME = "run.lock"
+    held: dict[Path, Path] = {}  # run folder -> lock file, taken by this process
+
+    @classmethod
+    def take(cls, out: Path) -> None:
+        path = out / cls.NAME
+        if out in cls.held:
+            return
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                host, _, pid = path.read_text().strip().partition(" ")
+                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                    log.warning("%s: taking over the lock of process %s, which has ended", out,
+                                pid)  # fmt: skip
+                    path.unlink(missing_ok=True)
+                    continue
+                raise FileExistsError(
+                    f"{out} is in use by process {pid} on {host} ({path}); if that run has "
+                    "ended elsewhere, delete the file"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            cls.held[out] = path
+            atexit.register(cls.release, out)
+            return
+
+    @classmethod
+    def release(cls, out: Path) -> None:
+        path = cls.held.pop(Path(out), None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def setup_logging(out_dir: Path | None, rank: int) -> None:
+    """Rank 0 logs INFO to stderr (above the progress bar) and ``log.txt``; others warnings."""
+    logger = logging.getLogger("crossmae")
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [TqdmHandler()]
+    if out_dir is not None and rank == 0:
+        handlers.append(logging.FileHandler(out_dir / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        logger.addHandler(h)
+
+
+def open_run_folder(cfg: DictConfig, out: Path | None, resume: str | None) -> None:
+    """A folder that does not already hold a run unless resuming, locked, with the resolved
+    ``config.yaml`` (a resumed run's is written once its checkpoint has accepted the settings),
+    and logging into it (``out`` None: logging only)."""
+    if out is not None:
+        if resume is None and latest_checkpoint(out) is not None:
+            raise FileExistsError(f"{out} already holds a run; continue it with --resume auto "
+                                  "or choose another output_dir")  # fmt: skip
+        if du.rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            RunLock.take(out)
+            if resume is None or (resume == "auto" and latest_checkpoint(out) is None):
+                write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+        du.barrier()
+    setup_logging(out, du.rank())
+
+
+def close_run(out: Path | None) -> None:
+    """Wait for every process and release the folder."""
+    du.barrier()
+    if out is not None:
+        RunLock.release(out)
+
+
+# ----------------------------------------------------------------------------- the run
+def plan_batches(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
+    """(per-process micro batch, accumulation steps) that make up ``global_batch``."""
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by {world} processes")
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if micro <= 0 or per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch={micro} does not divide the per-process batch {per_rank} "
+            f"(batch_size {global_batch} / {world} processes)"
+        )
+    return micro, per_rank // micro
+
+
+def step_options(task: Task, cfg: DictConfig, accum: int) -> StepOptions:
+    """The engine's options: the shared settings, then the task's own."""
+    return StepOptions(precision=cfg.train.precision, accum=accum, clip_grad=cfg.optim.clip_grad,
+                       max_nonfinite=cfg.train.max_nonfinite_steps,
+                       grad_norm_every=cfg.log.every_steps, **task.engine_options())  # fmt: skip
+
+
+def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> dict:
+    """Run a task (an instance, or a registered name with ``cfg``) end to end (module docstring).
+
+    Args:
+        task: the task, or its registered name.
+        cfg: its merged config (``task.schema``).
+        resume: ``"auto"`` (the run folder's last checkpoint, or a fresh run), a checkpoint path,
+            or None (a fresh run: a folder that holds a run is an error).
+
+    Returns:
+        The results (what results.json holds): output folder, step, whether a signal stopped the
+        run, the last evaluation's metrics, the task's summary.
+    """
+    if isinstance(task, str):
+        task = get_task(task)(cfg)
+    tc = cfg.train
+    # settings and data: checked before anything is written
+    task.device = device = du.init_from_env(tc.device)
+    if not task.trains:
+        return _evaluate_only(task, cfg)
+    micro, accum = plan_batches(tc.batch_size, du.world_size(), tc.micro_batch)
+    options = step_options(task, cfg, accum)
+    options.check(device, du.world_size())
+    task.open_data()
+    if resume == "auto" and OmegaConf.select(cfg, "output_dir") is None:
+        raise ConfigError("--resume auto needs output_dir=... (the run folder to continue)")
+    out = Path(du.all_gather_objects(str(task.output_dir()))[0])
+    open_run_folder(cfg, out, resume)
+
+    # model, then each process's own streams (drop path, augmentations)
+    torch.manual_seed(tc.seed)
+    task.model = model = task.build_model(device)
+    seed_all(tc.seed + du.rank())
+
+    # data, optimizer, schedule
+    dataset = task.train_set()
+    sampler = ResumableSampler(len(dataset), per_rank_step=micro * accum, seed=tc.seed,
+                               num_replicas=du.world_size(), rank=du.rank())  # fmt: skip
+    workers = OmegaConf.select(cfg, "data.num_workers", default=0)  # none: the main process
+    loader = make_loader(dataset, sampler, micro, workers, device.type == "cuda",
+                         task.collate_fn())  # fmt: skip
+    spe = sampler.steps_per_epoch
+    total = tc.steps if tc.steps is not None else tc.epochs * spe
+    lr = peak_lr(cfg.optim, tc.batch_size, task.lr_factor())
+    schedule = make_schedule(cfg.optim, lr, total, spe)
+    optimizer = build_optimizer(task.param_groups(model), lr, cfg.optim, device)
+
+    # engine and hooks
+    loop = _loop(task, cfg, out, model, optimizer, loader, schedule, total, options)
+    engine = loop.engine
+    _resume(engine, task, cfg, out, resume)
+    log.info("%s: %.2fM parameters (%.2fM trained) | %d process(es) x micro-batch %d x %d "
+             "accumulation = batch %d | %d steps/epoch, %d steps, stop at step %d | lr %.3g "
+             "(%s, warmup %d steps), precision %s, device %s", task.name,
+             sum(p.numel() for p in model.parameters()) / 1e6,
+             sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
+             du.world_size(), micro, accum, tc.batch_size, spe, total, engine.steps, lr,
+             schedule.name, schedule.warmup_steps, tc.precision, device)  # fmt: skip
+    return _train(task, out, loop)
+
+
+@dataclass
+class _Loop:
+    """The engine and the hooks the runner itself calls at the end."""
+
+    engine: Engine
+    writer: MetricsWriter
+    evaluator: EvalHook
+    saver: CheckpointHook
+
+
+def _loop(task: Task, cfg: DictConfig, out: Path, model, optimizer, loader, schedule,
+          total: int, options: StepOptions) -> _Loop:  # fmt: skip
+    """The engine and its hooks: metrics, the task's own, evaluation, checkpoints."""
+    lc = cfg.log
+
+    def fields() -> dict:
+        return {"format": task.format, "version": __version__, "task": task.name,
+                "config": to_plain(cfg), **task.state()}  # fmt: skip
+
+    saver = CheckpointHook(out, fields, every_steps=lc.ckpt_every_steps,
+                           every_epochs=lc.ckpt_every_epochs,
+                           keep_every_epochs=lc.keep_every_epochs)  # fmt: skip
+    every_steps, every_epochs = task.eval_every() if task.evaluates else (0, 0)
+    evaluator = EvalHook(task, every_steps=every_steps, every_epochs=every_epochs, saver=saver)
+    writer = MetricsWriter(out, images_per_step=cfg.train.batch_size, every_steps=lc.every_steps,
+                           tensorboard=lc.tensorboard, progress=lc.progress,
+                           extra=task.record_fields)  # fmt: skip
+    steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    engine = Engine(model, optimizer, loader, schedule, task, steps=steps, device=task.device,
+                    options=options, hooks=[writer, *task.hooks(), evaluator, saver])  # fmt: skip
+    return _Loop(engine, writer, evaluator, saver)
+
+
+def _resume(engine: Engine, task: Task, cfg: DictConfig, out: Path, resume: str | None) -> None:
+    """Continue from ``resume`` (``"auto"``: the folder's last checkpoint, if any): a checkpoint
+    of the task's format, trained with the same settings unless ``train.resume_with_changes``."""
+    path = latest_checkpoint(out) if resume == "auto" else resume
+    if not path:
+        if resume == "auto":
+            log.info("no checkpoint in %s: starting a fresh run", out)
+        return
+    ck = load_checkpoint(path, expect=task.format)
+    changes = changed_settings(ck["config"], cfg) if ck.get("config") is not None else []
+    if changes and not cfg.train.resume_with_changes:
+        raise ConfigError(f"{path} was trained with other settings ({'; '.join(changes)}): resume "
+                          "with its settings, or add train.resume_with_changes=true to change "
+                          "them")  # fmt: skip
+    if du.rank() == 0:
+        write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
+    engine.load_state_dict(ck, what=str(path), seed=cfg.train.seed)
+    task.load_state(ck)
+    log.info("resumed from %s at step %d (epoch %d)", path, engine.step,
+             engine.step // engine.steps_per_epoch)  # fmt: skip
+
+
+def _train(task: Task, out: Path, loop: _Loop) -> dict:
+    """Train, then the final checkpoint, evaluation and checkpoint; results.json."""
+    engine, saver, evaluator = loop.engine, loop.saver, loop.evaluator
+    try:
+        interrupted = engine.train()
+    except FloatingPointError as e:  # the loss stayed non-finite
+        last = latest_checkpoint(out)
+        state = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
+        raise FloatingPointError(f"{e} ({state})") from None
+    if not interrupted:  # the training is saved before a final evaluation can fail
+        saver.save_if_stale(engine)
+        if task.evaluates and evaluator.evaluate_if_stale(engine):
+            saver.save(engine)
+    for h in engine.hooks:
+        h.after_train(engine, interrupted)
+    result = {"output_dir": str(out), "step": engine.step,
+              "epoch": engine.step / engine.steps_per_epoch, "interrupted": interrupted,
+              "final_loss": loop.writer.last_record.get("loss", float("nan")),
+              "metrics": evaluator.metrics}  # fmt: skip
+    if task.best_metric is not None:
+        result["best"] = evaluator.best
+    result.update(task.summary(result))
+    if du.rank() == 0:
+        if not interrupted:
+            task.finish(result)
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
+        log.info("%s: %s", "stopped" if interrupted else "done", json.dumps(_brief(result)))
+    for h in engine.hooks:
+        h.close()
+    close_run(out)
+    engine.stop.forward()
+    return result
+
+
+def _evaluate_only(task: Task, cfg: DictConfig) -> dict:
+    """An evaluation task: its folder (if any), the model, one ``evaluate()``, results.json."""
+    task.open_data()
+    out = task.output_dir()
+    out = Path(du.all_gather_objects(str(out))[0]) if out is not None else None
+    open_run_folder(cfg, out, resume=None)
+    torch.manual_seed(cfg.train.seed)
+    task.model = task.build_model(task.device)
+    metrics = task.evaluate(0)
+    result = {"output_dir": str(out) if out else None, "interrupted": False, "metrics": metrics,
+              **task.summary({"metrics": metrics})}  # fmt: skip
+    if du.rank() == 0 and out is not None:
+        write_text_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
+    log.info("%s: %s", task.name, task.describe(metrics))
+    close_run(out)
+    return result
+
+
+def _brief(result: dict) -> dict:
+    """The result without its long entries (per-class tables, file lists), for the log."""
+    return {k: v for k, v in result.items() if not isinstance(v, dict | list)}

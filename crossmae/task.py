@@ -1,0 +1,317 @@
+"""The task interface and the registries the application enumerates.
+
+A task is what pretraining, finetuning, the linear probe, frozen-feature evaluation, detection
+and segmentation each are: a small object that says only what is its own (``Task``): its config
+schema, its data, its model on an encoder, the losses of a batch, its evaluation, its checkpoint
+format and the numbers it reports. Everything else (run folder and lock, config.yaml, logging,
+seeding, loaders, optimiser, schedule, engine, resume, the final checkpoint-then-evaluate order,
+results.json) is the runner's, the same for every task (``crossmae.runner.run_task``).
+
+Tasks register themselves (``register_task``); so do the commands a task package adds
+(``register_command``). The command line, ``crossmae benchmark tasks``, ``crossmae ablate`` and
+the transfer stages (``crossmae transfer``, ``tools/transfer.sh``) read these registries and name
+no task package: a package is found through its ``crossmae.plugins`` entry point
+(``load_plugins``), so a new task touches no file outside its own package.
+
+The order of a training run, for orientation (the runner's):
+``task = Task(cfg)`` -> ``open_data()`` -> run folder -> seed -> ``build_model(device)`` ->
+``train_set()`` / ``collate_fn()`` -> ``param_groups(model)`` -> engine with ``inputs`` / ``losses``
+and the hooks (``hooks()``, evaluation by ``evaluate()`` every ``eval_every()``) -> resume
+(``load_state``) -> train -> checkpoint, final ``evaluate()``, checkpoint -> ``summary(result)``
+-> ``finish(result)`` and results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset, default_collate
+
+log = logging.getLogger("crossmae")
+PLUGIN_GROUP = "crossmae.plugins"  # entry points: modules that register tasks and commands
+
+
+@dataclass(frozen=True)
+class TransferStage:
+    """How ``crossmae transfer`` (``tools/transfer.sh``) runs a task on a pretrained checkpoint.
+
+    Args:
+        name: the stage's name (``--stages``) and its folder under the output.
+        order: its place in the default stage list.
+        config: the config file per ViT size, relative to the repository, with ``{size}`` for the
+            size's name (``crossmae.models.sizes``); a glob pattern is allowed.
+        datasets: environment variable -> the settings it fills, ``{root}`` standing for its value
+            (``{"COCO": ("data.train_json={root}/annotations/...", ...)}``).
+        columns: the results table's rows: (label, keys of the task's ``headline``).
+    """
+
+    name: str
+    order: int
+    config: str
+    datasets: dict[str, tuple[str, ...]]
+    columns: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+@dataclass
+class BenchCase:
+    """One training step of a task at its recipe's size, for ``crossmae benchmark tasks``.
+
+    Args:
+        task: the task, whose ``inputs`` and ``losses`` make the step.
+        model: its model, on the device.
+        batch: one batch as its loader delivers it.
+        images: images per step.
+        precision: the recipe's autocast precision.
+        evaluate: one evaluation forward (``eval_images`` images).
+    """
+
+    task: Task
+    model: nn.Module
+    batch: Any
+    images: int
+    precision: str
+    evaluate: Callable[[], Any]
+    eval_images: int = 1
+
+
+def bench_encoder(tiny: bool) -> dict[str, Any]:
+    """The encoder settings of a benchmark case: ViT-B/16 at 224 px (the size the transfer
+    recipes are quoted at), or, ``tiny``, a 4-block 32-wide ViT for CPU checks."""
+    if tiny:
+        return dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2,
+                    mlp_ratio=4.0, norm_eps=1e-6)  # fmt: skip
+    from .models.sizes import get_size
+
+    base = get_size("base")
+    return dict(img_size=224, patch_size=16, embed_dim=base.embed_dim, depth=base.depth,
+                num_heads=base.num_heads, mlp_ratio=4.0, norm_eps=1e-6)  # fmt: skip
+
+
+class Task:
+    """Base of every task. A subclass sets the class attributes and overrides what it has; one
+    instance serves one run (``Task(cfg)`` is cheap: nothing is read before ``open_data``).
+
+    Class attributes:
+        name: registry key, e.g. ``"finetune"``.
+        command: the command-line words that run it, e.g. ``("cls", "finetune")``.
+        help: one line for ``--help``.
+        schema: its config dataclass (sections ``encoder`` / ``data`` / ``model`` / ``optim`` /
+            ``train`` / ``log`` / ``eval``; ``optim``, ``train`` and ``log`` are the shared ones,
+            ``crossmae.config``).
+        format: the ``"format"`` of its checkpoints (``crossmae.checkpoint.register_format``).
+        trains: False for an evaluation without training (frozen features): no optimizer, no
+            steps, ``evaluate()`` once.
+        best_metric: a key of ``evaluate()``'s result: the best evaluation so far is kept as
+            ``checkpoint-best.pt`` and in the result.
+        record_group, record_prefix: where evaluation records go in metrics.jsonl / TensorBoard.
+        transfer: how ``crossmae transfer`` runs it (None: not a transfer stage).
+    """
+
+    name: ClassVar[str]
+    command: ClassVar[tuple[str, ...]]
+    help: ClassVar[str] = ""
+    schema: ClassVar[type]
+    format: ClassVar[str | None] = None
+    trains: ClassVar[bool] = True
+    best_metric: ClassVar[str | None] = None
+    record_group: ClassVar[str] = "eval"
+    record_prefix: ClassVar[str] = ""
+    transfer: ClassVar[TransferStage | None] = None
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.model: nn.Module | None = None  # set by the runner from build_model
+        self.device: torch.device | None = None  # set by the runner before open_data
+
+    # ------------------------------------------------------------------ before anything is written
+    def open_data(self) -> None:
+        """Open the datasets and check what the settings need; an error here leaves no trace."""
+
+    def output_dir(self) -> str | None:
+        """The run folder (every process gets rank 0's answer)."""
+        return self.cfg.output_dir
+
+    def engine_options(self) -> dict[str, Any]:
+        """``crossmae.engine.StepOptions`` beyond the shared ``train`` / ``optim`` settings."""
+        return {}
+
+    # ------------------------------------------------------------------ model and optimizer
+    def build_model(self, device: torch.device) -> nn.Module:
+        """The model, on ``device`` (torch is seeded with ``train.seed`` before the call)."""
+        raise NotImplementedError
+
+    def lr_factor(self) -> float:
+        """The task's factor in the lr rule ``blr x batch / 256 x factor``."""
+        return 1.0
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The optimizer's parameter groups (default: the ``optim`` section's rules)."""
+        from .optim import optimizer_groups
+
+        return optimizer_groups(model, self.cfg.optim)
+
+    # ------------------------------------------------------------------ data and the step
+    def train_set(self) -> Dataset:
+        """The training set, indexed by the sampler's ``(index, seed)`` keys."""
+        raise NotImplementedError
+
+    def collate_fn(self) -> Callable[[list], Any]:
+        """The loader's collate function (a module-level function: workers may pickle it)."""
+        return default_collate
+
+    def inputs(self, batch: Any, device: torch.device) -> dict[str, Any]:
+        """A loader batch -> the keyword inputs of ``losses``, on ``device``."""
+        raise NotImplementedError
+
+    def losses(self, forward: nn.Module, **inputs: Any) -> dict[str, torch.Tensor]:
+        """The named losses of one micro-batch and their total, ``"loss"``; ``forward`` is the
+        model as the engine wraps it (DDP, compiled)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def evaluates(self) -> bool:
+        """Whether the task has an evaluation (at ``eval_every()`` and at the end)."""
+        return True
+
+    def eval_every(self) -> tuple[int, int]:
+        """(every N steps, every N epochs) between evaluations; 0 = never (the end only)."""
+        return (0, 0)
+
+    def evaluate(self, step: int) -> dict:
+        """The task's metrics on its held-out data after ``step`` steps (every process joins)."""
+        raise NotImplementedError
+
+    def describe(self, metrics: dict) -> str:
+        """One log line of an evaluation's result."""
+        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+    # ------------------------------------------------------------------ checkpoints and results
+    def state(self) -> dict[str, Any]:
+        """What every checkpoint holds besides the model and the training state (plain values)."""
+        return {}
+
+    def load_state(self, ckpt: dict) -> None:
+        """Restore what ``state`` saved, when a run resumes."""
+
+    def hooks(self) -> list:
+        """The task's own loop hooks (``crossmae.engine.Hook``), run before evaluation and
+        checkpoints at each step and epoch."""
+        return []
+
+    def record_fields(self) -> dict[str, Any]:
+        """Extra fields of every training record."""
+        return {}
+
+    def summary(self, result: dict) -> dict[str, Any]:
+        """What results.json holds besides step, metrics and the run's state (every process
+        calls it)."""
+        return {}
+
+    def finish(self, result: dict) -> None:
+        """After the final checkpoint and evaluation, on rank 0 of a finished run (exports)."""
+
+    # ------------------------------------------------------------------ transfer and benchmark
+    @classmethod
+    def headline(cls, result: dict) -> dict[str, float | None]:
+        """The numbers of a finished run's results.json that the transfer table reports."""
+        return {}
+
+    @classmethod
+    def smoke_settings(cls, shared: Path, scratch: Path) -> list[str]:
+        """Settings that run this stage for a few steps on ``shared``'s small data on a CPU
+        (``crossmae transfer --smoke``); ``scratch`` is a folder for data it prepares."""
+        return []
+
+    @classmethod
+    def benchmark_case(cls, tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
+        """One step at the recipe's size (``tiny``: CPU sizes) for ``crossmae benchmark
+        tasks``; a task without one is not benchmarked."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- registries
+_TASKS: dict[str, type[Task]] = {}
+_COMMANDS: dict[tuple[str, ...], dict[str, Any]] = {}  # words -> {help, configure, ...}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task known by its ``name`` (twice is an error)."""
+    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
+        raise ValueError(f"task {cls.name!r} is already registered ({_TASKS[cls.name]})")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str) -> type[Task]:
+    load_plugins()
+    if name not in _TASKS:
+        near = difflib.get_close_matches(name, _TASKS, n=3)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        raise KeyError(f"unknown task {name!r}{hint} (tasks: {', '.join(sorted(_TASKS))})")
+    return _TASKS[name]
+
+
+def tasks() -> Iterator[type[Task]]:
+    """Every registered task, in name order."""
+    load_plugins()
+    return iter([_TASKS[n] for n in sorted(_TASKS)])
+
+
+def transfer_stages() -> list[type[Task]]:
+    """The tasks that are transfer stages, in their stage order."""
+    return sorted((t for t in tasks() if t.transfer is not None), key=lambda t: t.transfer.order)
+
+
+def register_command(
+    words: tuple[str, ...], help: str = "", description: str | None = None
+) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable]:
+    """Decorator: ``configure(parser)`` adds a command's arguments and sets its ``func``; a
+    command of several words sits under the groups its first words name (``register_group``)."""
+
+    def add(configure: Callable[[argparse.ArgumentParser], None]) -> Callable:
+        _COMMANDS[tuple(words)] = {"help": help, "description": description,
+                                   "configure": configure}  # fmt: skip
+        return configure
+
+    return add
+
+
+def register_group(words: tuple[str, ...], help: str, description: str | None = None) -> None:
+    """A command group (``crossmae det ...``): its help, and the commands registered under it."""
+    _COMMANDS[tuple(words)] = {"help": help, "description": description, "configure": None}
+
+
+def commands() -> dict[tuple[str, ...], dict[str, Any]]:
+    load_plugins()
+    return dict(_COMMANDS)
+
+
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Import every module named by a ``crossmae.plugins`` entry point (once): each registers its
+    tasks and commands. A plugin that fails to import is an error naming it."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()
+        except ImportError as e:
+            _loaded = False
+            raise ImportError(
+                f"crossmae plugin {ep.name!r} ({ep.value}) failed to import: {e}"
+            ) from e

@@ -1,0 +1,97 @@
+"""The task interface from the outside: a task defined in tests/pixel_task.py (no product file
+names it) runs through ``run_task`` with resume, and once its package is installed (an entry
+point), the command line, ``benchmark tasks`` and the transfer stage list pick it up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_encoder_export
+
+from crossmae.config import load_config
+from crossmae.runner import run_task
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("enc") / "encoder.pt"
+    tiny_encoder_export(path, embed_dim=32, depth=2, num_heads=2)
+    return path
+
+
+def pixel_run(out: Path, encoder: Path, *settings: str, resume: str | None = None) -> dict:
+    from pixel_task import PixelTask
+
+    settings = [f"encoder.checkpoint={encoder}", f"output_dir={out}", *settings]
+    cfg = load_config(PixelTask.schema, [], settings, complete=True)
+    return run_task(PixelTask(cfg), cfg, resume)
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_new_task_runs_through_the_runner_and_resumes_exactly(tmp_path, encoder):
+    from crossmae.checkpoint import LAST, load_checkpoint
+
+    whole = pixel_run(tmp_path / "a", encoder)
+    assert whole["step"] == 4 and not whole["interrupted"] and whole["metrics"]["mse"] > 0
+    for name in ("config.yaml", "log.txt", "metrics.jsonl", "results.json", LAST):
+        assert (tmp_path / "a" / name).is_file(), name
+    ck = load_checkpoint(tmp_path / "a" / LAST, expect="test-pixel-v1")
+    assert ck["task"] == "pixel" and ck["hooks"]["evaluation"]["evaluated_at"] == 4
+    # stopped after 2 steps (the schedule unchanged), then continued: the same losses
+    assert pixel_run(tmp_path / "b", encoder, "train.max_steps=2")["step"] == 2
+    resumed = pixel_run(tmp_path / "b", encoder, resume="auto")
+    assert resumed["step"] == 4 and losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert resumed["metrics"] == whole["metrics"]
+    with pytest.raises(ValueError, match="is a 'test-pixel-v1' checkpoint, not"):
+        load_checkpoint(tmp_path / "a" / LAST, expect="crossmae-pretrain-v1")
+
+
+def installed(tmp_path: Path) -> dict:
+    """The environment of a process in which tests/pixel_task.py is an installed plugin: a
+    distribution's metadata declaring its ``crossmae.plugins`` entry point."""
+    dist = tmp_path / "crossmae_pixel-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: crossmae-pixel\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[crossmae.plugins]\npixel = pixel_task\n")
+    path = os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def crossmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crossmae", *args], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
+
+
+def test_an_installed_task_is_found_by_the_cli_the_benchmark_and_the_transfer_stages(tmp_path):
+    before = crossmae("transfer", "--list")
+    assert before.returncode == 0 and "pixel" not in before.stdout
+    names = [line.split()[0] for line in before.stdout.splitlines()]
+    assert names == ["linprobe", "finetune", "det", "seg"]
+    env = installed(tmp_path)
+    stages = crossmae("transfer", "--list", env=env)
+    assert stages.returncode == 0, stages.stderr
+    assert stages.stdout.splitlines()[-1].split()[:3] == ["pixel", "crossmae", "pixel"]
+    help_ = crossmae("pixel", "train", "--help", env=env)
+    assert help_.returncode == 0 and "encoder.checkpoint, output_dir" in " ".join(
+        help_.stdout.split()
+    )
+    bench = crossmae("benchmark", "tasks", "--tiny", "--tasks", "pixel", "--steps", "1",
+                     "--warmup", "0", "--device", "cpu", env=env)  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    rec = json.loads(bench.stdout.strip().splitlines()[-1])
+    assert rec["task"] == "pixel" and rec["img_per_s"] > 0 and rec["gflop_per_img"] > 0
+    listed = subprocess.run([sys.executable, "-c", "from crossmae.commands.benchmark import "
+                             "benchmarked_tasks; print(benchmarked_tasks())"],
+                            capture_output=True, text=True, env=env, cwd=REPO)  # fmt: skip
+    assert "'pixel'" in listed.stdout and "'det'" in listed.stdout
