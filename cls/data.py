@@ -14,6 +14,9 @@ def class_folders(train: str | Path, val: str | Path) -> tuple[ImageFiles, Image
     for split in (tr, va):
         if split.layout != "imagefolder":
             raise ValueError(f"{split.root}: expected class sub-folders (ImageFolder layout)")
+        if len(split.classes) < 2:
+            raise ValueError(f"{split.root} has {len(split.classes)} class folder(s): a "
+                             "classifier needs at least 2")  # fmt: skip
     if tr.classes != va.classes:
         only_tr = sorted(set(tr.classes) - set(va.classes))
         only_va = sorted(set(va.classes) - set(tr.classes))

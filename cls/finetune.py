@@ -10,10 +10,9 @@ from omegaconf import DictConfig
 from PIL import Image, ImageOps
 from timm.data import create_transform
 from torch import nn
-from torch.utils.data import DataLoader
 
 from crossmae import distributed as du
-from crossmae.data import Labelled, classify_eval_transform
+from crossmae.data import Labelled, Loader, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
 from crossmae.knn import topk_hits
 
@@ -34,24 +33,27 @@ def evaluate_classifier(
     model: nn.Module, source, img_size: int, device, batch_size: int = 128, workers: int = 2
 ) -> dict:
     """Top-1 / top-5 on ``source``: each process takes its own shard (no padding) and the
-    correct counts are summed, so every image is counted exactly once."""
+    correct counts are summed, so every image is counted exactly once. Top-5 is None with 5
+    classes or fewer (it would always be 100), as ``cls frozen`` reports it."""
     model.eval()
     ds = torch.utils.data.Subset(
         Labelled(source, classify_eval_transform(img_size)),
         du.shard(len(source), du.rank(), du.world_size()),
     )
     counts = torch.zeros(3, device=device)  # top1 hits, top5 hits, images
-    for imgs, y, _ in DataLoader(ds, batch_size=batch_size, num_workers=workers):
+    for imgs, y, _ in Loader(ds, batch_size=batch_size, num_workers=workers):
         imgs, y = imgs.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(imgs)
-        hits = topk_hits(logits.float(), y, ks=(1, min(5, logits.shape[1])))
-        counts += torch.stack([hits[1], hits[max(hits)], torch.tensor(len(y), device=device)])
+        hits = topk_hits(logits.float(), y, ks=(1, 5))
+        top5 = hits.get(5, torch.zeros((), device=device, dtype=torch.long))
+        counts += torch.stack([hits[1], top5, torch.tensor(len(y), device=device)])
     if du.is_dist():
         torch.distributed.all_reduce(counts)
     model.train()
     top1, top5, n = counts.tolist()
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "images": int(n)}
+    five = len(source.classes) > 5
+    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n if five else None, "images": int(n)}
 
 
 def training_transform(cfg: DictConfig):

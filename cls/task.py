@@ -148,7 +148,8 @@ class FinetuneTask(Task):
         return acc
 
     def describe(self, metrics: dict) -> str:
-        return f"top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}"
+        top5 = f" top-5 {metrics['top5']:.2f}" if metrics["top5"] is not None else ""
+        return f"top-1 {metrics['top1']:.2f}{top5}"
 
     def state(self) -> dict:
         state = {"encoder_config": self.model.config, "classes": self.train_src.classes}
@@ -279,6 +280,8 @@ class FrozenTask(Task):
             batch_size=d.batch_size, num_workers=d.num_workers, device=self.device))  # fmt: skip
 
     def evaluate(self, step: int = 0) -> dict:
+        log.info("features of %d training and %d validation images", len(self.train_src),
+                 len(self.val_src))  # fmt: skip
         (ftr, ytr), (fva, yva) = self.features(self.train_src), self.features(self.val_src)
         c, k, p = len(self.train_src.classes), self.cfg.knn, self.cfg.probe
         knn = topk_accuracy(knn_classify(ftr, ytr, fva, num_classes=c, k=k.k,

@@ -106,6 +106,24 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return _replace_atomic(path, lambda f: f.write(text.encode()))
 
 
+def strict_json(value: Any, **kwargs) -> str:
+    """``json.dumps`` that JSON readers accept: a NaN or an infinity (no JSON number) is written
+    null."""
+    import json
+    import math
+
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
+
+
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of a file, a missing, truncated or foreign file being an
     error that names it."""
@@ -119,6 +137,33 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(
             f"{path} is not a loadable checkpoint ({type(e).__name__}: {first})"
         ) from e
+
+
+def check_output(src: str | Path, dest: str | Path, *, writes: str | None = None,
+                 force: bool = False) -> None:  # fmt: skip
+    """Before a converter writes ``dest`` from ``src``: the input itself is never replaced, and
+    an existing file is replaced only if it is of the kind being written (``writes``: our
+    checkpoint format, None: another framework's layout), or with ``force``."""
+    dest = Path(dest)
+    if not dest.exists():
+        return
+    if Path(src).exists() and os.path.samefile(src, dest):
+        raise ValueError(f"{dest} is the input file: write the output to another file")
+    if force:
+        return
+    try:
+        try:
+            data = torch.load(dest, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive: the legacy format cannot be mapped
+            data = torch.load(dest, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ValueError(f"{dest} exists and is not a checkpoint: add --force to replace it, or "
+                         "write to another file") from None  # fmt: skip
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != writes:
+        what = describe_format(found) if found else "a checkpoint of another framework's layout"
+        raise ValueError(f"{dest} exists and is {what}: add --force to replace it, or write to "
+                         "another file")  # fmt: skip
 
 
 def load_checkpoint(

@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 
+from .config import int_at_least
 from .task import Task, commands, register_command, tasks
 
 
@@ -98,8 +99,10 @@ def _models(args: argparse.Namespace) -> int:
 def _psnr_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoints", nargs="+", help="pretraining checkpoints (checkpoint-last.pt)")
     p.add_argument("--data", required=True, help="image folder (ImageFolder or flat)")
-    p.add_argument("--images", type=int, default=1000, help="images, spread evenly over the folder")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument(
+        "--images", type=int_at_least(1), default=1000, help="images, spread evenly over the folder"
+    )
+    p.add_argument("--batch-size", type=int_at_least(1), default=128)
     p.add_argument("--seed", type=int, default=0, help="fixes the masks (and a random init)")
     p.add_argument("--all-masked", action="store_true", help="decode every masked patch (γ = p)")
     p.add_argument(
@@ -182,20 +185,23 @@ def run_command(args: argparse.Namespace) -> int:
     config value, a missing, malformed or unwritable file, a checkpoint of another kind, a run
     whose loss stays non-finite: ``ConfigError``, ``OSError``, ``ValueError``, ``KeyError``,
     ``FloatingPointError`` and the command's own ``errors``) prints one line naming it and
-    returns 2; anything else keeps its traceback."""
+    returns 2; Ctrl-C prints one line and returns 130; anything else keeps its traceback."""
     from omegaconf.errors import MissingMandatoryValue
 
     from .config import ConfigError
 
     expected = (ConfigError, OSError, ValueError, KeyError, MissingMandatoryValue,
                 FloatingPointError, *getattr(args, "errors", ()))  # fmt: skip
+    command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and exits 1)
+        print(f"crossmae {command}: interrupted", file=sys.stderr)
+        return 130
     except expected as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # no repr quotes
         if isinstance(e, MissingMandatoryValue):
             message = f"set the required value {e.full_key}=..."
-        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
         print(f"crossmae {command}: error: {message}", file=sys.stderr)
         return 2
 

@@ -106,6 +106,23 @@ def in_table(table: str) -> Check:
     return check
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """A command-line option's type: an integer of at least ``low`` (argparse names the option
+    and the value when it is not)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 POSITIVE = above(0)
 FRACTION = (at_least(0), below(1))  # [0, 1)
 PRECISION = one_of("bf16", "fp16", "fp32")

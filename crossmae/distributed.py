@@ -21,7 +21,8 @@ def init_from_env(device: str = "auto") -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but no CUDA device is available")
+        raise ValueError("train.device=cuda: this machine has no CUDA device (train.device=cpu "
+                         "or auto runs on the CPU)")  # fmt: skip
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -36,11 +36,11 @@ from . import distributed as du
 from .checkpoint import load_state_dict_strict, random_states, restore_random_states
 from .config import ConfigError
 from .data import CudaPrefetcher, ResumableSampler
+from .data.loader import STOP_SIGNALS
 
 log = logging.getLogger("crossmae")
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 def check_precision(value: str, key: str = "train.precision") -> torch.dtype | None:
@@ -225,7 +225,7 @@ class Engine:
         # what the last step left for the hooks
         self.lr = 0.0
         self.last_parts: dict[str, torch.Tensor] = {}  # its loss parts (means over micro-batches)
-        self.taken = False  # whether its update was applied (False: a non-finite loss)
+        self.taken = True  # whether its update was applied (False: a non-finite loss)
         self.grad_norm: torch.Tensor | None = None  # when computed (``grad_norm_every``)
         self.data_time = 0.0  # seconds spent waiting for its batches
         self.stopping = False  # a stop signal reached some process
@@ -270,6 +270,10 @@ class Engine:
             torch.manual_seed(seed + self.rank + self.step)
             log.warning("%d processes now, %d at save: random streams reseeded", self.world,
                         len(rngs))  # fmt: skip
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters()
+                   if p.is_floating_point())  # fmt: skip
 
     def gather_random_states(self) -> list[dict]:
         """Every process's random streams (every process joins)."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import distributed as du
-from .checkpoint import LAST, save_atomic, write_text_atomic
+from .checkpoint import LAST, save_atomic, strict_json, write_text_atomic
 from .engine import Engine, Hook
 
 log = logging.getLogger("crossmae")
@@ -141,7 +141,7 @@ class MetricsWriter(Hook):
 
     def write(self, record: dict, group: str) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(strict_json(record) + "\n")
             self._file.flush()
         if self._writer is not None:
             for key, value in record.items():
@@ -170,26 +170,38 @@ class CheckpointHook(Hook):
             task's fields).
         every_steps, every_epochs: intervals (0 = never).
         keep_every_epochs: also keep ``checkpoint-epochN.pt`` every N epochs (0 = never).
+        exports: files written beside every ``checkpoint-last.pt`` whose last step was finite
+            (name -> contents; the task's ``exports``).
     """
 
     name = "checkpoint"
 
     def __init__(self, out: Path, fields: Callable[[], dict], *, every_steps: int = 0,
-                 every_epochs: int = 0, keep_every_epochs: int = 0):  # fmt: skip
-        self.out, self.fields = Path(out), fields
+                 every_epochs: int = 0, keep_every_epochs: int = 0,
+                 exports: Callable[[int], dict[str, dict]] = lambda step: {}):  # fmt: skip
+        self.out, self.fields, self.exports = Path(out), fields, exports
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.keep_every_epochs = keep_every_epochs
         self.saved_at = -1  # the step of the last checkpoint-last.pt
 
-    def save(self, engine: Engine, tag: str = LAST, *, training_state: bool = True) -> None:
+    def save(self, engine: Engine, tag: str = LAST, *, training_state: bool = True) -> bool:
         """Write ``out/tag`` atomically (every process joins: each one's random streams are
-        gathered). ``training_state=False`` leaves out the optimizer and scaler."""
+        gathered). ``training_state=False`` leaves out the optimizer and scaler. Weights that
+        are not finite are not written over the previous file (returns False)."""
+        if not engine.weights_finite():  # every process has the same weights
+            log.warning("step %d: non-finite weights, %s not written (the previous one is kept)",
+                        engine.step, tag)  # fmt: skip
+            return False
         rngs = engine.gather_random_states()
         if tag == LAST:
             self.saved_at = engine.step
         if engine.rank == 0:
             state = {**self.fields(), **engine.state_dict(training_state), "rng": rngs}
             save_atomic(state, self.out / tag)
+            if tag == LAST and engine.taken:
+                for name, contents in self.exports(engine.step).items():
+                    save_atomic(contents, self.out / name)
+        return True
 
     def save_if_stale(self, engine: Engine) -> None:
         if self.saved_at != engine.step:
@@ -197,11 +209,14 @@ class CheckpointHook(Hook):
 
     def after_step(self, engine: Engine) -> None:
         if engine.stopping:
-            self.save(engine)
             by = engine.stop.signum
-            log.warning("signal %s: checkpoint written at step %d; continue with --resume auto",
-                        signal.Signals(by).name if by else "from another process",
-                        engine.step)  # fmt: skip
+            name = signal.Signals(by).name if by else "from another process"
+            if self.save(engine):
+                log.warning("signal %s: checkpoint written at step %d; continue with --resume "
+                            "auto", name, engine.step)  # fmt: skip
+            else:
+                log.warning("signal %s: stopped at step %d; continue with --resume auto from "
+                            "the last checkpoint", name, engine.step)  # fmt: skip
         elif self.every_steps and engine.step % self.every_steps == 0:
             self.save(engine)
 

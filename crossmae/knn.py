@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from . import distributed as du
-from .data import Labelled, classify_eval_transform
+from .data import Labelled, Loader, classify_eval_transform
 from .models import VisionTransformer
 
 
@@ -36,7 +35,7 @@ def extract_features(
     encoder = encoder.to(device).eval()
     idx = du.shard(len(source), du.rank(), du.world_size())
     ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), idx)
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    loader = Loader(ds, batch_size=batch_size, num_workers=num_workers)
     feats, labels, order = [], [], []
     for imgs, y, i in loader:
         tokens = encoder.forward_features(imgs.to(device))  # (B, 1 + L, D)
@@ -74,14 +73,16 @@ def knn_classify(
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, torch.Tensor]:
-    """How many rows have their label among the k best scores, per k (a k above the number of
-    classes is left out); counts, so that shards can be summed."""
-    ks = [k for k in ks if k <= scores.shape[1]]
+    """How many rows have their label among the k best scores, per k; counts, so that shards can
+    be summed. A k that is not below the number of classes is left out (always 100 %: top-5 of
+    5 classes or fewer says nothing); top-1 is always there."""
+    ks = [k for k in ks if k < scores.shape[1] or k == 1]
     hit = scores.topk(max(ks), dim=1).indices == labels.unsqueeze(1)  # (N, max k)
     return {k: hit[:, :k].any(dim=1).sum() for k in ks}
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[str, float]:
-    """Top-k accuracies in percent (a k above the number of classes is left out)."""
+    """Top-k accuracies in percent (``topk_hits``: a k not below the number of classes is left
+    out)."""
     hits = topk_hits(scores, labels, ks)
     return {f"top{k}": 100.0 * n.item() / len(labels) for k, n in hits.items()}

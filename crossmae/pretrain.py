@@ -21,7 +21,7 @@ import torch._functorch.config as functorch_config
 from torch import nn
 
 from . import distributed as du
-from .checkpoint import PRETRAIN_FORMAT, save_atomic
+from .checkpoint import PRETRAIN_FORMAT
 from .config import ConfigError, ModelConfig, PretrainConfig, to_plain
 from .data import (
     BuiltinPhotos,
@@ -61,8 +61,8 @@ def build_model(mcfg: ModelConfig) -> nn.Module:
         kwargs["pred_ratio"] = mcfg.mask_ratio  # γ = p unless set
     try:
         return create_model(mcfg.name, **kwargs)
-    except TypeError as e:  # an argument the model does not take (e.g. pred_ratio for MAE)
-        raise ConfigError(f"model {mcfg.name!r}: {e}") from None
+    except ValueError as e:  # a setting the model does not take (e.g. pred_ratio for MAE)
+        raise ConfigError(str(e)) from None
 
 
 def pretrain_losses(
@@ -208,11 +208,14 @@ class PretrainTask(Task):
             log.warning("skipped %d unreadable files: %s", len(names), ", ".join(names[:10]))
         return {"skipped_files": len(names), "skipped": names}
 
+    def exports(self, step: int) -> dict:
+        """``encoder.pt``: the encoder alone, timm key names (what the transfer tasks read)."""
+        extra = {"step": step, "pretrain_config": to_plain(self.cfg)}
+        return {"encoder.pt": encoder_export(self.model, model_name=self.cfg.model.name,
+                                             extra=extra)}  # fmt: skip
+
     def finish(self, result: dict) -> None:
         out = Path(result["output_dir"])
-        extra = {"step": result["step"], "pretrain_config": to_plain(self.cfg)}
-        export = encoder_export(self.model, model_name=self.cfg.model.name, extra=extra)
-        save_atomic(export, out / "encoder.pt")
         log.info("look at %s: loss.png, recon/epoch-*.png (reconstructions), metrics.jsonl, tb/; "
                  "checkpoint-last.pt and encoder.pt for the transfer tasks", out)  # fmt: skip
 

@@ -32,7 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import __version__
 from . import distributed as du
-from .checkpoint import latest_checkpoint, load_checkpoint, seed_all, write_text_atomic
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    seed_all,
+    strict_json,
+    write_text_atomic,
+)
 from .config import ConfigError, changed_settings, to_plain
 from .data import ResumableSampler, make_loader
 from .engine import Engine, StepOptions
@@ -202,6 +208,10 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
     total = tc.steps if tc.steps is not None else tc.epochs * spe
     lr = peak_lr(cfg.optim, tc.batch_size, task.lr_factor())
     schedule = make_schedule(cfg.optim, lr, total, spe)
+    if schedule.warmup_steps >= total:
+        log.warning("the warmup (%d steps) is as long as the whole run (%d steps): the lr never "
+                    "reaches its peak %.3g; shorten optim.warmup_steps / warmup_epochs",
+                    schedule.warmup_steps, total, lr)  # fmt: skip
     optimizer = build_optimizer(task.param_groups(model), lr, cfg.optim, device)
 
     # engine and hooks
@@ -238,7 +248,7 @@ def _loop(task: Task, cfg: DictConfig, out: Path, model, optimizer, loader, sche
                 "config": to_plain(cfg), **task.state()}  # fmt: skip
 
     saver = CheckpointHook(out, fields, every_steps=lc.ckpt_every_steps,
-                           every_epochs=lc.ckpt_every_epochs,
+                           every_epochs=lc.ckpt_every_epochs, exports=task.exports,
                            keep_every_epochs=lc.keep_every_epochs)  # fmt: skip
     every_steps, every_epochs = task.eval_every() if task.evaluates else (0, 0)
     evaluator = EvalHook(task, every_steps=every_steps, every_epochs=every_epochs, saver=saver)
@@ -279,32 +289,48 @@ def _train(task: Task, out: Path, loop: _Loop) -> dict:
     try:
         interrupted = engine.train()
     except FloatingPointError as e:  # the loss stayed non-finite
-        last = latest_checkpoint(out)
-        state = f"last checkpoint: {last}" if last else "no checkpoint was written yet"
-        raise FloatingPointError(f"{e} ({state})") from None
-    if not interrupted:  # the training is saved before a final evaluation can fail
+        raise FloatingPointError(f"{e} ({last_checkpoint_of(out)})") from None
+    diverged = not interrupted and not finite_state(engine)
+    if not interrupted and not diverged:  # saved before a final evaluation can fail
         saver.save_if_stale(engine)
         if task.evaluates and evaluator.evaluate_if_stale(engine):
             saver.save(engine)
     for h in engine.hooks:
-        h.after_train(engine, interrupted)
+        h.after_train(engine, interrupted or diverged)
     result = {"output_dir": str(out), "step": engine.step,
               "epoch": engine.step / engine.steps_per_epoch, "interrupted": interrupted,
-              "final_loss": loop.writer.last_record.get("loss", float("nan")),
-              "metrics": evaluator.metrics}  # fmt: skip
+              "diverged": diverged, "metrics": evaluator.metrics,
+              "final_loss": loop.writer.last_record.get("loss", float("nan"))}  # fmt: skip
     if task.best_metric is not None:
         result["best"] = evaluator.best
     result.update(task.summary(result))
     if du.rank() == 0:
-        if not interrupted:
+        if not (interrupted or diverged):
             task.finish(result)
-        write_text_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
-        log.info("%s: %s", "stopped" if interrupted else "done", json.dumps(_brief(result)))
+        write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
+        state = "stopped" if interrupted else "diverged" if diverged else "done"
+        log.info("%s: %s", state, json.dumps(_brief(result)))
     for h in engine.hooks:
         h.close()
     close_run(out)
     engine.stop.forward()
+    if diverged:
+        raise FloatingPointError(
+            f"the run diverged: the loss of its last step ({engine.step}) was non-finite, or its "
+            f"weights are; nothing was saved after it ({last_checkpoint_of(out)}). Lower the "
+            "learning rate or set optim.clip_grad, then run again or --resume auto"
+        )
     return result
+
+
+def finite_state(engine: Engine) -> bool:
+    """Whether the last step was taken (its loss finite) and every weight is finite."""
+    return engine.taken and engine.weights_finite()
+
+
+def last_checkpoint_of(out: Path) -> str:
+    last = latest_checkpoint(out)
+    return f"last checkpoint: {last}" if last else "no checkpoint was written yet"
 
 
 def _evaluate_only(task: Task, cfg: DictConfig) -> dict:
@@ -319,7 +345,7 @@ def _evaluate_only(task: Task, cfg: DictConfig) -> dict:
     result = {"output_dir": str(out) if out else None, "interrupted": False, "metrics": metrics,
               **task.summary({"metrics": metrics})}  # fmt: skip
     if du.rank() == 0 and out is not None:
-        write_text_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
+        write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
     log.info("%s: %s", task.name, task.describe(metrics))
     close_run(out)
     return result

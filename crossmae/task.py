@@ -204,6 +204,12 @@ class Task:
     def load_state(self, ckpt: dict) -> None:
         """Restore what ``state`` saved, when a run resumes."""
 
+    def exports(self, step: int) -> dict[str, dict]:
+        """Files kept current beside ``checkpoint-last.pt`` (name -> what it holds after
+        ``step`` steps), written with every checkpoint whose last step was finite, so an
+        interrupted run has them too."""
+        return {}
+
     def hooks(self) -> list:
         """The task's own loop hooks (``crossmae.engine.Hook``), run before evaluation and
         checkpoints at each step and epoch."""

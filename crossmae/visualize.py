@@ -48,6 +48,8 @@ def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
     """Training loss (and lr) against the step, from a ``metrics.jsonl``; None if it has none."""
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
     rows = [r for r in rows if "loss" in r and "lr" in r]
+    for r in rows:  # a record of skipped (non-finite) steps only: no loss, a gap in the curve
+        r["loss"] = float("nan") if r["loss"] is None else r["loss"]
     if not rows:
         return None
     plt = _pyplot()

@@ -19,6 +19,7 @@ The network input is the uint8 image; normalising and padding happen in the mode
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,18 @@ def _check(ann: dict, images: dict[int, dict]) -> None:
     seg = ann["segmentation"]
     if not isinstance(seg, list) and not (isinstance(seg, dict) and "counts" in seg):
         raise AnnotationError(f"annotation {aid} (image {ann['image_id']}): bad segmentation")
+
+
+def repeated(path: Path, key: str, ids: list) -> None:
+    """Ids of a COCO list must be unique: pycocotools indexes by id and silently keeps one of
+    each (an evaluation would score 1 of 13 objects that share an id)."""
+    counts = Counter(ids)
+    twice = sorted(((n, i) for i, n in counts.items() if n > 1), key=lambda x: -x[0])
+    if twice:
+        n, i = twice[0]
+        more = f" ({len(twice) - 1} more ids repeated)" if len(twice) > 1 else ""
+        raise AnnotationError(f"{path}: {key} id {i} appears {n} times{more}; COCO ids must be "
+                              "unique (pycocotools would keep only one of them)")  # fmt: skip
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -122,6 +135,8 @@ class CocoInstances(Dataset):
         for key in ("images", "annotations", "categories"):
             if key not in data:
                 raise AnnotationError(f"{path}: no {key!r} list")
+        for key in ("images", "annotations", "categories"):  # pycocotools keeps one per id
+            repeated(path, key, [item.get("id") for item in data[key]])
         self.images = {im["id"]: im for im in data["images"]}
         self.cat_ids = sorted(c["id"] for c in data["categories"])
         self.class_of = {cid: i for i, cid in enumerate(self.cat_ids)}  # contiguous, 0-based
@@ -141,9 +156,17 @@ class CocoInstances(Dataset):
             if not (self.root / name).is_file():
                 raise FileNotFoundError(f"{path}: image {i} names {self.root / name}, which "
                                         "does not exist")  # fmt: skip
+        self.dropped = {"crowd": 0, "no polygon of 3 or more points": 0}
         if train:
             self.targets = {i: self._instances(i) for i in self.ids}
             self.ids = [i for i in self.ids if self.targets[i]]
+            if not self.ids:
+                why = ", ".join(f"{n} {k}" for k, n in self.dropped.items())
+                raise AnnotationError(
+                    f"{path}: no image has an instance to train on ({len(data['annotations'])} "
+                    f"annotations, left out: {why}; training reads non-crowd instances with "
+                    "polygon masks, as detectron2 does)"
+                )
         self.train, self.img_size, self.scale_range = train, img_size, tuple(scale_range)
         self.annotation_file = path
 
@@ -153,6 +176,7 @@ class CocoInstances(Dataset):
         out = []
         for ann in self.anns[image_id]:
             if ann["iscrowd"]:
+                self.dropped["crowd"] += 1
                 continue
             if not isinstance(ann["segmentation"], list):
                 raise AnnotationError(
@@ -163,6 +187,8 @@ class CocoInstances(Dataset):
                      if len(p) % 2 == 0 and len(p) >= 6]  # fmt: skip
             if polys:
                 out.append((self.class_of[ann["category_id"]], polys))
+            else:
+                self.dropped["no polygon of 3 or more points"] += 1
         return out
 
     def __len__(self) -> int:

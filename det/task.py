@@ -81,8 +81,9 @@ class DetTask(Task):
             self.cfg.encoder, lambda enc: build_detector(self.cfg.model, classes, enc),
             lambda m: m.backbone.net,
         )  # fmt: skip
-        log.info("ViTDet Mask R-CNN: %d classes, %d training images", classes,
-                 len(self.train_data))  # fmt: skip
+        log.info("ViTDet Mask R-CNN: %d classes, %d training images; instances left out: %s",
+                 classes, len(self.train_data),
+                 ", ".join(f"{n} {why}" for why, n in self.train_data.dropped.items()))  # fmt: skip
         return model.to(device)
 
     def train_set(self):
@@ -124,10 +125,10 @@ class DetTask(Task):
 
     @classmethod
     def headline(cls, result: dict) -> dict:
-        """Box / mask AP; NaN (no detection at all, as detectron2 reports it) -> null."""
+        """Box / mask AP; null when undefined (no detection at all: detectron2's NaN)."""
         m = result["metrics"]
         ap = {"ap_box": m["bbox"]["AP"], "ap_mask": m["segm"]["AP"]}
-        return {k: None if math.isnan(v) else v for k, v in ap.items()}
+        return {k: None if v is None or math.isnan(v) else v for k, v in ap.items()}
 
     @classmethod
     def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
@@ -208,14 +209,17 @@ def _import_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint")
     p.add_argument("output")
     p.add_argument("--json", default=None, help="the COCO json whose categories are its classes")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT even if it is a "
+                   "checkpoint of another kind")  # fmt: skip
     p.set_defaults(func=import_checkpoint)
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
-    from crossmae.checkpoint import save_atomic
+    from crossmae.checkpoint import check_output, save_atomic
 
     from .d2 import import_d2
 
+    check_output(args.checkpoint, args.output, writes=DET_FORMAT, force=args.force)
     ck = import_d2(args.checkpoint, annotations=args.json)
     save_atomic(ck, args.output)
     arch = ck["encoder_config"]
@@ -227,10 +231,11 @@ def import_checkpoint(args: argparse.Namespace) -> int:
 
 @converter("to-mae", "encoder -> MAE release format (what detectron2's ViTDet loads)")
 def to_mae(args: argparse.Namespace) -> int:
-    from crossmae.checkpoint import save_atomic
+    from crossmae.checkpoint import check_output, save_atomic
 
     from .d2 import d2_init_checkpoint
 
+    check_output(args.src, args.dest, force=args.force)
     sd, config = load_pretrained_encoder(args.src, official_arch=args.official_arch)
     out, note = d2_init_checkpoint(sd, config)
     save_atomic(out, args.dest)

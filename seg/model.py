@@ -121,6 +121,12 @@ class SegViT(nn.Module):
         self.patch_size, self.embed_dim, self.depth = patch_size, embed_dim, depth
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.out_indices = list(out_indices) if out_indices is not None else feature_blocks(depth)
+        if max(self.out_indices) >= depth:
+            raise ConfigError(
+                f"model.out_indices={self.out_indices} needs an encoder of at least "
+                f"{max(self.out_indices) + 1} blocks; this one has {depth} (set "
+                "model.out_indices to 4 of its blocks, or null for the default)"
+            )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_2d(embed_dim, self.grid))
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)

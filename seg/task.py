@@ -25,7 +25,7 @@ import torch
 
 from crossmae import distributed as du
 from crossmae.commands.convert import converter
-from crossmae.config import load_config, without_missing
+from crossmae.config import ConfigError, load_config, without_missing
 from crossmae.engine import check_precision
 from crossmae.models.pretrained import load_pretrained_encoder, model_on_encoder
 from crossmae.task import (
@@ -70,15 +70,22 @@ class SegTask(Task):
     def open_data(self) -> None:
         check_precision(self.cfg.eval.precision, "eval.precision")
         d = self.cfg.data
+        check_crop(d.crop, tuple(d.scale), max(d.ratio_range))
         self.spec = label_spec(d)
         self.train_folder = SegFolder(d.root, d.train_split, self.spec, skip_unreadable=True)
         self.val_folder = SegFolder(d.root, d.val_split, self.spec)
+        e = self.cfg.encoder  # read now: its depth must hold model.out_indices
+        self.encoder = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
+        depth, blocks = self.encoder[1]["depth"], self.cfg.model.out_indices
+        if blocks is not None and max(blocks) >= depth:
+            raise ConfigError(f"model.out_indices={list(blocks)} needs an encoder of at least "
+                              f"{max(blocks) + 1} blocks; {e.checkpoint} has {depth}")  # fmt: skip
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         classes = self.spec.num_classes
         model, self.encoder_config = model_on_encoder(
             self.cfg.encoder, lambda enc: build_segmenter(self.cfg, classes, enc),
-            lambda m: m.backbone,
+            lambda m: m.backbone, self.encoder,
         )  # fmt: skip
         if du.world_size() > 1:  # mmseg's SyncBN: batch statistics over every process's crops
             model = to_sync_batchnorm(model, device)
@@ -149,6 +156,22 @@ class SegTask(Task):
                                                  stride=crop * 2 // 3))  # fmt: skip
 
 
+def check_crop(crop: int, scale: tuple[int, int], ratio: float) -> None:
+    """A training crop beyond what the rescaling can give: refused when larger than the longest
+    side any rescaled image can have (every crop mostly padding), a warning when larger than the
+    shortest side's largest value (every crop padded)."""
+    long, short = max(scale) * ratio, min(scale) * ratio
+    if crop > long:
+        raise ConfigError(
+            f"data.crop={crop} is larger than any image after rescaling (at most {long:.0f} x "
+            f"{short:.0f}: data.scale={list(scale)} x {ratio}, the largest of "
+            "data.ratio_range): every crop would be mostly padding"
+        )
+    if crop > short:
+        log.warning("data.crop=%d is larger than the short side of every rescaled image (at most "
+                    "%.0f): every crop is padded", crop, short)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- other commands
 @register_command(("seg", "evaluate"), help="mIoU of a trained or imported segmenter")
 def _evaluate_command(p: argparse.ArgumentParser) -> None:
@@ -185,15 +208,18 @@ def _import_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("output")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="e.g. model.out_indices=[3,5,7,11]")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="replace OUTPUT even if it is a "
+                   "checkpoint of another kind")  # fmt: skip
     p.set_defaults(func=import_checkpoint)
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
-    from crossmae.checkpoint import save_atomic
+    from crossmae.checkpoint import check_output, save_atomic
     from crossmae.config import parse_settings
 
     from .export import import_mmseg
 
+    check_output(args.checkpoint, args.output, writes=SEG_FORMAT, force=args.force)
     ck = import_mmseg(args.checkpoint, parse_settings(args.overrides))
     save_atomic(ck, args.output)
     enc = ck["encoder_config"]
@@ -205,10 +231,11 @@ def import_checkpoint(args: argparse.Namespace) -> int:
 
 @converter("to-mmseg", "encoder -> mmsegmentation MAE backbone")
 def to_mmseg_file(args: argparse.Namespace) -> int:
-    from crossmae.checkpoint import save_atomic
+    from crossmae.checkpoint import check_output, save_atomic
 
     from .export import to_mmseg
 
+    check_output(args.src, args.dest, force=args.force)
     sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
     save_atomic(to_mmseg(sd), args.dest)
     print(f"wrote {args.dest}: mmseg MAE backbone layout (layers.*, loaded with mmseg's "

@@ -2,12 +2,13 @@
 case of the list these were found in: concurrent runs, a failing final evaluation, resuming a
 finished or a changed run, nonsense settings, non-finite losses, 16-bit images, bad
 labels, unreadable files, and the messages a user reads. Ctrl-C is
-tests/test_train.py::test_a_stop_signal_leaves_a_usable_checkpoint[SIGINT]."""
+tests/test_train.py::test_a_stop_signal_to_the_process_group_leaves_a_usable_checkpoint."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -150,7 +151,7 @@ def test_6_skipped_nonfinite_steps_are_counted_not_averaged_as_zero(tmp_path, mo
     pretrain(tiny(tmp_path / "a"))
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
     assert [r.get("skipped_steps") for r in rows[:4]] == [None, 1, 1, None]
-    assert all(r["loss"] != r["loss"] for r in rows[1:3])  # NaN: no step to average, not 0.0
+    assert all(r["loss"] is None for r in rows[1:3])  # no step to average: null, not 0.0
     monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), range(1, 100)))
     with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
         pretrain(tiny(tmp_path / "b", "train.max_nonfinite_steps=2"))
@@ -334,12 +335,246 @@ def test_16_help_names_the_sections_and_the_required_settings(argv, required, ca
     assert "Settings are key=value over the sections" in text and required in text
 
 
-def test_15_transfer_sh_given_a_random_file_says_so(tmp_path):
+def test_15_transfer_given_a_random_file_says_so(tmp_path, monkeypatch, capsys):
     random_file = tmp_path / "random.pt"
     random_file.write_bytes(os.urandom(1000))
-    env = {**os.environ, "IMAGENET": str(tmp_path), "COCO": str(tmp_path), "ADE20K": str(tmp_path)}
-    res = subprocess.run(["bash", str(REPO / "tools" / "transfer.sh"), str(random_file),
-                          str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                         timeout=120)  # fmt: skip
-    assert res.returncode == 2
-    assert "random.pt is not a loadable checkpoint" in res.stderr and "Traceback" not in res.stderr
+    for var in ("IMAGENET", "COCO", "ADE20K"):
+        monkeypatch.setenv(var, str(tmp_path))
+    assert main(["transfer", str(random_file), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "random.pt is not a loadable checkpoint" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- signals, stale
+# results, diverged runs, the last tracebacks: each test is one case, the rule it illustrates in
+# its docstring
+def crossmae_cli(*args: str, **kw) -> subprocess.Popen:
+    """``python -m crossmae ARGS`` in a session of its own (its process group: what a terminal,
+    ``timeout`` or Slurm signal)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "crossmae", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, **kw)  # fmt: skip
+
+
+def wait_for(proc: subprocess.Popen, path: Path, test, timeout: float = 180) -> None:
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.is_file() and test(path.read_text()):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"ended early:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    pytest.fail(f"{path} never showed what was waited for")
+
+
+def test_ctrl_c_during_an_evaluation_with_data_workers_is_one_line(shared_dir, tmp_path):
+    """An evaluation stopped by Ctrl-C to the process group: one line, no traceback."""
+    from conftest import tiny_encoder_export
+
+    tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
+    cifar = shared_dir / "data" / "cifar10"
+    proc = crossmae_cli("cls", "frozen", f"encoder.checkpoint={tmp_path / 'enc.pt'}",
+                        f"data.train={cifar / 'train'}", f"data.val={cifar / 'test'}",
+                        "data.img_size=32", "data.num_workers=2", "data.batch_size=16",
+                        f"output_dir={tmp_path / 'eval'}")  # fmt: skip
+    wait_for(proc, tmp_path / "eval" / "log.txt", lambda t: "features of" in t)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "crossmae cls frozen: interrupted" in out, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+
+
+def test_a_diverged_run_does_not_look_finished(tmp_path, monkeypatch, capsys):
+    """A run whose last steps are non-finite (fewer than max_nonfinite_steps): no final
+    checkpoint over the last good one, no export of its state, results.json says diverged, and
+    the command exits 2 with one line."""
+    from test_train import NanAfter
+
+    import crossmae.pretrain as train_mod
+
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), {7, 8}))
+    assert main(["pretrain", *TINY, "log.vis_every_epochs=0", f"output_dir={tmp_path}"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "the run diverged" in errors[0], errors
+    assert json.loads((tmp_path / "results.json").read_text())["diverged"] is True
+    # skipped steps leave the weights as they were: the epoch-2 checkpoint holds step 6's, but the
+    # export of a state whose last step was non-finite is not refreshed
+    assert load_checkpoint(tmp_path / LAST)["step"] == 8
+    assert torch.load(tmp_path / "encoder.pt", weights_only=True)["step"] == 4
+
+
+def test_a_converter_never_replaces_its_input_or_a_checkpoint_of_another_kind(tmp_path, capsys):
+    pretrain(tiny(tmp_path / "run", "train.epochs=1"))
+    ckpt = tmp_path / "run" / LAST
+    before = ckpt.read_bytes()
+    for conversion in ("to-mmseg", "to-timm", "to-mae", "to-official"):
+        assert main(["convert", conversion, str(ckpt), str(ckpt)]) == 2, conversion
+        assert "is the input file" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    other.write_bytes(before)  # another pretraining checkpoint
+    assert main(["convert", "to-timm", str(tmp_path / "run" / "encoder.pt"), str(other)]) == 2
+    assert "exists and is a 'crossmae-pretrain-v1' checkpoint" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before == other.read_bytes()
+    assert main(["convert", "to-timm", str(ckpt), str(tmp_path / "t.pth")]) == 0  # a new file
+    assert main(["convert", "to-timm", str(ckpt), str(tmp_path / "t.pth")]) == 0  # its own kind
+    assert main(["convert", "to-timm", str(ckpt), str(other), "--force"]) == 0  # when asked
+
+
+def test_repeated_coco_ids_are_refused_naming_the_id(shared_dir, tmp_path):
+    from det.data import AnnotationError, CocoInstances
+
+    coco = shared_dir / "data" / "coco128"
+    data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
+    first = data["annotations"][0]["id"]
+    for ann in data["annotations"][1:13]:
+        ann["id"] = first
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    for train in (True, False):
+        with pytest.raises(AnnotationError, match=f"annotations id {first} appears 13 times"):
+            CocoInstances(tmp_path / "a.json", coco / "train2017", train=train)
+    data["images"][1]["id"] = data["images"][0]["id"]
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match="images id .* appears 2 times"):
+        CocoInstances(tmp_path / "b.json", coco / "train2017", train=False)
+
+
+def test_det_training_without_a_usable_instance_says_why(shared_dir, tmp_path):
+    from det.data import AnnotationError, CocoInstances
+
+    coco = shared_dir / "data" / "coco128"
+    data = json.loads((coco / "annotations" / "instances_train2017.json").read_text())
+    for i, ann in enumerate(data["annotations"]):
+        if i % 2:
+            ann["iscrowd"] = 1
+        else:
+            ann["segmentation"] = [[1.0, 2.0, 3.0, 4.0]]  # 2 points
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    n, crowd = len(data["annotations"]), sum(a["iscrowd"] for a in data["annotations"])
+    why = rf"\({n} annotations, left out: {crowd} crowd, {n - crowd} no polygon"
+    with pytest.raises(AnnotationError, match="no image has an instance to train on " + why):
+        CocoInstances(tmp_path / "a.json", coco / "train2017", train=True)
+
+
+def test_ablate_checks_every_setting_and_split_before_the_first_run(shared_dir, tmp_path, capsys):
+    from test_data import cifar_folder
+
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=2, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=2, classes=3)  # a class more
+    base = ["ablate", "--train", str(train), "--out", str(tmp_path / "out"), "--seeds", "1"]
+    assert main([*base, "--val", str(val), "--variants", "mae", *TINY]) == 2
+    assert "train and val classes differ" in capsys.readouterr().err
+    assert main([*base, "--val", str(train), "--variants", "mae", "frozen.probe.epoch=3"]) == 2
+    assert "probe.epoch" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "mae").exists()  # no run started
+    # settings written after --variants are settings
+    assert main([*base, "--val", str(train), "--variants", "mae", "crossmae_g0.25",
+                 "train.epochs=0"]) == 2  # fmt: skip
+    assert "train.epochs=0: must be greater than 0" in capsys.readouterr().err
+
+
+def test_a_warmup_as_long_as_the_run_is_named(tmp_path):
+    pretrain(tiny(tmp_path, "optim.warmup_epochs=3"))  # 2 epochs
+    assert "the lr never reaches its peak" in (tmp_path / "log.txt").read_text()
+
+
+def test_degenerate_class_sets(shared_dir, tmp_path):
+    """Fewer than 2 classes is an error; top-5 of 5 classes or fewer is null, as cls frozen."""
+    from test_data import cifar_folder
+
+    from cls.data import class_folders
+    from cls.finetune import evaluate_classifier
+    from crossmae.models import VisionTransformer
+
+    one = cifar_folder(shared_dir, tmp_path / "one", per_class=2, classes=1)
+    with pytest.raises(ValueError, match="1 class folder"):
+        class_folders(one, one)
+    two = cifar_folder(shared_dir, tmp_path / "two", per_class=2, classes=2)
+    src, _ = class_folders(two, two)
+    model = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                              num_classes=2)  # fmt: skip
+    acc = evaluate_classifier(model, src, 32, torch.device("cpu"), workers=0)
+    assert acc["top5"] is None and 0 <= acc["top1"] <= 100
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["convert", "from-official", "{ckpt}", "{out}", "--arch", "mae_vit_tiny_patch8", "bogus=3"],
+      "has no setting bogus"),
+     (["psnr", "{ckpt}", "--data", "{data}", "--images", "-5"], "--images: must be at least 1"),
+     (["benchmark", "step", "--tiny", "--batch", "0"], "--batch: must be at least 1"),
+     (["pretrain", *TINY, "train.device=cuda"], "train.device=cuda: this machine has no CUDA"),
+     (["cls", "linprobe", "train.device=cuda", "encoder.checkpoint={ckpt}", "data.train={data}",
+       "data.val={data}", "output_dir={out}"], "train.device=cuda: this machine has no CUDA"),
+     (["seg", "train", "model.out_indices=[3,5,7,11]", "encoder.checkpoint={enc}",
+       "data.root={camvid}", "data.dataset=camvid", "data.train_split=val",
+       "data.val_split=val", "data.crop=64", "output_dir={out}", "train.device=cpu"],
+      "model.out_indices=[3, 5, 7, 11] needs an encoder of at least 12 blocks;"),
+     (["seg", "train", "data.crop=4096", "data.scale=[240,180]", "encoder.checkpoint={enc}",
+       "data.root={camvid}", "data.dataset=camvid", "data.train_split=val",
+       "data.val_split=val", "output_dir={out}"], "data.crop=4096 is larger than any image")],
+    ids=["convert-setting", "psnr-images", "benchmark-batch", "pretrain-cuda", "cls-cuda",
+         "seg-out-indices", "seg-crop"],
+)  # fmt: skip
+def test_expected_problems_are_one_line_errors_before_anything_runs(
+    shared_dir, inputs, tmp_path, capsys, argv, message
+):
+    import torch.cuda
+
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    values = {**inputs, "out": tmp_path / "out", "camvid": shared_dir / "data" / "camvid"}
+    argv = [a.format(**values) for a in argv]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) if argv[0] in ("psnr", "benchmark") else _no_exit() as ex:
+        code = main(argv)
+    code = ex.value.code if isinstance(ex, pytest.ExceptionInfo) else code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_dir, tmp_path_factory) -> dict:
+    """A pretraining checkpoint, an encoder export and a 2-class image folder."""
+    from conftest import tiny_encoder_export
+    from test_data import cifar_folder
+
+    d = tmp_path_factory.mktemp("inputs")
+    pretrain(load_config(PretrainConfig, [], [*TINY, "train.epochs=1", f"output_dir={d / 'run'}"]))
+    tiny_encoder_export(d / "enc.pt", embed_dim=32, depth=2, num_heads=2)
+    data = cifar_folder(shared_dir, d / "data", per_class=2, classes=2)
+    return {"ckpt": d / "run" / LAST, "enc": d / "enc.pt", "data": data}
+
+
+class _no_exit:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_submit_refuses_zero_nodes(monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["submit.py", "--nodes", "0", "output_dir=x"])
+    with pytest.raises(SystemExit) as ex:
+        runpy.run_path(str(REPO / "tools" / "submit.py"), run_name="__main__")
+    assert ex.value.code == 2 and "--nodes: must be at least 1" in capsys.readouterr().err
+
+
+def test_nonfinite_steps_are_numbered_as_in_the_records(tmp_path, monkeypatch):
+    from test_train import NanAfter
+
+    import crossmae.pretrain as train_mod
+
+    build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), {2}))
+    pretrain(tiny(tmp_path))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows if r.get("skipped_steps")] == [2]
+    assert "step 2: non-finite loss, step skipped" in (tmp_path / "log.txt").read_text()

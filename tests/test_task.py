@@ -61,37 +61,44 @@ def installed(tmp_path: Path) -> dict:
     """The environment of a process in which tests/pixel_task.py is an installed plugin: a
     distribution's metadata declaring its ``crossmae.plugins`` entry point."""
     dist = tmp_path / "crossmae_pixel-0.1.dist-info"
-    dist.mkdir()
+    dist.mkdir(parents=True, exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: crossmae-pixel\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[crossmae.plugins]\npixel = pixel_task\n")
     path = os.pathsep.join([str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")])
     return {**os.environ, "PYTHONPATH": path}
 
 
+CHECKS = """
+import json, sys
+from crossmae.cli import main
+from crossmae.commands.benchmark import benchmarked_tasks
+from crossmae.task import transfer_stages
+print(json.dumps({"stages": [t.transfer.name for t in transfer_stages()],
+                  "benchmarked": benchmarked_tasks()}))
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def crossmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crossmae", *args], capture_output=True,
+    """``crossmae ARGS`` in a new process, which first prints the stage list and the benchmarked
+    tasks as its registries hold them."""
+    return subprocess.run([sys.executable, "-c", CHECKS, *args], capture_output=True,
                           text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
 
 
 def test_an_installed_task_is_found_by_the_cli_the_benchmark_and_the_transfer_stages(tmp_path):
     before = crossmae("transfer", "--list")
-    assert before.returncode == 0 and "pixel" not in before.stdout
-    names = [line.split()[0] for line in before.stdout.splitlines()]
-    assert names == ["linprobe", "finetune", "det", "seg"]
-    env = installed(tmp_path)
-    stages = crossmae("transfer", "--list", env=env)
-    assert stages.returncode == 0, stages.stderr
-    assert stages.stdout.splitlines()[-1].split()[:3] == ["pixel", "crossmae", "pixel"]
-    help_ = crossmae("pixel", "train", "--help", env=env)
-    assert help_.returncode == 0 and "encoder.checkpoint, output_dir" in " ".join(
-        help_.stdout.split()
-    )
+    assert before.returncode == 0, before.stderr
+    assert json.loads(before.stdout.splitlines()[0])["stages"] == ["linprobe", "finetune", "det",
+                                                                    "seg"]  # fmt: skip
     bench = crossmae("benchmark", "tasks", "--tiny", "--tasks", "pixel", "--steps", "1",
-                     "--warmup", "0", "--device", "cpu", env=env)  # fmt: skip
+                     "--warmup", "0", "--device", "cpu", env=installed(tmp_path))  # fmt: skip
     assert bench.returncode == 0, bench.stderr
+    found = json.loads(bench.stdout.splitlines()[0])
+    assert found["stages"][-1] == "pixel" and "pixel" in found["benchmarked"]
     rec = json.loads(bench.stdout.strip().splitlines()[-1])
     assert rec["task"] == "pixel" and rec["img_per_s"] > 0 and rec["gflop_per_img"] > 0
-    listed = subprocess.run([sys.executable, "-c", "from crossmae.commands.benchmark import "
-                             "benchmarked_tasks; print(benchmarked_tasks())"],
-                            capture_output=True, text=True, env=env, cwd=REPO)  # fmt: skip
-    assert "'pixel'" in listed.stdout and "'det'" in listed.stdout
+    help_ = crossmae("pixel", "train", "--help", env=installed(tmp_path))
+    assert help_.returncode == 0 and "Required: encoder.checkpoint, output_dir" in " ".join(
+        help_.stdout.split()
+    )

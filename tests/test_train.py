@@ -243,13 +243,15 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_stop_signal_leaves_a_usable_checkpoint(tmp_path, sig):
-    """SIGTERM (Slurm, submitit) and Ctrl-C alike: the step finishes, a checkpoint is written,
-    the run exits 1 without a traceback, and --resume auto completes it."""
+def test_a_stop_signal_to_the_process_group_leaves_a_usable_checkpoint(tmp_path, sig):
+    """SIGTERM (timeout, Slurm, submitit) and Ctrl-C alike, sent to the whole process group as
+    they are, data workers included: the workers leave it to the main process, which finishes
+    its step, writes the checkpoint and encoder.pt, and exits 1 without a traceback; --resume
+    auto completes the run."""
     run = tmp_path / "run"
-    proc = cli(*LONG, f"output_dir={run}")
+    proc = cli(*LONG, "data.num_workers=2", f"output_dir={run}", start_new_session=True)
     wait_for_step(run, proc, 3)
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert f"signal {sig.name}: checkpoint written" in out and "--resume auto" in out
@@ -257,7 +259,8 @@ def test_a_stop_signal_leaves_a_usable_checkpoint(tmp_path, sig):
     ckpt = load_checkpoint(run / LAST)
     assert 3 <= ckpt["step"] < 40 and json.loads((run / "results.json").read_text())["interrupted"]
     model_from_checkpoint(ckpt)
-    res = cli(*LONG, f"output_dir={run}", "--resume", "auto")
+    assert torch.load(run / "encoder.pt", weights_only=True)["step"] == ckpt["step"]
+    res = cli(*LONG, "data.num_workers=2", f"output_dir={run}", "--resume", "auto")
     assert res.wait(timeout=300) == 0
     assert [s for s, _ in losses(run)] == list(range(1, 41))
 

@@ -1,15 +1,19 @@
-"""tools/transfer.sh: every stage on the shared data (--smoke), skipping finished stages,
-resuming an unfinished one, the Slurm launcher path, and its errors."""
+"""tools/transfer.sh (``crossmae transfer``): every stage on the shared data (--smoke), skipping
+finished stages, resuming an unfinished one, refusing a folder of another checkpoint's results,
+the Slurm launcher path, and its errors."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+
+from crossmae.cli import main
 
 SCRIPT = str(REPO / "tools" / "transfer.sh")
 
@@ -17,13 +21,13 @@ SCRIPT = str(REPO / "tools" / "transfer.sh")
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 2-step pretraining run of the default (laptop) CrossMAE on the built-in photos."""
+    from crossmae.config import PretrainConfig, load_config
+    from crossmae.pretrain import pretrain
+
     out = tmp_path_factory.mktemp("pretrain")
-    subprocess.run(
-        [sys.executable, "-m", "crossmae", "pretrain", f"output_dir={out}", "train.max_steps=2",
-         "train.batch_size=8", "log.vis_every_epochs=0", "log.tensorboard=false",
-         "log.progress=false"],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    pretrain(load_config(PretrainConfig, [], [
+        f"output_dir={out}", "train.max_steps=2", "train.batch_size=8", "log.vis_every_epochs=0",
+        "log.tensorboard=false", "log.progress=false", "data.num_workers=0"]))  # fmt: skip
     return out / "checkpoint-last.pt"
 
 
@@ -34,10 +38,16 @@ def transfer(*args, env=None, timeout=600):
     )
 
 
-def test_smoke_fills_every_stage_skips_done_ones_and_resumes(shared_dir, pretrained, tmp_path):
-    out = tmp_path / "transfer"
-    env = {"CROSSMAE_SHARED": str(shared_dir)}
-    res = transfer("--smoke", str(pretrained), str(out), env=env)
+@pytest.fixture(scope="module")
+def smoke(shared_dir, pretrained, tmp_path_factory):
+    """Every stage of ``transfer.sh --smoke`` on the pretraining checkpoint: (OUT, the run)."""
+    out = tmp_path_factory.mktemp("smoke") / "transfer"
+    res = transfer("--smoke", str(pretrained), str(out), env={"CROSSMAE_SHARED": str(shared_dir)})
+    return out, res
+
+
+def test_smoke_fills_every_stage_skips_done_ones_and_resumes(shared_dir, pretrained, smoke):
+    out, res = smoke
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     table = json.loads((out / "results.json").read_text())
     assert table["checkpoint"] == str(pretrained)
@@ -56,12 +66,32 @@ def test_smoke_fills_every_stage_skips_done_ones_and_resumes(shared_dir, pretrai
     # a second call skips the finished stages; a stage without its final result (a run
     # stopped after its last checkpoint) resumes from that checkpoint
     (out / "seg" / "results.json").unlink()
-    res = transfer("--smoke", str(pretrained), str(out), env=env)
+    res = transfer("--smoke", str(pretrained), str(out), env={"CROSSMAE_SHARED": str(shared_dir)})
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for stage in ("linprobe", "finetune", "det"):
         assert f"== {stage}: done already" in res.stdout
     assert "resumed from" in (out / "seg" / "log.txt").read_text()
     assert json.loads((out / "results.json").read_text())["stages"]["seg"]["status"] == "done"
+
+
+def test_a_folder_of_another_checkpoints_results_is_refused(
+    shared_dir, pretrained, smoke, tmp_path, monkeypatch, capsys
+):
+    """Run again into the same OUT with another checkpoint (or the same path rewritten): the
+    stage's recorded checkpoint differs, so its results are not reused under the new name."""
+    out, _ = smoke
+    monkeypatch.setenv("CROSSMAE_SHARED", str(shared_dir))
+    other = tmp_path / "other.pt"
+    shutil.copy(pretrained, other)
+    capsys.readouterr()
+    assert main(["transfer", "--smoke", "--stages", "linprobe", str(other), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds a run of {pretrained}" in err and str(other) in err
+    assert json.loads((out / "results.json").read_text())["checkpoint"] == str(pretrained)
+    # other settings for the same checkpoint are refused the same way
+    monkeypatch.setenv("LINPROBE_ARGS", "optim.blr=0.5")
+    assert main(["transfer", "--smoke", "--stages", "linprobe", str(pretrained), str(out)]) == 2
+    assert "optim.blr=0.5" in capsys.readouterr().err
 
 
 def test_slurm_launcher_runs_a_stage_through_submitit(shared_dir, pretrained, tmp_path):
@@ -78,14 +108,26 @@ def test_slurm_launcher_runs_a_stage_through_submitit(shared_dir, pretrained, tm
     assert list(table["stages"]) == ["linprobe"] and "linear_probe_top1" in table
 
 
-def test_errors_name_the_problem(pretrained, tmp_path):
-    res = transfer(str(tmp_path / "missing.pt"))
+def test_errors_name_the_problem(pretrained, tmp_path, monkeypatch, capsys):
+    res = transfer(str(tmp_path / "missing.pt"))  # through the script
     assert res.returncode == 2 and "missing.pt does not exist" in res.stderr
-    env = {k: "" for k in ("IMAGENET", "COCO", "ADE20K")}
-    res = transfer(str(pretrained), str(tmp_path / "out"), env=env)
-    assert res.returncode == 2 and "IMAGENET" in res.stderr and "ADE20K" in res.stderr
-    env = {"ARCH": "base", "IMAGENET": str(tmp_path / "imagenet")}
-    res = transfer("--stages", "finetune", str(pretrained), str(tmp_path / "out"), env=env)
-    assert res.returncode == 2 and "imagenet/train does not exist" in res.stderr
-    res = transfer("--stages", "det segm", str(pretrained))
-    assert res.returncode == 2 and "unknown stage 'segm'" in res.stderr
+
+    def error(*argv: str, **env: str) -> str:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        capsys.readouterr()
+        assert main(["transfer", *argv]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    err = error(str(pretrained), str(tmp_path / "out"), IMAGENET="", COCO="", ADE20K="")
+    assert "IMAGENET" in err and "ADE20K" in err
+    err = error("--stages", "finetune", str(pretrained), str(tmp_path / "out"), ARCH="base",
+                IMAGENET=str(tmp_path / "imagenet"))  # fmt: skip
+    assert "imagenet/train does not exist" in err
+    assert "unknown stage 'segm'" in error("--stages", "det segm", str(pretrained))
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    (tmp_path / "imagenet" / "val").mkdir()
+    err = error("--stages", "linprobe", str(pretrained), str(tmp_path / "out"), NPROC="abc")
+    assert "NPROC must be a number of processes, not 'abc'" in err

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import submitit
 
+from crossmae.config import int_at_least
+
 
 def training_commands() -> list[str]:
     """The registered tasks' training commands (``crossmae.task``)."""
@@ -59,14 +61,19 @@ def main() -> int:
         help="a training command",
     )
     parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--tasks-per-node", type=int, default=None, help="default: one per GPU")
-    parser.add_argument("--cpus-per-task", type=int, default=10)
-    parser.add_argument("--partition", default=None)
-    parser.add_argument("--timeout-min", type=int, default=72 * 60)
+    parser.add_argument("--nodes", type=int_at_least(1), default=1)
+    parser.add_argument("--gpus-per-node", type=int_at_least(0), default=8)
     parser.add_argument(
-        "--signal-delay-s", type=int, default=120, help="USR2 this early before the limit"
+        "--tasks-per-node", type=int_at_least(1), default=None, help="default: one per GPU"
+    )
+    parser.add_argument("--cpus-per-task", type=int_at_least(1), default=10)
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--timeout-min", type=int_at_least(1), default=72 * 60)
+    parser.add_argument(
+        "--signal-delay-s",
+        type=int_at_least(0),
+        default=120,
+        help="USR2 this early before the limit",
     )
     parser.add_argument("--job-name", default="crossmae")
     parser.add_argument("--wait", action="store_true", help="block until the job ends")

@@ -23,6 +23,7 @@ import logging
 import statistics
 from pathlib import Path
 
+from ..config import int_at_least
 from ..models import MAE
 from ..task import register_command
 
@@ -70,41 +71,48 @@ def settings_of(variant: str, arch: str) -> list[str]:
     return out
 
 
-def run_one(args, variant: str, seed: int, pretrain_settings: list[str],
-            frozen_settings: list[str]) -> dict:  # fmt: skip
+def run_configs(args, variant: str, seed: int, shared: list[str], frozen: list[str]) -> tuple:
+    """The pretraining config of one variant and seed, and its evaluation's (``cls frozen``'s),
+    both complete: a wrong setting fails here, before any run starts."""
+    from ..config import load_config
+    from ..task import get_task
+
+    run = Path(args.out) / variant / f"seed{seed}"
+    pretrain = load_config(get_task("pretrain").schema, [], [
+        f"data.path={args.train}", f"output_dir={run}", f"train.seed={seed}",
+        "log.progress=false", "log.tensorboard=false", *shared,
+        *settings_of(variant, args.arch)], complete=True)  # fmt: skip
+    evaluation = load_config(get_task("frozen").schema, [], [
+        f"encoder.checkpoint={run / 'encoder.pt'}", f"data.train={args.train}",
+        f"data.val={args.val}", f"data.img_size={pretrain.model.img_size}", "model.pool=avg",
+        f"data.num_workers={pretrain.data.num_workers}", *FROZEN_DEFAULTS, *frozen],
+        complete=True)  # fmt: skip
+    return pretrain, evaluation
+
+
+def run_one(args, variant: str, seed: int, cfg, evaluation) -> dict:
     """Pretrain (or continue) one variant with one seed, then evaluate it; cached in
     ``ablate.json`` beside the run."""
     import torch
 
     from ..analysis import flop_counts
     from ..checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
-    from ..config import load_config
     from ..models.pretrained import model_from_checkpoint
     from ..reconstruction import folder_reconstruction_metrics
     from ..runner import run_task
     from ..task import get_task
 
-    run = Path(args.out) / variant / f"seed{seed}"
+    run = Path(cfg.output_dir)
     done = run / "ablate.json"
     if done.is_file():
         return json.loads(done.read_text())
-    pretrain, frozen = get_task("pretrain"), get_task("frozen")
-    cfg = load_config(pretrain.schema, [], [
-        f"data.path={args.train}", f"output_dir={run}", f"train.seed={seed}",
-        "log.progress=false", "log.tensorboard=false", *pretrain_settings,
-        *settings_of(variant, args.arch)], complete=True)  # fmt: skip
     log.info("ablate: %s seed %d -> %s", variant, seed, run)
-    summary = run_task(pretrain(cfg), cfg, "auto")
+    summary = run_task(get_task("pretrain")(cfg), cfg, "auto")
     if summary["interrupted"]:
         raise SystemExit(1)
     model = model_from_checkpoint(load_checkpoint(run / "checkpoint-last.pt",
                                                   expect=PRETRAIN_FORMAT)).eval()  # fmt: skip
-    evaluation = load_config(frozen.schema, [], [
-        f"encoder.checkpoint={run / 'encoder.pt'}", f"data.train={args.train}",
-        f"data.val={args.val}", f"data.img_size={cfg.model.img_size}", "model.pool=avg",
-        f"data.num_workers={cfg.data.num_workers}", *FROZEN_DEFAULTS, *frozen_settings],
-        complete=True)  # fmt: skip
-    acc = run_task(frozen(evaluation), evaluation)["metrics"]
+    acc = run_task(get_task("frozen")(evaluation), evaluation)["metrics"]
     rec = folder_reconstruction_metrics(model, args.val, images=args.psnr_images, seed=0)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
@@ -196,7 +204,11 @@ def plot(table: dict[str, dict], path: Path) -> None:
 def cmd_ablate(args) -> int:
     from ..checkpoint import write_text_atomic
     from ..config import ConfigError
+    from ..task import get_task
 
+    # settings written after --variants are settings, not variants
+    args.overrides += [v for v in args.variants if "=" in v]
+    args.variants = [v for v in args.variants if "=" not in v]
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
@@ -205,8 +217,11 @@ def cmd_ablate(args) -> int:
     frozen = [o.removeprefix("frozen.") for o in args.overrides if o.startswith("frozen.")]
     shared = [o for o in args.overrides if not o.startswith("frozen.")]
     out = Path(args.out)
-    results = [run_one(args, v, s, shared, frozen)
-               for v in args.variants for s in range(args.seeds)]  # fmt: skip
+    # every run's settings and the splits, checked before the first run starts
+    runs = [(v, s, *run_configs(args, v, s, shared, frozen))
+            for v in args.variants for s in range(args.seeds)]  # fmt: skip
+    get_task("frozen")(runs[0][3]).open_data()  # train / val: class folders, the same classes
+    results = [run_one(args, *run) for run in runs]
     table = aggregate(results)
     claims = comparisons(table)
     header = (f"Ablation on {args.train} (evaluated on {args.val}), {args.seeds} seed(s), "
@@ -227,9 +242,13 @@ def _ablate_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the runs and the table")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all)")  # fmt: skip
-    p.add_argument("--seeds", type=int, default=2, help="runs per variant (seeds 0, 1, ...)")
+    p.add_argument(
+        "--seeds", type=int_at_least(1), default=2, help="runs per variant (seeds 0, 1, ...)"
+    )
     p.add_argument("--arch", default="tiny_patch8", help="model size: {kind}_vit_ARCH")
-    p.add_argument("--psnr-images", type=int, default=500, help="val images for the PSNR")
+    p.add_argument(
+        "--psnr-images", type=int_at_least(1), default=500, help="val images for the PSNR"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="pretraining settings; frozen.KEY=VALUE for the evaluation")  # fmt: skip
     p.set_defaults(func=cmd_ablate)

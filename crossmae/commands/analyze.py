@@ -30,7 +30,7 @@ import torch
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
 from crossmae.checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
-from crossmae.config import parse_settings
+from crossmae.config import int_at_least, parse_settings
 from crossmae.data import BuiltinPhotos, EvalTransform, ImageFiles, denormalize
 from crossmae.models import MAE, CrossMAE, create_model, model_class
 from crossmae.models.masking import normalize_patches, patchify, unpatchify
@@ -266,7 +266,7 @@ def _analysis(name: str, func) -> None:
             p.add_argument("--mae", required=name == "attention", help="MAE checkpoint")
         if name != "iba":
             p.add_argument("--images", default=None, help="image folder (default: bundled photos)")
-            p.add_argument("-n", type=int, default=6, help="images")
+            p.add_argument("-n", type=int_at_least(1), default=6, help="images")
             p.add_argument("--seed", type=int, default=0, help="fixes the masks")
 
     register_command(("analyze", name), help=(func.__doc__ or "").split("\n")[0])(configure)

@@ -46,6 +46,7 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from crossmae import create_model
+from crossmae.config import int_at_least
 from crossmae.engine import Engine, StepOptions
 from crossmae.models import CrossMAE, model_class
 from crossmae.models.layers import (
@@ -657,7 +658,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--models", nargs="+", default=["crossmae_vit_base_patch16", "mae_vit_base_patch16"]
     )
     p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
-    p.add_argument("--decoder-depth", type=int, default=None)
+    p.add_argument("--decoder-depth", type=int_at_least(1), default=None)
     p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto", help="attention backend")
     p.add_argument(
         "--inductor",
@@ -673,7 +674,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=[1.0],
         help="activation memory budgets of the compiled step, one row each (1.0 = torch's default)",
     )
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int_at_least(1), default=256)
     p.add_argument(
         "--input",
         choices=["uint8", "float"],
@@ -707,8 +708,8 @@ def _step_command(p: argparse.ArgumentParser) -> None:
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
         help="torch.compile mode (reduce-overhead = CUDA graphs)",
     )
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int_at_least(1), default=20)
+    p.add_argument("--warmup", type=int_at_least(0), default=5)
     p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU only)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--profile", default=None, help="append a kernel-time table of 5 steps here")
@@ -719,7 +720,7 @@ def _step_command(p: argparse.ArgumentParser) -> None:
                   help="what the compiled step keeps for backward (no step is run)")  # fmt: skip
 def _saved_command(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
-    p.add_argument("--top", type=int, default=15, help="largest groups listed per row")
+    p.add_argument("--top", type=int_at_least(1), default=15, help="largest groups listed per row")
     p.set_defaults(func=cmd_saved)
 
 
@@ -728,9 +729,11 @@ def _saved_command(p: argparse.ArgumentParser) -> None:
 def _tasks_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                    help="registered tasks with a benchmark case (default: all)")  # fmt: skip
-    p.add_argument("--batch", type=int, default=None, help="default: each recipe's per GPU")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument(
+        "--batch", type=int_at_least(1), default=None, help="default: each recipe's per GPU"
+    )
+    p.add_argument("--steps", type=int_at_least(1), default=10)
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--eval-bf16", action="store_true", help="evaluate under bf16 autocast")
     p.add_argument("--tiny", action="store_true", help="tiny widths and sizes (CPU / CI)")
@@ -742,9 +745,9 @@ def _tasks_command(p: argparse.ArgumentParser) -> None:
 
 @register_command(("benchmark", "attention"), help="SDPA backends at the model's attention shapes")
 def _attention_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch", type=int_at_least(1), default=256)
+    p.add_argument("--iters", type=int_at_least(1), default=20)
+    p.add_argument("--warmup", type=int_at_least(0), default=3)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_attention)
 
@@ -752,8 +755,8 @@ def _attention_command(p: argparse.ArgumentParser) -> None:
 @register_command(("benchmark", "data"), help="image pipeline throughput")
 def _data_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", required=True, type=str)
-    p.add_argument("--images", type=int, default=300)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--images", type=int_at_least(1), default=300)
+    p.add_argument("--img-size", type=int_at_least(16), default=224)
+    p.add_argument("--batch", type=int_at_least(1), default=64)
     p.add_argument("--no-gpu", action="store_true")
     p.set_defaults(func=cmd_data)

@@ -30,6 +30,7 @@ import torch
 
 from crossmae.checkpoint import (
     PRETRAIN_FORMAT,
+    check_output,
     load_checkpoint,
     load_state_dict_strict,
     read_torch_file,
@@ -68,6 +69,7 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
 
 
 def cmd_from_official(args) -> int:
+    check_output(args.src, args.dest, writes=PRETRAIN_FORMAT, force=args.force)
     out = from_official_file(args.src, args.arch, parse_settings(args.overrides))
     save_atomic(out, args.dest)
     print(f"wrote {args.dest}: {args.arch}, {len(out['model'])} tensors (our layout)")
@@ -75,6 +77,7 @@ def cmd_from_official(args) -> int:
 
 
 def cmd_to_official(args) -> int:
+    check_output(args.src, args.dest, force=args.force)
     ckpt = load_checkpoint(args.src, expect=PRETRAIN_FORMAT)  # the whole model
     kind = model_class(ckpt["model_name"]).kind
     save_atomic({"model": to_official(ckpt["model"], kind=kind)}, args.dest)
@@ -94,6 +97,7 @@ def timm_kwargs(config: dict) -> dict:
 
 
 def cmd_to_timm(args) -> int:
+    check_output(args.src, args.dest, force=args.force)
     sd, config = load_pretrained_encoder(args.src, official_arch=args.official_arch)
     kwargs = timm_kwargs(config)
     try:  # the timm model of these widths; every width is passed explicitly anyway
@@ -113,6 +117,7 @@ register_group(
     ("convert",), "checkpoint converters (official, MAE, timm, mmseg, detectron2)", __doc__
 )
 CONVERTER_ERRORS = (RuntimeError,)  # + torch's load_state_dict
+FORCE_HELP = "replace DEST even if it is a checkpoint of another kind"
 
 
 @register_command(("convert", "from-official"), help="official whole-model checkpoint -> ours")
@@ -122,6 +127,7 @@ def _from_official(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", required=True, help="registered model, e.g. mae_vit_base_patch16")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="constructor settings of --arch, e.g. decoder_depth=12")  # fmt: skip
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_from_official, errors=CONVERTER_ERRORS)
 
 
@@ -135,6 +141,7 @@ def converter(name: str, help: str):
             p.add_argument("src")
             p.add_argument("dest")
             p.add_argument("--official-arch", default=None, help="for an official release input")
+            p.add_argument("--force", action="store_true", help=FORCE_HELP)
             p.set_defaults(func=func, errors=CONVERTER_ERRORS)
 
         register_command(("convert", name), help=help)(configure)
@@ -147,6 +154,7 @@ def converter(name: str, help: str):
 def _to_official(p: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("dest")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_to_official, errors=CONVERTER_ERRORS)
 
 

@@ -33,19 +33,22 @@ OUT/<stage>.log. Exit status 1 if any stage did not finish, 2 on a setting to ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..checkpoint import read_torch_file, write_text_atomic
+from ..checkpoint import read_torch_file, strict_json, write_text_atomic
 from ..config import ConfigError
+from ..data.loader import STOP_SIGNALS
 from ..models.sizes import get_size, size_of_state_dict
 from ..task import Task, register_command, transfer_stages
 
@@ -56,11 +59,15 @@ SMOKE_SETTINGS = ["data.num_workers=0", "train.device=cpu", "train.precision=fp3
 
 @dataclass
 class Plan:
-    """How one stage runs: its task, config file and settings."""
+    """How one stage runs: its task, config file and settings (``extra``: its ``<STAGE>_ARGS``)."""
 
     task: type[Task]
     config: Path
     settings: list[str]
+    extra: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.extra = shlex.split(os.environ.get(f"{self.task.transfer.name.upper()}_ARGS", ""))
 
 
 @register_command(("transfer",), help="transfer evaluation of a checkpoint: every stage, one "
@@ -98,6 +105,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         plans = smoke_plans([stages[s] for s in chosen], out)
     else:
         plans = full_plans([stages[s] for s in chosen], ckpt)
+    for name, plan in plans.items():  # a folder of another checkpoint's run is not reused
+        launch_command(plan, args.smoke)  # the launch settings, checked before any stage runs
+        claim_stage(out / name, stage_record(ckpt, plan))
     failed = []
     for name, plan in plans.items():
         if stage_result(out / name) is not None:
@@ -106,10 +116,18 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         log_file = out / f"{name}.log"
         print(f"== {name}: {' '.join(plan.task.command)} --config {plan.config} (log: "
               f"{log_file})", flush=True)  # fmt: skip
-        if run_stage(plan, ckpt, out / name, log_file, smoke=args.smoke) != 0:
+        code = run_stage(plan, ckpt, out / name, log_file, smoke=args.smoke)
+        if STOPPED:
+            print(f"== {name}: stopped (see {log_file})", flush=True)
+            break
+        if code != 0:
             print(f"== {name}: FAILED (see {log_file})", flush=True)
             failed.append(name)
     status = write_table(out, ckpt, plans)
+    if STOPPED:
+        print(f"crossmae transfer: stopped by {signal.Signals(STOPPED[0]).name} during {name}; "
+              "the same command continues where it stopped", file=sys.stderr)  # fmt: skip
+        return 1
     if failed:
         print(f"crossmae transfer: failed stage(s): {' '.join(failed)}", file=sys.stderr)
         return 1
@@ -203,23 +221,85 @@ def gpu_count() -> str:
     return str(max(1, sum(line.startswith("GPU") for line in res.stdout.splitlines())))
 
 
+def stage_record(ckpt: Path, plan: Plan) -> dict:
+    """What a stage's results belong to: the checkpoint (path, size, time) and the settings."""
+    st = ckpt.stat()
+    return {"checkpoint": str(ckpt), "checkpoint_bytes": st.st_size,
+            "checkpoint_mtime": st.st_mtime, "config": str(plan.config),
+            "settings": [*plan.settings, *plan.extra]}  # fmt: skip
+
+
+def claim_stage(stage_dir: Path, record: dict) -> None:
+    """Keep ``record`` in ``stage_dir/transfer.json``; a folder that holds a run of another
+    checkpoint (or of the same path rewritten since) or of other settings is refused, naming
+    both: its results are not this checkpoint's."""
+    path = stage_dir / "transfer.json"
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if old is None and (stage_dir / "config.yaml").is_file():  # a run without a record
+        from omegaconf import OmegaConf
+
+        ran = OmegaConf.select(OmegaConf.load(stage_dir / "config.yaml"), "encoder.checkpoint")
+        old = {**record, "checkpoint": ran} if ran != record["checkpoint"] else record
+    if old is not None and old != record:
+        changes = "; ".join(f"{k}: {old.get(k)} -> {v}" for k, v in record.items()
+                            if old.get(k) != v)  # fmt: skip
+        raise ConfigError(f"{stage_dir} holds a run of {old.get('checkpoint')}, not of this "
+                          f"checkpoint with these settings ({changes}): choose another output "
+                          f"folder, or delete {stage_dir} to run the stage again")  # fmt: skip
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(record, indent=1) + "\n")
+
+
 def run_stage(plan: Plan, ckpt: Path, out: Path, log_file: Path, *, smoke: bool) -> int:
     """One stage, its output shown and kept in ``log_file``; returns its exit status."""
-    extra = shlex.split(os.environ.get(f"{plan.task.transfer.name.upper()}_ARGS", ""))
     before, after = launch_command(plan, smoke)
     cmd = [*before, "--config", str(plan.config), *plan.settings, f"encoder.checkpoint={ckpt}",
-           f"output_dir={out}", *extra, *after]  # fmt: skip
+           f"output_dir={out}", *plan.extra, *after]  # fmt: skip
     with (
         open(log_file, "a") as log,
         subprocess.Popen(
-            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as proc,
+            cmd,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        ) as proc,  # fmt: skip
+        Forwarded(proc) as stop,
     ):
-        for line in proc.stdout:
+        for line in proc.stdout:  # until the stage ends, a stopped one included
             sys.stdout.write(line)
             log.write(line)
         sys.stdout.flush()
+    STOPPED.extend([stop.signum] if stop.signum else [])
     return proc.returncode
+
+
+STOPPED: list[int] = []  # stop signals received while a stage ran
+
+
+class Forwarded:
+    """While a stage runs (in its own session, so that a terminal's Ctrl-C or ``timeout``
+    reaches it once, through here): a stop signal is passed on to the stage's processes, which
+    checkpoint and exit, and this command waits for them instead of dying first."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.signum, self.previous = proc, None, {}
+
+    def __enter__(self) -> Forwarded:
+        for s in STOP_SIGNALS:
+            self.previous[s] = signal.signal(s, self.forward)
+        return self
+
+    def forward(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def stage_result(stage_dir: Path) -> dict | None:
@@ -228,7 +308,7 @@ def stage_result(stage_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    return None if result.get("interrupted") else result
+    return None if result.get("interrupted") or result.get("diverged") else result
 
 
 def fmt(x: float | None) -> str:
@@ -248,7 +328,7 @@ def write_table(out: Path, ckpt: Path, plans: dict[str, Plan]) -> int:
     written = datetime.now(UTC).isoformat(timespec="seconds")
     numbers = {k: v for r in rows.values() for k, v in r["metrics"].items()}
     summary = {"checkpoint": str(ckpt), "written": written, "stages": rows, **numbers}
-    write_text_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
+    write_text_atomic(out / "results.json", strict_json(summary, indent=1) + "\n")
     lines = [f"# Transfer results of `{summary['checkpoint']}`", "",
              "| stage | metric | value | config | status |", "|---|---|---|---|---|"]  # fmt: skip
     for name, row in rows.items():

@@ -4,9 +4,11 @@ from .datasets import BuiltinPhotos, ImageFiles, Labelled, load_rgb
 from .loader import (
     CudaPrefetcher,
     Indexed,
+    Loader,
     PretrainSamples,
     ResumableSampler,
     collate,
+    ignore_stop_signals,
     make_loader,
     sample_seed,
 )
@@ -24,6 +26,7 @@ __all__ = [
     "EvalTransform",
     "ImageFiles",
     "Indexed",
+    "Loader",
     "Labelled",
     "PretrainSamples",
     "PretrainTransform",
@@ -31,6 +34,7 @@ __all__ = [
     "classify_eval_transform",
     "collate",
     "denormalize",
+    "ignore_stop_signals",
     "load_rgb",
     "make_loader",
     "normalize_pixels",

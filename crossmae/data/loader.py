@@ -8,7 +8,9 @@ nothing, and 1 process with global batch B sees the same batches as N processes 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -153,6 +155,45 @@ def collate(samples: list[Sample]) -> dict:
     }
 
 
+# the signals that stop a run: the main process checkpoints and exits; data workers ignore them
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A data worker's ``worker_init_fn``: stop signals sent to the whole process group (Ctrl-C,
+    ``timeout``, Slurm) are left to the main process, which ends the run cleanly; a worker
+    killed by them would end it with a traceback and no checkpoint."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold stop signals while data workers start (they inherit the mask until
+    ``ignore_stop_signals`` runs in them); one that arrives meanwhile reaches this process when
+    the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Loader(DataLoader):
+    """A ``DataLoader`` whose workers leave stop signals to this process: they start with the
+    signals held (``stop_signals_held``) and ignore them (``ignore_stop_signals``), so Ctrl-C
+    or a SIGTERM to the process group ends a run through its main process only."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("worker_init_fn", ignore_stop_signals)
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        with stop_signals_held():  # workers start here (once, when persistent)
+            return super().__iter__()
+
+
 def make_loader(
     dataset: Dataset,
     sampler: Sampler,
@@ -161,7 +202,7 @@ def make_loader(
     pin_memory: bool,
     collate_fn: Callable = collate,
 ) -> DataLoader:
-    return DataLoader(
+    return Loader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,

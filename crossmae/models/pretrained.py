@@ -105,13 +105,15 @@ def encoder_widths(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in WIDTHS}
 
 
-def model_on_encoder(source, build, vit) -> tuple[nn.Module, dict[str, Any]]:
+def model_on_encoder(source, build, vit, encoder=None) -> tuple[nn.Module, dict[str, Any]]:
     """A task model on the encoder checkpoint ``source`` names (an ``EncoderSource``):
     ``build(encoder_config)`` makes it, and ``vit(model)`` (its ViT backbone) receives the
-    encoder's weights unless ``source.random_init``. Returns the model and the encoder config."""
+    encoder's weights unless ``source.random_init``. ``encoder``: the (weights, config) of the
+    checkpoint when already read. Returns the model and the encoder config."""
     from .vit import grid_of
 
-    sd, config = load_pretrained_encoder(source.checkpoint, official_arch=source.official_arch)
+    sd, config = encoder or load_pretrained_encoder(source.checkpoint,
+                                                    official_arch=source.official_arch)  # fmt: skip
     model = build(config)
     if not source.random_init:
         vit(model).load_pretrained(sd, grid_of(config["img_size"], config["patch_size"]))

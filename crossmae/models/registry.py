@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,11 @@ def create_model(name: str, **overrides) -> nn.Module:
     ``decoder_depth``, ``img_size``). The result carries ``model_name`` and ``config`` (every
     constructor argument), which checkpoints record."""
     v = variant(name)
+    known = inspect.signature(v.cls).parameters
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"model {name!r} has no setting {', '.join(unknown)} (its settings: "
+                         f"{', '.join(known)})")  # fmt: skip
     model = v.cls(**{**v.defaults, **overrides})
     model.model_name = name
     return model
