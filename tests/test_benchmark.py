@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import crossmae
+from crossmae.cli import main
 
 
 def run_tool(*args: str) -> list[dict]:
-    res = subprocess.run(
-        [sys.executable, "-m", "crossmae", "benchmark", *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stdout + res.stderr
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    """``crossmae benchmark ARGS`` (in this process): its JSON lines."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["benchmark", *args]) == 0
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.startswith("{")]
+
+
+def tool_error(*args: str) -> str:
+    """What ``crossmae benchmark ARGS`` says when it refuses them (status 2)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(["benchmark", *args])
+        except SystemExit as e:  # argparse
+            code = e.code
+    assert code == 2, err.getvalue()
+    return err.getvalue()
 
 
 def test_step_benchmark_runs_on_cpu_at_tiny_size():
@@ -43,12 +55,8 @@ def test_step_benchmark_takes_inductor_settings_and_names_a_wrong_one():
                     "--memory-budget", "0.8")  # fmt: skip
     assert rows[0]["inductor"] == {"triton.mix_order_reduction_split_size": 64}
     assert rows[0]["memory_budget"] == 0.8
-    res = subprocess.run(
-        [sys.executable, "-m", "crossmae", "benchmark", "step", "--tiny",
-         "--inductor", "triton.no_such_setting=1"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert res.returncode != 0 and "triton.no_such_setting does not exist" in res.stderr
+    err = tool_error("step", "--tiny", "--inductor", "triton.no_such_setting=1")
+    assert "triton.no_such_setting does not exist" in err
 
 
 def test_saved_lists_what_the_compiled_step_keeps_and_a_budget_shrinks_it():
@@ -71,11 +79,7 @@ def test_saved_lists_what_the_compiled_step_keeps_and_a_budget_shrinks_it():
         (["--memory-budget", "1.5"], "a memory budget is in [0, 1], got 1.5"),
         (["--sdpa", "efficient", "--device", "cpu"], "is a CUDA kernel"),
     ):
-        res = subprocess.run(
-            [sys.executable, "-m", "crossmae", "benchmark", "saved", "--tiny", *bad],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert res.returncode != 0 and message in res.stderr
+        assert message in tool_error("saved", "--tiny", *bad)
 
 
 def test_attention_benchmark_times_each_backend_on_cpu():

@@ -117,8 +117,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(tmp_path):
-    one = cli(*TINY, f"output_dir={tmp_path / 'one'}")
-    assert one.wait(timeout=300) == 0, one.stdout.read()
+    pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'one'}"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -223,8 +222,7 @@ LONG = [*TINY, "data.demo_samples_per_epoch=640", "train.epochs=1"]  # 40 steps 
 
 
 def test_resume_after_sigkill_is_exact(tmp_path):
-    ref = cli(*LONG, f"output_dir={tmp_path / 'ref'}")
-    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+    pretrain(load_config(PretrainConfig, [], [*LONG, f"output_dir={tmp_path / 'ref'}"]))
 
     run = tmp_path / "run"
     proc = cli(*LONG, "log.ckpt_every_steps=1", f"output_dir={run}")
@@ -235,10 +233,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     killed_at = load_checkpoint(run / LAST)["step"]
     assert 0 < killed_at < 40  # mid-epoch
 
-    res = cli(*LONG, "log.ckpt_every_steps=1", f"output_dir={run}", "--resume", "auto")
-    out, _ = res.communicate(timeout=300)
-    assert res.returncode == 0, out
-    assert f"resumed from {run / LAST} at step {killed_at}" in out
+    cfg = load_config(PretrainConfig, [], [*LONG, "log.ckpt_every_steps=1", f"output_dir={run}"])
+    assert pretrain(cfg, resume="auto")["step"] == 40
+    assert f"resumed from {run / LAST} at step {killed_at}" in (run / "log.txt").read_text()
     assert losses(run) == losses(tmp_path / "ref")  # bit for bit
 
 
@@ -260,8 +257,8 @@ def test_a_stop_signal_to_the_process_group_leaves_a_usable_checkpoint(tmp_path,
     assert 3 <= ckpt["step"] < 40 and json.loads((run / "results.json").read_text())["interrupted"]
     model_from_checkpoint(ckpt)
     assert torch.load(run / "encoder.pt", weights_only=True)["step"] == ckpt["step"]
-    res = cli(*LONG, "data.num_workers=2", f"output_dir={run}", "--resume", "auto")
-    assert res.wait(timeout=300) == 0
+    cfg = load_config(PretrainConfig, [], [*LONG, "data.num_workers=2", f"output_dir={run}"])
+    assert pretrain(cfg, resume="auto")["step"] == 40
     assert [s for s, _ in losses(run)] == list(range(1, 41))
 
 

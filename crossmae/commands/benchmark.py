@@ -600,10 +600,20 @@ def cmd_attention(args) -> int:
 
 
 def cmd_data(args) -> int:
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        return data_rates(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def data_rates(args) -> int:
+    """``cmd_data``'s measurements (one thread, as a worker)."""
     from crossmae.data import ImageFiles, PretrainSamples, PretrainTransform, sample_seed
     from crossmae.models.masking import MaskSampler
 
-    torch.set_num_threads(1)  # as in a DataLoader worker
     source = ImageFiles(args.folder)
     n = min(args.images, len(source))
     keys = [(i, sample_seed(0, 0, i)) for i in range(n)]

@@ -186,9 +186,9 @@ def encoder_size(ckpt: Path) -> str:
 
 
 def launch_command(plan: Plan, smoke: bool) -> tuple[list[str], list[str]]:
-    """torchrun on this node's processes (NNODES > 1: every node), or a Slurm job through
-    tools/submit.py (LAUNCHER=slurm, which resumes every job it submits): the command before
-    the stage's settings and after them."""
+    """torchrun on this node's processes (NNODES > 1: every node; one process: the command
+    itself), or a Slurm job through tools/submit.py (LAUNCHER=slurm, which resumes every job it
+    submits): the command before the stage's settings and after them."""
     env = os.environ
     python = env.get("PYTHON", sys.executable)
     launcher = env.get("LAUNCHER", "torchrun")
@@ -198,10 +198,14 @@ def launch_command(plan: Plan, smoke: bool) -> tuple[list[str], list[str]]:
     if not nproc.isdigit() or int(nproc) < 1:
         raise ConfigError(f"NPROC must be a number of processes, not {nproc!r}")
     nnodes = env.get("NNODES", "1")
+    if not nnodes.isdigit() or int(nnodes) < 1:
+        raise ConfigError(f"NNODES must be a number of nodes, not {nnodes!r}")
     if launcher == "slurm":
         return [python, str(REPO / "tools" / "submit.py"), "--task", " ".join(plan.task.command),
                 "--wait", "--nodes", nnodes, "--gpus-per-node", nproc,
                 *shlex.split(env.get("SLURM_ARGS", ""))], []  # fmt: skip
+    if int(nnodes) == 1 and nproc == "1":  # one process: no launcher needed
+        return [python, "-m", "crossmae", *plan.task.command], ["--resume", "auto"]
     if int(nnodes) > 1:
         for var in ("NODE_RANK", "MASTER_ADDR"):
             if var not in env:
