@@ -66,8 +66,8 @@ def linear_probe_grid(
     seed: int = 0,
 ) -> dict:
     """Train one probe head per base lr on cached features, all in the same pass (same batches),
-    with LARS and warmup + cosine (lr = blr * batch / 256); return each head's val accuracy and
-    the best."""
+    with LARS and warmup + cosine (lr = blr * batch / 256); return each head's val accuracy, the
+    best and the best head's val predictions."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dim = train_feats.shape[1]
@@ -99,12 +99,12 @@ def linear_probe_grid(
             step += 1
     heads.eval()
     with torch.no_grad():
-        results = {
-            blr: topk_accuracy(h(val_feats), val_labels) for blr, h in zip(blrs, heads, strict=True)
-        }
+        logits = {blr: h(val_feats) for blr, h in zip(blrs, heads, strict=True)}
+    results = {blr: topk_accuracy(out, val_labels) for blr, out in logits.items()}
     best = max(results, key=lambda b: results[b]["top1"])
     return {
         "by_blr": results,
         "best_blr": best,
         **{f"best_{k}": v for k, v in results[best].items()},
+        "best_predictions": logits[best].argmax(dim=1),
     }

@@ -15,6 +15,7 @@ from crossmae import distributed as du
 from crossmae.data import Labelled, Loader, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
 from crossmae.knn import topk_hits
+from crossmae.report import Progress, table
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -30,30 +31,68 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 @torch.no_grad()
 def evaluate_classifier(
-    model: nn.Module, source, img_size: int, device, batch_size: int = 128, workers: int = 2
-) -> dict:
-    """Top-1 / top-5 on ``source``: each process takes its own shard (no padding) and the
-    correct counts are summed, so every image is counted exactly once. Top-5 is None with 5
-    classes or fewer (it would always be 100), as ``cls frozen`` reports it."""
+    model: nn.Module, source, img_size: int, device, batch_size: int = 128, workers: int = 2,
+    precision: torch.dtype | None = torch.bfloat16,
+) -> dict:  # fmt: skip
+    """Top-1 / top-5 on ``source`` and each class's top-1 (``per_class``, by class name): each
+    process takes its own shard (no padding) and the counts are summed, so every image is
+    counted exactly once. Top-5 is None with 5 classes or fewer (it would always be 100), as
+    ``cls frozen`` reports it. ``precision``: the autocast dtype (None: full precision)."""
     model.eval()
-    ds = torch.utils.data.Subset(
-        Labelled(source, classify_eval_transform(img_size)),
-        du.shard(len(source), du.rank(), du.world_size()),
-    )
-    counts = torch.zeros(3, device=device)  # top1 hits, top5 hits, images
-    for imgs, y, _ in Loader(ds, batch_size=batch_size, num_workers=workers):
-        imgs, y = imgs.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(imgs)
-        hits = topk_hits(logits.float(), y, ks=(1, 5))
-        top5 = hits.get(5, torch.zeros((), device=device, dtype=torch.long))
-        counts += torch.stack([hits[1], top5, torch.tensor(len(y), device=device)])
+    shard = du.shard(len(source), du.rank(), du.world_size())
+    ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), shard)
+    C = len(source.classes)
+    counts = torch.zeros(2, device=device)  # top5 hits, images
+    per_class = torch.zeros(2, C, device=device)  # top1 hits, images
+    with Progress(len(shard), "classification eval") as bar:
+        for imgs, y, _ in Loader(ds, batch_size=batch_size, num_workers=workers):
+            imgs, y = imgs.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                logits = model(imgs)
+            hits = topk_hits(logits.float(), y, ks=(1, 5))
+            top5 = hits.get(5, torch.zeros((), device=device, dtype=torch.long))
+            counts += torch.stack([top5, torch.tensor(len(y), device=device)])
+            correct = (logits.float().argmax(dim=1) == y).float()
+            per_class += torch.stack([torch.zeros(C, device=device).index_add_(0, y, correct),
+                                      torch.bincount(y, minlength=C).float()])  # fmt: skip
+            bar.update(len(y))
     if du.is_dist():
         torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(per_class)
     model.train()
-    top1, top5, n = counts.tolist()
-    five = len(source.classes) > 5
-    return {"top1": 100 * top1 / n, "top5": 100 * top5 / n if five else None, "images": int(n)}
+    (top5, n), (hits1, images) = counts.tolist(), per_class.tolist()
+    return {"top1": 100 * sum(hits1) / n, "top5": 100 * top5 / n if C > 5 else None,
+            "images": int(n),
+            "per_class": class_accuracy(source.classes, hits1, images)}  # fmt: skip
+
+
+def class_accuracy(names: list[str], hits: list[float], images: list[float]) -> dict[str, dict]:
+    """``{class: {"top1": %, "images": n}}`` (top1 None for a class without images)."""
+    return {name: {"top1": 100 * h / n if n else None, "images": int(n)}
+            for name, h, n in zip(names, hits, images, strict=True)}  # fmt: skip
+
+
+def per_class_of(pred: torch.Tensor, labels: torch.Tensor, source) -> dict[str, dict]:
+    """``class_accuracy`` of predicted classes ``pred`` against ``labels``."""
+    C = len(source.classes)
+    hits = torch.bincount(labels[pred == labels], minlength=C)
+    return class_accuracy(
+        source.classes, hits.tolist(), torch.bincount(labels, minlength=C).tolist()
+    )
+
+
+def format_classes(columns: dict[str, dict[str, dict]], most: int = 20) -> str:
+    """Per-class top-1 of one or more classifiers (``{column: class_accuracy(...)}``) as one
+    table; beyond ``most`` classes only the 5 worst and 5 best of the first column."""
+    first = next(iter(columns.values()))
+    rows = [[name, *(c[name]["top1"] for c in columns.values()), v["images"]]
+            for name, v in first.items()]  # fmt: skip
+    title = "per-class top-1:"
+    if len(rows) > most:
+        rows = sorted((r for r in rows if r[1] is not None), key=lambda r: r[1])
+        rows = [*rows[:5], ["...", *[None] * (len(columns) + 1)], *rows[-5:]]
+        title = f"per-class top-1 (the 5 worst and 5 best of {len(first)} classes):"
+    return f"{title}\n{table(['class', *columns, 'images'], rows)}"
 
 
 def training_transform(cfg: DictConfig):

@@ -28,7 +28,7 @@ from torch import nn
 from crossmae.checkpoint import register_format
 from crossmae.config import ConfigError
 from crossmae.data import Indexed, Labelled
-from crossmae.engine import Engine, Hook
+from crossmae.engine import PRECISIONS, Engine, Hook
 from crossmae.knn import extract_features, knn_classify, topk_accuracy
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import load_pretrained_encoder
@@ -45,7 +45,7 @@ from .config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
 from .data import class_folders
 from .encoder import build_classifier
 from .features import ProbeHead, cached_features, linear_probe_grid
-from .finetune import evaluate_classifier, training_transform
+from .finetune import evaluate_classifier, format_classes, per_class_of, training_transform
 
 log = logging.getLogger("crossmae")
 FINETUNE_FORMAT = register_format(
@@ -142,14 +142,19 @@ class FinetuneTask(Task):
 
     def evaluate(self, step: int) -> dict:
         size = self.cfg.data.img_size
-        acc = evaluate_classifier(self.model, self.val_src, size, self.device)
+        precision = PRECISIONS[self.cfg.train.precision]
+        acc = evaluate_classifier(self.model, self.val_src, size, self.device, precision=precision)
         if self.ema is not None:
-            acc["ema"] = evaluate_classifier(self.ema.module, self.val_src, size, self.device)
+            acc["ema"] = evaluate_classifier(self.ema.module, self.val_src, size, self.device,
+                                             precision=precision)  # fmt: skip
         return acc
 
     def describe(self, metrics: dict) -> str:
         top5 = f" top-5 {metrics['top5']:.2f}" if metrics["top5"] is not None else ""
         return f"top-1 {metrics['top1']:.2f}{top5}"
+
+    def report(self, metrics: dict) -> str:
+        return format_classes({"top-1": metrics["per_class"]})
 
     def state(self) -> dict:
         state = {"encoder_config": self.model.config, "classes": self.train_src.classes}
@@ -194,7 +199,7 @@ class FinetuneTask(Task):
         g = torch.Generator().manual_seed(0)
         imgs = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
         ys = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        return BenchCase(task, model, (imgs, ys, None), batch, cfg.train.precision,
+        return BenchCase(task, model, (imgs, ys, None), batch, "bf16",
                          lambda: model(imgs), eval_images=batch)  # fmt: skip
 
 
@@ -284,8 +289,8 @@ class FrozenTask(Task):
                  len(self.val_src))  # fmt: skip
         (ftr, ytr), (fva, yva) = self.features(self.train_src), self.features(self.val_src)
         c, k, p = len(self.train_src.classes), self.cfg.knn, self.cfg.probe
-        knn = topk_accuracy(knn_classify(ftr, ytr, fva, num_classes=c, k=k.k,
-                                         temperature=k.temperature), yva)  # fmt: skip
+        knn_scores = knn_classify(ftr, ytr, fva, num_classes=c, k=k.k, temperature=k.temperature)
+        knn = topk_accuracy(knn_scores, yva)
         probe = linear_probe_grid(
             ftr, ytr, fva, yva, num_classes=c, blrs=list(p.blrs), epochs=p.epochs,
             warmup_epochs=p.warmup_epochs, batch_size=p.batch_size, weight_decay=p.weight_decay,
@@ -297,8 +302,15 @@ class FrozenTask(Task):
                 "knn_top1": knn["top1"], "knn_top5": knn.get("top5"),
                 "linprobe_top1": probe["best_top1"], "linprobe_top5": probe.get("best_top5"),
                 "linprobe_best_blr": probe["best_blr"],
-                "linprobe_by_blr": {str(b): v for b, v in probe["by_blr"].items()}}  # fmt: skip
+                "linprobe_by_blr": {str(b): v for b, v in probe["by_blr"].items()},
+                "per_class": {"knn": per_class_of(knn_scores.argmax(dim=1), yva, self.val_src),
+                              "linprobe": per_class_of(probe["best_predictions"], yva,
+                                                       self.val_src)}}  # fmt: skip
 
     def describe(self, metrics: dict) -> str:
         return (f"kNN top-1 {metrics['knn_top1']:.2f}, linear probe top-1 "
                 f"{metrics['linprobe_top1']:.2f} (blr {metrics['linprobe_best_blr']})")  # fmt: skip
+
+    def report(self, metrics: dict) -> str:
+        c = metrics["per_class"]
+        return format_classes({"kNN top-1": c["knn"], "probe top-1": c["linprobe"]})

@@ -45,6 +45,9 @@ def training_command(task: type[Task]):
         if task.trains:
             p.add_argument("--resume", default=None, help="'auto' = continue the output_dir's "
                            "last checkpoint (or start fresh); or a path")  # fmt: skip
+        p.add_argument("--print-config", action="store_true", help="print the resolved config "
+                       "(files, _base_, key=value, defaults decided) and exit; nothing is "
+                       "written")  # fmt: skip
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.seed=1")
         p.set_defaults(func=lambda args: run_training(task, args))
 
@@ -58,7 +61,16 @@ def run_training(task: type[Task], args: argparse.Namespace) -> int:
     from .hooks import _scalars
     from .runner import run_task
 
-    cfg = load_config(task.schema, args.config, args.overrides, complete=True)
+    cfg = load_config(task.schema, args.config, args.overrides, complete=not args.print_config)
+    if args.print_config:
+        import torch
+        from omegaconf import OmegaConf
+
+        from .runner import resolve
+
+        gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
+        print(OmegaConf.to_yaml(resolve(task(cfg), cfg, torch.device("cuda" if gpu else "cpu"))))
+        return 0
     result = run_task(task(cfg), cfg, getattr(args, "resume", None))
     brief = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
     print(json.dumps({**brief, **_scalars(result.get("metrics") or {})}))
@@ -69,11 +81,13 @@ def run_training(task: type[Task], args: argparse.Namespace) -> int:
 @register_command(("models",), help="list registered models (with --params: their sizes)")
 def _models_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="?", default="*", help="shell-style name filter")
-    p.add_argument("--params", action="store_true", help="build each model and count parameters")
+    p.add_argument("--params", action="store_true", help="count each model's parameters")
     p.set_defaults(func=_models)
 
 
 def _models(args: argparse.Namespace) -> int:
+    import torch
+
     from .models import create_model, list_models
 
     names = list_models(args.pattern)
@@ -85,7 +99,8 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     print(f"{'model':32s} {'state-dict keys':>15s} {'params (M)':>11s} {'trainable (M)':>14s}")
     for name in names:
-        model = create_model(name)
+        with torch.device("meta"):  # counted, not allocated: no memory, no init cost
+            model = create_model(name)
         sd = model.state_dict()
         total = sum(v.numel() for v in sd.values()) / 1e6
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6

@@ -126,6 +126,7 @@ def int_at_least(low: int) -> Callable[[str], int]:
 POSITIVE = above(0)
 FRACTION = (at_least(0), below(1))  # [0, 1)
 PRECISION = one_of("bf16", "fp16", "fp32")
+TRAIN_PRECISION = one_of("auto", "bf16", "fp16", "fp32")  # auto: bf16 on a GPU, fp32 on a CPU
 DEVICE = one_of("auto", "cpu", "cuda")
 
 
@@ -232,7 +233,8 @@ class TrainConfig(RunConfig):
     micro_batch: int | None = checked(None, POSITIVE, resumable=True)
     # stop after this many steps, the schedule unchanged (smoke runs)
     max_steps: int | None = checked(None, POSITIVE, resumable=True)
-    precision: str = checked("bf16", PRECISION)
+    # autocast: auto = bf16 on a GPU, fp32 on a CPU (most CPUs emulate bf16, 10x slower)
+    precision: str = checked("auto", TRAIN_PRECISION)
     max_nonfinite_steps: int = checked(5, POSITIVE)  # non-finite losses in a row stop the run
     # resuming with other settings than the checkpoint's is refused unless this is true
     resume_with_changes: bool = checked(False, resumable=True)

@@ -27,6 +27,7 @@ import torch
 from . import distributed as du
 from .checkpoint import LAST, save_atomic, strict_json, write_text_atomic
 from .engine import Engine, Hook
+from .report import duration
 
 log = logging.getLogger("crossmae")
 
@@ -76,9 +77,11 @@ class MetricsWriter(Hook):
         self.window = _Window()
         self._grad_norm: torch.Tensor | None = None
         self._file = self._writer = self._bar = None
+        self._timed: tuple[int, float] | None = None
 
     def before_train(self, engine: Engine) -> None:
         self.window = _Window()
+        self._timed = None  # (step, time) at the end of the first step: later steps give the ETA
         if engine.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -105,10 +108,25 @@ class MetricsWriter(Hook):
         if engine.grad_norm is not None:
             self._grad_norm = engine.grad_norm
         s = engine.step
-        if s % self.every_steps == 0 or s == engine.steps or engine.stopping:
+        if self._timed is None:  # the first step compiles, warms up: not timed
+            self._timed = (s, time.perf_counter())
+        recorded = s % self.every_steps == 0 or s == engine.steps or engine.stopping
+        if recorded:
             self.record_window(engine)
+        elif s == self._timed[0] + 3 and engine.rank == 0:  # an early rate, before any record
+            log.info("step %d/%d: %s", s, engine.steps, self.pace(engine))
         if self._bar is not None:
             self._bar.update(1)
+
+    def pace(self, engine: Engine) -> str:
+        """The rate since the first step and the time the remaining steps will take at it."""
+        step0, t0 = self._timed or (engine.step, time.perf_counter())
+        done, dt = engine.step - step0, time.perf_counter() - t0
+        if done <= 0:
+            return "timing from the next step"
+        per_step = dt / done
+        return (f"{per_step:.3g} s/step, {self.images_per_step / per_step:.3g} img/s, "
+                f"ETA {duration((engine.steps - engine.step) * per_step)}")  # fmt: skip
 
     def record_window(self, engine: Engine) -> dict:
         """One record of the means since the last one (every process joins)."""
@@ -135,7 +153,11 @@ class MetricsWriter(Hook):
         self.last_record = rec
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{engine.lr:.2e}",
-                                  img_s=f"{rec['img_per_s']:.0f}")  # fmt: skip
+                                  img_s=f"{rec['img_per_s']:.3g}")  # fmt: skip
+        if engine.rank == 0:
+            log.info("step %d/%d (%.0f%%): loss %.4g, lr %.3g | %s", engine.step, engine.steps,
+                     100 * engine.step / engine.steps, rec["loss"], engine.lr,
+                     self.pace(engine))  # fmt: skip
         self.window = _Window()
         return rec
 
@@ -264,6 +286,8 @@ class EvalHook(Hook):
                 self.saver.save(engine, "checkpoint-best.pt", training_state=False)
         best = f" (best {key} {self.best[key]:.4g})" if key is not None else ""
         log.info("step %d (epoch %g): %s%s", engine.step, epoch, self.task.describe(metrics), best)
+        if report := self.task.report(metrics):
+            log.info("%s", report)
         return metrics
 
     def evaluate_if_stale(self, engine: Engine) -> bool:
@@ -291,9 +315,12 @@ class EvalHook(Hook):
 
 
 def _scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of a (nested) metrics dict, flat: ``{"bbox": {"AP": ..}}`` -> ``bbox/AP``."""
+    """The numbers of a (nested) metrics dict, flat: ``{"bbox": {"AP": ..}}`` -> ``bbox/AP``;
+    without the per-class tables (``per_class``: in results.json, not in every record)."""
     out = {}
     for k, v in metrics.items():
+        if k == "per_class":
+            continue
         if isinstance(v, dict):
             out.update(_scalars(v, f"{prefix}{k}/"))
         elif isinstance(v, int | float) and not isinstance(v, bool):

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import distributed as du
 from .data import Labelled, Loader, classify_eval_transform
 from .models import VisionTransformer
+from .report import Progress
 
 
 @torch.no_grad()
@@ -37,12 +38,14 @@ def extract_features(
     ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), idx)
     loader = Loader(ds, batch_size=batch_size, num_workers=num_workers)
     feats, labels, order = [], [], []
-    for imgs, y, i in loader:
-        tokens = encoder.forward_features(imgs.to(device))  # (B, 1 + L, D)
-        f = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-        feats.append(f.float().cpu())
-        labels.append(y)
-        order.append(i)
+    with Progress(len(idx), "features") as bar:
+        for imgs, y, i in loader:
+            tokens = encoder.forward_features(imgs.to(device))  # (B, 1 + L, D)
+            f = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+            feats.append(f.float().cpu())
+            labels.append(y)
+            order.append(i)
+            bar.update(len(y))
     parts = du.all_gather_objects((torch.cat(order), torch.cat(feats), torch.cat(labels)))
     order = torch.cat([p[0] for p in parts]).argsort()
     return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]

@@ -115,6 +115,12 @@ class PretrainTask(Task):
             Path("runs") / f"{self.cfg.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
         )
 
+    def resolve(self, cfg) -> None:
+        """γ = p unless set (CrossMAE; MAE predicts every masked patch and has no γ)."""
+        m = cfg.model
+        if m.pred_ratio is None and issubclass(model_class(m.name), CrossMAE):
+            m.pred_ratio = m.mask_ratio
+
     def engine_options(self) -> dict:
         tc = self.cfg.train
         return {"compile": tc.compile, "cuda_graph": tc.cuda_graph,

@@ -10,6 +10,7 @@ from torch import nn
 
 from .data.transforms import denormalize
 from .models.masking import normalize_patches, patchify, unpatchify
+from .report import Progress
 
 PSNR_CAP = 100.0  # dB reported for a perfect reconstruction
 
@@ -85,18 +86,20 @@ def evaluate_reconstruction(
     files is left out: ``images`` counts the images measured, ``skipped_files`` names the
     unreadable ones."""
     losses, psnrs, n, skipped = 0.0, 0.0, 0, []
-    for batch in loader:
-        skipped += batch["skipped"]
-        keep = ~batch["replaced"]
-        if not keep.any():
-            continue
-        imgs = batch["images"][keep].to(device)
-        ids = batch["ids_shuffle"][keep].to(device)
-        rec = reconstruct(model, imgs, ids, pred_ratio=pred_ratio)
-        psnr = masked_psnr(rec["pred"], rec["original"], rec["predicted"], model.patch_size)
-        losses += rec["loss"].item() * len(imgs)
-        psnrs += psnr.sum().item()
-        n += len(imgs)
+    with Progress(len(loader), "reconstruction", unit="batch") as bar:
+        for batch in loader:
+            bar.update()
+            skipped += batch["skipped"]
+            keep = ~batch["replaced"]
+            if not keep.any():
+                continue
+            imgs = batch["images"][keep].to(device)
+            ids = batch["ids_shuffle"][keep].to(device)
+            rec = reconstruct(model, imgs, ids, pred_ratio=pred_ratio)
+            psnr = masked_psnr(rec["pred"], rec["original"], rec["predicted"], model.patch_size)
+            losses += rec["loss"].item() * len(imgs)
+            psnrs += psnr.sum().item()
+            n += len(imgs)
     if n == 0:
         raise ValueError("evaluate_reconstruction: no readable image to measure")
     return {"loss": losses / n, "psnr": psnrs / n, "images": n,

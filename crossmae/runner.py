@@ -20,6 +20,7 @@ An evaluation-only task (``Task.trains`` false) stops after step 3 with one ``ev
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, changed_settings, to_plain
 from .data import ResumableSampler, make_loader
-from .engine import Engine, StepOptions
+from .engine import Engine, StepOptions, resolve_precision
 from .hooks import CheckpointHook, EvalHook, MetricsWriter, TqdmHandler
 from .optim import build_optimizer, make_schedule, peak_lr
 from .task import Task, get_task
@@ -156,6 +157,21 @@ def plan_batches(global_batch: int, world: int, micro_batch: int | None) -> tupl
     return micro, per_rank // micro
 
 
+def resolve(task: Task, cfg: DictConfig, device: torch.device) -> DictConfig:
+    """The config as the run uses it, what config.yaml and checkpoints hold: a copy with its
+    open defaults decided (the run folder every process uses, ``train.precision=auto`` on this
+    device, the task's own: ``Task.resolve``). The task gets it as ``task.cfg``."""
+    cfg = copy.deepcopy(cfg)
+    task.cfg = cfg
+    if "output_dir" in cfg:
+        name = task.output_dir()
+        cfg.output_dir = du.all_gather_objects(name)[0] if name is not None else None
+    if "precision" in cfg.train:
+        cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    task.resolve(cfg)
+    return cfg
+
+
 def step_options(task: Task, cfg: DictConfig, accum: int) -> StepOptions:
     """The engine's options: the shared settings, then the task's own."""
     return StepOptions(precision=cfg.train.precision, accum=accum, clip_grad=cfg.optim.clip_grad,
@@ -178,18 +194,19 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
     """
     if isinstance(task, str):
         task = get_task(task)(cfg)
-    tc = cfg.train
+    if resume == "auto" and OmegaConf.select(cfg, "output_dir") is None:
+        raise ConfigError("--resume auto needs output_dir=... (the run folder to continue)")
     # settings and data: checked before anything is written
-    task.device = device = du.init_from_env(tc.device)
+    task.device = device = du.init_from_env(cfg.train.device)
+    cfg = resolve(task, cfg, device)
     if not task.trains:
         return _evaluate_only(task, cfg)
+    tc = cfg.train
     micro, accum = plan_batches(tc.batch_size, du.world_size(), tc.micro_batch)
     options = step_options(task, cfg, accum)
     options.check(device, du.world_size())
     task.open_data()
-    if resume == "auto" and OmegaConf.select(cfg, "output_dir") is None:
-        raise ConfigError("--resume auto needs output_dir=... (the run folder to continue)")
-    out = Path(du.all_gather_objects(str(task.output_dir()))[0])
+    out = Path(cfg.output_dir)
     open_run_folder(cfg, out, resume)
 
     # model, then each process's own streams (drop path, augmentations)
@@ -347,6 +364,8 @@ def _evaluate_only(task: Task, cfg: DictConfig) -> dict:
     if du.rank() == 0 and out is not None:
         write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
     log.info("%s: %s", task.name, task.describe(metrics))
+    if report := task.report(metrics):
+        log.info("%s", report)
     close_run(out)
     return result
 

@@ -141,6 +141,10 @@ class Task:
         """The run folder (every process gets rank 0's answer)."""
         return self.cfg.output_dir
 
+    def resolve(self, cfg: DictConfig) -> None:
+        """Decide the settings whose value means "the default" (``None``), in place: the run's
+        config.yaml then says what was used."""
+
     def engine_options(self) -> dict[str, Any]:
         """``crossmae.engine.StepOptions`` beyond the shared ``train`` / ``optim`` settings."""
         return {}
@@ -195,6 +199,11 @@ class Task:
     def describe(self, metrics: dict) -> str:
         """One log line of an evaluation's result."""
         return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+    def report(self, metrics: dict) -> str:
+        """The evaluation's tables (per class, per category), logged below ``describe``'s line
+        ("": none)."""
+        return ""
 
     # ------------------------------------------------------------------ checkpoints and results
     def state(self) -> dict[str, Any]:

@@ -60,11 +60,54 @@ def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
     ax.set_ylabel("reconstruction loss")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.5, lw=1)
-    ax2.set_ylabel("lr", color="tab:gray")
-    ax.legend(loc="upper right")
+    ax2.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.5, lw=1,
+             label="learning rate (right axis)")  # fmt: skip
+    ax2.set_ylabel("learning rate", color="tab:gray")
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
     fig.tight_layout()
     path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def distinct_colors(n: int) -> np.ndarray:
+    """``n`` RGB colours (uint8) that tell apart on a photo: matplotlib's qualitative maps, the
+    strongest first (tab10, Set1, Dark2, then tab20b / tab20c: 56), then repeated."""
+    plt = _pyplot()
+    maps = ("tab10", "Set1", "Dark2", "tab20b", "tab20c")
+    table = np.concatenate([np.asarray(plt.get_cmap(m).colors)[:, :3] for m in maps])
+    return (np.asarray(table)[np.arange(n) % len(table)] * 255).round().astype(np.uint8)
+
+
+def save_panels(path: str | Path, panels: list[tuple[str, np.ndarray]], *, title: str = "",
+                legend: list[tuple[str, np.ndarray]] = ()) -> Path:  # fmt: skip
+    """Images (H, W, 3 uint8) side by side with their titles, and a legend of colours (a
+    class name and its RGB colour) below."""
+    from matplotlib.patches import Patch
+
+    plt = _pyplot()
+    h, w = panels[0][1].shape[:2]
+    size = 4.0 / max(h, w)
+    fig, axes = plt.subplots(1, len(panels), squeeze=False,
+                             figsize=(len(panels) * w * size + 0.2, h * size + 0.8 +
+                                      0.25 * ((len(legend) + 3) // 4)))  # fmt: skip
+    for ax, (label, img) in zip(axes[0], panels, strict=True):
+        ax.imshow(img)
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if legend:
+        handles = [Patch(color=np.asarray(c) / 255, label=name) for name, c in legend]
+        fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8,
+                   frameon=False)  # fmt: skip
+    if title:
+        fig.suptitle(title, fontsize=9)
+    rows = (len(legend) + 3) // 4
+    fig.tight_layout(rect=(0, 0.06 * rows if legend else 0, 1, 0.95 if title else 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -38,7 +38,9 @@ class DetData:
 class DetModel:
     # the square canvas (detectron2's square_pad) and the LSJ / test size
     img_size: int = checked(1024, POSITIVE)
-    patch_size: int | None = checked(None, POSITIVE)  # None = the encoder's; 16 for ViT-H/14
+    # ViTDet's stride 16 (its pyramid's scales assume it): an encoder of another patch size
+    # (ViT-H/14, the 8-px laptop model) has its patch kernel and position table resampled
+    patch_size: int = checked(16, POSITIVE)
     pretrain_img_size: int | None = checked(None, POSITIVE)  # None = the encoder's (224)
     window: int = checked(14, POSITIVE)
     global_blocks: list[int] | None = None  # None = 4 evenly spaced (B: 2, 5, 8, 11)

@@ -139,6 +139,8 @@ class CocoInstances(Dataset):
             repeated(path, key, [item.get("id") for item in data[key]])
         self.images = {im["id"]: im for im in data["images"]}
         self.cat_ids = sorted(c["id"] for c in data["categories"])
+        names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
+        self.class_names = [names[c] for c in self.cat_ids]  # by contiguous class
         self.class_of = {cid: i for i, cid in enumerate(self.cat_ids)}  # contiguous, 0-based
         self.anns: dict[int, list[dict]] = {i: [] for i in self.images}
         for ann in data["annotations"]:

@@ -19,10 +19,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from crossmae import distributed as du
+from crossmae.report import Progress, column_pairs, table
 
 from .model import postprocess
+from .roi_heads import TEST_SCORE_THRESH
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+NO_DETECTIONS = (f"no detection scored above {TEST_SCORE_THRESH} (the test threshold) on any "
+                 "image: AP is undefined (null)")  # fmt: skip
 
 
 def instances_to_coco_json(result: dict[str, torch.Tensor], image_id: int) -> list[dict]:
@@ -47,12 +51,16 @@ def instances_to_coco_json(result: dict[str, torch.Tensor], image_id: int) -> li
 
 
 def coco_evaluate(annotation_file: str | Path, results: list[dict],
-                  iou_types=("bbox", "segm")) -> dict[str, dict[str, float]]:  # fmt: skip
-    """COCOeval over every image of the json: {"bbox": {AP, AP50, ...}, "segm": {...}} in
-    percent (NaN where COCOeval has nothing to average, and all NaN without any result)."""
+                  iou_types=("bbox", "segm")) -> dict[str, dict]:  # fmt: skip
+    """COCOeval over every image of the json, as detectron2's ``COCOEvaluator`` reports it:
+    ``{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...}}`` in percent (NaN where COCOeval
+    has nothing to average, and all NaN without any result), ``per_class``: each category's AP
+    by name and IoU type (precision over IoUs and recalls at area "all", 100 detections, NaN for
+    a category without ground truth), ``summary``: COCOeval's own 12-line summary per IoU type,
+    and ``detections``: how many results were scored."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(annotation_file))
-    out = {}
+    out: dict = {"per_class": {}, "summary": {}, "detections": len(results)}
     for iou_type in iou_types:
         res = copy.deepcopy(results)
         if iou_type == "segm":
@@ -62,7 +70,8 @@ def coco_evaluate(annotation_file: str | Path, results: list[dict],
         if not res:
             out[iou_type] = dict.fromkeys(METRICS, float("nan"))
             continue
-        with contextlib.redirect_stdout(io.StringIO()):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
             ev = COCOeval(gt, gt.loadRes(res), iou_type)
             ev.evaluate()
             ev.accumulate()
@@ -71,7 +80,39 @@ def coco_evaluate(annotation_file: str | Path, results: list[dict],
             k: float(v * 100) if v >= 0 else float("nan")
             for k, v in zip(METRICS, ev.stats[:6], strict=True)
         }
+        out["summary"][iou_type] = "\n".join(line for line in printed.getvalue().splitlines()
+                                             if line.startswith(" Average"))  # fmt: skip
+        out["per_class"][iou_type] = per_category_ap(ev, gt)
     return out
+
+
+def per_category_ap(ev: COCOeval, gt: COCO) -> dict[str, float]:
+    """detectron2's per-category AP: the mean of COCOeval's precisions over IoU thresholds and
+    recall points at area "all" and 100 detections, ignoring the undefined (-1) entries."""
+    precisions = ev.eval["precision"]  # (IoU, recall, category, area, max detections)
+    names = [c["name"] for c in gt.loadCats(ev.params.catIds)]
+    out = {}
+    for k, name in enumerate(names):
+        p = precisions[:, :, k, 0, -1]
+        p = p[p > -1]
+        out[name] = float(np.mean(p) * 100) if p.size else float("nan")
+    return out
+
+
+def report(metrics: dict) -> str:
+    """The evaluation as detectron2 prints it: per IoU type COCOeval's summary, the six APs and
+    the per-category AP table; without detections, why AP is undefined."""
+    if not metrics.get("detections"):
+        return NO_DETECTIONS
+    parts = []
+    for iou_type in ("bbox", "segm"):
+        if iou_type not in metrics.get("summary", {}):
+            continue
+        parts += [f"Evaluation results for {iou_type}:", metrics["summary"][iou_type], "",
+                  table(METRICS, [[metrics[iou_type][k] for k in METRICS]], ".3f"), "",
+                  f"Per-category {iou_type} AP:",
+                  column_pairs(metrics["per_class"][iou_type], ("category", "AP")), ""]  # fmt: skip
+    return "\n".join(parts)
 
 
 @torch.no_grad()
@@ -96,7 +137,9 @@ def evaluate_detector(
     idx = du.shard(len(dataset), du.rank(), du.world_size())
     loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=collate_detection)
     results = []
+    bar = Progress(len(idx), "COCO inference")
     for imgs, infos in loader:
+        bar.update(len(imgs))
         with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
             preds = model([im.to(device) for im in imgs])
         for im, p, info in zip(imgs, preds, infos, strict=True):
@@ -106,6 +149,7 @@ def evaluate_detector(
             for r in instances_to_coco_json(p, info["image_id"]):
                 r["category_id"] = dataset.cat_ids[r["category_id"]]
                 results.append(r)
+    bar.close()
     results = [r for part in du.all_gather_objects(results) for r in part]
     metrics = None
     if du.is_main():

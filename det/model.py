@@ -158,7 +158,7 @@ def postprocess(
 def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCNN:
     """The detector a ``DetConfig.model`` section describes on an encoder of ``encoder_config`` (its
     constructor settings: widths, depth, patch size, pretraining img_size), untrained."""
-    patch = cfg.patch_size or encoder_config["patch_size"]
+    patch = cfg.patch_size
     if cfg.img_size % patch:
         raise ValueError(
             f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch}"
@@ -166,7 +166,7 @@ def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCN
     backbone = ViTDetBackbone(
         img_size=cfg.img_size,
         pretrain_img_size=cfg.pretrain_img_size or encoder_config["img_size"],
-        patch_size=cfg.patch_size or encoder_config["patch_size"],
+        patch_size=patch,
         **encoder_widths(encoder_config),
         drop_path_rate=cfg.drop_path_rate,
         window=cfg.window,

@@ -33,6 +33,8 @@ from .structures import (
     subsample_labels,
 )
 
+TEST_SCORE_THRESH = 0.05  # detectron2's ROI_HEADS.SCORE_THRESH_TEST: kept are scores above it
+
 
 class ROIPooler(nn.Module):
     """Multi-level ROIAlignV2 (``aligned=True``, adaptive sampling): a box of side s goes to
@@ -171,7 +173,7 @@ class ROIHeads(nn.Module):
         batch_size_per_image: int = 512,
         positive_fraction: float = 0.25,
         iou_threshold: float = 0.5,
-        score_thresh: float = 0.05,
+        score_thresh: float = TEST_SCORE_THRESH,
         nms_thresh: float = 0.5,
         detections_per_image: int = 100,
         smooth_l1_beta: float = 0.0,

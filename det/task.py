@@ -17,7 +17,6 @@ The encoder as detectron2's ViTDet loads it (train.init_checkpoint): crossmae co
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 
 from crossmae.commands.convert import converter
-from crossmae.config import load_config
+from crossmae.config import int_at_least, load_config
 from crossmae.engine import PRECISIONS, check_precision
 from crossmae.models.pretrained import load_pretrained_encoder, model_on_encoder
 from crossmae.task import (
@@ -41,7 +40,7 @@ from crossmae.task import (
 
 from .config import DetConfig
 from .data import CocoInstances, coco_subset, collate_detection
-from .evaluate import evaluate_detector
+from .evaluate import NO_DETECTIONS, evaluate_detector, report
 from .model import DET_FORMAT, Targets, build_detector
 
 log = logging.getLogger("crossmae")
@@ -117,7 +116,13 @@ class DetTask(Task):
         )
 
     def describe(self, metrics: dict) -> str:
-        return f"box AP {metrics['bbox']['AP']:.2f}, mask AP {metrics['segm']['AP']:.2f}"
+        if not metrics.get("detections"):
+            return NO_DETECTIONS
+        return (f"box AP {metrics['bbox']['AP']:.2f}, mask AP {metrics['segm']['AP']:.2f} "
+                f"({metrics['detections']} detections)")  # fmt: skip
+
+    def report(self, metrics: dict) -> str:
+        return report(metrics)
 
     def state(self) -> dict:
         return {"categories": self.train_data.cat_ids, "num_classes": self.train_data.num_classes,
@@ -125,10 +130,14 @@ class DetTask(Task):
 
     @classmethod
     def headline(cls, result: dict) -> dict:
-        """Box / mask AP; null when undefined (no detection at all: detectron2's NaN)."""
+        """Box / mask AP; null when undefined (no detection at all: detectron2's NaN), with
+        the reason as ``note``."""
         m = result["metrics"]
         ap = {"ap_box": m["bbox"]["AP"], "ap_mask": m["segm"]["AP"]}
-        return {k: None if v is None or math.isnan(v) else v for k, v in ap.items()}
+        out = {k: None if v is None or math.isnan(v) else v for k, v in ap.items()}
+        if not m.get("detections"):
+            out["note"] = NO_DETECTIONS
+        return out
 
     @classmethod
     def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
@@ -141,7 +150,7 @@ class DetTask(Task):
         return ("configs/det/mask_rcnn_coco128_small.yaml",
                 [f"data.train_json={small}", f"data.train_images={images}",
                  f"data.val_json={small}", f"data.val_images={images}", "model.img_size=128",
-                 "model.patch_size=16", "model.window=4", "train.steps=2", "train.batch_size=2",
+                 "model.window=4", "train.steps=2", "train.batch_size=2",
                  "optim.warmup_steps=1"])  # fmt: skip
 
     @classmethod
@@ -178,29 +187,64 @@ def _evaluate_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=evaluate_checkpoint)
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> int:
+def load_detector(checkpoint: str, annotations: str, images: str) -> tuple:
+    """A trained or imported detector and the COCO dataset it is scored on (same categories)."""
     from omegaconf import OmegaConf
 
-    from crossmae import distributed as du
     from crossmae.checkpoint import load_checkpoint, load_state_dict_strict
 
-    ck = load_checkpoint(args.checkpoint, expect=DET_FORMAT)
+    ck = load_checkpoint(checkpoint, expect=DET_FORMAT)
     cfg = OmegaConf.merge(OmegaConf.structured(DetConfig), ck["config"])
-    dataset = CocoInstances(args.json, args.images, train=False, img_size=cfg.model.img_size)
+    dataset = CocoInstances(annotations, images, train=False, img_size=cfg.model.img_size)
     if ck["categories"] is None:  # imported: detectron2 maps sorted category ids to classes too
         if dataset.num_classes != ck["num_classes"]:
-            raise ValueError(f"{args.json} has {dataset.num_classes} categories, the detector "
+            raise ValueError(f"{annotations} has {dataset.num_classes} categories, the detector "
                              f"{ck['num_classes']} classes")  # fmt: skip
     elif dataset.cat_ids != ck["categories"]:
-        raise ValueError(f"{args.json} has other categories than the checkpoint was trained on")
+        raise ValueError(f"{annotations} has other categories than the checkpoint was trained on")
     model = build_detector(cfg.model, ck["num_classes"], ck["encoder_config"])
-    load_state_dict_strict(model, ck["model"], what=str(args.checkpoint))
-    device = du.init_from_env()
+    load_state_dict_strict(model, ck["model"], what=str(checkpoint))
     torch.set_float32_matmul_precision("high")
+    return model, dataset
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
+    from crossmae import distributed as du
+    from crossmae.checkpoint import strict_json
+
+    model, dataset = load_detector(args.checkpoint, args.json, args.images)
+    device = du.init_from_env()
     metrics = evaluate_detector(model.to(device), dataset, device,
                                 precision=PRECISIONS[args.precision],
                                 results_file=args.results)  # fmt: skip
-    print(json.dumps(metrics))
+    if du.is_main():
+        print(report(metrics))
+        print(strict_json({k: metrics[k] for k in ("bbox", "segm", "detections")}))
+    return 0
+
+
+@register_command(("det", "visualize"), help="draw a detector's predictions beside the ground "
+                  "truth (PNGs)")  # fmt: skip
+def _visualize_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("--json", required=True, help="COCO instances annotation file")
+    p.add_argument("--images", required=True, help="its image folder")
+    p.add_argument("--out", required=True, help="folder for the PNGs (one per image)")
+    p.add_argument("-n", "--num-images", type=int_at_least(1), default=8,
+                   help="the first N images of the json (default 8)")  # fmt: skip
+    p.add_argument("--score", type=float, default=0.5,
+                   help="draw predictions scored at least this (default 0.5)")  # fmt: skip
+    p.set_defaults(func=visualize_checkpoint)
+
+
+def visualize_checkpoint(args: argparse.Namespace) -> int:
+    from .visualize import visualize_detections
+
+    model, dataset = load_detector(args.checkpoint, args.json, args.images)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    files = visualize_detections(model, dataset, args.out, images=args.num_images,
+                                 score=args.score)  # fmt: skip
+    print(f"wrote {len(files)} PNGs to {args.out}: ground truth | predictions")
     return 0
 
 

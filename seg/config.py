@@ -45,7 +45,9 @@ class SegData:
 
 @dataclass
 class SegModel:
-    patch_size: int | None = checked(None, POSITIVE)  # None = the encoder's (else resampled)
+    # mmseg's MAE backbone is stride 16 (the neck makes strides 4-32 from it): an encoder of
+    # another patch size has its patch kernel and position table resampled
+    patch_size: int = checked(16, POSITIVE)
     # blocks feeding the pyramid; None = B: 3, 5, 7, 11
     out_indices: list[int] | None = checked(None, length(4), increasing, each(at_least(0)))
     channels: int = checked(768, POSITIVE)  # UperNet width

@@ -14,9 +14,10 @@ from crossmae import distributed as du
 from crossmae.config import ConfigError
 from crossmae.data import normalize_pixels
 from crossmae.engine import PRECISIONS
+from crossmae.report import Progress
 
 from .data import IGNORE, SegFolder, rescale_size, resize_u8
-from .metrics import SegMetrics
+from .metrics import SegMetrics, per_class
 from .model import slide_inference
 
 
@@ -74,18 +75,23 @@ def segment(
 
 def evaluate_segmenter(model: nn.Module, folder: SegFolder, num_classes: int, **settings) -> dict:
     """mIoU / mAcc / aAcc over ``folder`` with ``segment``'s scores (``settings``: its keyword
-    arguments); each process takes its own shard and the confusion matrices are summed, so every
-    image counts once."""
+    arguments), and ``per_class`` IoU / Acc by class name; each process takes its own shard and
+    the confusion matrices are summed, so every image counts once."""
     was_training = model.training
     model.eval()
     metrics = SegMetrics(num_classes, IGNORE)
-    for i in du.shard(len(folder), du.rank(), du.world_size()):
-        img, label, _ = folder[i]
-        scores = segment(model, img, num_classes, **settings)
-        metrics.update(scores.argmax(1)[0].cpu(), label)
+    shard = du.shard(len(folder), du.rank(), du.world_size())
+    with Progress(len(shard), "segmentation inference") as bar:
+        for i in shard:
+            img, label, _ = folder[i]
+            scores = segment(model, img, num_classes, **settings)
+            metrics.update(scores.argmax(1)[0].cpu(), label)
+            bar.update()
     metrics.all_reduce()
     model.train(was_training)
-    return metrics.compute()
+    result = metrics.compute()
+    means = {k: result[k] for k in ("aAcc", "mIoU", "mAcc")}
+    return {**means, "per_class": per_class(result, folder.spec.names())}
 
 
 def eval_settings(cfg) -> dict:

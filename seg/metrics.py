@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from crossmae import distributed as du
+from crossmae.report import table
 
 
 class SegMetrics:
@@ -73,12 +74,17 @@ def pixel_accuracy(pred: torch.Tensor, label: torch.Tensor, ignore_index: int = 
     return (pred[keep] == label[keep]).double().mean().item()
 
 
-def format_table(result: dict, class_names: list[str]) -> str:
-    """A per-class IoU / Acc table (Markdown), then the means."""
-    lines = ["| class | IoU | Acc |", "|---|---|---|"]
-    for name, iou, acc in zip(class_names, result["IoU"], result["Acc"], strict=True):
-        lines.append(f"| {name} | {iou:.2f} | {acc:.2f} |")
-    lines.append(
-        f"\nmIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, aAcc {result['aAcc']:.2f}"
-    )
-    return "\n".join(lines)
+def per_class(result: dict, class_names: list[str]) -> dict[str, dict[str, float]]:
+    """``compute``'s per-class lists keyed by class name: ``{name: {"IoU": .., "Acc": ..}}``."""
+    return {
+        name: {"IoU": iou, "Acc": acc}
+        for name, iou, acc in zip(class_names, result["IoU"], result["Acc"], strict=True)
+    }
+
+
+def format_table(metrics: dict) -> str:
+    """mmseg's per-class results table (IoU / Acc per class, ``-`` for a class in neither labels
+    nor predictions), then the summary."""
+    rows = [[name, v["IoU"], v["Acc"]] for name, v in metrics["per_class"].items()]
+    summary = table(["aAcc", "mIoU", "mAcc"], [[metrics[k] for k in ("aAcc", "mIoU", "mAcc")]])
+    return f"per class results:\n{table(['Class', 'IoU', 'Acc'], rows)}\nSummary:\n{summary}"

@@ -397,7 +397,7 @@ def to_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def build_segmenter(cfg, num_classes: int, encoder_config: dict) -> UperNet:
     """The UperNet a ``SegConfig`` describes on an encoder of ``encoder_config``, untrained."""
     m = cfg.model
-    patch = m.patch_size or encoder_config["patch_size"]
+    patch = m.patch_size
     if cfg.data.crop % patch:
         raise ConfigError(f"data.crop={cfg.data.crop} is not a multiple of the patch size {patch}")
     backbone = SegViT(

@@ -17,15 +17,15 @@ The encoder as mmseg's MAE backbone loads it (model.pretrained): crossmae conver
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from crossmae import distributed as du
+from crossmae.checkpoint import write_text_atomic
 from crossmae.commands.convert import converter
-from crossmae.config import ConfigError, load_config, without_missing
+from crossmae.config import ConfigError, int_at_least, load_config, without_missing
 from crossmae.engine import check_precision
 from crossmae.models.pretrained import load_pretrained_encoder, model_on_encoder
 from crossmae.task import (
@@ -118,12 +118,15 @@ class SegTask(Task):
     def describe(self, metrics: dict) -> str:
         return f"mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f}"
 
+    def report(self, metrics: dict) -> str:
+        return format_table(metrics)
+
     def state(self) -> dict:
         return {"encoder_config": self.encoder_config, "num_classes": self.spec.num_classes}
 
     def finish(self, result: dict) -> None:
-        table = format_table(result["metrics"], self.spec.names())
-        (Path(result["output_dir"]) / "per_class.md").write_text(table + "\n")
+        table = format_table(result["metrics"])
+        write_text_atomic(Path(result["output_dir"]) / "per_class.md", table + "\n")
 
     @classmethod
     def headline(cls, result: dict) -> dict:
@@ -181,24 +184,58 @@ def _evaluate_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=evaluate_checkpoint)
 
 
-def evaluate_checkpoint(args: argparse.Namespace) -> int:
-    """A trained or imported segmenter on a dataset; ``key=value`` sets the dataset (root,
-    val_split, dataset, ...) and evaluation settings over the checkpoint's config."""
+def load_segmenter(checkpoint: str, overrides: list[str]) -> tuple:
+    """A trained or imported segmenter, its config (the checkpoint's, ``key=value`` over it)
+    and the validation folder it is scored on (same number of classes)."""
     from crossmae.checkpoint import load_checkpoint, load_state_dict_strict
 
-    ck = load_checkpoint(args.checkpoint, expect=SEG_FORMAT)
-    cfg = load_config(SegConfig, [], args.overrides, base=without_missing(ck["config"]))
+    ck = load_checkpoint(checkpoint, expect=SEG_FORMAT)
+    cfg = load_config(SegConfig, [], overrides, base=without_missing(ck["config"]))
     spec = label_spec(cfg.data)
     if spec.num_classes != ck["num_classes"]:
         raise ValueError(
             f"the dataset has {spec.num_classes} classes, the model {ck['num_classes']}"
         )
     model = build_segmenter(cfg, ck["num_classes"], ck["encoder_config"])
-    load_state_dict_strict(model, ck["model"], what=str(args.checkpoint))
+    load_state_dict_strict(model, ck["model"], what=str(checkpoint))
+    return model, cfg, SegFolder(cfg.data.root, cfg.data.val_split, spec)
+
+
+def evaluate_checkpoint(args: argparse.Namespace) -> int:
+    """A trained or imported segmenter on a dataset; ``key=value`` sets the dataset (root,
+    val_split, dataset, ...) and evaluation settings over the checkpoint's config."""
+    from crossmae.checkpoint import strict_json
+
+    model, cfg, folder = load_segmenter(args.checkpoint, args.overrides)
     device = du.init_from_env(cfg.train.device)
-    folder = SegFolder(cfg.data.root, cfg.data.val_split, spec)
-    m = evaluate_segmenter(model.to(device), folder, spec.num_classes, **eval_settings(cfg))
-    print(json.dumps({k: m[k] for k in ("mIoU", "mAcc", "aAcc")}))
+    m = evaluate_segmenter(model.to(device), folder, folder.spec.num_classes,
+                           **eval_settings(cfg))  # fmt: skip
+    if du.is_main():
+        print(format_table(m))
+        print(strict_json({k: m[k] for k in ("mIoU", "mAcc", "aAcc")}))
+    return 0
+
+
+@register_command(("seg", "visualize"), help="draw a segmenter's predictions beside the ground "
+                  "truth (PNGs)")  # fmt: skip
+def _visualize_command(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="data.root=DIR, data.val_split=..., eval.*")  # fmt: skip
+    p.add_argument("--out", required=True, help="folder for the PNGs (one per image)")
+    p.add_argument("-n", "--num-images", type=int_at_least(1), default=4,
+                   help="the first N images of the split (default 4)")  # fmt: skip
+    p.set_defaults(func=visualize_checkpoint)
+
+
+def visualize_checkpoint(args: argparse.Namespace) -> int:
+    from .visualize import visualize_segmentation
+
+    model, cfg, folder = load_segmenter(args.checkpoint, args.overrides)
+    model.to("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    files = visualize_segmentation(model, folder, args.out, images=args.num_images,
+                                   **eval_settings(cfg))  # fmt: skip
+    print(f"wrote {len(files)} PNGs to {args.out}: image | ground truth | prediction")
     return 0
 
 

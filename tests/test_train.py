@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_data import add_bad_files, cifar_folder
 
 import crossmae.pretrain as train_mod
@@ -88,6 +90,15 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
               "recon/epoch-0001.png", "recon/epoch-0002.png", LAST):  # fmt: skip
         assert (run / f).is_file(), f
     assert [s for s, _ in losses(run)] == list(range(1, 9))
+    # config.yaml holds what the run used: its folder, γ (= p by default), the precision
+    used = OmegaConf.load(run / "config.yaml")
+    assert used.output_dir == str(run) and used.model.pred_ratio == 0.75
+    assert used.train.precision == "fp32"
+    # the log says how long the run is and, at every record, its rate and ETA
+    text = (run / "log.txt").read_text()
+    assert "steps/epoch, 8 steps, stop at step 8" in text
+    assert re.search(r"step 4/8 \(50%\): loss [0-9.]+, lr [0-9.e-]+ \| [0-9.]+ s/step, [0-9.]+ "
+                     r"img/s, ETA \d+s", text)  # fmt: skip
     ckpt = load_checkpoint(run / LAST)  # weights_only
     assert ckpt["step"] == 8 and ckpt["mask_ratio"] == 0.75 and ckpt["patch_size"] == 8
     assert ckpt["config"]["model"]["name"] == "crossmae_vit_tiny_patch8" and ckpt["version"]
@@ -102,6 +113,22 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
         pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
     with pytest.raises(ConfigError, match="output_dir"):
         pretrain(load_config(PretrainConfig, [], TINY), resume="auto")
+
+
+def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, capsys,
+                                                                     monkeypatch):  # fmt: skip
+    from crossmae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    settings = [s for s in TINY if not s.startswith("train.precision")]
+    assert main(["pretrain", "--print-config", *settings, "model.mask_ratio=0.6"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.model.pred_ratio == 0.6 and cfg.train.precision == "fp32"  # auto on a CPU
+    assert cfg.output_dir.startswith("runs/crossmae_vit_tiny_patch8-")
+    assert main(["cls", "finetune", "--print-config", "encoder.checkpoint=x.pt",
+                 "data.train=a", "data.val=b"]) == 0  # fmt: skip
+    assert OmegaConf.create(capsys.readouterr().out).train.precision == "fp32"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):

@@ -131,3 +131,75 @@ def test_errors_name_the_problem(pretrained, tmp_path, monkeypatch, capsys):
     (tmp_path / "imagenet" / "val").mkdir()
     err = error("--stages", "linprobe", str(pretrained), str(tmp_path / "out"), NPROC="abc")
     assert "NPROC must be a number of processes, not 'abc'" in err
+
+
+def strict(path) -> object:
+    """A JSON file (or JSON-lines file) parsed as strict JSON: NaN / Infinity are errors."""
+
+    def refuse(token: str):
+        raise ValueError(f"{path}: {token} is not JSON")
+
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line]
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_readme_commands_work_on_the_main_jobs_run_folder(
+    shared_dir, pretrained, smoke, tmp_path, capsys
+):
+    """The README's commands, as written, on the default pretraining run's folder (8-px patches,
+    64 px): transfer --smoke (above: det and seg resample the patches to 16 px and say so), the
+    quick frozen evaluation, the converters, psnr, the analyses, then evaluate and visualize on
+    the smoke's detector and segmenter. Every JSON written is strict JSON."""
+    run, out = pretrained.parent, smoke[0]
+    data = shared_dir / "data"
+    for stage in ("det", "seg"):
+        assert "patch kernel is resampled to 16 px" in (out / stage / "log.txt").read_text()
+    md = (out / "results.md").read_text()
+    assert "**Smoke run**" in md and json.loads((out / "results.json").read_text())["smoke"]
+
+    def ok(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(list(argv)) == 0, argv
+        return capsys.readouterr().out
+
+    cifar = out / "smoke_data" / "cls"
+    ok("cls", "frozen", "--config", str(REPO / "configs/cls/frozen_cifar10_tiny.yaml"),
+       f"encoder.checkpoint={run / 'encoder.pt'}", f"output_dir={tmp_path / 'frozen'}",
+       f"data.train={cifar / 'train'}", f"data.val={cifar / 'val'}", "data.cache_dir=null",
+       "probe.epochs=2", "probe.warmup_epochs=1")  # fmt: skip
+    assert "per-class top-1" in (tmp_path / "frozen" / "log.txt").read_text()
+    for kind in ("to-official", "to-mae", "to-timm", "to-mmseg"):
+        ok("convert", kind, str(pretrained), str(tmp_path / f"{kind}.pth"))
+    images = str(data / "imagenette" / "val")
+    ok("psnr", str(pretrained), "--data", images, "--images", "4",
+       "--out", str(tmp_path / "psnr.json"))  # fmt: skip
+    figs = tmp_path / "figs"
+    ok("analyze", "recon", "--crossmae", str(pretrained), "--images", images, "-n", "2",
+       "--out", str(figs))  # fmt: skip
+    ok("analyze", "blocks", "--crossmae", str(pretrained), "--images", images, "-n", "2",
+       "--out", str(figs))  # fmt: skip
+    ok("analyze", "iba", "--crossmae", str(pretrained), "--out", str(figs))
+
+    coco = data / "coco128"
+    small = out / "smoke_data" / "det" / "small.json"
+    text = ok("det", "evaluate", str(out / "det" / "checkpoint-last.pt"), "--json", str(small),
+              "--images", str(coco / "train2017"))  # fmt: skip
+    assert "no detection scored above 0.05" in text or "Per-category bbox AP:" in text
+    ok("det", "visualize", str(out / "det" / "checkpoint-last.pt"), "--json", str(small),
+       "--images", str(coco / "train2017"), "--out", str(tmp_path / "det_png"), "-n", "2",
+       "--score", "0")  # fmt: skip
+    ade = f"data.root={data / 'ade20k_samples'}"
+    text = ok("seg", "evaluate", str(out / "seg" / "checkpoint-last.pt"), ade)
+    assert "per class results:" in text and "| wall " in text and "Summary:" in text
+    ok("seg", "visualize", str(out / "seg" / "checkpoint-last.pt"), ade, "--out",
+       str(tmp_path / "seg_png"), "-n", "2")  # fmt: skip
+    for folder in ("det_png", "seg_png"):
+        pngs = sorted((tmp_path / folder).glob("*.png"))
+        assert len(pngs) == 2 and all(p.stat().st_size > 5000 for p in pngs), folder
+    for name in ("reconstructions", "decoder_blocks", "iba_weights"):
+        assert (figs / f"{name}.png").stat().st_size > 5000
+    for root in (run, out, tmp_path):
+        for path in [*root.rglob("*.json"), *root.rglob("*.jsonl")]:
+            strict(path)

@@ -100,19 +100,24 @@ def cmd_recon(args) -> int:
             runs["MAE"] = reconstruct(mae, imgs, ids)
         runs[f"CrossMAE γ={cross.pred_ratio:g}"] = reconstruct(cross, imgs, ids)
         runs["CrossMAE, all masked"] = reconstruct(cross, imgs, ids, pred_ratio=cross.mask_ratio)
-    first = next(iter(runs.values()))
-    cols = [("original", first["original"]), ("masked", first["masked"])]
-    cols += [(name, r["pasted"]) for name, r in runs.items()]
-    plt = _pyplot()
-    fig, axes = plt.subplots(len(imgs), len(cols), figsize=(1.6 * len(cols), 1.6 * len(imgs)))
-    for r in range(len(imgs)):
-        for c, (name, x) in enumerate(cols):
-            show(axes[r][c], x[r], name if r == 0 else None)
-    save_figure(fig, args.out / "reconstructions.png")
     psnr = {
         name: masked_psnr(r["pred"], r["original"], r["predicted"], cross.patch_size).tolist()
         for name, r in runs.items()
     }
+    first = next(iter(runs.values()))
+    cols = [("original", first["original"], None), ("masked", first["masked"], None)]
+    cols += [(name, r["pasted"], psnr[name]) for name, r in runs.items()]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(imgs), len(cols), squeeze=False,
+                             figsize=(1.6 * len(cols), 1.75 * len(imgs) + 0.4))  # fmt: skip
+    for r in range(len(imgs)):
+        for c, (name, x, db) in enumerate(cols):
+            title = name if db is None else f"{name}\nmean {sum(db) / len(db):.2f} dB"
+            show(axes[r][c], x[r], title if r == 0 else None)
+            if db is not None:
+                axes[r][c].set_xlabel(f"{db[r]:.2f} dB", fontsize=7, labelpad=1)
+    fig.suptitle("PSNR over the masked patches each model predicted", fontsize=8)
+    save_figure(fig, args.out / "reconstructions.png")
     write_json(args.out, "reconstructions.json", {
         "crossmae": args.crossmae, "mae": args.mae, "images": args.images or "skimage photos",
         "seed": args.seed, "mask_ratio": cross.mask_ratio, "pred_ratio": cross.pred_ratio,
@@ -153,9 +158,12 @@ def cmd_blocks(args) -> int:
     plt = _pyplot()
     rows, ncol = len(imgs), len(terms) + 1
     fig, axes = plt.subplots(2 * rows, ncol, figsize=(1.5 * ncol, 3.0 * rows))
+    axes = axes.reshape(2 * rows, ncol)
     for r in range(rows):
         show(axes[2 * r][0], denormalize(imgs[r]), "original" if r == 0 else None)
         show(axes[2 * r + 1][0], denormalize(masked_input[r]), "masked" if r == 0 else None)
+        axes[2 * r][0].set_ylabel(f"image {r + 1}\nper-block terms", fontsize=7)
+        axes[2 * r + 1][0].set_ylabel(f"image {r + 1}\nrunning sum", fontsize=7)
         for i in range(len(terms)):
             contrib = to_image(pixel_terms[i])[r]
             scale = contrib.abs().max().clamp_min(1e-8)
@@ -241,7 +249,28 @@ def cmd_flops(args) -> int:
             print(f"{name:28s} γ={gamma:<5} decoder {counts['decoder']:6.2f} total "
                   f"{counts['total']:6.2f} GMACs (torch: {counts['torch_total']:.2f})")  # fmt: skip
     write_json(args.out, "flops.json", {"unit": "GMACs per image, forward", "rows": rows})
+    plot_flops(rows, args.out / "flops.png")
     return 0
+
+
+def plot_flops(rows: list[dict], path: Path) -> None:
+    """Decoder and encoder GMACs per image of each (model, γ) as stacked bars (paper Fig. 7)."""
+    plt = _pyplot()
+    names = [r["model"] + ("" if r["pred_ratio"] is None else f"\nγ={r['pred_ratio']:g}")
+             for r in rows]  # fmt: skip
+    decoder = [r["decoder"] for r in rows]
+    rest = [r["total"] - r["decoder"] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.0 + 1.1 * len(rows), 3.6))
+    ax.bar(names, rest, label="encoder (and the rest)", color="tab:gray")
+    ax.bar(names, decoder, bottom=rest, label="decoder", color="tab:orange")
+    for i, r in enumerate(rows):
+        ax.text(i, r["total"], f"{r['decoder']:.2f} / {r['total']:.2f}", ha="center",
+                va="bottom", fontsize=7)  # fmt: skip
+    ax.set_ylabel("GMACs per image (forward)")
+    ax.set_title("decoder / total GMACs (fvcore, attention counted)", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 register_group(("analyze",), "the paper's analyses of pretrained models", __doc__)

@@ -664,12 +664,16 @@ def budget_value(text: str) -> float:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model of each row and how it is compiled (``step`` and ``saved``)."""
-    p.add_argument(
-        "--models", nargs="+", default=["crossmae_vit_base_patch16", "mae_vit_base_patch16"]
-    )
-    p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75])
-    p.add_argument("--decoder-depth", type=int_at_least(1), default=None)
-    p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto", help="attention backend")
+    p.add_argument("--models", nargs="+", metavar="MODEL",
+                   default=["crossmae_vit_base_patch16", "mae_vit_base_patch16"],
+                   help="registered models, one row each (crossmae models lists them)")  # fmt: skip
+    p.add_argument("--pred-ratios", nargs="+", type=float, default=[0.25, 0.75], metavar="γ",
+                   help="CrossMAE prediction ratios, one row each (MAE predicts every masked "
+                   "patch)")  # fmt: skip
+    p.add_argument("--decoder-depth", type=int_at_least(1), default=None,
+                   help="decoder blocks (default: the model's)")  # fmt: skip
+    p.add_argument("--sdpa", choices=SDPA_BACKENDS, default="auto",
+                   help="attention kernel of every layer (auto: torch's choice)")  # fmt: skip
     p.add_argument(
         "--inductor",
         nargs="+",
@@ -684,7 +688,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default=[1.0],
         help="activation memory budgets of the compiled step, one row each (1.0 = torch's default)",
     )
-    p.add_argument("--batch", type=int_at_least(1), default=256)
+    p.add_argument("--batch", type=int_at_least(1), default=256, help="images per step")
     p.add_argument(
         "--input",
         choices=["uint8", "float"],
@@ -692,11 +696,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="the step's images: uint8 pixels as pretraining feeds them, or normalised fp32",
     )
     p.add_argument("--tiny", action="store_true", help="tiny widths (CPU / CI)")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute the encoder blocks in backward (less memory)")  # fmt: skip
     p.add_argument(
         "--plain-decoder", action="store_true", help="CrossMAE: the unfused per-block K/V path"
     )
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
 
 
 register_group(("benchmark",), "training-step, attention and data-pipeline speed", __doc__)
@@ -718,8 +723,9 @@ def _step_command(p: argparse.ArgumentParser) -> None:
         choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
         help="torch.compile mode (reduce-overhead = CUDA graphs)",
     )
-    p.add_argument("--steps", type=int_at_least(1), default=20)
-    p.add_argument("--warmup", type=int_at_least(0), default=5)
+    p.add_argument("--steps", type=int_at_least(1), default=20, help="timed steps")
+    p.add_argument("--warmup", type=int_at_least(0), default=5,
+                   help="untimed steps first (compilation, allocator)")  # fmt: skip
     p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU only)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--profile", default=None, help="append a kernel-time table of 5 steps here")
@@ -742,31 +748,31 @@ def _tasks_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--batch", type=int_at_least(1), default=None, help="default: each recipe's per GPU"
     )
-    p.add_argument("--steps", type=int_at_least(1), default=10)
-    p.add_argument("--warmup", type=int_at_least(0), default=3)
+    p.add_argument("--steps", type=int_at_least(1), default=10, help="timed steps")
+    p.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed steps first")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--eval-bf16", action="store_true", help="evaluate under bf16 autocast")
     p.add_argument("--tiny", action="store_true", help="tiny widths and sizes (CPU / CI)")
     p.add_argument("--peak-tflops", type=float, default=None, help="default: measured (GPU)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.set_defaults(func=cmd_tasks)
 
 
 @register_command(("benchmark", "attention"), help="SDPA backends at the model's attention shapes")
 def _attention_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch", type=int_at_least(1), default=256)
-    p.add_argument("--iters", type=int_at_least(1), default=20)
-    p.add_argument("--warmup", type=int_at_least(0), default=3)
-    p.add_argument("--device", default=None)
+    p.add_argument("--batch", type=int_at_least(1), default=256, help="sequences per call")
+    p.add_argument("--iters", type=int_at_least(1), default=20, help="timed calls")
+    p.add_argument("--warmup", type=int_at_least(0), default=3, help="untimed calls first")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
     p.set_defaults(func=cmd_attention)
 
 
 @register_command(("benchmark", "data"), help="image pipeline throughput")
 def _data_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folder", required=True, type=str)
-    p.add_argument("--images", type=int_at_least(1), default=300)
-    p.add_argument("--img-size", type=int_at_least(16), default=224)
-    p.add_argument("--batch", type=int_at_least(1), default=64)
-    p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--folder", required=True, type=str, help="an image folder (JPEGs)")
+    p.add_argument("--images", type=int_at_least(1), default=300, help="images timed")
+    p.add_argument("--img-size", type=int_at_least(16), default=224, help="crop side")
+    p.add_argument("--batch", type=int_at_least(1), default=64, help="GPU-decode batch")
+    p.add_argument("--no-gpu", action="store_true", help="leave out the GPU-decode path")
     p.set_defaults(func=cmd_data)

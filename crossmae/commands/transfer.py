@@ -123,7 +123,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         if code != 0:
             print(f"== {name}: FAILED (see {log_file})", flush=True)
             failed.append(name)
-    status = write_table(out, ckpt, plans)
+    status = write_table(out, ckpt, plans, smoke=args.smoke)
     if STOPPED:
         print(f"crossmae transfer: stopped by {signal.Signals(STOPPED[0]).name} during {name}; "
               "the same command continues where it stopped", file=sys.stderr)  # fmt: skip
@@ -319,28 +319,47 @@ def fmt(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def write_table(out: Path, ckpt: Path, plans: dict[str, Plan]) -> int:
-    """OUT/results.json and results.md from the stages' results; 1 if a stage is missing."""
+SMOKE_BANNER = ("> **Smoke run**: each stage trained a few steps on a few images of the shared "
+                "data (tiny splits and inputs, CPU) to check the wiring from checkpoint to table. "
+                "The numbers say nothing about the encoder: on a dozen validation images a top-1 "
+                "moves in steps of several points, and AP is undefined when no detection clears "
+                "the test threshold.")  # fmt: skip
+
+
+def write_table(out: Path, ckpt: Path, plans: dict[str, Plan], *, smoke: bool = False) -> int:
+    """OUT/results.json and results.md from the stages' results (a smoke run's marked as such,
+    a missing value's reason beside it); 1 if a stage is missing."""
     rows = {}
     for name, plan in plans.items():
         result = stage_result(out / name)
         config = out / name / "config.yaml"
+        metrics = {} if result is None else plan.task.headline(result)
         rows[name] = {"status": "done" if result is not None else "missing",
                       "output_dir": str(out / name),
                       "config": str(config) if config.is_file() else None,
-                      "metrics": {} if result is None else plan.task.headline(result)}  # fmt: skip
+                      "note": metrics.pop("note", None), "metrics": metrics}  # fmt: skip
     written = datetime.now(UTC).isoformat(timespec="seconds")
     numbers = {k: v for r in rows.values() for k, v in r["metrics"].items()}
-    summary = {"checkpoint": str(ckpt), "written": written, "stages": rows, **numbers}
+    summary = {"checkpoint": str(ckpt), "written": written, "smoke": smoke, "stages": rows,
+               **numbers}  # fmt: skip
     write_text_atomic(out / "results.json", strict_json(summary, indent=1) + "\n")
-    lines = [f"# Transfer results of `{summary['checkpoint']}`", "",
-             "| stage | metric | value | config | status |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [f"# Transfer results of `{summary['checkpoint']}`", ""]
+    if smoke:
+        lines += [SMOKE_BANNER, ""]
+    lines += ["| stage | metric | value | config | status |", "|---|---|---|---|---|"]
+    notes = []
     for name, row in rows.items():
         for label, keys in plans[name].task.transfer.columns:
             value = " / ".join(fmt(row["metrics"].get(k)) for k in keys)
+            if row["note"] and "—" in value:
+                notes.append(f"{name}: {row['note']}")
+                value += f" ({len(notes)})"
             lines.append(f"| {name} | {label} | {value} | {row['config'] or '—'} | "
                          f"{row['status']} |")  # fmt: skip
-    lines += ["", f"Written {summary['written']}; the same in results.json.", ""]
+    lines.append("")
+    if notes:
+        lines += [*(f"({i}) {note}" for i, note in enumerate(notes, 1)), ""]
+    lines += [f"Written {summary['written']}; the same in results.json.", ""]
     write_text_atomic(out / "results.md", "\n".join(lines))
     print("\n".join(lines))
     return 0 if all(r["status"] == "done" for r in rows.values()) else 1

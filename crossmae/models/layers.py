@@ -9,6 +9,7 @@ Attention runs through ``F.scaled_dot_product_attention``.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -250,6 +251,15 @@ def adapt_encoder_state(
     from .pos_embed import resample_abs_pos_embed
 
     sd = {k: v for k, v in state_dict.items() if not k.startswith(drop)}
+    kernel = sd["patch_embed.proj.weight"].shape[-1]
+    if kernel != patch_size:
+        logging.getLogger("crossmae").info(
+            "the encoder's %d-px patch kernel is resampled to %d px (FlexiViT pseudo-inverse) and "
+            "its %dx%d position table to the new grid",
+            kernel,
+            patch_size,
+            *pretrain_grid,
+        )
     sd["patch_embed.proj.weight"] = resample_patch_weight(sd["patch_embed.proj.weight"], patch_size)
     pe = sd["pos_embed"]
     n_prefix = pe.shape[1] - pretrain_grid[0] * pretrain_grid[1]
