@@ -211,6 +211,9 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and exits 1)
+        # the process ends: what Ctrl-C cut short while it was being built (a data loader
+        # starting its workers) may fail in its destructor; that is not news to print
+        sys.unraisablehook = lambda unraisable: None
         print(f"crossmae {command}: interrupted", file=sys.stderr)
         return 130
     except expected as e:

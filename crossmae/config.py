@@ -256,7 +256,7 @@ class LogConfig:
     ckpt_every_epochs: int = checked(0, at_least(0))  # and / or every N epochs (0: never)
     keep_every_epochs: int = checked(0, at_least(0))  # keep checkpoint-epochN.pt (0 = never)
     tensorboard: bool = True
-    progress: bool = True
+    progress: bool = True  # a progress bar on a terminal (a log line per record everywhere)
 
 
 # ----------------------------------------------------------------------------- pretraining

@@ -91,7 +91,7 @@ class MetricsWriter(Hook):
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(self.out / "tb", purge_step=engine.step)
-        if self.progress:
+        if self.progress and sys.stderr.isatty():  # elsewhere (a file, Slurm) the log lines
             from tqdm import tqdm
 
             self._bar = tqdm(total=engine.steps, initial=engine.step, unit="step",

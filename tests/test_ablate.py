@@ -9,6 +9,7 @@ import pytest
 from test_data import cifar_folder
 
 from crossmae.cli import main
+from crossmae.commands.ablate import CONTROL, NOT_LEARNED, aggregate, comparisons
 
 TINY = ["model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=32",
         "model.kwargs.depth=2", "model.kwargs.num_heads=2", "model.kwargs.decoder_embed_dim=16",
@@ -18,6 +19,7 @@ TINY = ["model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=32",
         "frozen.probe.blrs=[0.1,1.0]"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_path, monkeypatch):
     train = cifar_folder(shared_dir, tmp_path / "train", per_class=6, classes=2)
     val = cifar_folder(shared_dir, tmp_path / "val", per_class=3, classes=2)
@@ -26,23 +28,36 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
             "mae", "crossmae_g0.25", "--seeds", "2", "--psnr-images", "4", *TINY]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((out / "ablation.json").read_text())
-    assert list(result["table"]) == ["mae", "crossmae_g0.25"]
-    for row in result["table"].values():
+    assert list(result["table"]) == ["mae", "crossmae_g0.25", CONTROL]
+    for name, row in result["table"].items():
         assert row["seeds"] == 2
         for m in ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1"):
+            if name == CONTROL and m in ("decoder_gmacs", "img_per_s", "final_loss"):
+                assert row[m] is None  # no decoder runs, nothing trains
+                continue
             assert set(row[m]) == {"mean", "spread"} and row[m]["spread"] >= 0, m
-    assert [r["steps"] for r in result["runs"]] == [2, 2, 2, 2]
+        for m in ("knn_top1", "probe_top1"):  # each variant's gain over the untrained encoder
+            if name != CONTROL:
+                g = row["gain"][m]
+                assert g["mean"] == pytest.approx(
+                    row[m]["mean"] - result["table"][CONTROL][m]["mean"]
+                )
+                assert g["learned"] == (g["mean"] > g["spread"])
+    assert [r["steps"] for r in result["runs"]] == [2, 2, 2, 2, 0, 0]
+    controls = [r for r in result["runs"] if r["variant"] == CONTROL]
+    assert (
+        controls[0]["knn_top1"] != controls[1]["knn_top1"]
+        or controls[0]["psnr"] != controls[1]["psnr"]
+    )  # one random init per seed
     # CrossMAE γ = 0.25 decodes a third of MAE's queries with cross-attention only: cheaper
     t = result["table"]
     assert t["crossmae_g0.25"]["decoder_gmacs"]["mean"] < t["mae"]["decoder_gmacs"]["mean"]
     (claim,) = result["comparisons"]
     assert claim["a"] == "crossmae_g0.25" and claim["knn_top1"]["verdict"] in (
-        "no difference",
-        "a better",
-        "b better",
-    )
+        "no difference", "a better", "b better", NOT_LEARNED)  # fmt: skip
     text = (out / "ablation.md").read_text()
     assert "| crossmae_g0.25 | 2 |" in text and "CrossMAE matches MAE" in text
+    assert f"| {CONTROL} | 2 | - | - | - |" in text and "gain over control" in text
     assert (out / "ablation.png").stat().st_size > 1000
     # a second call runs nothing again
     import crossmae.runner
@@ -55,3 +70,32 @@ def test_ablate_names_an_unknown_variant(tmp_path, capsys):
     argv = ["ablate", "--train", "t", "--val", "v", "--out", str(tmp_path), "--variants", "nope"]
     assert main(argv) == 2
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+
+
+def rows(variant: str, knn: list[float], probe: list[float]) -> list[dict]:
+    return [{"variant": variant, "kind": None, "decoder_gmacs": None, "img_per_s": None,
+             "final_loss": None, "psnr": 15.0, "knn_top1": k, "probe_top1": p}
+            for k, p in zip(knn, probe, strict=True)]  # fmt: skip
+
+
+def test_claims_are_read_only_where_every_variant_beats_the_untrained_encoder():
+    control = rows(CONTROL, [30.0, 31.0, 30.5], [32.0, 31.5, 32.5])
+    # within the spreads of the control: nothing learned, whatever the difference between them
+    noise = rows("crossmae_g0.25", [30.2, 31.4, 30.0], [32.1, 31.0, 32.0]) + rows(
+        "mae", [29.0, 29.5, 29.2], [30.0, 30.5, 31.0]
+    )
+    (claim,) = comparisons(aggregate(noise + control))
+    assert claim["knn_top1"]["verdict"] == NOT_LEARNED
+    assert claim["probe_top1"]["verdict"] == NOT_LEARNED
+    # one variant learned, the other did not: still not read
+    one = rows("crossmae_g0.25", [40.0, 41.0, 40.5], [42.0, 41.0, 41.5]) + noise[3:]
+    assert comparisons(aggregate(one + control))[0]["knn_top1"]["verdict"] == NOT_LEARNED
+    # both beat the control beyond the spreads: the difference is read as before
+    both = one[:3] + rows("mae", [36.0, 36.5, 37.0], [38.0, 38.5, 38.0])
+    table = aggregate(both + control)
+    assert table["mae"]["gain"]["knn_top1"]["learned"]
+    (claim,) = comparisons(table)
+    assert claim["knn_top1"]["verdict"] == "a better"
+    assert claim["probe_top1"]["verdict"] == "a better"
+    close = one[:3] + rows("mae", [40.2, 40.8, 40.6], [41.8, 41.2, 41.4])
+    assert comparisons(aggregate(close + control))[0]["knn_top1"]["verdict"] == "no difference"

@@ -65,6 +65,7 @@ def test_psnr_of_a_perfect_prediction_is_capped():
     assert (masked_psnr(noisy, imgs, predicted, 8) < 30).all()
 
 
+@pytest.mark.slow
 def test_fvcore_counts_agree_with_torch_and_crossmae_decodes_cheaper():
     cross = flop_counts(create_model("crossmae_vit_base_patch16", pred_ratio=0.25))
     mae = flop_counts(create_model("mae_vit_base_patch16"))
@@ -77,6 +78,7 @@ def test_fvcore_counts_agree_with_torch_and_crossmae_decodes_cheaper():
     assert cross["decoder"] < 0.5 * mae["decoder"]
 
 
+@pytest.mark.slow
 def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
     cross = ours_checkpoint(tmp_path / "c.pt", pred_ratio=0.25)
     ours_checkpoint(tmp_path / "m.pt", name="mae_vit_base_patch16")
@@ -93,7 +95,7 @@ def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
     psnr = [str(tmp_path / "c.pt"), str(tmp_path / "m.pt"), "--data", images, "--images", "8"]
     assert main(["psnr", *psnr, "--out", str(out / "psnr.json")]) == 0
     assert main(["psnr", *psnr[:1], *psnr[2:], "--all-masked", "--out", str(out / "all.json")]) == 0
-    for name in ("reconstructions", "decoder_blocks", "iba_weights", "mae_attention"):
+    for name in ("reconstructions", "decoder_blocks", "iba_weights", "mae_attention", "flops"):
         assert (out / f"{name}.png").stat().st_size > 1000
     rec = json.loads((out / "reconstructions.json").read_text())
     assert rec["predicted_patches"] == {"MAE": 12, "CrossMAE γ=0.25": 4, "CrossMAE, all masked": 12}

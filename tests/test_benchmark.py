@@ -47,6 +47,7 @@ def test_step_benchmark_runs_on_cpu_at_tiny_size():
     assert rows[0]["gflop_per_img"] < rows[1]["gflop_per_img"]
 
 
+@pytest.mark.slow
 def test_step_benchmark_takes_inductor_settings_and_names_a_wrong_one():
     rows = run_tool("step", "--tiny", "--batch", "4", "--steps", "1", "--warmup", "1",
                     "--modes", "compiled", "--models", "crossmae_vit_base_patch16",
@@ -59,6 +60,7 @@ def test_step_benchmark_takes_inductor_settings_and_names_a_wrong_one():
     assert "triton.no_such_setting does not exist" in err
 
 
+@pytest.mark.slow
 def test_saved_lists_what_the_compiled_step_keeps_and_a_budget_shrinks_it():
     """At a lower activation memory budget the partitioner keeps less: the encoder MLP's GELU
     output is recomputed from the fc1 output instead of saved beside it."""
@@ -106,6 +108,7 @@ def test_data_benchmark_runs(shared_dir):
     [("crossmae_vit_base_patch16", 0.25, 38.2), ("crossmae_vit_base_patch16", 0.75, 56.9),
      ("mae_vit_base_patch16", None, 56.3)],
 )  # fmt: skip
+@pytest.mark.slow
 def test_training_flops_match_the_reference(name, pred_ratio, gflop):
     """docs/reference.md: forward + backward per 224^2 image, counted with torch.utils.flop_counter.
     The official encoder embeds all 196 patches and drops 147; ours embeds the 49 it keeps, so
@@ -121,6 +124,7 @@ def test_training_flops_match_the_reference(name, pred_ratio, gflop):
     assert counter.get_total_flops() / 1e9 == pytest.approx(expected, abs=0.05)
 
 
+@pytest.mark.slow
 def test_transfer_task_steps_are_timed_on_the_engine():
     """ViTDet, UperNet and finetuning steps (each recipe's precision) and their evaluation
     throughput, at a tiny size on CPU: one row each with speed and FLOPs."""

@@ -92,6 +92,7 @@ def test_knn_and_probe_on_separable_features():
     assert res["by_blr"][1.0]["top1"] < 100.0
 
 
+@pytest.mark.slow
 def test_frozen_eval_end_to_end_and_on_two_processes(shared_dir, tiny_checkpoints, tmp_path):
     _, d = tiny_checkpoints
     train = cifar_folder(shared_dir, tmp_path / "train", per_class=8, classes=3)
@@ -161,6 +162,7 @@ def lrs(run: Path) -> dict[int, float]:
     return {r["step"]: r["lr"] for r in rows if "lr" in r}
 
 
+@pytest.mark.slow
 def test_finetune_end_to_end_and_resume_continues_the_schedule(
     shared_dir, tiny_checkpoints, tmp_path, monkeypatch
 ):
@@ -245,6 +247,7 @@ def test_linear_probe_trains_only_the_head(shared_dir, tiny_checkpoints, tmp_pat
     assert "head.0.running_mean" in ck["model"] and "head.1.weight" in ck["model"]
 
 
+@pytest.mark.slow
 def test_finetune_evaluation_on_two_processes_counts_each_image_once(
     shared_dir, tiny_checkpoints, tmp_path
 ):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, check_random_states, tiny_encoder_export
 
-from crossmae.checkpoint import save_atomic
+from crossmae.checkpoint import save_atomic, strict_json
 from crossmae.models.pretrained import encoder_export, load_pretrained_encoder
 from det.backbone import SimpleFeaturePyramid, ViTDetBackbone, global_block_indices, pyramid_strides
 from det.data import AnnotationError, CocoInstances, coco_subset, shortest_edge_size
@@ -70,6 +70,7 @@ def test_backbone_loads_an_encoder_strictly(tmp_path):
         bb.load_pretrained({k: v for k, v in sd.items() if k != "blocks.0.attn.qkv.bias"}, (2, 2))
 
 
+@pytest.mark.slow
 def test_ground_truth_as_predictions_scores_ap_100(shared_dir):
     from pycocotools.coco import COCO
 
@@ -184,6 +185,7 @@ def train_detector(cfg, resume: str | None = None) -> dict:
     return run_task(DetTask(cfg), cfg, resume)
 
 
+@pytest.mark.slow
 def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
     cfg, model, small, images = tiny_det_run(shared_dir, tmp_path, "run")
     result = train_detector(cfg)
@@ -205,8 +207,11 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
     capsys.readouterr()
     args = ["evaluate", str(ckpt), "--json", str(small), "--images", str(images)]
     assert main([*args, "--results", str(out)]) == 0
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert json.dumps(printed) == json.dumps(result["metrics"])  # NaN where AP is undefined
+    printed = capsys.readouterr().out.strip().splitlines()
+    same = {k: result["metrics"][k] for k in ("bbox", "segm", "detections")}
+    assert printed[-1] == strict_json(same)  # null where AP is undefined
+    text = "\n".join(printed)
+    assert "no detection scored above" in text or "Per-category bbox AP:" in text
     assert out.is_file()
     # the detectron2 export: the MAE release layout, which our backbone (like detectron2's) loads
     assert cli(["convert", "to-mae", str(tmp_path / "enc.pt"), str(tmp_path / "d2.pth")]) == 0
@@ -217,6 +222,7 @@ def test_a_few_training_iterations_and_evaluation(shared_dir, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_exactly(shared_dir, tmp_path, monkeypatch):
     import signal
 

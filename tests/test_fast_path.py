@@ -61,6 +61,7 @@ def test_activation_checkpointing_matches():
     assert all(torch.allclose(grads[n], grads_ref[n], atol=1e-6) for n in grads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["crossmae_vit_base_patch16", "mae_vit_base_patch16"])
 def test_the_step_compiles_without_graph_breaks(name):
     import crossmae
@@ -76,6 +77,7 @@ def test_the_step_compiles_without_graph_breaks(name):
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
+@pytest.mark.slow
 def test_attention_backend_is_traced_into_the_compiled_graph():
     """A backend set on the layers is part of the graph torch.compile captures (so a compilation
     cached for another backend is never reused), with the same numbers as torch's own choice."""

@@ -98,6 +98,7 @@ def test_2_det_checks_every_image_its_annotations_name_before_training(shared_di
         CocoInstances(tmp_path / "b.json", coco / "train2017", train=True)
 
 
+@pytest.mark.slow
 def test_3_resuming_a_finished_run_keeps_its_results(tmp_path):
     first = pretrain(tiny(tmp_path))
     again = pretrain(tiny(tmp_path), resume="auto")
@@ -141,6 +142,7 @@ def test_5_10_14_nonsense_settings_are_refused_naming_the_key(schema, setting, m
         load_config(schemas[schema], [], [setting])
 
 
+@pytest.mark.slow
 def test_6_skipped_nonfinite_steps_are_counted_not_averaged_as_zero(tmp_path, monkeypatch):
     from test_train import NanAfter
 
@@ -167,6 +169,7 @@ def test_7_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert rgb[0, :, 0].tolist() == list(range(256))  # 0..65535 -> 0..255, in order
 
 
+@pytest.mark.slow
 def test_8_resuming_with_other_settings_is_refused_unless_asked(tmp_path):
     pretrain(tiny(tmp_path, "train.epochs=1"))
     saved = (tmp_path / "config.yaml").read_text()
@@ -370,6 +373,7 @@ def wait_for(proc: subprocess.Popen, path: Path, test, timeout: float = 180) -> 
     pytest.fail(f"{path} never showed what was waited for")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_an_evaluation_with_data_workers_is_one_line(shared_dir, tmp_path):
     """An evaluation stopped by Ctrl-C to the process group: one line, no traceback."""
     from conftest import tiny_encoder_export
@@ -407,6 +411,7 @@ def test_a_diverged_run_does_not_look_finished(tmp_path, monkeypatch, capsys):
     assert torch.load(tmp_path / "encoder.pt", weights_only=True)["step"] == 4
 
 
+@pytest.mark.slow
 def test_a_converter_never_replaces_its_input_or_a_checkpoint_of_another_kind(tmp_path, capsys):
     pretrain(tiny(tmp_path / "run", "train.epochs=1"))
     ckpt = tmp_path / "run" / LAST

@@ -17,12 +17,28 @@ from PIL import Image
 from crossmae.report import Progress, column_pairs, duration, rate, table
 
 
-def test_progress_logs_count_rate_and_eta_without_a_terminal(caplog):
-    caplog.set_level(logging.INFO, logger="crossmae")
-    with Progress(10, "COCO inference", every_s=0.0) as bar:
-        for _ in range(4):
-            bar.update()
-    lines = [r.getMessage() for r in caplog.records]
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_progress_logs_count_rate_and_eta_without_a_terminal():
+    logger, handler = logging.getLogger("crossmae"), Lines()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with Progress(10, "COCO inference", every_s=0.0) as bar:
+            for _ in range(4):
+                bar.update()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = handler.lines
     assert lines[0] == "COCO inference: 10 img"
     assert lines[1].startswith("COCO inference: 1/10 img, ") and "ETA " in lines[1]
     assert lines[4].startswith("COCO inference: 4/10 img, ")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 from test_train import TINY
 
 from crossmae.checkpoint import LAST, load_checkpoint
 
 
+@pytest.mark.slow
 def test_submitit_local_two_tasks(tmp_path):
     run = tmp_path / "run"
     res = subprocess.run(

@@ -86,6 +86,7 @@ def crossmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
                           text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_an_installed_task_is_found_by_the_cli_the_benchmark_and_the_transfer_stages(tmp_path):
     before = crossmae("transfer", "--list")
     assert before.returncode == 0, before.stderr

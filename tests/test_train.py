@@ -82,6 +82,7 @@ def losses_safe(metrics: Path) -> list[tuple[int, float]]:
     return out
 
 
+@pytest.mark.slow
 def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     run = tmp_path / "run"
     summary = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
@@ -131,6 +132,7 @@ def test_print_config_shows_the_resolved_settings_and_writes_nothing(tmp_path, c
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     full = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'a'}"]))
     accum = pretrain(
@@ -143,6 +145,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'one'}"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -180,6 +183,7 @@ def test_a_wrong_memory_budget_fails_before_anything_is_written(tmp_path, settin
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_the_memory_budget_reaches_the_compiled_step(tmp_path, monkeypatch):
     """train.activation_memory_budget is what torch's partitioner reads when the step compiles."""
     import torch._functorch.partitioners as partitioners
@@ -248,6 +252,7 @@ def test_cuda_graph_run_matches_the_plain_run(tmp_path, monkeypatch):
 LONG = [*TINY, "data.demo_samples_per_epoch=640", "train.epochs=1"]  # 40 steps in one epoch
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
     pretrain(load_config(PretrainConfig, [], [*LONG, f"output_dir={tmp_path / 'ref'}"]))
 
@@ -266,6 +271,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert losses(run) == losses(tmp_path / "ref")  # bit for bit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_to_the_process_group_leaves_a_usable_checkpoint(tmp_path, sig):
     """SIGTERM (timeout, Slurm, submitit) and Ctrl-C alike, sent to the whole process group as
@@ -342,6 +348,7 @@ class NanAfter(torch.nn.Module):
         return out
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_skip_the_step_then_stop_the_run(tmp_path, monkeypatch):
     build = train_mod.build_model
     monkeypatch.setattr(train_mod, "build_model", lambda m: NanAfter(build(m), {2}))
@@ -372,6 +379,7 @@ def test_device_decode_pipeline_trains(shared_dir, tmp_path):
     assert summary["step"] == 2 and summary["final_loss"] == summary["final_loss"]
 
 
+@pytest.mark.slow
 def test_knn_monitor_during_pretraining(shared_dir, tmp_path):
     train = cifar_folder(shared_dir, tmp_path / "knn_train", per_class=6, classes=2)
     val = cifar_folder(shared_dir, tmp_path / "knn_val", per_class=3, classes=2)

@@ -16,6 +16,7 @@ from conftest import REPO
 from crossmae.cli import main
 
 SCRIPT = str(REPO / "tools" / "transfer.sh")
+pytestmark = pytest.mark.slow  # every test runs (or shares) the end-to-end smoke transfer
 
 
 @pytest.fixture(scope="module")

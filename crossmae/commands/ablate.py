@@ -4,9 +4,12 @@ Pretrains each variant with each seed on one labelled image folder with one budg
 every encoder the same way on a held-out split (kNN and the fast linear probe of ``cls frozen``,
 masked-patch PSNR), and writes ``OUT/ablation.md`` and ``OUT/ablation.json`` (per variant: decoder
 GMACs per image, img/s on this machine, final loss, PSNR, kNN top-1 and probe top-1, mean and
-spread over the seeds), the paper's comparisons read from them, and ``OUT/ablation.png``
-(accuracy against decoder FLOPs, the axes of the paper's Fig. 7). A finished run is not run
-again: the command continues where it stopped.
+spread over the seeds), and ``OUT/ablation.png`` (accuracy against decoder FLOPs, the axes of the
+paper's Fig. 7). A control row evaluates the same encoder architecture untrained (one random
+init per seed) the same way; each variant's gain over it is in the table. The paper's claims
+are read only for variants that beat the control beyond the spreads ("not learned at this
+budget" otherwise), and a difference between two variants is called one only when it exceeds
+their spreads added. A finished run is not run again: the command continues where it stopped.
 
     crossmae ablate --train ../shared/data/imagenette/train --val ../shared/data/imagenette/val \\
         --out runs/ablation train.epochs=4
@@ -61,6 +64,9 @@ CLAIMS = [
 FROZEN_DEFAULTS = ["probe.epochs=50", "probe.warmup_epochs=5", "probe.batch_size=1024",
                    "probe.blrs=[0.1,0.3,1.0,3.0,10.0]"]  # fmt: skip
 METRICS = ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1")
+ACCURACY = ("knn_top1", "probe_top1")
+CONTROL = "control (untrained)"  # the same encoder, random init, evaluated the same way
+NOT_LEARNED = "not learned at this budget"
 
 
 def settings_of(variant: str, arch: str) -> list[str]:
@@ -128,52 +134,120 @@ def run_one(args, variant: str, seed: int, cfg, evaluation) -> dict:
     return result
 
 
+def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
+    """The control of one seed: the pretraining runs' encoder architecture with a random init
+    (seeded), evaluated as they are (kNN, probe, PSNR of the untrained model); cached in
+    ``OUT/control/seedN/ablate.json``."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ..checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
+    from ..models import create_model
+    from ..reconstruction import folder_reconstruction_metrics
+    from ..runner import run_task
+    from ..task import get_task
+
+    done = Path(args.out) / "control" / f"seed{seed}" / "ablate.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    log.info("ablate: control (untrained encoder) seed %d", seed)
+    cfg = OmegaConf.merge(evaluation, {"encoder": {"random_init": True, "seed": seed}})
+    acc = run_task(get_task("frozen")(cfg), cfg)["metrics"]
+    ckpt = load_checkpoint(Path(pretrain_cfg.output_dir) / "checkpoint-last.pt",
+                           expect=PRETRAIN_FORMAT)  # fmt: skip
+    torch.manual_seed(seed)
+    model = create_model(ckpt["model_name"], **ckpt["model_config"]).eval()
+    rec = folder_reconstruction_metrics(model, args.val, images=args.psnr_images, seed=0)
+    result = {"variant": CONTROL, "kind": None, "seed": seed, "steps": 0, "decoder_gmacs": None,
+              "img_per_s": None, "final_loss": None, "psnr": rec["psnr"],
+              "knn_top1": acc["knn_top1"], "probe_top1": acc["linprobe_top1"],
+              "settings": ["encoder.random_init=true", f"encoder.seed={seed}"]}  # fmt: skip
+    done.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(done, json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def aggregate(results: list[dict]) -> dict[str, dict]:
-    """Per variant: each metric's mean and spread (half the range over the seeds)."""
+    """Per variant: each metric's mean and spread (half the range over the seeds; None where it
+    does not apply, as the control's decoder cost); with a control row, each variant's ``gain``
+    over it in kNN and probe top-1 (the difference of the means; its spread, the two spreads
+    added) and whether it ``learned`` (a gain beyond that spread)."""
     table = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         rows = [r for r in results if r["variant"] == variant]
         table[variant] = {"seeds": len(rows), "kind": rows[0].get("kind")}
         for m in METRICS:
-            values = [r[m] for r in rows]
-            table[variant][m] = {"mean": statistics.fmean(values),
-                                 "spread": (max(values) - min(values)) / 2}  # fmt: skip
+            values = [r[m] for r in rows if r[m] is not None]
+            table[variant][m] = (
+                {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2}
+                if values
+                else None
+            )
+    control = table.get(CONTROL)
+    for name, t in table.items():
+        if control is None or name == CONTROL:
+            continue
+        t["gain"] = {}
+        for m in ACCURACY:
+            gain = t[m]["mean"] - control[m]["mean"]
+            spread = t[m]["spread"] + control[m]["spread"]
+            t["gain"][m] = {"mean": gain, "spread": spread, "learned": gain > spread}
     return table
 
 
 def comparisons(table: dict[str, dict]) -> list[dict]:
     """Each claim whose two variants were run: the difference of kNN and probe top-1, called a
-    difference only when it exceeds the two variants' spreads added."""
+    difference only when it exceeds the two variants' spreads added, and read at all only when
+    both variants beat the control beyond the spreads (``NOT_LEARNED`` otherwise; a table
+    without a control row is read as it is)."""
     out = []
     for claim, a, b in CLAIMS:
         if a not in table or b not in table:
             continue
         row = {"claim": claim, "a": a, "b": b}
-        for m in ("knn_top1", "probe_top1"):
+        for m in ACCURACY:
             diff = table[a][m]["mean"] - table[b][m]["mean"]
             noise = table[a][m]["spread"] + table[b][m]["spread"]
-            verdict = "no difference" if abs(diff) <= noise else ("a better" if diff > 0 else
-                                                                  "b better")  # fmt: skip
+            learned = all(table[v].get("gain", {}).get(m, {"learned": True})["learned"]
+                          for v in (a, b))  # fmt: skip
+            if not learned:
+                verdict = NOT_LEARNED
+            elif abs(diff) <= noise:
+                verdict = "no difference"
+            else:
+                verdict = "a better" if diff > 0 else "b better"
             row[m] = {"difference": diff, "noise": noise, "verdict": verdict}
         out.append(row)
     return out
 
 
 def markdown(table: dict[str, dict], claims: list[dict], header: str) -> str:
-    def cell(v: dict, digits: int) -> str:
-        return f"{v['mean']:.{digits}f} ± {v['spread']:.{digits}f}"
+    def cell(v: dict | None, digits: int) -> str:
+        return "-" if v is None else f"{v['mean']:.{digits}f} ± {v['spread']:.{digits}f}"
+
+    def gain(t: dict, m: str) -> str:
+        g = t.get("gain", {}).get(m)
+        if g is None:
+            return "-"
+        return f"{g['mean']:+.2f} ± {g['spread']:.2f}{'' if g['learned'] else ' (not beyond)'}"
 
     lines = [header, "",
              "| variant | seeds | decoder GMACs / image | img/s | final loss | PSNR (dB) "
-             "| kNN top-1 | probe top-1 |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| kNN top-1 | probe top-1 | kNN gain over control | probe gain over control |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, t in table.items():
-        lines.append(f"| {name} | {t['seeds']} | {t['decoder_gmacs']['mean']:.3f} | "
-                     f"{t['img_per_s']['mean']:.0f} | {cell(t['final_loss'], 3)} | "
-                     f"{cell(t['psnr'], 2)} | {cell(t['knn_top1'], 2)} | "
-                     f"{cell(t['probe_top1'], 2)} |")  # fmt: skip
-    lines += ["", "Mean ± spread (half the range over the seeds). A difference is called one only "
-              "when it exceeds the two variants' spreads added.", "",
-              "| claim (a vs b) | kNN: a - b | probe: a - b |", "|---|---|---|"]  # fmt: skip
+        gmacs = "-" if t["decoder_gmacs"] is None else f"{t['decoder_gmacs']['mean']:.3f}"
+        speed = "-" if t["img_per_s"] is None else f"{t['img_per_s']['mean']:.0f}"
+        lines.append(f"| {name} | {t['seeds']} | {gmacs} | {speed} | "
+                     f"{cell(t['final_loss'], 3)} | {cell(t['psnr'], 2)} | "
+                     f"{cell(t['knn_top1'], 2)} | {cell(t['probe_top1'], 2)} | "
+                     f"{gain(t, 'knn_top1')} | {gain(t, 'probe_top1')} |")  # fmt: skip
+    lines += ["", "Mean ± spread (half the range over the seeds). The control is the same encoder "
+              "untrained (one random init per seed), evaluated the same way; a gain's spread is "
+              "the variant's and the control's added. A claim is read only where both of its "
+              f"variants beat the control beyond that spread (\"{NOT_LEARNED}\" otherwise); a "
+              "difference is called one only when it exceeds the two variants' spreads added.",
+              "", "| claim (a vs b) | kNN: a - b | probe: a - b |", "|---|---|---|"]  # fmt: skip
     for c in claims:
         k, p = c["knn_top1"], c["probe_top1"]
         lines.append(f"| {c['claim']} ({c['a']} vs {c['b']}) | {k['difference']:+.2f} "
@@ -186,7 +260,20 @@ def plot(table: dict[str, dict], path: Path) -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    control = table.get(CONTROL)
+    if control is not None:
+        for m, style in (("knn_top1", "--"), ("probe_top1", ":")):
+            ax.axhline(
+                control[m]["mean"],
+                color="gray",
+                ls=style,
+                lw=1,
+                label=f"untrained encoder ({'kNN' if m == 'knn_top1' else 'probe'})",
+            )
+        ax.legend(fontsize=7)
     for name, t in table.items():
+        if t["decoder_gmacs"] is None:
+            continue
         x = t["decoder_gmacs"]["mean"]
         for m, marker in (("knn_top1", "o"), ("probe_top1", "s")):
             ax.errorbar(x, t[m]["mean"], yerr=t[m]["spread"], fmt=marker,
@@ -222,6 +309,8 @@ def cmd_ablate(args) -> int:
             for v in args.variants for s in range(args.seeds)]  # fmt: skip
     get_task("frozen")(runs[0][3]).open_data()  # train / val: class folders, the same classes
     results = [run_one(args, *run) for run in runs]
+    first = {s: (p, e) for _, s, p, e in reversed(runs)}  # each seed's first run: its encoder
+    results += [run_control(args, s, *first[s]) for s in range(args.seeds)]
     table = aggregate(results)
     claims = comparisons(table)
     header = (f"Ablation on {args.train} (evaluated on {args.val}), {args.seeds} seed(s), "
