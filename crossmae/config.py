@@ -233,7 +233,7 @@ class TrainConfig(RunConfig):
     micro_batch: int | None = checked(None, POSITIVE, resumable=True)
     # stop after this many steps, the schedule unchanged (smoke runs)
     max_steps: int | None = checked(None, POSITIVE, resumable=True)
-    # autocast: auto = bf16 on a GPU, fp32 on a CPU (most CPUs emulate bf16, 10x slower)
+    # autocast: auto = bf16 on a GPU, fp32 on a CPU (most CPUs emulate bf16, many times slower)
     precision: str = checked("auto", TRAIN_PRECISION)
     max_nonfinite_steps: int = checked(5, POSITIVE)  # non-finite losses in a row stop the run
     # resuming with other settings than the checkpoint's is refused unless this is true

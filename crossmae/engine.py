@@ -45,7 +45,7 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 def resolve_precision(value: str, device: torch.device) -> str:
     """``train.precision`` on ``device``: ``auto`` is bf16 on a GPU and fp32 on a CPU (which
-    mostly emulates bf16, at a tenth of the speed); any other value is itself."""
+    mostly emulates bf16, many times slower); any other value is itself."""
     if value == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return value

@@ -287,7 +287,11 @@ def _resume(engine: Engine, task: Task, cfg: DictConfig, out: Path, resume: str 
             log.info("no checkpoint in %s: starting a fresh run", out)
         return
     ck = load_checkpoint(path, expect=task.format)
-    changes = changed_settings(ck["config"], cfg) if ck.get("config") is not None else []
+    changes = []
+    if ck.get("config") is not None:  # with what an older version left open decided the same way
+        saved = OmegaConf.create(ck["config"])
+        task.resolve(saved)
+        changes = changed_settings(to_plain(saved), cfg)
     if changes and not cfg.train.resume_with_changes:
         raise ConfigError(f"{path} was trained with other settings ({'; '.join(changes)}): resume "
                           "with its settings, or add train.resume_with_changes=true to change "

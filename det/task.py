@@ -3,12 +3,15 @@ ViTDet recipe (the ``DetConfig`` defaults): AdamW (lr 1e-4, betas 0.9 / 0.999, w
 on everything but the ViT's LayerNorms and position table), layer-wise lr decay over the ViT,
 250-iteration linear warmup from 0.1 %, x0.1 at each milestone, fp16 autocast with gradient
 scaling, large-scale jitter; COCO box / mask AP at the end (and every ``eval.every_steps``), in
-full precision. Also ``crossmae det evaluate``, ``det import-d2`` and ``convert to-mae``.
+full precision. Also ``crossmae det evaluate`` (COCOeval's summary and the per-category AP
+table), ``det visualize`` (predictions beside the ground truth, PNGs), ``det import-d2`` and
+``convert to-mae``.
 
     torchrun --nproc-per-node 8 -m crossmae det train \\
         --config configs/det/mask_rcnn_vit_base_100ep.yaml data.train_json=... \\
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/det_b
     crossmae det evaluate runs/det_b/checkpoint-last.pt --json ANN.json --images DIR
+    crossmae det visualize runs/det_b/checkpoint-last.pt --json ANN.json --images DIR --out PNGS
     crossmae det import-d2 model_final.pkl vitdet_b.pt [--json ANN.json]
 
 The encoder as detectron2's ViTDet loads it (train.init_checkpoint): crossmae convert to-mae.

@@ -2,13 +2,16 @@
 1.2.2's MAE UperNet config trains it (the ``SegConfig`` defaults): AdamW lr 1e-4, wd 0.05, layer
 decay 0.65, LinearLR warmup over 1500 steps then PolyLR, batch 16 of 512 crops, SyncBN when
 distributed, cross entropy divided by all pixels, auxiliary FCN loss x 0.4, fp16 AMP; mIoU by
-sliding-window inference in full precision. Also ``crossmae seg evaluate``, ``seg import-mmseg``
-and ``convert to-mmseg``.
+sliding-window inference in full precision. Also ``crossmae seg evaluate`` (mmseg's per-class
+table), ``seg visualize`` (predictions beside the ground truth, PNGs), ``seg import-mmseg`` and
+``convert to-mmseg``.
 
     torchrun --nproc-per-node 8 -m crossmae seg train \\
         --config configs/seg/upernet_vit_base_ade20k_160k.yaml data.root=/data/ADEChallengeData \\
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/seg_b
     crossmae seg evaluate runs/seg_b/checkpoint-last.pt data.root=/data/ADEChallengeData2016
+    crossmae seg visualize runs/seg_b/checkpoint-last.pt data.root=/data/ADEChallengeData2016 \
+        --out PNGS
     crossmae seg import-mmseg upernet_mae-base_ade20k.pth upernet_b.pt [key=value ...]
 
 The encoder as mmseg's MAE backbone loads it (model.pretrained): crossmae convert to-mmseg.

@@ -495,3 +495,17 @@ def test_engine_resume_repeats_the_uninterrupted_run(tmp_path, device):
     with pytest.raises(ValueError, match="its own generator"):
         Engine(torch.nn.Linear(1, 1), None, DataLoader(Keyed()), float, Regression("cpu"),
                steps=1, device=torch.device("cpu"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_left_gamma_open_resumes(tmp_path):
+    """Checkpoints of earlier versions hold ``pred_ratio: null`` (γ = p decided at run time):
+    resuming compares them with the same default decided, so nothing looks changed."""
+    run = tmp_path / "run"
+    pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}", "train.max_steps=2"]))
+    ckpt = torch.load(run / LAST, weights_only=True)
+    assert ckpt["config"]["model"]["pred_ratio"] == 0.75
+    ckpt["config"]["model"]["pred_ratio"] = None
+    torch.save(ckpt, run / LAST)
+    done = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]), resume="auto")
+    assert done["step"] == 8

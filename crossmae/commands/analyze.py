@@ -256,11 +256,13 @@ def cmd_flops(args) -> int:
 def plot_flops(rows: list[dict], path: Path) -> None:
     """Decoder and encoder GMACs per image of each (model, γ) as stacked bars (paper Fig. 7)."""
     plt = _pyplot()
-    names = [r["model"] + ("" if r["pred_ratio"] is None else f"\nγ={r['pred_ratio']:g}")
+    names = [r["model"].replace("_vit_", "\nvit_") +
+             ("" if r["pred_ratio"] is None else f"\nγ={r['pred_ratio']:g}")
              for r in rows]  # fmt: skip
     decoder = [r["decoder"] for r in rows]
     rest = [r["total"] - r["decoder"] for r in rows]
-    fig, ax = plt.subplots(figsize=(1.0 + 1.1 * len(rows), 3.6))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(rows), 4.0))
+    ax.set_ylim(0, 1.25 * max(r["total"] for r in rows))
     ax.bar(names, rest, label="encoder (and the rest)", color="tab:gray")
     ax.bar(names, decoder, bottom=rest, label="decoder", color="tab:orange")
     for i, r in enumerate(rows):
@@ -269,7 +271,7 @@ def plot_flops(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("GMACs per image (forward)")
     ax.set_title("decoder / total GMACs (fvcore, attention counted)", fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     save_figure(fig, path)
 
 
