@@ -92,20 +92,27 @@ class FrozenData:
 
 @dataclass
 class FrozenModel:
-    pool: str = checked("cls", one_of("cls", "avg"))  # the feature: cls token or patch mean
+    pool: str = checked("cls", one_of("cls", "avg"))  # kNN's feature: cls token or patch mean
 
 
 @dataclass
 class KnnConfig:
-    k: int = checked(20, POSITIVE)
+    k: int = checked(20, POSITIVE)  # knn_top1 / knn_top5
+    ks: list[int] = checked([10, 20, 100, 200], not_empty, each(POSITIVE))  # all in knn_by_k
     temperature: float = checked(0.07, POSITIVE)
 
 
 @dataclass
 class FastProbeConfig:
-    """The linear probe on cached features (the paper's recipe: LARS, 90 epochs, batch 16384)."""
+    """The linear probe on cached features (the paper's recipe: LARS, 90 epochs, batch 16384),
+    as dinov2's linear evaluation runs it: one head per base lr x last-n blocks concatenated x
+    pooling (cls token, patch mean, both), all trained in one pass over the same batches; the
+    best is reported, the whole grid in results.json."""
 
     blrs: list[float] = checked([0.01, 0.03, 0.1, 0.3, 1.0], not_empty, each(POSITIVE))
+    n_blocks: list[int] = checked([1, 4], not_empty, each(POSITIVE))
+    pools: list[str] = checked(["cls", "avg", "cls+avg"], not_empty,
+                               each(one_of("cls", "avg", "cls+avg")))  # fmt: skip
     epochs: int = checked(90, POSITIVE)
     warmup_epochs: int = checked(10, at_least(0))
     batch_size: int = checked(16384, POSITIVE)

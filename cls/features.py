@@ -52,9 +52,8 @@ class ProbeHead(nn.Sequential):
 
 
 def linear_probe_grid(
-    train_feats: torch.Tensor,
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     train_labels: torch.Tensor,
-    val_feats: torch.Tensor,
     val_labels: torch.Tensor,
     *,
     num_classes: int,
@@ -65,46 +64,50 @@ def linear_probe_grid(
     weight_decay: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Train one probe head per base lr on cached features, all in the same pass (same batches),
-    with LARS and warmup + cosine (lr = blr * batch / 256); return each head's val accuracy, the
-    best and the best head's val predictions."""
+    """Train one probe head per (input, base lr) on cached features, all in the same pass (the
+    same batches), with LARS and warmup + cosine (lr = blr * batch / 256), as dinov2's linear
+    evaluation trains its grid. ``inputs``: name -> (train features, val features). Every head
+    starts from the same seed, so a head's result does not depend on the rest of the grid.
+
+    Returns ``grid`` (one entry per head: input, blr, top1 / top5), the ``best`` entry and the
+    best head's val ``best_predictions``."""
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    dim = train_feats.shape[1]
-    batch_size = min(batch_size, len(train_feats))
-    heads = nn.ModuleList(ProbeHead(dim, num_classes) for _ in blrs)
-    lrs = [b * batch_size / 256 for b in blrs]
-    groups = [
-        {"params": h.parameters(), "lr": lr, "base_lr": lr}
-        for h, lr in zip(heads, lrs, strict=True)
-    ]
+    n = len(train_labels)
+    batch_size = min(batch_size, n)
+    combos = [(name, blr) for name in inputs for blr in blrs]
+    heads = nn.ModuleList()
+    for name, _ in combos:
+        torch.manual_seed(seed)  # the same init whatever else the grid holds
+        heads.append(ProbeHead(inputs[name][0].shape[1], num_classes))
+    lrs = [blr * batch_size / 256 for _, blr in combos]
+    groups = [{"params": h.parameters(), "lr": lr, "base_lr": lr}
+              for h, lr in zip(heads, lrs, strict=True)]  # fmt: skip
     opt = LARS(groups, weight_decay=weight_decay)
-    steps_per_epoch = len(train_feats) // batch_size
+    steps_per_epoch = n // batch_size
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     step = 0
     heads.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(train_feats), generator=g)
+        perm = torch.randperm(n, generator=g)
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size : (s + 1) * batch_size]
-            x, y = train_feats[idx], train_labels[idx]
+            y = train_labels[idx]
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(
                     step, base_lr=group["base_lr"], total_steps=total, warmup_steps=warmup
                 )
-            loss = sum(F.cross_entropy(h(x), y) for h in heads)
+            loss = sum(F.cross_entropy(h(inputs[name][0][idx]), y)
+                       for h, (name, _) in zip(heads, combos, strict=True))  # fmt: skip
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
     heads.eval()
+    grid, predictions = [], []
     with torch.no_grad():
-        logits = {blr: h(val_feats) for blr, h in zip(blrs, heads, strict=True)}
-    results = {blr: topk_accuracy(out, val_labels) for blr, out in logits.items()}
-    best = max(results, key=lambda b: results[b]["top1"])
-    return {
-        "by_blr": results,
-        "best_blr": best,
-        **{f"best_{k}": v for k, v in results[best].items()},
-        "best_predictions": logits[best].argmax(dim=1),
-    }
+        for h, (name, blr) in zip(heads, combos, strict=True):
+            logits = h(inputs[name][1])
+            grid.append({"input": name, "blr": blr, **topk_accuracy(logits, val_labels)})
+            predictions.append(logits.argmax(dim=1))
+    best = max(range(len(grid)), key=lambda i: grid[i]["top1"])  # the first of equals
+    return {"grid": grid, "best": grid[best], "best_predictions": predictions[best]}

@@ -29,7 +29,7 @@ from crossmae.checkpoint import register_format
 from crossmae.config import ConfigError
 from crossmae.data import Indexed, Labelled
 from crossmae.engine import PRECISIONS, Engine, Hook
-from crossmae.knn import extract_features, knn_classify, topk_accuracy
+from crossmae.knn import extract_block_features, knn_classify, pooled, topk_accuracy
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.task import (
@@ -249,8 +249,9 @@ class LinprobeTask(FinetuneTask):
 
 @register_task
 class FrozenTask(Task):
-    """kNN (top-1 / top-5) and the best fast linear probe over ``probe.blrs`` on features of a
-    frozen encoder, extracted once (cached in ``data.cache_dir``)."""
+    """kNN (top-1 / top-5 for each of ``knn.ks``) and dinov2's grid of fast linear probes (base
+    lr x last-n blocks x pooling, ``probe``), the best reported, on features of a frozen
+    encoder's last blocks, extracted once (cached in ``data.cache_dir``)."""
 
     name = "frozen"
     command = ("cls", "frozen")
@@ -265,6 +266,11 @@ class FrozenTask(Task):
         """The encoder of the checkpoint (or its architecture untrained), at ``data.img_size``."""
         e = self.cfg.encoder
         sd, cfg = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
+        asked = list(self.cfg.probe.n_blocks)
+        self.n_blocks = sorted({min(n, cfg["depth"]) for n in asked})
+        if max(asked) > cfg["depth"]:
+            log.warning("probe.n_blocks=%s: the encoder has %d blocks; the grid uses %s", asked,
+                        cfg["depth"], self.n_blocks)  # fmt: skip
         torch.manual_seed(e.seed)
         encoder = VisionTransformer(**cfg)
         if not e.random_init:
@@ -275,41 +281,54 @@ class FrozenTask(Task):
         return encoder
 
     def features(self, split) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block features (N, n, 2, D) of the last n = max(``probe.n_blocks``) blocks, cached."""
         d, e = self.cfg.data, self.cfg.encoder
-        ckpt = Path(e.checkpoint)
+        ckpt, blocks = Path(e.checkpoint), max(self.n_blocks)
         key = {"checkpoint": str(ckpt.resolve()), "mtime": ckpt.stat().st_mtime,
                "random_init": e.random_init, "seed": e.seed, "img_size": d.img_size,
-               "pool": self.cfg.model.pool, "split": str(split.root.resolve())}  # fmt: skip
-        return cached_features(d.cache_dir, key, lambda: extract_features(
-            self.model, split, img_size=d.img_size, pool=self.cfg.model.pool,
-            batch_size=d.batch_size, num_workers=d.num_workers, device=self.device))  # fmt: skip
+               "blocks": blocks, "split": str(split.root.resolve())}  # fmt: skip
+        return cached_features(d.cache_dir, key, lambda: extract_block_features(
+            self.model, split, img_size=d.img_size, blocks=blocks, batch_size=d.batch_size,
+            num_workers=d.num_workers, device=self.device))  # fmt: skip
 
     def evaluate(self, step: int = 0) -> dict:
         log.info("features of %d training and %d validation images", len(self.train_src),
                  len(self.val_src))  # fmt: skip
         (ftr, ytr), (fva, yva) = self.features(self.train_src), self.features(self.val_src)
         c, k, p = len(self.train_src.classes), self.cfg.knn, self.cfg.probe
-        knn_scores = knn_classify(ftr, ytr, fva, num_classes=c, k=k.k, temperature=k.temperature)
-        knn = topk_accuracy(knn_scores, yva)
+        pool = self.cfg.model.pool
+        by_k = {}
+        for kk in sorted({*k.ks, k.k}):
+            scores = knn_classify(pooled(ftr, pool), ytr, pooled(fva, pool), num_classes=c, k=kk,
+                                  temperature=k.temperature)  # fmt: skip
+            by_k[kk] = topk_accuracy(scores, yva)
+            if kk == k.k:
+                knn_pred = scores.argmax(dim=1)
+        inputs = {f"last{n}_{q}": (pooled(ftr, q, n), pooled(fva, q, n))
+                  for n in self.n_blocks for q in p.pools}  # fmt: skip
         probe = linear_probe_grid(
-            ftr, ytr, fva, yva, num_classes=c, blrs=list(p.blrs), epochs=p.epochs,
+            inputs, ytr, yva, num_classes=c, blrs=list(p.blrs), epochs=p.epochs,
             warmup_epochs=p.warmup_epochs, batch_size=p.batch_size, weight_decay=p.weight_decay,
             seed=self.cfg.encoder.seed,
         )  # fmt: skip
+        best = probe["best"]
         return {"checkpoint": self.cfg.encoder.checkpoint,
                 "weights": "random init" if self.cfg.encoder.random_init else "pretrained",
                 "train_images": len(self.train_src), "val_images": len(self.val_src),
-                "knn_top1": knn["top1"], "knn_top5": knn.get("top5"),
-                "linprobe_top1": probe["best_top1"], "linprobe_top5": probe.get("best_top5"),
-                "linprobe_best_blr": probe["best_blr"],
-                "linprobe_by_blr": {str(b): v for b, v in probe["by_blr"].items()},
-                "per_class": {"knn": per_class_of(knn_scores.argmax(dim=1), yva, self.val_src),
+                "knn_top1": by_k[k.k]["top1"], "knn_top5": by_k[k.k].get("top5"),
+                "knn_by_k": {str(kk): v for kk, v in by_k.items()},
+                "linprobe_top1": best["top1"], "linprobe_top5": best.get("top5"),
+                "linprobe_best": {"input": best["input"], "blr": best["blr"]},
+                "linprobe_grid": probe["grid"],
+                "per_class": {"knn": per_class_of(knn_pred, yva, self.val_src),
                               "linprobe": per_class_of(probe["best_predictions"], yva,
                                                        self.val_src)}}  # fmt: skip
 
     def describe(self, metrics: dict) -> str:
-        return (f"kNN top-1 {metrics['knn_top1']:.2f}, linear probe top-1 "
-                f"{metrics['linprobe_top1']:.2f} (blr {metrics['linprobe_best_blr']})")  # fmt: skip
+        best = metrics["linprobe_best"]
+        return (f"kNN top-1 {metrics['knn_top1']:.2f} (k = {self.cfg.knn.k}), linear probe "
+                f"top-1 {metrics['linprobe_top1']:.2f} ({best['input']}, blr {best['blr']}: "
+                f"the best of {len(metrics['linprobe_grid'])})")  # fmt: skip
 
     def report(self, metrics: dict) -> str:
         c = metrics["per_class"]

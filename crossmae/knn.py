@@ -14,25 +14,36 @@ from .models import VisionTransformer
 from .report import Progress
 
 
+def block_features(encoder: VisionTransformer, imgs: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(B, blocks, 2, D): for each of the encoder's last ``blocks`` blocks (oldest first), its
+    cls token and the mean of its patch tokens, each after the encoder's final ``norm`` (for
+    the last block: what ``forward_features`` gives), as dinov2's linear evaluation takes them."""
+    if not 1 <= blocks <= encoder.depth:
+        raise ValueError(f"the last {blocks} blocks of an encoder of {encoder.depth}")
+    x = encoder.prepend_cls(encoder.patch_tokens(imgs))
+    out = []
+    for i in range(encoder.depth):
+        x = encoder.run_block(i, x)
+        if i >= encoder.depth - blocks:
+            t = encoder.norm(x)
+            out.append(torch.stack([t[:, 0], t[:, encoder.num_prefix_tokens :].mean(dim=1)], 1))
+    return torch.stack(out, dim=1)
+
+
 @torch.no_grad()
-def extract_features(
+def extract_block_features(
     encoder: VisionTransformer,
     source,
     *,
     img_size: int,
-    pool: str = "cls",
+    blocks: int = 1,
     batch_size: int = 256,
     num_workers: int = 2,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, D) float32 and labels (N,) of every image of ``source``, in order.
-
-    ``pool``: ``"cls"`` (the cls token) or ``"avg"`` (mean of patch tokens), both taken from
-    ``forward_features`` (after the encoder's final ``norm`` if it has one). Under torch.distributed
-    each process extracts its own shard and all receive the full, ordered result.
-    """
-    if pool not in ("cls", "avg"):
-        raise ValueError(f"pool must be 'cls' or 'avg', got {pool!r}")
+    """``block_features`` (N, blocks, 2, D) float32 and labels (N,) of every image of
+    ``source``, in order. Under torch.distributed each process extracts its own shard and all
+    receive the full, ordered result."""
     encoder = encoder.to(device).eval()
     idx = du.shard(len(source), du.rank(), du.world_size())
     ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), idx)
@@ -40,15 +51,35 @@ def extract_features(
     feats, labels, order = [], [], []
     with Progress(len(idx), "features") as bar:
         for imgs, y, i in loader:
-            tokens = encoder.forward_features(imgs.to(device))  # (B, 1 + L, D)
-            f = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-            feats.append(f.float().cpu())
+            feats.append(block_features(encoder, imgs.to(device), blocks).float().cpu())
             labels.append(y)
             order.append(i)
             bar.update(len(y))
     parts = du.all_gather_objects((torch.cat(order), torch.cat(feats), torch.cat(labels)))
     order = torch.cat([p[0] for p in parts]).argsort()
     return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+
+
+POOLS = {"cls": [0], "avg": [1], "cls+avg": [0, 1]}  # which of block_features' two vectors
+
+
+def pooled(features: torch.Tensor, pool: str, blocks: int = 1) -> torch.Tensor:
+    """(N, n, 2, D) block features -> (N, F): the ``pool`` vectors (cls token, patch mean or
+    both) of the last ``blocks`` blocks, concatenated (dinov2's linear-evaluation input)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+    return features[:, -blocks:, POOLS[pool]].flatten(1)
+
+
+def extract_features(encoder: VisionTransformer, source, *, img_size: int, pool: str = "cls",
+                     **kwargs) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Features (N, D) float32 and labels (N,) of every image of ``source``: the cls token
+    (``pool="cls"``) or the mean of the patch tokens (``"avg"``) after the encoder's ``norm``
+    (``extract_block_features``' keyword arguments)."""
+    if pool not in ("cls", "avg"):
+        raise ValueError(f"pool must be 'cls' or 'avg', got {pool!r}")
+    feats, labels = extract_block_features(encoder, source, img_size=img_size, **kwargs)
+    return pooled(feats, pool), labels
 
 
 @torch.no_grad()

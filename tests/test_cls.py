@@ -86,10 +86,54 @@ def test_knn_and_probe_on_separable_features():
     scores = knn_classify(x[:240], y[:240], x[240:], num_classes=3, k=5)
     assert topk_accuracy(scores, y[240:])["top1"] == 100.0
     # LARS moves weights by ~trust x |w| per step: small data needs a large base lr
-    res = linear_probe_grid(x[:240], y[:240], x[240:], y[240:], num_classes=3, blrs=[1.0, 10.0],
-                            epochs=60, warmup_epochs=2, batch_size=60)  # fmt: skip
-    assert res["best_top1"] == 100.0 and res["best_blr"] == 10.0
-    assert res["by_blr"][1.0]["top1"] < 100.0
+    res = linear_probe_grid({"x": (x[:240], x[240:])}, y[:240], y[240:], num_classes=3,
+                            blrs=[1.0, 10.0], epochs=60, warmup_epochs=2,
+                            batch_size=60)  # fmt: skip
+    assert res["best"]["top1"] == 100.0 and res["best"]["blr"] == 10.0
+    assert res["grid"][0]["blr"] == 1.0 and res["grid"][0]["top1"] < 100.0
+
+
+@pytest.mark.slow
+def test_the_probe_grid_covers_every_setting_and_its_best_is_the_single_run(shared_dir, tmp_path):
+    """dinov2's grid (base lr x last-n blocks x pooling) on cached features: one entry per
+    combination, and its best is what ``cls frozen`` gives when run with that combination
+    alone (every head starts from the same seed and sees the same batches). kNN for each k."""
+    from conftest import tiny_encoder_export
+
+    from cls.task import FrozenTask
+    from crossmae.config import load_config
+    from crossmae.runner import run_task
+
+    tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=4, num_heads=2)
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=10, classes=3)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=6, classes=3)
+    common = [f"encoder.checkpoint={tmp_path / 'enc.pt'}", f"data.train={train}",
+              f"data.val={val}", "data.img_size=32", "data.num_workers=0", "probe.epochs=4",
+              "probe.warmup_epochs=1", "probe.batch_size=10", "probe.blrs=[0.3,3.0]",
+              "knn.ks=[1,5,20]", "knn.k=5"]  # fmt: skip
+
+    def frozen(*settings: str) -> dict:
+        cfg = load_config(FrozenTask.schema, [], [*common, *settings], complete=True)
+        return run_task(FrozenTask(cfg), cfg)["metrics"]
+
+    m = frozen("probe.n_blocks=[1,4]", "probe.pools=[cls,avg,cls+avg]")
+    grid = m["linprobe_grid"]
+    assert len(grid) == 2 * 2 * 3
+    assert {(g["input"], g["blr"]) for g in grid} == {
+        (f"last{n}_{q}", b) for n in (1, 4) for q in ("cls", "avg", "cls+avg") for b in (0.3, 3.0)
+    }
+    assert m["linprobe_top1"] == max(g["top1"] for g in grid)
+    assert set(m["knn_by_k"]) == {"1", "5", "20"} and m["knn_top1"] == m["knn_by_k"]["5"]["top1"]
+    best = m["linprobe_best"]
+    n, pool = best["input"].removeprefix("last").split("_")
+    alone = frozen(f"probe.n_blocks=[{n}]", f"probe.pools=[{pool}]", f"probe.blrs=[{best['blr']}]")
+    assert len(alone["linprobe_grid"]) == 1
+    assert alone["linprobe_top1"] == m["linprobe_top1"]
+    assert alone["per_class"]["linprobe"] == m["per_class"]["linprobe"]
+    # a grid asking for more blocks than the encoder has uses all it has
+    assert {
+        g["input"] for g in frozen("probe.n_blocks=[9]", "probe.pools=[cls]")["linprobe_grid"]
+    } == {"last4_cls"}
 
 
 @pytest.mark.slow

@@ -60,9 +60,11 @@ CLAIMS = [
     ("inter-block attention also helps MAE (Table 7)", "mae_iba", "mae"),
 ]  # fmt: skip
 
-# the evaluation's defaults at this scale (configs/cls/frozen_imagenette_small.yaml's probe)
+# the evaluation's defaults at this scale (configs/cls/frozen_imagenette_small.yaml's probe) on
+# one feature, the last block's patch mean, for kNN and the probe alike
 FROZEN_DEFAULTS = ["probe.epochs=50", "probe.warmup_epochs=5", "probe.batch_size=1024",
-                   "probe.blrs=[0.1,0.3,1.0,3.0,10.0]"]  # fmt: skip
+                   "probe.blrs=[0.1,0.3,1.0,3.0,10.0]", "probe.n_blocks=[1]",
+                   "probe.pools=[avg]", "knn.ks=[20]"]  # fmt: skip
 METRICS = ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1")
 ACCURACY = ("knn_top1", "probe_top1")
 CONTROL = "control (untrained)"  # the same encoder, random init, evaluated the same way
