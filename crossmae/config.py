@@ -315,10 +315,21 @@ class PretrainLogConfig(LogConfig):
 
 
 @dataclass
+class OnlineProbeConfig:
+    """A linear head trained on the stop-gradient cls token alongside pretraining, its top-1
+    on ``val`` logged (``crossmae/online_probe.py``; needs ``data.path`` as class folders)."""
+
+    val: str | None = None  # held-out class-folder split of data.path's classes; None = off
+    lr: float = checked(0.1, POSITIVE)  # SGD with momentum 0.9 (solo-learn's online probe)
+    every_epochs: int = checked(1, POSITIVE, resumable=True)
+
+
+@dataclass
 class PretrainConfig:
     output_dir: str | None = checked(None, resumable=True)  # None = runs/<model>-<date>-<time>
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
     optim: OptimConfig = section(OptimConfig, blr=1.5e-3, weight_decay=0.05, betas=[0.9, 0.95],
                                  warmup_epochs=1.0)  # fmt: skip
     train: PretrainTrainConfig = section(PretrainTrainConfig, epochs=12)

@@ -42,8 +42,10 @@ def extract_block_features(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_features`` (N, blocks, 2, D) float32 and labels (N,) of every image of
-    ``source``, in order. Under torch.distributed each process extracts its own shard and all
-    receive the full, ordered result."""
+    ``source``, in order, in eval mode (the encoder's mode is restored after). Under
+    torch.distributed each process extracts its own shard and all receive the full, ordered
+    result."""
+    was_training = encoder.training
     encoder = encoder.to(device).eval()
     idx = du.shard(len(source), du.rank(), du.world_size())
     ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), idx)
@@ -55,6 +57,7 @@ def extract_block_features(
             labels.append(y)
             order.append(i)
             bar.update(len(y))
+    encoder.train(was_training)
     parts = du.all_gather_objects((torch.cat(order), torch.cat(feats), torch.cat(labels)))
     order = torch.cat([p[0] for p in parts]).argsort()
     return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]

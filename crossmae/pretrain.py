@@ -38,6 +38,7 @@ from .models import create_model, model_class
 from .models.crossmae import CrossMAE
 from .models.layers import sdpa_device_problem, set_attention_backend
 from .models.pretrained import encoder_export
+from .online_probe import OnlineProbe, probe_splits
 from .reconstruction import reconstruct
 from .task import Task, register_task
 from .visualize import save_loss_curve, save_reconstruction_grid
@@ -45,8 +46,27 @@ from .visualize import save_loss_curve, save_reconstruction_grid
 log = logging.getLogger("crossmae")
 
 
+OWN_SETTINGS = (
+    "img_size",
+    "mask_ratio",
+    "norm_pix_loss",
+    "drop_path_rate",
+    "patch_size",
+    "decoder_depth",
+    "pred_ratio",
+)  # model.X, never model.kwargs.X
+
+
+def check_kwargs(mcfg: ModelConfig) -> None:
+    """``model.kwargs`` may not repeat a setting the model section has (it would be ignored)."""
+    if twice := [k for k in OWN_SETTINGS if k in mcfg.kwargs]:
+        raise ConfigError(f"model.kwargs.{twice[0]}: the model section has its own setting, "
+                          f"model.{twice[0]}; set that one")  # fmt: skip
+
+
 def build_model(mcfg: ModelConfig) -> nn.Module:
     """The registered model named by the config, with the config's settings applied."""
+    check_kwargs(mcfg)
     kwargs = dict(mcfg.kwargs)
     kwargs.update(
         img_size=mcfg.img_size,
@@ -99,6 +119,7 @@ class PretrainTask(Task):
         if tc.activation_memory_budget != 1.0 and not tc.compile:
             raise ConfigError("train.activation_memory_budget applies to the compiled step: "
                               "set train.compile=true")  # fmt: skip
+        check_kwargs(self.cfg.model)
         self.source = ImageFiles(d.path) if d.path else BuiltinPhotos(d.demo_samples_per_epoch)
         self.knn_splits = []
         if self.cfg.log.knn_every_epochs:
@@ -109,6 +130,9 @@ class PretrainTask(Task):
                 self.knn_splits[0].classes
             ):
                 raise ConfigError("data.knn_train and data.knn_val need the same class folders")
+        self.probe_val = probe_splits(d.path, self.cfg.probe.val) if self.cfg.probe.val else None
+        self.online_probe: OnlineProbe | None = None
+        self.last_batch = None
 
     def output_dir(self) -> str:
         return self.cfg.output_dir or str(
@@ -162,6 +186,8 @@ class PretrainTask(Task):
             imgs = decode_batch(batch, self.cfg.model.img_size, device)
         else:
             imgs = batch["images"].to(device, non_blocking=True)
+        if self.probe_val is not None:  # what the online probe learns from after the step
+            self.last_batch = (imgs, batch["labels"].to(device, non_blocking=True))
         return {"imgs": imgs, "ids_shuffle": batch["ids_shuffle"].to(device, non_blocking=True)}
 
     def losses(self, forward, imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> dict:
@@ -203,7 +229,14 @@ class PretrainTask(Task):
         self.skipped.extend(ckpt.get("skipped", []))
 
     def hooks(self) -> list[Hook]:
-        return [ReconstructionImages(self, Path(self.output_dir()))]
+        hooks: list[Hook] = [ReconstructionImages(self, Path(self.output_dir()))]
+        if self.probe_val is not None:
+            p = self.cfg.probe
+            self.online_probe = OnlineProbe(
+                self, self.probe_val, lr=p.lr, every_epochs=p.every_epochs, seed=self.cfg.train.seed
+            )
+            hooks.append(self.online_probe)
+        return hooks
 
     def record_fields(self) -> dict:
         return {"skipped_files": len(set(self.skipped))}
@@ -212,7 +245,10 @@ class PretrainTask(Task):
         names = sorted({n for part in du.all_gather_objects(self.skipped) for n in part})
         if names and du.rank() == 0:
             log.warning("skipped %d unreadable files: %s", len(names), ", ".join(names[:10]))
-        return {"skipped_files": len(names), "skipped": names}
+        out = {"skipped_files": len(names), "skipped": names}
+        if self.online_probe is not None:
+            out["online_probe"] = self.online_probe.last
+        return out
 
     def exports(self, step: int) -> dict:
         """``encoder.pt``: the encoder alone, timm key names (what the transfer tasks read)."""

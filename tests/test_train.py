@@ -509,3 +509,46 @@ def test_a_checkpoint_that_left_gamma_open_resumes(tmp_path):
     torch.save(ckpt, run / LAST)
     done = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]), resume="auto")
     assert done["step"] == 8
+
+
+@pytest.mark.slow
+def test_the_online_probe_logs_top1_and_leaves_the_encoder_bit_identical(shared_dir, tmp_path):
+    """solo-learn's online linear evaluation: a head on the stop-gradient cls token learns
+    alongside pretraining; its held-out top-1 is logged every epoch, and the encoder ends
+    bit-identical to a run without it."""
+    from test_data import cifar_folder
+
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=12, classes=3)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=4, classes=3)
+    # drop path draws from the run's random stream: the probe must not move it
+    common = [s for s in TINY if not s.startswith("data.demo")] + [
+        f"data.path={train}",
+        "model.drop_path_rate=0.2",
+    ]
+    plain = pretrain(load_config(PretrainConfig, [], [*common, f"output_dir={tmp_path / 'a'}"]))
+    probed = pretrain(load_config(PretrainConfig, [], [
+        *common, f"output_dir={tmp_path / 'b'}", f"probe.val={val}"]))  # fmt: skip
+    a = load_checkpoint(tmp_path / "a" / LAST)["model"]
+    b = load_checkpoint(tmp_path / "b" / LAST)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").open()]
+    assert losses(tmp_path / "a") == [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    probe = [r for r in rows if "online_probe_top1" in r]
+    assert [r["epoch"] for r in probe] == [1, 2]
+    assert all(0.0 <= r["online_probe_top1"] <= 100.0 for r in probe)
+    assert probed["online_probe"]["top1"] == probe[-1]["online_probe_top1"]
+    assert "online_probe" not in plain or plain["online_probe"] is None
+    ck = load_checkpoint(tmp_path / "b" / LAST)
+    assert "head" in ck["hooks"]["online_probe"]
+    # a flat folder has no labels to learn
+    with pytest.raises(ConfigError, match="class folders"):
+        pretrain(load_config(PretrainConfig, [], [
+            *TINY, f"output_dir={tmp_path / 'c'}", f"data.path={train / 'airplane'}",
+            f"probe.val={val}"]))  # fmt: skip
+
+
+def test_a_model_setting_given_twice_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="model.kwargs.drop_path_rate: .* model.drop_path_rate"):
+        pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'run'}",
+                                                  "model.kwargs.drop_path_rate=0.1"]))  # fmt: skip
+    assert not (tmp_path / "run").exists()
