@@ -29,7 +29,7 @@ from crossmae.checkpoint import register_format
 from crossmae.config import ConfigError
 from crossmae.data import Indexed, Labelled
 from crossmae.engine import PRECISIONS, Engine, Hook
-from crossmae.knn import extract_block_features, knn_classify, pooled, topk_accuracy
+from crossmae.knn import extract_block_features, knn_classify_ks, pooled, topk_accuracy
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.task import (
@@ -297,13 +297,10 @@ class FrozenTask(Task):
         (ftr, ytr), (fva, yva) = self.features(self.train_src), self.features(self.val_src)
         c, k, p = len(self.train_src.classes), self.cfg.knn, self.cfg.probe
         pool = self.cfg.model.pool
-        by_k = {}
-        for kk in sorted({*k.ks, k.k}):
-            scores = knn_classify(pooled(ftr, pool), ytr, pooled(fva, pool), num_classes=c, k=kk,
-                                  temperature=k.temperature)  # fmt: skip
-            by_k[kk] = topk_accuracy(scores, yva)
-            if kk == k.k:
-                knn_pred = scores.argmax(dim=1)
+        scores = knn_classify_ks(pooled(ftr, pool), ytr, pooled(fva, pool), num_classes=c,
+                                 ks=sorted({*k.ks, k.k}), temperature=k.temperature)  # fmt: skip
+        by_k = {kk: topk_accuracy(v, yva) for kk, v in scores.items()}
+        knn_pred = scores[k.k].argmax(dim=1)
         inputs = {f"last{n}_{q}": (pooled(ftr, q, n), pooled(fva, q, n))
                   for n in self.n_blocks for q in p.pools}  # fmt: skip
         probe = linear_probe_grid(

@@ -98,15 +98,33 @@ def knn_classify(
 ) -> torch.Tensor:
     """Class scores (N_test, C): each test feature's k nearest training features by cosine
     similarity vote for their class with weight exp(similarity / temperature)."""
+    return knn_classify_ks(train_feats, train_labels, test_feats, ks=[k], num_classes=num_classes,
+                           temperature=temperature, chunk=chunk)[k]  # fmt: skip
+
+
+def knn_classify_ks(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    *,
+    ks: list[int],
+    num_classes: int,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> dict[int, torch.Tensor]:
+    """``knn_classify``'s scores for each k of ``ks`` from one similarity search: the nearest
+    max(ks) neighbours, the first k of them voting for each k."""
     train = F.normalize(train_feats.float(), dim=1)
-    k = min(k, len(train))
-    scores = []
+    top = min(max(ks), len(train))
+    scores: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
     for start in range(0, len(test_feats), chunk):
         q = F.normalize(test_feats[start : start + chunk].float(), dim=1)
-        sim, nn_idx = (q @ train.T).topk(k, dim=1)  # (n, k)
-        votes = F.one_hot(train_labels[nn_idx], num_classes).float()  # (n, k, C)
-        scores.append((votes * (sim / temperature).exp().unsqueeze(-1)).sum(dim=1))
-    return torch.cat(scores)
+        sim, nn_idx = (q @ train.T).topk(top, dim=1)  # (n, top), most similar first
+        votes = F.one_hot(train_labels[nn_idx], num_classes).float()  # (n, top, C)
+        weighted = votes * (sim / temperature).exp().unsqueeze(-1)
+        for k in ks:
+            scores[k].append(weighted[:, : min(k, top)].sum(dim=1))
+    return {k: torch.cat(v) for k, v in scores.items()}
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, torch.Tensor]:
