@@ -258,6 +258,24 @@ class FrozenTask(Task):
     help = "kNN and fast linear probe of a frozen encoder"
     schema = FrozenEvalConfig
     trains = False
+    transfer = TransferStage("frozen", 0, "configs/cls/frozen_vit_{size}.yaml", IMAGENET,
+                             (("kNN top-1", ("knn_top1",)),
+                              ("fast linear probe top-1", ("fast_probe_top1",))),
+                             default=False, curve=True)  # fmt: skip
+
+    @classmethod
+    def headline(cls, result: dict) -> dict:
+        m = result["metrics"]
+        return {"knn_top1": m["knn_top1"], "fast_probe_top1": m["linprobe_top1"]}
+
+    @classmethod
+    def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
+        """3 CIFAR-10 classes, 8 training and 4 val images each, 32 px, a short probe."""
+        root = cifar_subset(shared, scratch / "cls")
+        return ("configs/cls/frozen_cifar10_tiny.yaml",
+                [f"data.train={root / 'train'}", f"data.val={root / 'val'}", "data.img_size=32",
+                 f"data.cache_dir={scratch / 'features'}", "probe.epochs=2",
+                 "probe.warmup_epochs=0", "knn.k=5", "knn.ks=[5]"])  # fmt: skip
 
     def open_data(self) -> None:
         self.train_src, self.val_src = class_folders(self.cfg.data.train, self.cfg.data.val)

@@ -254,7 +254,7 @@ class LogConfig:
     every_steps: int = checked(10, POSITIVE)  # metrics.jsonl / TensorBoard / progress interval
     ckpt_every_steps: int = checked(0, at_least(0))  # checkpoint-last.pt every N steps (0: never)
     ckpt_every_epochs: int = checked(0, at_least(0))  # and / or every N epochs (0: never)
-    keep_every_epochs: int = checked(0, at_least(0))  # keep checkpoint-epochN.pt (0 = never)
+    keep_every_epochs: int = checked(0, at_least(0))  # keep encoder-epochN.pt (0 = never)
     tensorboard: bool = True
     progress: bool = True  # a progress bar on a terminal (a log line per record everywhere)
 

@@ -5,8 +5,10 @@
 - ``EvalHook``: the task's evaluation every N steps and / or epochs, recorded and logged, the best
   one kept as ``checkpoint-best.pt``;
 - ``CheckpointHook``: ``checkpoint-last.pt`` every N steps and / or epochs and when a stop signal
-  arrives (``checkpoint-epochN.pt`` kept every N epochs), holding the model, optimizer, scaler,
-  position, the hooks' state, the task's fields and every process's random streams.
+  arrives, holding the model, optimizer, scaler, position, the hooks' state, the task's fields and
+  every process's random streams; every N epochs and at the last one, the task's exports are kept
+  under the epoch's name (pretraining: ``encoder-epochN.pt``), or ``checkpoint-epochN.pt`` for a
+  task without exports.
 """
 
 from __future__ import annotations
@@ -191,7 +193,9 @@ class CheckpointHook(Hook):
         fields: what every checkpoint holds besides the engine's state (format, config, the
             task's fields).
         every_steps, every_epochs: intervals (0 = never).
-        keep_every_epochs: also keep ``checkpoint-epochN.pt`` every N epochs (0 = never).
+        keep_every_epochs: every N epochs and at the run's last epoch (0 = never), keep each of
+            the task's exports as ``NAME-epochN.pt`` (``encoder-epochN.pt``: what an evaluation
+            reads, a fraction of a checkpoint), or ``checkpoint-epochN.pt`` without exports.
         exports: files written beside every ``checkpoint-last.pt`` whose last step was finite
             (name -> contents; the task's ``exports``).
     """
@@ -205,6 +209,7 @@ class CheckpointHook(Hook):
         self.every_steps, self.every_epochs = every_steps, every_epochs
         self.keep_every_epochs = keep_every_epochs
         self.saved_at = -1  # the step of the last checkpoint-last.pt
+        self.has_exports: bool | None = None  # known at the first kept epoch
 
     def save(self, engine: Engine, tag: str = LAST, *, training_state: bool = True) -> bool:
         """Write ``out/tag`` atomically (every process joins: each one's random streams are
@@ -246,8 +251,24 @@ class CheckpointHook(Hook):
         done = engine.step // engine.steps_per_epoch
         if self.every_epochs and done % self.every_epochs == 0:
             self.save(engine)
-        if self.keep_every_epochs and done % self.keep_every_epochs == 0:
-            self.save(engine, f"checkpoint-epoch{done}.pt")
+        last = engine.step >= engine.steps
+        if self.keep_every_epochs and (done % self.keep_every_epochs == 0 or last):
+            self.keep(engine, done)
+
+    def keep(self, engine: Engine, epoch: int) -> None:
+        """``NAME-epochN.pt`` of each export (weights that are not finite are not kept), or the
+        whole checkpoint without its optimizer when the task has no exports."""
+        if self.has_exports is None:  # the same answer on every process
+            self.has_exports = bool(self.exports(engine.step))
+        if not self.has_exports:
+            self.save(engine, f"checkpoint-epoch{epoch}.pt", training_state=False)
+        elif not engine.weights_finite():
+            log.warning("epoch %d: non-finite weights, not kept", epoch)
+        elif engine.rank == 0:
+            for name, contents in self.exports(engine.step).items():
+                stem, dot, ext = name.rpartition(".")
+                path = self.out / f"{stem}-epoch{epoch}{dot}{ext}"
+                save_atomic({**contents, "epoch": epoch}, path)
 
 
 class EvalHook(Hook):

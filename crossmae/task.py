@@ -53,6 +53,9 @@ class TransferStage:
         datasets: environment variable -> the settings it fills, ``{root}`` standing for its value
             (``{"COCO": ("data.train_json={root}/annotations/...", ...)}``).
         columns: the results table's rows: (label, keys of the task's ``headline``).
+        default: among the stages a checkpoint's transfer runs when ``--stages`` names none.
+        curve: among the stages a transfer curve (``--curve``) runs when ``--stages`` names none:
+            the cheap evaluations, repeated for every kept checkpoint of a run.
     """
 
     name: str
@@ -60,6 +63,8 @@ class TransferStage:
     config: str
     datasets: dict[str, tuple[str, ...]]
     columns: tuple[tuple[str, tuple[str, ...]], ...]
+    default: bool = True
+    curve: bool = False
 
 
 @dataclass

@@ -78,7 +78,9 @@ def schema_of(path: Path):
     if kind == "cls":
         return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig,
                 "frozen": FrozenEvalConfig}[path.stem.split("_")[0]]  # fmt: skip
-    return {"pretrain": PretrainConfig, "det": DetConfig, "seg": SegConfig}[kind]
+    # ablate: the pretraining settings every run of ``crossmae ablate --config`` shares
+    return {"pretrain": PretrainConfig, "ablate": PretrainConfig, "det": DetConfig,
+            "seg": SegConfig}[kind]  # fmt: skip
 
 
 ALL_CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))

@@ -90,8 +90,8 @@ def crossmae(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
 def test_an_installed_task_is_found_by_the_cli_the_benchmark_and_the_transfer_stages(tmp_path):
     before = crossmae("transfer", "--list")
     assert before.returncode == 0, before.stderr
-    assert json.loads(before.stdout.splitlines()[0])["stages"] == ["linprobe", "finetune", "det",
-                                                                    "seg"]  # fmt: skip
+    stages = json.loads(before.stdout.splitlines()[0])["stages"]
+    assert stages == ["frozen", "linprobe", "finetune", "det", "seg"]
     bench = crossmae("benchmark", "tasks", "--tiny", "--tasks", "pixel", "--steps", "1",
                      "--warmup", "0", "--device", "cpu", env=installed(tmp_path))  # fmt: skip
     assert bench.returncode == 0, bench.stderr

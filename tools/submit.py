@@ -1,6 +1,6 @@
-"""Submit ``crossmae pretrain`` (or any other registered training command: ``--task "cls
-linprobe"``, ``"cls finetune"``, ``"det train"``, ``"seg train"``, ...) to Slurm through submitit,
-one task per GPU.
+"""Submit ``crossmae pretrain`` (or any other registered task's command: ``--task "cls
+linprobe"``, ``"cls finetune"``, ``"det train"``, ``"seg train"``, ``"cls frozen"``, ...) to Slurm
+through submitit, one task per GPU.
 
     python tools/submit.py --nodes 4 --gpus-per-node 8 --partition learn --timeout-min 4320 \\
         --config configs/pretrain/crossmae_vit_base_800ep_pred0.75.yaml \\
@@ -8,10 +8,10 @@ one task per GPU.
     python tools/submit.py --task "det train" --config configs/det/mask_rcnn_vit_base_100ep.yaml \\
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt ... output_dir=runs/det_b
 
-Every task runs with ``--resume auto``. Slurm signals the job (USR2) before its time limit, and
-submitit forwards preemption as well: the training loop then finishes its step, writes
+Every training task runs with ``--resume auto``. Slurm signals the job (USR2) before its time
+limit, and submitit forwards preemption as well: the training loop then finishes its step, writes
 ``checkpoint-last.pt``, and hands the signal back to submitit, which requeues the job; the
-requeued job continues from that checkpoint.
+requeued job continues from that checkpoint (an evaluation starts over).
 
 ``--cluster local --wait`` runs the same task on this machine through submitit's local executor
 (``--gpus-per-node 0 --tasks-per-node 2`` for a CPU check with gloo).
@@ -28,25 +28,26 @@ import submitit
 from crossmae.config import int_at_least
 
 
-def training_commands() -> list[str]:
-    """The registered tasks' training commands (``crossmae.task``)."""
+def task_commands() -> dict[str, bool]:
+    """The registered tasks' commands (``crossmae.task``) -> whether the task trains (and so
+    resumes from its checkpoints)."""
     from crossmae.task import tasks
 
-    return [" ".join(t.command) for t in tasks() if t.trains]
+    return {" ".join(t.command): t.trains for t in tasks()}
 
 
 class Task(submitit.helpers.Checkpointable):
     """A picklable callable: set torch.distributed's variables from Slurm's, then run the task.
     ``checkpoint()`` (inherited) resubmits the same arguments, which resume automatically."""
 
-    def __init__(self, task: str, argv: list[str]):
-        self.task, self.argv = task, argv
+    def __init__(self, task: str, argv: list[str], resume: bool = True):
+        self.task, self.argv, self.resume = task, argv, resume
 
     def __call__(self) -> int:
         from crossmae.cli import main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return main([*self.task.split(), *self.argv, "--resume", "auto"])
+        return main([*self.task.split(), *self.argv, *(["--resume", "auto"] * self.resume)])
 
 
 def main() -> int:
@@ -57,8 +58,8 @@ def main() -> int:
         "--task",
         default="pretrain",
         type=lambda t: t.removeprefix("crossmae "),
-        choices=training_commands(),
-        help="a training command",
+        choices=list(task_commands()),
+        help="a task's command",
     )
     parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
     parser.add_argument("--nodes", type=int_at_least(1), default=1)
@@ -97,7 +98,7 @@ def main() -> int:
         slurm_signal_delay_s=args.signal_delay_s,
     )
     argv = [a for c in args.config for a in ("--config", c)] + args.overrides
-    job = executor.submit(Task(args.task, argv))
+    job = executor.submit(Task(args.task, argv, resume=task_commands()[args.task]))
     print(f"submitted job {job.job_id}; logs in {log_dir}")
     if args.wait:
         codes = job.results()  # raises with the task's traceback if one failed

@@ -11,8 +11,8 @@ are read only for variants that beat the control beyond the spreads ("not learne
 budget" otherwise), and a difference between two variants is called one only when it exceeds
 their spreads added. A finished run is not run again: the command continues where it stopped.
 
-    crossmae ablate --train ../shared/data/imagenette/train --val ../shared/data/imagenette/val \\
-        --out runs/ablation train.epochs=4
+    crossmae ablate --config configs/ablate/cifar10_cpu.yaml \\
+        --train ../shared/data/cifar10/train --val ../shared/data/cifar10/test --out runs/ablation
 
 ``key=value`` settings apply to every pretraining run (``crossmae pretrain``'s schema); those
 starting with ``frozen.`` to the evaluation (``cls frozen``'s, e.g. ``frozen.probe.epochs=20``).
@@ -86,7 +86,7 @@ def run_configs(args, variant: str, seed: int, shared: list[str], frozen: list[s
     from ..task import get_task
 
     run = Path(args.out) / variant / f"seed{seed}"
-    pretrain = load_config(get_task("pretrain").schema, [], [
+    pretrain = load_config(get_task("pretrain").schema, args.config, [
         f"data.path={args.train}", f"output_dir={run}", f"train.seed={seed}",
         "log.progress=false", "log.tensorboard=false", *shared,
         *settings_of(variant, args.arch)], complete=True)  # fmt: skip
@@ -315,8 +315,9 @@ def cmd_ablate(args) -> int:
     results += [run_control(args, s, *first[s]) for s in range(args.seeds)]
     table = aggregate(results)
     claims = comparisons(table)
+    given = [*(f"--config {c}" for c in args.config), *args.overrides]
     header = (f"Ablation on {args.train} (evaluated on {args.val}), {args.seeds} seed(s), "
-              f"settings: {' '.join(args.overrides) or 'defaults'}")  # fmt: skip
+              f"settings: {' '.join(given) or 'defaults'}")  # fmt: skip
     write_text_atomic(out / "ablation.md", markdown(table, claims, header))
     write_text_atomic(out / "ablation.json", json.dumps(
         {"table": table, "comparisons": claims, "runs": results}, indent=1) + "\n")  # fmt: skip
@@ -333,8 +334,11 @@ def _ablate_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the runs and the table")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
                    help=f"any of {', '.join(VARIANTS)} (default: all)")  # fmt: skip
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="pretraining config file(s) of every run, e.g. configs/ablate/"
+                   "cifar10_cpu.yaml (repeatable; key=value settings go over them)")  # fmt: skip
     p.add_argument(
-        "--seeds", type=int_at_least(1), default=2, help="runs per variant (seeds 0, 1, ...)"
+        "--seeds", type=int_at_least(1), default=3, help="runs per variant (seeds 0, 1, ...)"
     )
     p.add_argument("--arch", default="tiny_patch8", help="model size: {kind}_vit_ARCH")
     p.add_argument(

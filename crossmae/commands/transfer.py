@@ -7,10 +7,20 @@ each stage's headline numbers, config and status).
         crossmae transfer runs/crossmae_b/checkpoint-last.pt [OUT]      # = tools/transfer.sh
     crossmae transfer --smoke runs/demo/checkpoint-last.pt /tmp/smoke   # CPU, shared data
     crossmae transfer --list                                            # the stages
+    crossmae transfer --curve runs/crossmae_b [OUT] [--watch]   # every kept checkpoint of a run
 
 Options:   --smoke           every stage for a few steps on tiny splits of ../shared/data (or
                              $CROSSMAE_SHARED) on the CPU: a check of the wiring, not of accuracy
-           --stages "a b"    a subset of the stages (default: all, in their order)
+           --stages "a b"    a subset of the stages (default: the stages --list marks "default",
+                             in their order; with --curve those it marks "curve")
+           --config STAGE=FILE  a stage's config file instead of its per-size one (the file
+                             names its data: the stage's dataset variable is then optional)
+           --curve RUN       every checkpoint the run folder kept (pretraining with
+                             log.keep_every_epochs=N: encoder-epochN.pt), each in OUT/epochN/,
+                             then OUT/curve.md, curve.json, curve.png (each metric against the
+                             epoch); a checkpoint evaluated already is skipped
+           --watch, --poll S  with --curve: look again every S seconds (60) until the run has
+                             finished and its last kept checkpoint is evaluated
 Variables: each stage's dataset root (--list names them: IMAGENET with train/ and val/, COCO with
            annotations/instances_{train,val}2017.json, train2017/, val2017/, ADE20K with images/
            and annotations/), needed by the stages that read them.
@@ -25,9 +35,10 @@ Variables: each stage's dataset root (--list names them: IMAGENET with train/ an
                     (e.g. "--partition learn --timeout-min 4320")
            <STAGE>_ARGS  extra key=value settings of a stage (LINPROBE_ARGS, DET_ARGS, ...)
            PYTHON   the interpreter the stages run with (default: this one)
-OUT defaults to the checkpoint's folder + /transfer. A stage whose final results.json exists is
-skipped; one that was interrupted resumes from its last checkpoint (--resume auto). Stage logs:
-OUT/<stage>.log. Exit status 1 if any stage did not finish, 2 on a setting to change.
+OUT defaults to the checkpoint's folder + /transfer (--curve: the run folder + /curve). A stage
+whose final results.json exists is skipped; one that was interrupted resumes from its last
+checkpoint (--resume auto). Stage logs: OUT/<stage>.log. Exit status 1 if any stage did not
+finish, 2 on a setting to change.
 """
 
 from __future__ import annotations
@@ -46,13 +57,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from ..checkpoint import read_torch_file, strict_json, write_text_atomic
-from ..config import ConfigError
+from ..config import ConfigError, int_at_least
 from ..data.loader import STOP_SIGNALS
 from ..models.sizes import get_size, size_of_state_dict
 from ..task import Task, register_command, transfer_stages
 
 REPO = Path(__file__).resolve().parents[2]  # configs/ and tools/ are found from here
+ABSENT = object()
 SMOKE_SETTINGS = ["data.num_workers=0", "train.device=cpu", "train.precision=fp32",
                   "log.every_steps=1"]  # fmt: skip
 
@@ -73,10 +87,18 @@ class Plan:
 @register_command(("transfer",), help="transfer evaluation of a checkpoint: every stage, one "
                   "table (tools/transfer.sh)", description=__doc__)  # fmt: skip
 def _transfer_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", nargs="?", help="a pretraining checkpoint or encoder export")
+    p.add_argument("checkpoint", nargs="?", help="a pretraining checkpoint or encoder export "
+                   "(--curve: a pretraining run's folder)")  # fmt: skip
     p.add_argument("out", nargs="?", help="output folder (default: beside the checkpoint)")
     p.add_argument("--smoke", action="store_true", help="a few CPU steps on the shared data")
     p.add_argument("--stages", default=None, help='a subset, e.g. "linprobe seg"')
+    p.add_argument("--config", action="append", default=[], metavar="STAGE=FILE",
+                   help="a stage's config file, not its per-size one (repeatable)")  # fmt: skip
+    p.add_argument("--curve", action="store_true", help="evaluate every kept checkpoint of the "
+                   "run folder: OUT/curve.md, curve.json, curve.png")  # fmt: skip
+    p.add_argument("--watch", action="store_true", help="--curve: look again every --poll "
+                   "seconds until the run's final checkpoint is evaluated")  # fmt: skip
+    p.add_argument("--poll", type=int_at_least(1), default=60, help="--watch's interval (s)")
     p.add_argument("--list", action="store_true", help="list the registered stages and exit")
     p.set_defaults(func=cmd_transfer)
 
@@ -86,27 +108,73 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     if args.list:
         for name, task in stages.items():
             t = task.transfer
+            runs = ", ".join(w for w, on in (("default", t.default), ("curve", t.curve)) if on)
             print(f"{name:10s} crossmae {' '.join(task.command):16s} {t.config:48s} "
-                  f"{' '.join(t.datasets)}")  # fmt: skip
+                  f"{' '.join(t.datasets):10s} {runs}")  # fmt: skip
         return 0
-    chosen = args.stages.split() if args.stages is not None else list(stages)
+    role = "curve" if args.curve else "default"
+    chosen = (args.stages.split() if args.stages is not None
+              else [n for n, t in stages.items() if getattr(t.transfer, role)])  # fmt: skip
     unknown = [s for s in chosen if s not in stages]
     if unknown:
         raise ConfigError(f"unknown stage '{unknown[0]}' ({' '.join(stages)})")
+    if args.watch and not args.curve:
+        raise ConfigError("--watch follows a run folder: use it with --curve")
     if not args.checkpoint:
         raise ConfigError("name the checkpoint to evaluate (see --help)")
+    configs = stage_configs(args.config, chosen)
+    tasks = [stages[s] for s in chosen]
+    if args.curve:
+        from .curve import run_curve
+
+        return run_curve(args, tasks, configs)
     ckpt = Path(args.checkpoint).resolve()
     if not ckpt.is_file():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
     out = Path(args.out or ckpt.parent / ("transfer-smoke" if args.smoke else "transfer"))
     out = out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        plans = smoke_plans([stages[s] for s in chosen], out)
+    plans = make_plans(tasks, ckpt, out, configs, smoke=args.smoke)
+    return evaluate_checkpoint(ckpt, out, plans, smoke=args.smoke)
+
+
+def stage_configs(items: list[str], chosen: list[str]) -> dict[str, Path]:
+    """``--config STAGE=FILE`` options: stage -> config file, each stage among those run and each
+    file present."""
+    configs = {}
+    for item in items:
+        stage, eq, file = item.partition("=")
+        if not eq or not file:
+            raise ConfigError(f"--config {item}: write STAGE=FILE, e.g. frozen=configs/cls/"
+                              "frozen_cifar10_tiny.yaml")  # fmt: skip
+        if stage not in chosen:
+            raise ConfigError(f"--config {item}: {stage} is not among the stages run "
+                              f"({' '.join(chosen)})")  # fmt: skip
+        path = Path(file) if Path(file).is_absolute() else Path.cwd() / file
+        if not path.is_file():
+            raise ConfigError(f"--config {item}: {file} does not exist")
+        configs[stage] = path.resolve()
+    return configs
+
+
+def make_plans(tasks: list[type[Task]], ckpt: Path, out: Path, configs: dict[str, Path], *,
+               smoke: bool, scratch: Path | None = None) -> dict[str, Plan]:  # fmt: skip
+    """Each stage's plan for one checkpoint (``--smoke``: on the shared data, in ``scratch``,
+    default ``out/smoke_data``), ``configs`` replacing the stages' own config files."""
+    if smoke:
+        plans = smoke_plans(tasks, scratch or out / "smoke_data")
     else:
-        plans = full_plans([stages[s] for s in chosen], ckpt)
+        plans = full_plans(tasks, ckpt, configs)
+    for name, config in configs.items():
+        plans[name].config = config
+    return plans
+
+
+def evaluate_checkpoint(ckpt: Path, out: Path, plans: dict[str, Plan], *, smoke: bool) -> int:
+    """Every stage of ``plans`` on ``ckpt`` into ``out`` (a stage done already is skipped), then
+    the results table; 1 if a stage failed or was stopped (``STOPPED``)."""
+    out.mkdir(parents=True, exist_ok=True)
     for name, plan in plans.items():  # a folder of another checkpoint's run is not reused
-        launch_command(plan, args.smoke)  # the launch settings, checked before any stage runs
+        launch_command(plan, smoke)  # the launch settings, checked before any stage runs
         claim_stage(out / name, stage_record(ckpt, plan))
     failed = []
     for name, plan in plans.items():
@@ -116,14 +184,14 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         log_file = out / f"{name}.log"
         print(f"== {name}: {' '.join(plan.task.command)} --config {plan.config} (log: "
               f"{log_file})", flush=True)  # fmt: skip
-        code = run_stage(plan, ckpt, out / name, log_file, smoke=args.smoke)
+        code = run_stage(plan, ckpt, out / name, log_file, smoke=smoke)
         if STOPPED:
             print(f"== {name}: stopped (see {log_file})", flush=True)
             break
         if code != 0:
             print(f"== {name}: FAILED (see {log_file})", flush=True)
             failed.append(name)
-    status = write_table(out, ckpt, plans, smoke=args.smoke)
+    status = write_table(out, ckpt, plans, smoke=smoke)
     if STOPPED:
         print(f"crossmae transfer: stopped by {signal.Signals(STOPPED[0]).name} during {name}; "
               "the same command continues where it stopped", file=sys.stderr)  # fmt: skip
@@ -134,42 +202,52 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return status
 
 
-def smoke_plans(chosen: list[type[Task]], out: Path) -> dict[str, Plan]:
-    """Each stage's smoke config and settings on the shared data, on the CPU."""
+def smoke_plans(chosen: list[type[Task]], scratch: Path) -> dict[str, Plan]:
+    """Each stage's smoke config and settings on the shared data (prepared in ``scratch``), on
+    the CPU."""
     shared = Path(os.environ.get("CROSSMAE_SHARED", REPO.parent / "shared"))
     if not (shared / "data").is_dir():
         raise ConfigError(f"--smoke reads {shared / 'data'} (set CROSSMAE_SHARED)")
-    scratch = out / "smoke_data"
     plans = {}
     for task in chosen:
         config, settings = task.smoke_settings(shared.resolve(), scratch)
-        plans[task.transfer.name] = Plan(task, REPO / config, [*settings, *SMOKE_SETTINGS])
+        schema = OmegaConf.structured(task.schema)  # an evaluation has no precision, no log
+        ours = [kv for kv in SMOKE_SETTINGS if OmegaConf.select(
+            schema, kv.split("=")[0], default=ABSENT) is not ABSENT]  # fmt: skip
+        plans[task.transfer.name] = Plan(task, REPO / config, [*settings, *ours])
     return plans
 
 
-def full_plans(chosen: list[type[Task]], ckpt: Path) -> dict[str, Plan]:
-    """Each stage's config for the encoder's size and its dataset settings, every file it names
-    checked before anything runs."""
-    size = os.environ.get("ARCH") or encoder_size(ckpt)
-    get_size(size)  # a known size
-    missing = [f"{var} (for {t.transfer.name})" for t in chosen for var in t.transfer.datasets
-               if not os.environ.get(var)]  # fmt: skip
+def full_plans(chosen: list[type[Task]], ckpt: Path, configs: dict[str, Path]) -> dict[str, Plan]:
+    """Each stage's config for the encoder's size (or ``configs``') and its dataset settings,
+    every file it names checked before anything runs. A stage's dataset variable is needed
+    unless ``configs`` gives its config (which then names its data); set, it still applies."""
+    missing = [f"{var} (for {t.transfer.name})" for t in chosen if t.transfer.name not in configs
+               for var in t.transfer.datasets if not os.environ.get(var)]  # fmt: skip
     if missing:
         raise ConfigError(f"set the dataset root(s): {' '.join(missing)}")
+    size = None
     plans = {}
     for task in chosen:
         stage = task.transfer
-        found = sorted(REPO.glob(stage.config.format(size=size)))
-        if not found:
-            raise ConfigError(f"no {stage.name} config for ARCH={size}: "
-                              f"{stage.config.format(size=size)} does not exist")  # fmt: skip
+        if stage.name in configs:
+            config = configs[stage.name]
+        else:
+            size = size or os.environ.get("ARCH") or encoder_size(ckpt)
+            get_size(size)  # a known size
+            found = sorted(REPO.glob(stage.config.format(size=size)))
+            if not found:
+                raise ConfigError(f"no {stage.name} config for ARCH={size}: "
+                                  f"{stage.config.format(size=size)} does not exist (or give "
+                                  f"one: --config {stage.name}=FILE)")  # fmt: skip
+            config = found[0]
         settings = [s.format(root=os.environ[var]) for var, items in stage.datasets.items()
-                    for s in items]  # fmt: skip
+                    if os.environ.get(var) for s in items]  # fmt: skip
         for kv in settings:  # every dataset path a stage reads must exist
             key, _, value = kv.partition("=")
             if value.startswith("/") and not Path(value).exists():
                 raise ConfigError(f"{stage.name}: {key}={value} does not exist")
-        plans[stage.name] = Plan(task, found[0], settings)
+        plans[stage.name] = Plan(task, config, settings)
     return plans
 
 
@@ -204,8 +282,9 @@ def launch_command(plan: Plan, smoke: bool) -> tuple[list[str], list[str]]:
         return [python, str(REPO / "tools" / "submit.py"), "--task", " ".join(plan.task.command),
                 "--wait", "--nodes", nnodes, "--gpus-per-node", nproc,
                 *shlex.split(env.get("SLURM_ARGS", ""))], []  # fmt: skip
+    resume = ["--resume", "auto"] if plan.task.trains else []  # an evaluation starts over
     if int(nnodes) == 1 and nproc == "1":  # one process: no launcher needed
-        return [python, "-m", "crossmae", *plan.task.command], ["--resume", "auto"]
+        return [python, "-m", "crossmae", *plan.task.command], resume
     if int(nnodes) > 1:
         for var in ("NODE_RANK", "MASTER_ADDR"):
             if var not in env:
@@ -215,7 +294,7 @@ def launch_command(plan: Plan, smoke: bool) -> tuple[list[str], list[str]]:
     else:
         where = ["--standalone", "--nnodes", "1"]
     return [python, "-m", "torch.distributed.run", *where, "--nproc-per-node", nproc,
-            "-m", "crossmae", *plan.task.command], ["--resume", "auto"]  # fmt: skip
+            "-m", "crossmae", *plan.task.command], resume  # fmt: skip
 
 
 def gpu_count() -> str:
