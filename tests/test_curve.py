@@ -122,6 +122,8 @@ def test_curve_errors_name_the_problem(tmp_path, capsys):
     (tmp_path / "ckpt.pt").write_bytes(b"x")
     assert "run's folder, not" in error("--curve", str(tmp_path / "ckpt.pt"))
     assert "log.keep_every_epochs=N" in error("--curve", str(tmp_path))
+    (tmp_path / "results.json").write_text("{}")  # a finished run that kept none
+    assert "log.keep_every_epochs=N" in error("--curve", "--watch", str(tmp_path))
     assert "use it with --curve" in error("--watch", str(tmp_path / "ckpt.pt"))
     assert "write STAGE=FILE" in error("--curve", "--config", "frozen", str(tmp_path))
     assert "det is not among the stages run" in error("--curve", "--config", "det=x.yaml",

@@ -64,7 +64,7 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
     while True:
         state = run_state(run)  # before the listing: a finished run's list is complete
         kept = kept_checkpoints(run)
-        if not kept and not args.watch:
+        if not kept and (not args.watch or state in ("done", "diverged")):
             raise ConfigError(f"{run} holds no kept checkpoint (encoder-epochN.pt): pretrain "
                               "with log.keep_every_epochs=N")  # fmt: skip
         points = {}
