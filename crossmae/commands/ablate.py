@@ -273,14 +273,18 @@ def plot(table: dict[str, dict], path: Path) -> None:
                 label=f"untrained encoder ({'kNN' if m == 'knn_top1' else 'probe'})",
             )
         ax.legend(fontsize=7)
-    for name, t in table.items():
-        if t["decoder_gmacs"] is None:
-            continue
+    rows = {n: t for n, t in table.items() if t["decoder_gmacs"] is not None}
+    xs = [t["decoder_gmacs"]["mean"] for t in rows.values()]
+    near = 0.06 * (max(xs) - min(xs) or 1.0)  # labels of points this close are stacked
+    placed: list[float] = []
+    for name, t in rows.items():
         x = t["decoder_gmacs"]["mean"]
         for m, marker in (("knn_top1", "o"), ("probe_top1", "s")):
             ax.errorbar(x, t[m]["mean"], yerr=t[m]["spread"], fmt=marker,
                         color="C3" if t["kind"] == MAE.kind else "C0", capsize=3)  # fmt: skip
-        ax.annotate(name, (x, t["knn_top1"]["mean"]), fontsize=7, xytext=(4, 4),
+        below = sum(abs(x - p) < near for p in placed)
+        placed.append(x)
+        ax.annotate(name, (x, t["knn_top1"]["mean"]), fontsize=7, xytext=(6, -4 - 10 * below),
                     textcoords="offset points")  # fmt: skip
     ax.set_xlabel("decoder GMACs per image (forward)")
     ax.set_ylabel("top-1 (%): kNN (circles), linear probe (squares)")

@@ -339,7 +339,7 @@ def run_stage(plan: Plan, ckpt: Path, out: Path, log_file: Path, *, smoke: bool)
     cmd = [*before, "--config", str(plan.config), *plan.settings, f"encoder.checkpoint={ckpt}",
            f"output_dir={out}", *plan.extra, *after]  # fmt: skip
     with (
-        open(log_file, "a") as log,
+        open(log_file, "a", buffering=1) as log,  # line by line: followable with tail -f
         subprocess.Popen(
             cmd,
             cwd=REPO,
