@@ -136,7 +136,7 @@ def write_curve(out: Path, run: Path, points: dict[int, tuple], state: str) -> N
                "points": records}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "curve.json", strict_json(summary, indent=1) + "\n")
-    png = plot_curve(records, labels, out / "curve.png", title=run.name)
+    png = plot_curve(records, labels, out / "curve.png", title=f"{run.parent.name}/{run.name}")
     lines = [f"# Transfer curve of `{run}`", "",
              f"The run is {state}; {len(records)} kept checkpoint(s).", "",
              "| epoch | " + " | ".join(labels.values()) + " |",
@@ -167,6 +167,7 @@ def plot_curve(records: list[dict], labels: dict[str, str], path: Path, title: s
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, marker="o", label=labels[key])
     ax.set_xlabel("pretraining epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("metric (top-1 %, AP or mIoU)")
     ax.set_title(f"transfer curve: {title}", fontsize=10)
     ax.grid(alpha=0.3)
