@@ -7,6 +7,7 @@
 #     tools/transfer.sh runs/crossmae_b/checkpoint-last.pt [OUT]
 #   tools/transfer.sh --smoke runs/demo/checkpoint-last.pt /tmp/smoke   # CPU, minutes, shared data
 #   tools/transfer.sh --list                                            # the stages
+#   tools/transfer.sh --curve runs/crossmae_b [OUT] [--watch]   # every checkpoint the run kept
 #
 # The stages, their configs per encoder size and their result keys come from the task registry:
 # this script runs `crossmae transfer` (`tools/transfer.sh --help` lists its options and the
