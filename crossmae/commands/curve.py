@@ -25,7 +25,7 @@ from pathlib import Path
 from ..checkpoint import strict_json, write_text_atomic
 from ..config import ConfigError
 from ..task import Task
-from . import transfer as tr
+from . import stages as st
 
 KEPT = re.compile(r"(encoder|checkpoint)-epoch(\d+)\.pt")
 
@@ -70,23 +70,23 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
         points = {}
         for epoch, ckpt in kept.items():
             where = out / f"epoch{epoch}"
-            plans = tr.make_plans(tasks, ckpt, where, configs, smoke=args.smoke,
+            plans = st.make_plans(tasks, ckpt, where, configs, smoke=args.smoke,
                                   scratch=out / "smoke_data")  # fmt: skip
             points[epoch] = (ckpt, where, plans)
-            if epoch in failed or all(tr.stage_result(where / n) for n in plans):
+            if epoch in failed or all(st.stage_result(where / n) for n in plans):
                 if epoch not in said and epoch not in failed:
                     print(f"== epoch {epoch}: evaluated already ({where}), skipped", flush=True)
                 said.add(epoch)
                 continue
             print(f"== epoch {epoch}: {ckpt}", flush=True)
-            if tr.evaluate_checkpoint(ckpt, where, plans, smoke=args.smoke) != 0:
+            if st.evaluate_checkpoint(ckpt, where, plans, smoke=args.smoke) != 0:
                 failed.add(epoch)
             said.add(epoch)
-            if tr.STOPPED:
+            if st.STOPPED:
                 break
         write_curve(out, run, points, state)
-        if tr.STOPPED:
-            print(f"crossmae transfer --curve: stopped by {signal.Signals(tr.STOPPED[0]).name}; "
+        if st.STOPPED:
+            print(f"crossmae transfer --curve: stopped by {signal.Signals(st.STOPPED[0]).name}; "
                   "the same command continues where it stopped", file=sys.stderr)  # fmt: skip
             return 1
         if not args.watch or state in ("done", "diverged"):
@@ -114,7 +114,7 @@ def curve_points(points: dict[int, tuple]) -> tuple[list[dict], dict[str, str]]:
     for epoch, (ckpt, where, plans) in points.items():
         rec = {"epoch": epoch, "checkpoint": str(ckpt), "stages": {}, "metrics": {}}
         for name, plan in plans.items():
-            result = tr.stage_result(where / name)
+            result = st.stage_result(where / name)
             rec["stages"][name] = "done" if result is not None else "missing"
             metrics = {} if result is None else plan.task.headline(result)
             metrics.pop("note", None)
@@ -142,7 +142,7 @@ def write_curve(out: Path, run: Path, points: dict[int, tuple], state: str) -> N
              "| epoch | " + " | ".join(labels.values()) + " |",
              "|---" * (len(labels) + 1) + "|"]  # fmt: skip
     for rec in records:
-        cells = [tr.fmt(rec["metrics"].get(k)) for k in labels]
+        cells = [st.fmt(rec["metrics"].get(k)) for k in labels]
         lines.append(f"| {rec['epoch']} | " + " | ".join(cells) + " |")
     lines.append("")
     if png is not None:
