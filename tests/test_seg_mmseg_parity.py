@@ -2,7 +2,15 @@
 UperNet (float64, CPU, eval) computed at every stage on an ADE20K image, with its own state dict.
 We import that state dict with ``seg.export.import_mmseg``, build the model from the file's
 ``config`` and reproduce every stage. ``$CROSSMAE_MMSEG_FIXTURE`` names another file of the same
-format."""
+format.
+
+The file was written on another CPU (see ``spread.py``). mmseg computes every stored value in
+float64 (the slide logits are stored as float32 copies), so CPUs differ only by float64 rounding,
+~1e-15 relative; mmseg itself run in float32 differs from the file by 7.5e-7 relative, so REL
+below still catches a float32 step. Uint8 resizing (OpenCV's fixed-point bilinear, nearest for
+labels) is integer arithmetic: exact. An argmax is compared exactly but for pixels whose two best
+logits are within the logits' spread of each other, and metrics are counted from the labels.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import pytest
 import torch
 from conftest import parity_fixture
 from omegaconf import DictConfig
+from spread import assert_equal_except_near_ties
 
 from crossmae.checkpoint import load_state_dict_strict, save_atomic
 from crossmae.config import load_config
@@ -24,7 +33,8 @@ from seg.metrics import SegMetrics
 from seg.model import SegViT, UperNet, segmentation_losses, slide_inference, slide_windows
 
 FIXTURE_ENV = "CROSSMAE_MMSEG_FIXTURE"
-REL = 1e-10
+REL = 1e-10  # float64 features and logits, relative to the largest
+SLIDE_REL = 1e-6  # float64 logits stored as float32: 6e-8 relative, with a margin
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +91,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
 
 
+def check_prediction(logits: torch.Tensor, ref: torch.Tensor, what: str) -> torch.Tensor:
+    """The argmax of (1, C, H, W) ``logits`` against the reference's (H, W) uint8 prediction,
+    exact but for near-ties (two best logits within 2 * REL of the largest logit). Returns the
+    prediction to count metrics from: ours, with a near-tie another CPU broke the other way
+    counted as the reference's, so that the metrics still compare exactly."""
+    pred = logits.argmax(1)[0]
+    top = logits[0].topk(2, dim=0).values
+    ties = (top[0] - top[1]) <= 2 * REL * logits.abs().max()
+    assert_equal_except_near_ties(pred.to(torch.uint8), ref, ties, what)
+    return torch.where(ties, ref.long(), pred)
+
+
 def test_mmseg_importer_reads_the_architecture(mm):
     c = mm["config"]
     arch = mmseg_architecture(mm["state_dict"])
@@ -123,9 +145,8 @@ def test_mmseg_slide_inference_and_metrics(mm, model):
         windows = slide_windows(H, W, c["crop"], c["stride"])
         assert [list(w) for w in windows] == [list(w) for w in exp["slide_windows"]]
         logits = slide_inference(model, x, c["num_classes"], crop=c["crop"], stride=c["stride"])
-        assert rel(logits, ref_logits) < 1e-6  # stored as float32
-        pred = logits.argmax(1)[0]
-        assert torch.equal(pred.to(torch.uint8), exp["slide_pred"])
+        assert rel(logits, ref_logits) < SLIDE_REL
+        pred = check_prediction(logits, exp["slide_pred"], "slide prediction")
         one = SegMetrics(c["num_classes"], IGNORE)
         one.update(pred, label.long())
         total.update(pred, label.long())
@@ -135,7 +156,8 @@ def test_mmseg_slide_inference_and_metrics(mm, model):
 
 
 def check_metrics(ours: dict, ref: dict) -> None:
-    """IoUMetric's unrounded percentages and per-class fractions (NaN where a class is absent)."""
+    """IoUMetric's unrounded percentages and per-class fractions (NaN where a class is absent):
+    ratios of pixel counts, so equal to float64 rounding."""
     for key in ("aAcc", "mIoU", "mAcc"):
         assert ours[key] == pytest.approx(ref[key], abs=1e-9), key
     for key, theirs in (("IoU", "IoU_per_class"), ("Acc", "Acc_per_class")):
@@ -155,6 +177,8 @@ def test_mmseg_losses(mm, model):
     label = mm["label"][None, :crop, :crop].long()
     assert (label == IGNORE).any()  # the normalisation matters on this window
     ours = segmentation_losses(out, label, aux_weight=0.4)
+    # float64 means of cross entropies agree to ~REL; 1e-6 relative admits acc_seg, which the
+    # file holds as a float32 value
     for name, ref in mm["expected"]["loss"].items():
         assert float(ours[name]) == pytest.approx(ref, rel=1e-6, abs=1e-9), name
     # mmseg's avg_non_ignore=True would divide by the labelled pixels instead
@@ -201,8 +225,7 @@ def test_mmseg_test_pipeline(mm, model):
     assert [list(w) for w in slide_windows(*size, c["crop"], c["stride"])] == [
         list(w) for w in test["slide_windows"]
     ]
-    pred = scores.argmax(1)[0]
-    assert torch.equal(pred.to(torch.uint8), test["pred"])
+    pred = check_prediction(scores, test["pred"], "test-path prediction")
     metrics = SegMetrics(c["num_classes"], IGNORE)
     metrics.update(pred, mm["label"].long())
     check_metrics(metrics.compute(), test["metrics"])
