@@ -19,6 +19,8 @@ from crossmae.config import (
     at_most,
     checked,
     each,
+    increasing,
+    length,
     not_empty,
     one_of,
     section,
@@ -30,8 +32,12 @@ class ClsData:
     train: str = "???"  # ImageFolder train split
     val: str = "???"  # ImageFolder val split, same classes
     img_size: int = checked(224, POSITIVE)
+    per_class: int | None = checked(None, POSITIVE)  # only the first N images of each class
     num_workers: int = checked(8, at_least(0), resumable=True)
     # training augmentation (finetuning; the linear probe uses crop + flip only)
+    crop_scale: list[float] = checked(
+        [0.08, 1.0], length(2), increasing, each(above(0), at_most(1))
+    )
     randaug: str | None = "rand-m9-mstd0.5-inc1"
     reprob: float = checked(0.25, at_least(0), at_most(1))  # random erasing
     mixup: float = checked(0.8, at_least(0))

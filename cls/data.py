@@ -7,10 +7,16 @@ from pathlib import Path
 from crossmae.data import ImageFiles
 
 
-def class_folders(train: str | Path, val: str | Path) -> tuple[ImageFiles, ImageFiles]:
+def class_folders(
+    train: str | Path, val: str | Path, per_class: int | None = None
+) -> tuple[ImageFiles, ImageFiles]:
     """Both splits, checked: ImageFolder layout, and the same class names in the same order (a
-    mismatch would silently shift labels, so it is an error)."""
+    mismatch would silently shift labels, so it is an error). ``per_class``: only the first N
+    images of each class of each split."""
     tr, va = ImageFiles(train), ImageFiles(val)
+    if per_class is not None:
+        tr.keep_first_per_class(per_class)
+        va.keep_first_per_class(per_class)
     for split in (tr, va):
         if split.layout != "imagefolder":
             raise ValueError(f"{split.root}: expected class sub-folders (ImageFolder layout)")

@@ -101,13 +101,15 @@ def training_transform(cfg: DictConfig):
     d = cfg.data
     if cfg.model.probe:
         return T.Compose([
-            SingleDrawRandomResizedCrop(d.img_size, interpolation=T.InterpolationMode.BICUBIC),
+            SingleDrawRandomResizedCrop(d.img_size, scale=tuple(d.crop_scale),
+                                        interpolation=T.InterpolationMode.BICUBIC),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ])  # fmt: skip
     tf = create_transform(
-        d.img_size, is_training=True, auto_augment=d.randaug, interpolation="bicubic",
+        d.img_size, is_training=True, scale=tuple(d.crop_scale), auto_augment=d.randaug,
+        interpolation="bicubic",
         re_prob=d.reprob, re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
     for t in tf.transforms:  # this pipeline's own posterize ops, not timm's table

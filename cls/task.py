@@ -31,7 +31,7 @@ from crossmae.data import Indexed, Labelled
 from crossmae.engine import PRECISIONS, Engine, Hook
 from crossmae.knn import extract_block_features, knn_classify_ks, pooled, topk_accuracy
 from crossmae.models import VisionTransformer
-from crossmae.models.pretrained import load_pretrained_encoder
+from crossmae.models.pretrained import encoder_of
 from crossmae.task import (
     BenchCase,
     Task,
@@ -77,8 +77,10 @@ class FinetuneTask(Task):
     schema = FinetuneConfig
     format = FINETUNE_FORMAT
     best_metric, record_prefix = "top1", "val_"
+    curve = {"top1": "top-1", "top5": "top-5"}
     transfer = TransferStage("finetune", 2, "configs/cls/finetune_vit_{size}.yaml", IMAGENET,
-                             (("finetune top-1", ("finetune_top1",)),))  # fmt: skip
+                             (("finetune top-1", ("finetune_top1",)),),
+                             cpu_config="configs/cls/finetune_cifar10_tiny.yaml")  # fmt: skip
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -96,7 +98,7 @@ class FinetuneTask(Task):
         m, d = self.cfg.model, self.cfg.data
         if m.probe and m.ema_decay:
             raise ConfigError("model.ema_decay applies to finetuning, not to the linear probe")
-        self.train_src, self.val_src = class_folders(d.train, d.val)
+        self.train_src, self.val_src = class_folders(d.train, d.val, d.per_class)
         self.set_classes(len(self.train_src.classes))
 
     def set_classes(self, num_classes: int) -> None:
@@ -109,8 +111,8 @@ class FinetuneTask(Task):
 
     def build_model(self, device: torch.device) -> nn.Module:
         e, m = self.cfg.encoder, self.cfg.model
-        sd, enc_cfg = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
-        if e.random_init:  # the baseline: same architecture, untrained encoder
+        sd, enc_cfg = encoder_of(e)
+        if sd is None:  # the baseline: same architecture, untrained encoder
             torch.manual_seed(e.seed)
             sd = VisionTransformer(**enc_cfg).state_dict()
         model = classifier_on(sd, enc_cfg, self.cfg, self.num_classes)
@@ -283,7 +285,7 @@ class FrozenTask(Task):
     def build_model(self, device: torch.device) -> nn.Module:
         """The encoder of the checkpoint (or its architecture untrained), at ``data.img_size``."""
         e = self.cfg.encoder
-        sd, cfg = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
+        sd, cfg = encoder_of(e)
         asked = list(self.cfg.probe.n_blocks)
         self.n_blocks = sorted({min(n, cfg["depth"]) for n in asked})
         if max(asked) > cfg["depth"]:
@@ -291,7 +293,7 @@ class FrozenTask(Task):
                         cfg["depth"], self.n_blocks)  # fmt: skip
         torch.manual_seed(e.seed)
         encoder = VisionTransformer(**cfg)
-        if not e.random_init:
+        if sd is not None:
             encoder.load_state_dict(sd, strict=True)
         size = self.cfg.data.img_size
         if tuple(encoder.img_size) != (size, size):
@@ -301,9 +303,13 @@ class FrozenTask(Task):
     def features(self, split) -> tuple[torch.Tensor, torch.Tensor]:
         """Block features (N, n, 2, D) of the last n = max(``probe.n_blocks``) blocks, cached."""
         d, e = self.cfg.data, self.cfg.encoder
-        ckpt, blocks = Path(e.checkpoint), max(self.n_blocks)
-        key = {"checkpoint": str(ckpt.resolve()), "mtime": ckpt.stat().st_mtime,
-               "random_init": e.random_init, "seed": e.seed, "img_size": d.img_size,
+        blocks = max(self.n_blocks)
+        if e.arch is not None:
+            source = {"arch": e.arch, "arch_settings": dict(e.arch_settings)}
+        else:
+            ckpt = Path(e.checkpoint)
+            source = {"checkpoint": str(ckpt.resolve()), "mtime": ckpt.stat().st_mtime}
+        key = {**source, "random_init": e.random_init, "seed": e.seed, "img_size": d.img_size,
                "blocks": blocks, "split": str(split.root.resolve())}  # fmt: skip
         return cached_features(d.cache_dir, key, lambda: extract_block_features(
             self.model, split, img_size=d.img_size, blocks=blocks, batch_size=d.batch_size,

@@ -162,12 +162,31 @@ def problems_of(cfg: DictConfig, prefix: str = "") -> list[str]:
 # ----------------------------------------------------------------------------- shared sections
 @dataclass
 class EncoderSource:
-    """The pretrained encoder a transfer task starts from (``encoder.*``)."""
+    """The encoder a transfer task starts from (``encoder.*``): a pretrained checkpoint, or with
+    ``arch`` (and ``checkpoint: null``) a registered model's encoder, untrained (the overfit
+    checks of ``configs/*/overfit_*.yaml``)."""
 
-    checkpoint: str = "???"  # one of our checkpoint-last.pt / encoder.pt, or an official release
+    # one of our checkpoint-last.pt / encoder.pt, or an official release
+    checkpoint: str | None = "???"
     official_arch: str | None = None  # for official files: e.g. crossmae_vit_base_patch16
     random_init: bool = False  # the checkpoint's architecture, untrained (a baseline)
+    # instead of a checkpoint: this registered model's encoder, untrained, built with
+    # ``arch_settings`` (e.g. {img_size: 32, patch_size: 4}); ``crossmae models`` lists them
+    arch: str | None = checked(None, registered_model)
+    arch_settings: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+
+    @staticmethod
+    def cross_checks(e: DictConfig) -> dict[str, str]:
+        if OmegaConf.is_missing(e, "checkpoint"):
+            return {}
+        if e.arch is not None and e.checkpoint is not None:
+            return {"arch": f"{e.arch} and encoder.checkpoint={e.checkpoint} are both set: "
+                            "set encoder.checkpoint=null for an untrained encoder"}  # fmt: skip
+        if e.arch is None and e.checkpoint is None:
+            return {"checkpoint": "null needs encoder.arch (an untrained encoder of a registered "
+                                  "model); else name a pretrained checkpoint"}  # fmt: skip
+        return {}
 
 
 @dataclass

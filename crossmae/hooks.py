@@ -286,10 +286,11 @@ class EvalHook(Hook):
     name = "evaluation"
 
     def __init__(self, task: Any, *, every_steps: int = 0, every_epochs: int = 0,
-                 saver: CheckpointHook | None = None):  # fmt: skip
+                 saver: CheckpointHook | None = None, out: Path | None = None):  # fmt: skip
         self.task, self.every_steps, self.every_epochs, self.saver = (
             task, every_steps, every_epochs, saver
         )  # fmt: skip
+        self.out = out
         self.evaluated_at = -1
         self.metrics: dict | None = None  # the latest evaluation
         self.best: dict | None = None  # the best, with its epoch
@@ -309,7 +310,19 @@ class EvalHook(Hook):
         log.info("step %d (epoch %g): %s%s", engine.step, epoch, self.task.describe(metrics), best)
         if report := self.task.report(metrics):
             log.info("%s", report)
+        self.draw(engine)
         return metrics
+
+    def draw(self, engine: Engine) -> None:
+        """The evaluations so far as a table and a curve in the run folder (rank 0)."""
+        curve = self.task.curve or ({key: key} if (key := self.task.best_metric) else {})
+        if self.out is None or engine.rank != 0 or not curve:
+            return
+        from .visualize import save_evaluation_curve
+
+        prefix = self.task.record_prefix
+        save_evaluation_curve(self.out / "metrics.jsonl", self.out,
+                              {prefix + k: label for k, label in curve.items()})  # fmt: skip
 
     def evaluate_if_stale(self, engine: Engine) -> bool:
         """Evaluate unless this step was evaluated; returns whether it evaluated."""

@@ -268,7 +268,8 @@ def _loop(task: Task, cfg: DictConfig, out: Path, model, optimizer, loader, sche
                            every_epochs=lc.ckpt_every_epochs, exports=task.exports,
                            keep_every_epochs=lc.keep_every_epochs)  # fmt: skip
     every_steps, every_epochs = task.eval_every() if task.evaluates else (0, 0)
-    evaluator = EvalHook(task, every_steps=every_steps, every_epochs=every_epochs, saver=saver)
+    evaluator = EvalHook(task, every_steps=every_steps, every_epochs=every_epochs, saver=saver,
+                         out=out)  # fmt: skip
     writer = MetricsWriter(out, images_per_step=cfg.train.batch_size, every_steps=lc.every_steps,
                            tensorboard=lc.tensorboard, progress=lc.progress,
                            extra=task.record_fields)  # fmt: skip

@@ -56,6 +56,8 @@ class TransferStage:
         default: among the stages a checkpoint's transfer runs when ``--stages`` names none.
         curve: among the stages a transfer curve (``--curve``) runs when ``--stages`` names none:
             the cheap evaluations, repeated for every kept checkpoint of a run.
+        cpu_config: a CPU-sized config of the stage on the shared data (relative to the
+            repository), which ``crossmae ablate --transfer`` runs on every encoder it compares.
     """
 
     name: str
@@ -65,6 +67,7 @@ class TransferStage:
     columns: tuple[tuple[str, tuple[str, ...]], ...]
     default: bool = True
     curve: bool = False
+    cpu_config: str | None = None
 
 
 @dataclass
@@ -119,6 +122,9 @@ class Task:
         best_metric: a key of ``evaluate()``'s result: the best evaluation so far is kept as
             ``checkpoint-best.pt`` and in the result.
         record_group, record_prefix: where evaluation records go in metrics.jsonl / TensorBoard.
+        curve: the metrics (keys of ``evaluate()``'s result, nested ones joined by "/") drawn
+            against the step after every evaluation (``evaluation.md`` / ``.png`` in the run
+            folder), with their labels; empty: ``best_metric``.
         transfer: how ``crossmae transfer`` runs it (None: not a transfer stage).
     """
 
@@ -131,6 +137,7 @@ class Task:
     best_metric: ClassVar[str | None] = None
     record_group: ClassVar[str] = "eval"
     record_prefix: ClassVar[str] = ""
+    curve: ClassVar[dict[str, str]] = {}
     transfer: ClassVar[TransferStage | None] = None
 
     def __init__(self, cfg: DictConfig):

@@ -1,4 +1,4 @@
-"""PNG outputs of a run: reconstruction grids and the loss curve."""
+"""PNG outputs of a run: reconstruction grids, the loss curve and the evaluation curve."""
 
 from __future__ import annotations
 
@@ -70,6 +70,64 @@ def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_evaluation_curve(metrics_file: str | Path, out: str | Path,
+                          keys: dict[str, str]) -> tuple[Path, Path | None]:  # fmt: skip
+    """Every evaluation of a run so far, from its ``metrics.jsonl``: ``evaluation.md`` (a table
+    of the metrics ``keys`` names, record key -> label, with the latest training loss recorded
+    by that step)
+    and ``evaluation.png`` (each metric against the step, the loss on a second axis; None while
+    no metric has a value). Returns both paths."""
+    from .checkpoint import write_text_atomic
+
+    rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
+    evals = [r for r in rows if any(k in r for k in keys)]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r and "lr" in r}
+    out = Path(out)
+
+    def cell(v) -> str:
+        return "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| step | epoch | " + " | ".join(keys.values()) + " | train loss |",
+             "|---" * (len(keys) + 3) + "|"]  # fmt: skip
+    for r in evals:
+        loss = next((losses[s] for s in sorted(losses, reverse=True) if s <= r["step"]), None)
+        lines.append(f"| {r['step']} | {r['epoch']:g} | "
+                     + " | ".join(cell(r.get(k)) for k in keys)
+                     + f" | {'n/a' if loss is None else f'{loss:.4f}'} |")  # fmt: skip
+    md = out / "evaluation.md"
+    write_text_atomic(md, "\n".join(lines) + "\n")
+    series = {k: [(r["step"], r[k]) for r in evals if r.get(k) is not None] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return md, None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for key, pts in series.items():
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, label=keys[key])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("evaluation metric")
+    ax.grid(alpha=0.3)
+    if losses:
+        ax2 = ax.twinx()
+        steps = sorted(losses)
+        ax2.plot(steps, [losses[s] for s in steps], color="tab:gray", alpha=0.5, lw=1,
+                 label="train loss (right axis)")  # fmt: skip
+        ax2.set_ylabel("train loss", color="tab:gray")
+        handles = ax.get_lines() + ax2.get_lines()
+    else:
+        handles = ax.get_lines()
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="center right")
+    ax.set_title(f"evaluations of {out.name}", fontsize=10)
+    fig.tight_layout()
+    png = out / "evaluation.png"
+    tmp = png.with_name(".evaluation.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png)
+    return md, png
 
 
 def distinct_colors(n: int) -> np.ndarray:

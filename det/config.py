@@ -18,6 +18,7 @@ from crossmae.config import (
     each,
     increasing,
     length,
+    not_empty,
     section,
 )
 
@@ -31,6 +32,8 @@ class DetData:
     val_json: str = "???"
     val_images: str = "???"
     scale_range: list[float] = checked([0.1, 2.0], length(2), increasing, each(POSITIVE))  # LSJ
+    # only these image ids of each json, trained and scored (small checks: the overfit config)
+    image_ids: list[int] | None = checked(None, not_empty)
     num_workers: int = checked(4, at_least(0), resumable=True)
 
 
@@ -45,6 +48,8 @@ class DetModel:
     window: int = checked(14, POSITIVE)
     global_blocks: list[int] | None = None  # None = 4 evenly spaced (B: 2, 5, 8, 11)
     drop_path_rate: float = checked(0.1, *FRACTION)  # 0.1 B, 0.4 L, 0.5 H
+    # RoIs sampled per training image for the box and mask heads (ROI_HEADS.BATCH_SIZE_PER_IMAGE)
+    roi_batch_size: int = checked(512, POSITIVE)
     heads: HeadConfig = field(default_factory=HeadConfig)
 
 

@@ -118,10 +118,12 @@ class CocoInstances(Dataset):
         train: large-scale jitter and training targets (else the evaluation view).
         img_size: detection input side S.
         scale_range: large-scale jitter factors.
+        image_ids: only these images of the json (all when None); COCOeval then scores only them.
     """
 
     def __init__(self, annotations: str | Path, images: str | Path, *, train: bool,
-                 img_size: int = 1024, scale_range: tuple[float, float] = (0.1, 2.0)):  # fmt: skip
+                 img_size: int = 1024, scale_range: tuple[float, float] = (0.1, 2.0),
+                 image_ids: list[int] | None = None):  # fmt: skip
         self.root = Path(images)
         path = Path(annotations)
         if not path.is_file():
@@ -138,12 +140,22 @@ class CocoInstances(Dataset):
         for key in ("images", "annotations", "categories"):  # pycocotools keeps one per id
             repeated(path, key, [item.get("id") for item in data[key]])
         self.images = {im["id"]: im for im in data["images"]}
+        self.image_ids = None if image_ids is None else sorted(set(image_ids))
+        if self.image_ids is not None:
+            unknown = [i for i in self.image_ids if i not in self.images]
+            if unknown:
+                raise AnnotationError(f"{path}: no image with id {unknown[0]}"
+                                      f"{f' (and {len(unknown) - 1} more)' if unknown[1:] else ''}"
+                                      " among its images (data.image_ids)")  # fmt: skip
+            self.images = {i: self.images[i] for i in self.image_ids}
         self.cat_ids = sorted(c["id"] for c in data["categories"])
         names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
         self.class_names = [names[c] for c in self.cat_ids]  # by contiguous class
         self.class_of = {cid: i for i, cid in enumerate(self.cat_ids)}  # contiguous, 0-based
         self.anns: dict[int, list[dict]] = {i: [] for i in self.images}
         for ann in data["annotations"]:
+            if self.image_ids is not None and ann.get("image_id") not in self.images:
+                continue
             _check(ann, self.images)
             if ann["category_id"] not in self.class_of:
                 raise AnnotationError(

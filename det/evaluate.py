@@ -50,9 +50,10 @@ def instances_to_coco_json(result: dict[str, torch.Tensor], image_id: int) -> li
     return out
 
 
-def coco_evaluate(annotation_file: str | Path, results: list[dict],
-                  iou_types=("bbox", "segm")) -> dict[str, dict]:  # fmt: skip
-    """COCOeval over every image of the json, as detectron2's ``COCOEvaluator`` reports it:
+def coco_evaluate(annotation_file: str | Path, results: list[dict], iou_types=("bbox", "segm"),
+                  image_ids: list[int] | None = None) -> dict[str, dict]:  # fmt: skip
+    """COCOeval over every image of the json (or only ``image_ids``), as detectron2's
+    ``COCOEvaluator`` reports it:
     ``{"bbox": {AP, AP50, AP75, APs, APm, APl}, "segm": {...}}`` in percent (NaN where COCOeval
     has nothing to average, and all NaN without any result), ``per_class``: each category's AP
     by name and IoU type (precision over IoUs and recalls at area "all", 100 detections, NaN for
@@ -73,6 +74,8 @@ def coco_evaluate(annotation_file: str | Path, results: list[dict],
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):
             ev = COCOeval(gt, gt.loadRes(res), iou_type)
+            if image_ids is not None:
+                ev.params.imgIds = list(image_ids)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()
@@ -153,7 +156,7 @@ def evaluate_detector(
     results = [r for part in du.all_gather_objects(results) for r in part]
     metrics = None
     if du.is_main():
-        metrics = coco_evaluate(dataset.annotation_file, results)
+        metrics = coco_evaluate(dataset.annotation_file, results, image_ids=dataset.image_ids)
         if results_file is not None:
             Path(results_file).write_text(json.dumps(results))
     model.train(was_training)

@@ -69,10 +69,11 @@ class ViTDetMaskRCNN(nn.Module):
         num_classes: K, without background.
         heads: pyramid / head widths.
         img_size: the square canvas inputs are padded to (1024).
+        roi_batch_size: RoIs sampled per training image (512).
     """
 
     def __init__(self, backbone: ViTDetBackbone, num_classes: int, heads: HeadConfig,
-                 img_size: int = 1024):  # fmt: skip
+                 img_size: int = 1024, roi_batch_size: int = 512):  # fmt: skip
         super().__init__()
         strides = pyramid_strides()
         self.img_size = img_size
@@ -91,6 +92,7 @@ class ViTDetMaskRCNN(nn.Module):
             box_fc_dims=heads.box_fc_dims,
             mask_conv_dims=heads.mask_conv_dims,
             mask_deconv_dim=heads.mask_deconv_dim,
+            batch_size_per_image=roi_batch_size,
         )
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
@@ -173,4 +175,6 @@ def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCN
         global_blocks=cfg.global_blocks,
     )
     heads = HeadConfig(**dict(cfg.heads))
-    return ViTDetMaskRCNN(backbone, num_classes, heads, img_size=cfg.img_size)
+    return ViTDetMaskRCNN(
+        backbone, num_classes, heads, img_size=cfg.img_size, roi_batch_size=cfg.roi_batch_size
+    )

@@ -45,7 +45,13 @@ def model_from_config(config: dict, dtype: torch.dtype = torch.float64) -> ViTDe
             mask_conv_dims=rh["mask_head"]["conv_dims"],
             mask_deconv_dim=rh["mask_head"]["deconv_dim"],
         )  # fmt: skip
-        model = ViTDetMaskRCNN(backbone, rh["num_classes"], heads, img_size=fpn["square_pad"])
+        model = ViTDetMaskRCNN(
+            backbone,
+            rh["num_classes"],
+            heads,
+            img_size=fpn["square_pad"],
+            roi_batch_size=rh["batch_size_per_image"],
+        )
     finally:
         torch.set_default_dtype(old)
     for name in ("pixel_mean", "pixel_std"):  # buffers, not in detectron2's state dict

@@ -63,15 +63,19 @@ class DetTask(Task):
     help = "train ViTDet Mask R-CNN (COCO AP at the end)"
     schema = DetConfig
     format = DET_FORMAT
+    curve = {"bbox/AP": "box AP", "segm/AP": "mask AP"}
     transfer = TransferStage("det", 3, "configs/det/mask_rcnn_vit_{size}_*ep.yaml", COCO,
-                             (("COCO AP box / AP mask", ("ap_box", "ap_mask")),))  # fmt: skip
+                             (("COCO AP box / AP mask", ("ap_box", "ap_mask")),),
+                             cpu_config="configs/det/mask_rcnn_coco128_small.yaml")  # fmt: skip
 
     def open_data(self) -> None:
         check_precision(self.cfg.eval.precision, "eval.precision")
         d, size = self.cfg.data, self.cfg.model.img_size
+        ids = None if d.image_ids is None else list(d.image_ids)
         self.train_data = CocoInstances(d.train_json, d.train_images, train=True, img_size=size,
-                                        scale_range=d.scale_range)  # fmt: skip
-        self.val_data = CocoInstances(d.val_json, d.val_images, train=False, img_size=size)
+                                        scale_range=d.scale_range, image_ids=ids)  # fmt: skip
+        self.val_data = CocoInstances(d.val_json, d.val_images, train=False, img_size=size,
+                                      image_ids=ids)  # fmt: skip
 
     def engine_options(self) -> dict:
         return {"ddp_fp16_compression": self.cfg.train.ddp_fp16_compression}

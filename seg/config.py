@@ -36,6 +36,7 @@ class SegData:
     ignore_other_labels: bool = False  # custom only: labels outside 0..C-1 ignored, not an error
     train_split: str = "training"
     val_split: str = "validation"
+    images: list[str] | None = checked(None, not_empty)  # only these images (file stems)
     crop: int = checked(512, POSITIVE)
     scale: list[int] = checked([2048, 512], length(2), each(POSITIVE))
     ratio_range: list[float] = checked([0.5, 2.0], length(2), increasing, each(POSITIVE))

@@ -94,7 +94,8 @@ class SegFolder(torch.utils.data.Dataset):
     Returns (image uint8 (3, H, W), label int64 (H, W) in 0..C-1 or ``IGNORE``, name).
     """
 
-    def __init__(self, root: str | Path, split: str, spec: LabelSpec, skip_unreadable=False):
+    def __init__(self, root: str | Path, split: str, spec: LabelSpec, skip_unreadable=False,
+                 names: list[str] | None = None):  # fmt: skip
         self.root, self.spec, self.skip = Path(root), spec, skip_unreadable
         img_dir, ann_dir = self.root / "images" / split, self.root / "annotations" / split
         for d in (img_dir, ann_dir):
@@ -111,6 +112,15 @@ class SegFolder(torch.utils.data.Dataset):
                 self.items.append((p, lab))
         if not self.items:
             raise FileNotFoundError(f"no images in {img_dir}")
+        if names is not None:  # only these images (small checks), in the folder's order
+            stems = {p.stem for p, _ in self.items}
+            unknown = [n for n in names if n not in stems]
+            if unknown:
+                raise FileNotFoundError(
+                    f"no image named {unknown[0]!r} in {img_dir}"
+                    f"{f' ({len(unknown) - 1} more)' if unknown[1:] else ''}"
+                )
+            self.items = [(p, lab) for p, lab in self.items if p.stem in set(names)]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -30,7 +30,12 @@ from crossmae.checkpoint import write_text_atomic
 from crossmae.commands.convert import converter
 from crossmae.config import ConfigError, int_at_least, load_config, without_missing
 from crossmae.engine import check_precision
-from crossmae.models.pretrained import load_pretrained_encoder, model_on_encoder
+from crossmae.models.pretrained import (
+    describe_source,
+    encoder_of,
+    load_pretrained_encoder,
+    model_on_encoder,
+)
 from crossmae.task import (
     BenchCase,
     Task,
@@ -66,23 +71,28 @@ class SegTask(Task):
     help = "train UperNet (mIoU at the end)"
     schema = SegConfig
     format = SEG_FORMAT
+    curve = {"mIoU": "mIoU", "aAcc": "pixel accuracy"}
     transfer = TransferStage("seg", 4, "configs/seg/upernet_vit_{size}_ade20k_160k.yaml",
                              {"ADE20K": ("data.root={root}",)},
-                             (("ADE20K mIoU", ("miou",)),))  # fmt: skip
+                             (("ADE20K mIoU", ("miou",)),),
+                             cpu_config="configs/seg/upernet_camvid_small.yaml")  # fmt: skip
 
     def open_data(self) -> None:
         check_precision(self.cfg.eval.precision, "eval.precision")
         d = self.cfg.data
         check_crop(d.crop, tuple(d.scale), max(d.ratio_range))
         self.spec = label_spec(d)
-        self.train_folder = SegFolder(d.root, d.train_split, self.spec, skip_unreadable=True)
-        self.val_folder = SegFolder(d.root, d.val_split, self.spec)
+        names = None if d.images is None else list(d.images)
+        self.train_folder = SegFolder(d.root, d.train_split, self.spec, skip_unreadable=True,
+                                      names=names)  # fmt: skip
+        self.val_folder = SegFolder(d.root, d.val_split, self.spec, names=names)
         e = self.cfg.encoder  # read now: its depth must hold model.out_indices
-        self.encoder = load_pretrained_encoder(e.checkpoint, official_arch=e.official_arch)
+        self.encoder = encoder_of(e)
         depth, blocks = self.encoder[1]["depth"], self.cfg.model.out_indices
         if blocks is not None and max(blocks) >= depth:
             raise ConfigError(f"model.out_indices={list(blocks)} needs an encoder of at least "
-                              f"{max(blocks) + 1} blocks; {e.checkpoint} has {depth}")  # fmt: skip
+                              f"{max(blocks) + 1} blocks; {describe_source(e)} has "
+                              f"{depth}")  # fmt: skip
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         classes = self.spec.num_classes

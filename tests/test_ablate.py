@@ -66,10 +66,56 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
     assert main(argv) == 0
 
 
+@pytest.mark.slow
+def test_ablate_transfer_trains_each_stage_on_every_encoder(shared_dir, tmp_path):
+    """``--transfer finetune seg``: each stage on every variant's encoder and on the control,
+    their metrics, gains and claims in the table."""
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=4, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=2, classes=2)
+    camvid = shared_dir / "data" / "camvid"
+    names = sorted(p.stem for p in (camvid / "images" / "train").iterdir())[:2]
+    stages = [f"finetune.data.train={train}", f"finetune.data.val={val}",
+              "finetune.train.epochs=1", "finetune.train.batch_size=4",
+              "finetune.optim.warmup_epochs=0", "finetune.data.num_workers=0",
+              f"seg.data.root={camvid}", "seg.data.val_split=train", f"seg.data.images={names}",
+              "seg.data.crop=32", "seg.data.scale=[64,48]", "seg.eval.stride=21",
+              "seg.model.patch_size=8", "seg.model.channels=8", "seg.model.aux_channels=8",
+              "seg.train.steps=2", "seg.train.batch_size=2", "seg.optim.warmup_steps=1",
+              "seg.data.num_workers=0"]  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["ablate", "--train", str(train), "--val", str(val), "--out", str(out), "--variants",
+            "mae", "crossmae_g0.25", "--seeds", "2", "--psnr-images", "2", "--transfer",
+            "finetune", "seg", *TINY, *stages]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "ablation.json").read_text())
+    for run in result["runs"]:  # every encoder, the control's too
+        assert {"finetune_top1", "miou"} <= set(run), run["variant"]
+        assert 0 <= run["finetune_top1"] <= 100 and 0 <= run["miou"] <= 100
+    for name, row in result["table"].items():
+        for m in ("finetune_top1", "miou"):
+            assert set(row[m]) == {"mean", "spread"}
+            if name != CONTROL:
+                assert row["gain"][m]["mean"] == pytest.approx(
+                    row[m]["mean"] - result["table"][CONTROL][m]["mean"])  # fmt: skip
+    (claim,) = result["comparisons"]
+    assert {"finetune_top1", "miou"} <= set(claim)
+    control = out / "control" / "seed1" / "transfer"
+    assert (control / "seg" / "results.json").is_file()
+    cfg = (control / "finetune" / "config.yaml").read_text()
+    assert "random_init: true" in cfg and "seed: 1" in cfg
+    text = (out / "ablation.md").read_text()
+    assert "| variant | seeds | finetune finetune_top1 | gain over control | seg miou |" in text
+    assert "--transfer finetune seg" in text.splitlines()[0]
+
+
 def test_ablate_names_an_unknown_variant(tmp_path, capsys):
     argv = ["ablate", "--train", "t", "--val", "v", "--out", str(tmp_path), "--variants", "nope"]
     assert main(argv) == 2
     assert "unknown variant(s) ['nope']" in capsys.readouterr().err
+    argv = ["ablate", "--train", "t", "--val", "v", "--out", str(tmp_path), "--transfer", "frozen"]
+    assert main(argv) == 2
+    assert "--transfer: unknown stage(s) ['frozen']; choose from ['det', 'finetune', 'seg']" in (
+        capsys.readouterr().err)  # fmt: skip
 
 
 def rows(variant: str, knn: list[float], probe: list[float]) -> list[dict]:

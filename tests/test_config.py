@@ -63,6 +63,27 @@ def test_typos_and_wrong_types_name_the_key(tmp_path):
         build_model(cfg.model)
 
 
+def test_an_encoder_is_a_checkpoint_or_an_untrained_architecture(tmp_path):
+    from cls.config import FinetuneConfig
+    from crossmae.config import ConfigError
+    from crossmae.models.pretrained import encoder_of
+
+    base = ["output_dir=o", "data.train=t", "data.val=v"]
+    untrained = ["encoder.checkpoint=null", "encoder.arch=mae_vit_tiny_patch16",
+                 "encoder.arch_settings.patch_size=4"]  # fmt: skip
+    cfg = load_config(FinetuneConfig, [], [*base, *untrained], complete=True)
+    weights, settings = encoder_of(cfg.encoder)
+    assert weights is None and settings["patch_size"] == 4 and settings["embed_dim"] == 192
+    for bad, match in ((["encoder.checkpoint=x.pt", "encoder.arch=mae_vit_tiny_patch16"],
+                        "both set: set encoder.checkpoint=null"),
+                       (["encoder.checkpoint=null"], "null needs encoder.arch"),
+                       (["encoder.checkpoint=null", "encoder.arch=vit_nope"],
+                        "encoder.arch=vit_nope: not a registered model"),
+                       ([], r"required value\(s\) \['encoder.checkpoint'\]")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            load_config(FinetuneConfig, [], [*base, *bad], complete=True)
+
+
 def test_cli_reports_config_errors(capsys):
     assert main(["pretrain", "optim.weight_decy=0.1"]) == 2
     assert "optim.weight_decy" in capsys.readouterr().err
@@ -76,8 +97,8 @@ def schema_of(path: Path):
 
     kind = path.parent.name
     if kind == "cls":
-        return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig,
-                "frozen": FrozenEvalConfig}[path.stem.split("_")[0]]  # fmt: skip
+        return {"finetune": FinetuneConfig, "linprobe": LinprobeConfig, "frozen": FrozenEvalConfig,
+                "overfit": FinetuneConfig}[path.stem.split("_")[0]]  # fmt: skip
     # ablate: the pretraining settings every run of ``crossmae ablate --config`` shares
     return {"pretrain": PretrainConfig, "ablate": PretrainConfig, "det": DetConfig,
             "seg": SegConfig}[kind]  # fmt: skip

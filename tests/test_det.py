@@ -99,6 +99,23 @@ def test_ground_truth_as_predictions_scores_ap_100(shared_dir):
     assert coco_evaluate(ann, results[::2])["bbox"]["AP"] < 90
     # no results at all: NaN, as detectron2 reports it
     assert all(v != v for v in coco_evaluate(ann, [])["segm"].values())
+    # scored on some images only (data.image_ids): the others' objects are not missed
+    some = sorted({r["image_id"] for r in results})[:3]
+    mine = [r for r in results if r["image_id"] in some]
+    assert coco_evaluate(ann, mine, ("bbox",), image_ids=some)["bbox"]["AP"] == pytest.approx(100)
+    assert coco_evaluate(ann, mine, ("bbox",))["bbox"]["AP"] < 50
+
+
+def test_a_subset_of_images_by_id(shared_dir):
+    ann, images = coco128(shared_dir)
+    for train in (True, False):
+        ds = CocoInstances(ann, images, train=train, img_size=128, image_ids=[42, 9, 30])
+        assert ds.ids == [9, 30, 42] and set(ds.anns) == {9, 30, 42}
+    assert ds[1][1]["image_id"] == 30
+    with pytest.raises(
+        AnnotationError, match=r"no image with id 7 \(and 1 more\) among its images"
+    ):
+        CocoInstances(ann, images, train=True, image_ids=[9, 7, 8])
 
 
 def test_training_view_large_scale_jitter(shared_dir):

@@ -176,3 +176,22 @@ def test_ade20k_classes_carry_their_names(shared_dir):
     assert len(ADE20K.names()) == 150
     differ = [(a, b) for a, b in zip(ADE20K.names(), first, strict=True) if a != b]
     assert differ == [("television receiver", "television")]
+
+
+def test_the_evaluations_of_a_run_as_a_table_and_a_curve(tmp_path):
+    from crossmae.visualize import save_evaluation_curve
+
+    rows = [{"step": 10, "epoch": 1.0, "lr": 0.1, "loss": 2.0},
+            {"step": 10, "epoch": 1.0, "bbox/AP": 12.5, "segm/AP": None},
+            {"step": 20, "epoch": 2.0, "lr": 0.1, "loss": 1.0},
+            {"step": 20, "epoch": 2.0, "bbox/AP": 30.25, "segm/AP": 20.0}]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md, png = save_evaluation_curve(tmp_path / "metrics.jsonl", tmp_path,
+                                    {"bbox/AP": "box AP", "segm/AP": "mask AP"})  # fmt: skip
+    assert md.read_text().splitlines() == [
+        "| step | epoch | box AP | mask AP | train loss |", "|---|---|---|---|---|",
+        "| 10 | 1 | 12.50 | n/a | 2.0000 |", "| 20 | 2 | 30.25 | 20.00 | 1.0000 |"]  # fmt: skip
+    assert png is not None and Image.open(png).size[0] > 400
+    # before any metric has a value: the table, no picture
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(rows[1] | {"bbox/AP": None}) + "\n")
+    assert save_evaluation_curve(tmp_path / "metrics.jsonl", tmp_path, {"bbox/AP": "AP"})[1] is None

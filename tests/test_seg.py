@@ -107,6 +107,11 @@ def test_label_conventions(shared_dir):
     }
     with pytest.raises(FileNotFoundError, match="does not exist"):
         SegFolder(shared_dir / "data" / "camvid", "test", CAMVID)
+    names = [p.stem for p, _ in cam.items[5:8]]
+    some = SegFolder(shared_dir / "data" / "camvid", "val", CAMVID, names=names[::-1])
+    assert some.items == cam.items[5:8]  # the folder's order
+    with pytest.raises(FileNotFoundError, match=r"no image named 'nope' in .*val \(1 more\)"):
+        SegFolder(shared_dir / "data" / "camvid", "val", CAMVID, names=[names[0], "nope", "x"])
 
 
 def test_out_of_range_predictions_count_as_wrong():

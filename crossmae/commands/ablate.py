@@ -14,8 +14,15 @@ their spreads added. A finished run is not run again: the command continues wher
     crossmae ablate --config configs/ablate/cifar10_cpu.yaml \\
         --train ../shared/data/cifar10/train --val ../shared/data/cifar10/test --out runs/ablation
 
+``--transfer seg finetune`` also trains those transfer stages on every encoder, the control's
+included, each with its CPU-sized config on the shared data (``TransferStage.cpu_config``:
+``configs/seg/upernet_camvid_small.yaml``, ``configs/cls/finetune_cifar10_tiny.yaml``,
+``configs/det/mask_rcnn_coco128_small.yaml``), and reads the claims on their metrics too (the
+paper's COCO and ADE20K comparisons in miniature).
+
 ``key=value`` settings apply to every pretraining run (``crossmae pretrain``'s schema); those
-starting with ``frozen.`` to the evaluation (``cls frozen``'s, e.g. ``frozen.probe.epochs=20``).
+starting with ``frozen.`` to the evaluation (``cls frozen``'s, e.g. ``frozen.probe.epochs=20``),
+and those starting with a transfer stage's name to that stage (``seg.train.steps=400``).
 """
 
 from __future__ import annotations
@@ -79,9 +86,70 @@ def settings_of(variant: str, arch: str) -> list[str]:
     return out
 
 
+def transfer_tasks(names: list[str]) -> dict[str, type]:
+    """The transfer stages ``--transfer`` names (those that train and have a CPU config)."""
+    from ..config import ConfigError
+    from ..task import transfer_stages
+
+    known = {t.transfer.name: t for t in transfer_stages() if t.trains and t.transfer.cpu_config}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"--transfer: unknown stage(s) {unknown}; choose from {sorted(known)}")
+    return {n: known[n] for n in dict.fromkeys(names)}
+
+
+def transfer_metric(task) -> str:
+    """The number a transfer stage is compared by: its results table's first key."""
+    return task.transfer.columns[0][1][0]
+
+
+def transfer_configs(args, encoder: list[str], folder: Path, seed: int) -> dict:
+    """Each ``--transfer`` stage's config on one encoder (``encoder``: its ``encoder.*``
+    settings), complete, its run in ``folder/transfer/STAGE``."""
+    from ..config import load_config
+    from .stages import REPO
+
+    return {
+        name: load_config(
+            task.schema,
+            [REPO / task.transfer.cpu_config],
+            [
+                *encoder,
+                f"output_dir={folder / 'transfer' / name}",
+                f"train.seed={seed}",
+                "log.progress=false",
+                "log.tensorboard=false",
+                *args.stage_settings[name],
+            ],
+            complete=True,
+        )  # fmt: skip
+        for name, task in args.transfer.items()
+    }
+
+
+def run_transfers(args, configs: dict) -> dict[str, float | None]:
+    """Train each transfer stage on its encoder (or continue it): its metric by name; cached
+    in ``ablate.json`` beside each run."""
+    from ..checkpoint import write_text_atomic
+    from ..runner import run_task
+
+    out = {}
+    for name, cfg in configs.items():
+        task, done = args.transfer[name], Path(cfg.output_dir) / "ablate.json"
+        key = transfer_metric(task)
+        if not done.is_file():
+            log.info("ablate: %s on %s", name, cfg.encoder.checkpoint)
+            result = run_task(task(cfg), cfg, "auto")
+            if result["interrupted"]:
+                raise SystemExit(1)
+            write_text_atomic(done, json.dumps({key: task.headline(result)[key]}) + "\n")
+        out[key] = json.loads(done.read_text())[key]
+    return out
+
+
 def run_configs(args, variant: str, seed: int, shared: list[str], frozen: list[str]) -> tuple:
-    """The pretraining config of one variant and seed, and its evaluation's (``cls frozen``'s),
-    both complete: a wrong setting fails here, before any run starts."""
+    """The pretraining config of one variant and seed, its evaluation's (``cls frozen``'s) and
+    its transfer stages', all complete: a wrong setting fails here, before any run starts."""
     from ..config import load_config
     from ..task import get_task
 
@@ -95,10 +163,11 @@ def run_configs(args, variant: str, seed: int, shared: list[str], frozen: list[s
         f"data.val={args.val}", f"data.img_size={pretrain.model.img_size}", "model.pool=avg",
         f"data.num_workers={pretrain.data.num_workers}", *FROZEN_DEFAULTS, *frozen],
         complete=True)  # fmt: skip
-    return pretrain, evaluation
+    transfers = transfer_configs(args, [f"encoder.checkpoint={run / 'encoder.pt'}"], run, seed)
+    return pretrain, evaluation, transfers
 
 
-def run_one(args, variant: str, seed: int, cfg, evaluation) -> dict:
+def run_one(args, variant: str, seed: int, cfg, evaluation, transfers) -> dict:
     """Pretrain (or continue) one variant with one seed, then evaluate it; cached in
     ``ablate.json`` beside the run."""
     import torch
@@ -113,7 +182,7 @@ def run_one(args, variant: str, seed: int, cfg, evaluation) -> dict:
     run = Path(cfg.output_dir)
     done = run / "ablate.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()) | run_transfers(args, transfers)
     log.info("ablate: %s seed %d -> %s", variant, seed, run)
     summary = run_task(get_task("pretrain")(cfg), cfg, "auto")
     if summary["interrupted"]:
@@ -133,13 +202,13 @@ def run_one(args, variant: str, seed: int, cfg, evaluation) -> dict:
         "settings": settings_of(variant, args.arch), "threads": torch.get_num_threads(),
     }  # fmt: skip
     write_text_atomic(done, json.dumps(result, indent=1) + "\n")
-    return result
+    return result | run_transfers(args, transfers)
 
 
 def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
     """The control of one seed: the pretraining runs' encoder architecture with a random init
-    (seeded), evaluated as they are (kNN, probe, PSNR of the untrained model); cached in
-    ``OUT/control/seedN/ablate.json``."""
+    (seeded), evaluated as they are (kNN, probe, PSNR of the untrained model, the transfer
+    stages); cached in ``OUT/control/seedN/``."""
     import torch
     from omegaconf import OmegaConf
 
@@ -149,9 +218,13 @@ def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
     from ..runner import run_task
     from ..task import get_task
 
-    done = Path(args.out) / "control" / f"seed{seed}" / "ablate.json"
+    folder = Path(args.out) / "control" / f"seed{seed}"
+    done = folder / "ablate.json"
+    untrained = ["encoder.random_init=true", f"encoder.seed={seed}"]
+    checkpoint = [f"encoder.checkpoint={Path(pretrain_cfg.output_dir) / 'encoder.pt'}"]
+    controls = transfer_configs(args, [*checkpoint, *untrained], folder, seed)
     if done.is_file():
-        return json.loads(done.read_text())
+        return json.loads(done.read_text()) | run_transfers(args, controls)
     log.info("ablate: control (untrained encoder) seed %d", seed)
     cfg = OmegaConf.merge(evaluation, {"encoder": {"random_init": True, "seed": seed}})
     acc = run_task(get_task("frozen")(cfg), cfg)["metrics"]
@@ -163,23 +236,24 @@ def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
     result = {"variant": CONTROL, "kind": None, "seed": seed, "steps": 0, "decoder_gmacs": None,
               "img_per_s": None, "final_loss": None, "psnr": rec["psnr"],
               "knn_top1": acc["knn_top1"], "probe_top1": acc["linprobe_top1"],
-              "settings": ["encoder.random_init=true", f"encoder.seed={seed}"]}  # fmt: skip
+              "settings": untrained}  # fmt: skip
     done.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(done, json.dumps(result, indent=1) + "\n")
-    return result
+    return result | run_transfers(args, controls)
 
 
-def aggregate(results: list[dict]) -> dict[str, dict]:
+def aggregate(results: list[dict], accuracy: tuple[str, ...] = ACCURACY) -> dict[str, dict]:
     """Per variant: each metric's mean and spread (half the range over the seeds; None where it
     does not apply, as the control's decoder cost); with a control row, each variant's ``gain``
-    over it in kNN and probe top-1 (the difference of the means; its spread, the two spreads
-    added) and whether it ``learned`` (a gain beyond that spread)."""
+    over it in each ``accuracy`` metric (the difference of the means; its spread, the two
+    spreads added) and whether it ``learned`` (a gain beyond that spread)."""
+    metrics = (*METRICS, *(m for m in accuracy if m not in METRICS))
     table = {}
     for variant in dict.fromkeys(r["variant"] for r in results):
         rows = [r for r in results if r["variant"] == variant]
         table[variant] = {"seeds": len(rows), "kind": rows[0].get("kind")}
-        for m in METRICS:
-            values = [r[m] for r in rows if r[m] is not None]
+        for m in metrics:
+            values = [r[m] for r in rows if r.get(m) is not None]
             table[variant][m] = (
                 {"mean": statistics.fmean(values), "spread": (max(values) - min(values)) / 2}
                 if values
@@ -190,24 +264,28 @@ def aggregate(results: list[dict]) -> dict[str, dict]:
         if control is None or name == CONTROL:
             continue
         t["gain"] = {}
-        for m in ACCURACY:
+        for m in accuracy:
+            if t[m] is None or control[m] is None:
+                continue
             gain = t[m]["mean"] - control[m]["mean"]
             spread = t[m]["spread"] + control[m]["spread"]
             t["gain"][m] = {"mean": gain, "spread": spread, "learned": gain > spread}
     return table
 
 
-def comparisons(table: dict[str, dict]) -> list[dict]:
-    """Each claim whose two variants were run: the difference of kNN and probe top-1, called a
-    difference only when it exceeds the two variants' spreads added, and read at all only when
-    both variants beat the control beyond the spreads (``NOT_LEARNED`` otherwise; a table
-    without a control row is read as it is)."""
+def comparisons(table: dict[str, dict], accuracy: tuple[str, ...] = ACCURACY) -> list[dict]:
+    """Each claim whose two variants were run: the difference of each ``accuracy`` metric,
+    called a difference only when it exceeds the two variants' spreads added, and read at all
+    only when both variants beat the control beyond the spreads (``NOT_LEARNED`` otherwise; a
+    table without a control row is read as it is)."""
     out = []
     for claim, a, b in CLAIMS:
         if a not in table or b not in table:
             continue
         row = {"claim": claim, "a": a, "b": b}
-        for m in ACCURACY:
+        for m in accuracy:
+            if table[a][m] is None or table[b][m] is None:
+                continue
             diff = table[a][m]["mean"] - table[b][m]["mean"]
             noise = table[a][m]["spread"] + table[b][m]["spread"]
             learned = all(table[v].get("gain", {}).get(m, {"learned": True})["learned"]
@@ -223,7 +301,11 @@ def comparisons(table: dict[str, dict]) -> list[dict]:
     return out
 
 
-def markdown(table: dict[str, dict], claims: list[dict], header: str) -> str:
+def markdown(table: dict[str, dict], claims: list[dict], header: str,
+             transfer: dict[str, str] | None = None) -> str:  # fmt: skip
+    """The table, the transfer table (``transfer``: metric -> its label) and the claims."""
+    transfer = transfer or {}
+
     def cell(v: dict | None, digits: int) -> str:
         return "-" if v is None else f"{v['mean']:.{digits}f} ± {v['spread']:.{digits}f}"
 
@@ -244,16 +326,28 @@ def markdown(table: dict[str, dict], claims: list[dict], header: str) -> str:
                      f"{cell(t['final_loss'], 3)} | {cell(t['psnr'], 2)} | "
                      f"{cell(t['knn_top1'], 2)} | {cell(t['probe_top1'], 2)} | "
                      f"{gain(t, 'knn_top1')} | {gain(t, 'probe_top1')} |")  # fmt: skip
+    if transfer:
+        lines += ["", "Transfer: each encoder, the control's included, trained on each stage "
+                  "(its CPU config, the same seed as the encoder's run).", "",
+                  "| variant | seeds | " + " | ".join(f"{label} | gain over control"
+                                                    for label in transfer.values()) + " |",
+                  "|---|---|" + "---|---|" * len(transfer)]  # fmt: skip
+        for name, t in table.items():
+            cells = [f"{cell(t[m], 2)} | {gain(t, m)}" for m in transfer]
+            lines.append(f"| {name} | {t['seeds']} | " + " | ".join(cells) + " |")
+    labels = {"knn_top1": "kNN", "probe_top1": "probe", **transfer}
     lines += ["", "Mean ± spread (half the range over the seeds). The control is the same encoder "
               "untrained (one random init per seed), evaluated the same way; a gain's spread is "
               "the variant's and the control's added. A claim is read only where both of its "
               f"variants beat the control beyond that spread (\"{NOT_LEARNED}\" otherwise); a "
               "difference is called one only when it exceeds the two variants' spreads added.",
-              "", "| claim (a vs b) | kNN: a - b | probe: a - b |", "|---|---|---|"]  # fmt: skip
+              "", "| claim (a vs b) | " + " | ".join(f"{label}: a - b" for label in
+                                                     labels.values()) + " |",
+              "|---|" + "---|" * len(labels)]  # fmt: skip
     for c in claims:
-        k, p = c["knn_top1"], c["probe_top1"]
-        lines.append(f"| {c['claim']} ({c['a']} vs {c['b']}) | {k['difference']:+.2f} "
-                     f"({k['verdict']}) | {p['difference']:+.2f} ({p['verdict']}) |")  # fmt: skip
+        cells = [f"{c[m]['difference']:+.2f} ({c[m]['verdict']})" if m in c else "-"
+                 for m in labels]  # fmt: skip
+        lines.append(f"| {c['claim']} ({c['a']} vs {c['b']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,30 +393,43 @@ def cmd_ablate(args) -> int:
     from ..config import ConfigError
     from ..task import get_task
 
-    # settings written after --variants are settings, not variants
-    args.overrides += [v for v in args.variants if "=" in v]
-    args.variants = [v for v in args.variants if "=" not in v]
+    # settings written after --variants or --transfer are settings, not names
+    for names in ("variants", "transfer"):
+        args.overrides += [v for v in getattr(args, names) if "=" in v]
+        setattr(args, names, [v for v in getattr(args, names) if "=" not in v])
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
-    frozen = [o.removeprefix("frozen.") for o in args.overrides if o.startswith("frozen.")]
-    shared = [o for o in args.overrides if not o.startswith("frozen.")]
+    args.transfer = transfer_tasks(args.transfer)
+    stages = ("frozen", *args.transfer)
+
+    def settings_of_stage(name: str) -> list[str]:
+        return [o.removeprefix(f"{name}.") for o in args.overrides if o.startswith(f"{name}.")]
+
+    frozen = settings_of_stage("frozen")
+    args.stage_settings = {name: settings_of_stage(name) for name in args.transfer}
+    shared = [o for o in args.overrides if not o.startswith(tuple(f"{n}." for n in stages))]
     out = Path(args.out)
     # every run's settings and the splits, checked before the first run starts
     runs = [(v, s, *run_configs(args, v, s, shared, frozen))
             for v in args.variants for s in range(args.seeds)]  # fmt: skip
     get_task("frozen")(runs[0][3]).open_data()  # train / val: class folders, the same classes
     results = [run_one(args, *run) for run in runs]
-    first = {s: (p, e) for _, s, p, e in reversed(runs)}  # each seed's first run: its encoder
+    first = {s: (p, e) for _, s, p, e, _ in reversed(runs)}  # each seed's first run: its encoder
     results += [run_control(args, s, *first[s]) for s in range(args.seeds)]
-    table = aggregate(results)
-    claims = comparisons(table)
-    given = [*(f"--config {c}" for c in args.config), *args.overrides]
+    transfer = {transfer_metric(t): f"{name} {transfer_metric(t)}"
+                for name, t in args.transfer.items()}  # fmt: skip
+    accuracy = (*ACCURACY, *transfer)
+    table = aggregate(results, accuracy)
+    claims = comparisons(table, accuracy)
+    given = [*(f"--config {c}" for c in args.config),
+             *([f"--transfer {' '.join(args.transfer)}"] if args.transfer else []),
+             *args.overrides]  # fmt: skip
     header = (f"Ablation on {args.train} (evaluated on {args.val}), {args.seeds} seed(s), "
               f"settings: {' '.join(given) or 'defaults'}")  # fmt: skip
-    write_text_atomic(out / "ablation.md", markdown(table, claims, header))
+    write_text_atomic(out / "ablation.md", markdown(table, claims, header, transfer))
     write_text_atomic(out / "ablation.json", json.dumps(
         {"table": table, "comparisons": claims, "runs": results}, indent=1) + "\n")  # fmt: skip
     plot(table, out / "ablation.png")
@@ -344,10 +451,14 @@ def _ablate_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seeds", type=int_at_least(1), default=3, help="runs per variant (seeds 0, 1, ...)"
     )
+    p.add_argument("--transfer", nargs="+", default=[], metavar="STAGE",
+                   help="also train these transfer stages on every encoder (seg, finetune, det) "
+                   "with their CPU configs; STAGE.KEY=VALUE sets them")  # fmt: skip
     p.add_argument("--arch", default="tiny_patch8", help="model size: {kind}_vit_ARCH")
     p.add_argument(
         "--psnr-images", type=int_at_least(1), default=500, help="val images for the PSNR"
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="pretraining settings; frozen.KEY=VALUE for the evaluation")  # fmt: skip
+                   help="pretraining settings; frozen.KEY=VALUE for the evaluation, "
+                   "STAGE.KEY=VALUE for a transfer stage")  # fmt: skip
     p.set_defaults(func=cmd_ablate)

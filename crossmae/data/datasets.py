@@ -119,6 +119,17 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.files)
 
+    def keep_first_per_class(self, n: int) -> None:
+        """Keep only the first ``n`` files (in sorted order) of each class (small checks)."""
+        seen: dict[int, int] = {}
+        keep = []
+        for i, label in enumerate(self.labels):
+            seen[label] = seen.get(label, 0) + 1
+            if seen[label] <= n:
+                keep.append(i)
+        self.files = [self.files[i] for i in keep]
+        self.labels = [self.labels[i] for i in keep]
+
     def name(self, i: int) -> str:
         return str(self.files[i])
 

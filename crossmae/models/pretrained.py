@@ -105,17 +105,33 @@ def encoder_widths(config: dict[str, Any]) -> dict[str, Any]:
     return {k: config[k] for k in WIDTHS}
 
 
+def encoder_of(source) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The weights and constructor settings of the encoder ``source`` (an ``EncoderSource``)
+    names; the weights are None where it asks for the architecture untrained (``random_init``,
+    or ``arch``: a registered model's encoder, which no file holds)."""
+    if source.arch is not None:
+        return None, _encoder_config_of(source.arch, dict(source.arch_settings))
+    sd, config = load_pretrained_encoder(source.checkpoint, official_arch=source.official_arch)
+    return (None if source.random_init else sd), config
+
+
+def describe_source(source) -> str:
+    """The encoder ``source`` names, in words (for logs and errors)."""
+    if source.arch is not None:
+        return f"an untrained {source.arch} encoder"
+    return f"{source.checkpoint}{' (architecture only, untrained)' if source.random_init else ''}"
+
+
 def model_on_encoder(source, build, vit, encoder=None) -> tuple[nn.Module, dict[str, Any]]:
-    """A task model on the encoder checkpoint ``source`` names (an ``EncoderSource``):
-    ``build(encoder_config)`` makes it, and ``vit(model)`` (its ViT backbone) receives the
-    encoder's weights unless ``source.random_init``. ``encoder``: the (weights, config) of the
-    checkpoint when already read. Returns the model and the encoder config."""
+    """A task model on the encoder ``source`` names (an ``EncoderSource``): ``build(encoder
+    config)`` makes it, and ``vit(model)`` (its ViT backbone) receives the encoder's weights
+    unless the source asks for it untrained. ``encoder``: ``encoder_of(source)`` when already
+    read. Returns the model and the encoder config."""
     from .vit import grid_of
 
-    sd, config = encoder or load_pretrained_encoder(source.checkpoint,
-                                                    official_arch=source.official_arch)  # fmt: skip
+    sd, config = encoder or encoder_of(source)
     model = build(config)
-    if not source.random_init:
+    if sd is not None:
         vit(model).load_pretrained(sd, grid_of(config["img_size"], config["patch_size"]))
     return model, config
 
