@@ -48,6 +48,7 @@ from .features import ProbeHead, cached_features, linear_probe_grid
 from .finetune import evaluate_classifier, format_classes, per_class_of, training_transform
 
 log = logging.getLogger("crossmae")
+PLAN_CLASSES = 1000  # what the memory planner assumes: ImageNet, as the GPU recipes train
 FINETUNE_FORMAT = register_format(
     "crossmae-finetune-v1", "a classifier finetuned or linear-probed by cls finetune / linprobe"
 )
@@ -100,6 +101,18 @@ class FinetuneTask(Task):
             raise ConfigError("model.ema_decay applies to finetuning, not to the linear probe")
         self.train_src, self.val_src = class_folders(d.train, d.val, d.per_class)
         self.set_classes(len(self.train_src.classes))
+
+    def plan_data(self) -> None:
+        self.set_classes(PLAN_CLASSES)
+        self.train_src = self.val_src = []
+
+    def example_batch(self, batch: int, training: bool = True):
+        size = self.cfg.data.img_size
+        return (torch.randn(batch, 3, size, size),
+                torch.randint(0, self.num_classes, (batch,)), torch.arange(batch))  # fmt: skip
+
+    def plan_evaluation(self, model, batch, device):
+        return model(batch[0].to(device))
 
     def set_classes(self, num_classes: int) -> None:
         d = self.cfg.data

@@ -250,6 +250,9 @@ class TrainConfig(RunConfig):
     batch_size: int = checked(128, POSITIVE)  # global batch (all processes, accumulation steps)
     # per-process forward; None = batch / processes
     micro_batch: int | None = checked(None, POSITIVE, resumable=True)
+    # GiB of one GPU: before the first step, the largest micro-batch whose planned memory
+    # (crossmae.memory) fits is chosen, the accumulation keeping the batch; None = micro_batch
+    gpu_memory: float | None = checked(None, POSITIVE, resumable=True)
     # stop after this many steps, the schedule unchanged (smoke runs)
     max_steps: int | None = checked(None, POSITIVE, resumable=True)
     # autocast: auto = bf16 on a GPU, fp32 on a CPU (most CPUs emulate bf16, many times slower)

@@ -194,6 +194,17 @@ class PretrainTask(Task):
         budget = self.cfg.train.activation_memory_budget
         return pretrain_losses(forward, imgs, ids_shuffle, budget=budget)
 
+    # ------------------------------------------------------------------ memory planning
+    def plan_data(self) -> None:
+        self.probe_val, self.knn_splits = None, []
+
+    def example_batch(self, batch: int, training: bool = True) -> dict:
+        size, model = self.cfg.model.img_size, self.model
+        ids = torch.argsort(torch.rand(batch, model.num_patches), dim=1)
+        return {"images": torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8),
+                "ids_shuffle": ids, "labels": torch.zeros(batch, dtype=torch.long),
+                "skipped": []}  # fmt: skip
+
     # ------------------------------------------------------------------ the kNN monitor
     @property
     def evaluates(self) -> bool:

@@ -248,6 +248,23 @@ class Task:
     def finish(self, result: dict) -> None:
         """After the final checkpoint and evaluation, on rank 0 of a finished run (exports)."""
 
+    # ------------------------------------------------------------------ memory planning
+    def plan_data(self) -> None:
+        """Instead of ``open_data`` for the memory planner (``crossmae.memory``): set what
+        ``build_model`` needs (class counts, the encoder) from the config alone, reading no data."""
+        raise NotImplementedError
+
+    def example_batch(self, batch: int, training: bool = True) -> Any:
+        """One batch of ``batch`` samples as the loader delivers it (``training``) or as
+        ``plan_evaluation`` takes it, at the config's sizes, random content; for a variable
+        number of objects, the most the config lets through."""
+        raise NotImplementedError
+
+    def plan_evaluation(self, model: nn.Module, batch: Any, device: torch.device) -> Any:
+        """One evaluation forward of ``model`` (eval mode, no gradients) on ``batch`` (default:
+        the training losses)."""
+        return self.losses(model, **self.inputs(batch, device))
+
     # ------------------------------------------------------------------ transfer and benchmark
     @classmethod
     def headline(cls, result: dict) -> dict[str, float | None]:

@@ -75,10 +75,11 @@ class RelPosAttention(nn.Module):
         size: grid side the tables are made for (the window, or the whole grid if global).
     """
 
-    def __init__(self, dim: int, num_heads: int, size: int):
+    def __init__(self, dim: int, num_heads: int, size: int, explicit: bool = False):
         super().__init__()
-        self.num_heads = num_heads
+        self.num_heads, self.explicit = num_heads, explicit
         head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
@@ -95,7 +96,11 @@ class RelPosAttention(nn.Module):
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)  # (B, heads, H, W, H)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)  # (B, heads, H, W, W)
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, h, H * W, H * W)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        if self.explicit:  # detectron2's: logits, + bias, softmax, @ v
+            attn = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+            x = attn @ v
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(x.transpose(1, 2).reshape(B, H, W, C))  # (B, H, W, C)
 
 
@@ -103,11 +108,12 @@ class ViTDetBlock(nn.Module):
     """Pre-norm block on a (B, H, W, C) grid, attending within windows (``window > 0``) or
     globally (``window == 0``)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, drop_path, window: int, grid: int, norm_eps):
+    def __init__(self, dim, num_heads, mlp_ratio, drop_path, window: int, grid: int, norm_eps,
+                 explicit: bool = False):  # fmt: skip
         super().__init__()
         self.window = window
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = RelPosAttention(dim, num_heads, window if window else grid)
+        self.attn = RelPosAttention(dim, num_heads, window if window else grid, explicit)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -143,6 +149,7 @@ class ViTDetBackbone(nn.Module):
         drop_path_rate: stochastic depth (0.1 B, 0.4 L, 0.5 H in ViTDet).
         window: window side in tokens (14).
         global_blocks: blocks with global attention (default: 4 evenly spaced).
+        explicit_attention: detectron2's attention arithmetic instead of SDPA (``DetModel``).
     """
 
     def __init__(
@@ -158,6 +165,7 @@ class ViTDetBackbone(nn.Module):
         drop_path_rate: float = 0.1,
         window: int = 14,
         global_blocks: Sequence[int] | None = None,
+        explicit_attention: bool = False,
     ):
         super().__init__()
         for name, size in (("img_size", img_size), ("pretrain_img_size", pretrain_img_size)):
@@ -174,7 +182,8 @@ class ViTDetBackbone(nn.Module):
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             ViTDetBlock(embed_dim, num_heads, mlp_ratio, dpr[i],
-                        0 if i in self.global_blocks else window, self.grid, norm_eps)
+                        0 if i in self.global_blocks else window, self.grid, norm_eps,
+                        explicit_attention)
             for i in range(depth)
         )  # fmt: skip
         self._init_weights()

@@ -19,6 +19,7 @@ from crossmae.config import (
     increasing,
     length,
     not_empty,
+    one_of,
     section,
 )
 
@@ -48,6 +49,10 @@ class DetModel:
     window: int = checked(14, POSITIVE)
     global_blocks: list[int] | None = None  # None = 4 evenly spaced (B: 2, 5, 8, 11)
     drop_path_rate: float = checked(0.1, *FRACTION)  # 0.1 B, 0.4 L, 0.5 H
+    # "sdpa": F.scaled_dot_product_attention with the relative-position bias as its mask (the
+    # (N, N) logits are never stored); "explicit": detectron2's arithmetic, logits and softmax
+    # held for backward (the same numbers, about a third more memory for ViTDet-B at 1024 px)
+    attention: str = checked("sdpa", one_of("sdpa", "explicit"))
     # RoIs sampled per training image for the box and mask heads (ROI_HEADS.BATCH_SIZE_PER_IMAGE)
     roi_batch_size: int = checked(512, POSITIVE)
     heads: HeadConfig = field(default_factory=HeadConfig)

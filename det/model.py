@@ -173,6 +173,7 @@ def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCN
         drop_path_rate=cfg.drop_path_rate,
         window=cfg.window,
         global_blocks=cfg.global_blocks,
+        explicit_attention=cfg.attention == "explicit",
     )
     heads = HeadConfig(**dict(cfg.heads))
     return ViTDetMaskRCNN(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,6 +60,7 @@ class ROIPooler(nn.Module):
         index = torch.repeat_interleave(
             torch.arange(len(boxes), dtype=all_boxes.dtype, device=all_boxes.device),
             torch.tensor([len(b) for b in boxes], device=all_boxes.device),
+            output_size=len(all_boxes),  # known: no device-to-host read
         )
         rois = torch.cat([index[:, None], all_boxes], dim=1)  # (R, 5): image, x1, y1, x2, y2
         sizes = torch.sqrt(box_area(all_boxes))
@@ -243,7 +245,7 @@ class ROIHeads(nn.Module):
             fg_boxes.append(b[keep])
             fg_classes.append(c[keep])
             mask_targets += [
-                rasterize_polygons_within_box(polys[g], box.numpy(), 28)
+                rasterize_polygons_within_box(polys[g], np.asarray(box.tolist(), np.float32), 28)
                 for g, box in zip(m[keep].tolist(), b[keep].cpu(), strict=True)
             ]
         logits = self.mask_head(self.mask_pooler(features, fg_boxes))

@@ -47,6 +47,16 @@ from .evaluate import NO_DETECTIONS, evaluate_detector, report
 from .model import DET_FORMAT, Targets, build_detector
 
 log = logging.getLogger("crossmae")
+PLAN_INSTANCES = 100  # ground-truth objects per image the memory planner assumes (a crowded image)
+
+
+class PlannedData(list):
+    """What the memory planner builds the detector for in place of a dataset: COCO's 80 classes."""
+
+    num_classes = 80
+    dropped: dict[str, int] = {}
+
+
 register_group(("det",), "ViTDet Mask R-CNN on COCO-format data", __doc__)
 COCO = {"COCO": ("data.train_json={root}/annotations/instances_train2017.json",
                  "data.train_images={root}/train2017",
@@ -79,6 +89,26 @@ class DetTask(Task):
 
     def engine_options(self) -> dict:
         return {"ddp_fp16_compression": self.cfg.train.ddp_fp16_compression}
+
+    # ------------------------------------------------------------------ memory planning
+    def plan_data(self) -> None:
+        self.train_data = self.val_data = PlannedData()
+
+    def example_batch(self, batch: int, training: bool = True):
+        """Images at the training size; each with ``PLAN_INSTANCES`` ground-truth objects."""
+        size = self.cfg.model.img_size
+        imgs = [torch.randint(0, 256, (3, size, size), dtype=torch.uint8) for _ in range(batch)]
+        if not training:
+            return imgs, None
+        square = np.array([0.0, 0.0, 64.0, 0.0, 64.0, 64.0, 0.0, 64.0])
+        targets = [Targets(torch.rand(PLAN_INSTANCES, 4) * size,
+                           torch.randint(0, PlannedData.num_classes, (PLAN_INSTANCES,)),
+                           [[square.copy()] for _ in range(PLAN_INSTANCES)])
+                   for _ in range(batch)]  # fmt: skip
+        return imgs, targets
+
+    def plan_evaluation(self, model, batch, device):
+        return model([im.to(device) for im in batch[0]])
 
     def build_model(self, device: torch.device) -> torch.nn.Module:
         torch.set_float32_matmul_precision("high")

@@ -94,6 +94,19 @@ class SegTask(Task):
                               f"{max(blocks) + 1} blocks; {describe_source(e)} has "
                               f"{depth}")  # fmt: skip
 
+    def plan_data(self) -> None:
+        self.spec = label_spec(self.cfg.data)
+        self.encoder = encoder_of(self.cfg.encoder)
+        self.train_folder = self.val_folder = []
+
+    def example_batch(self, batch: int, training: bool = True):
+        c = self.cfg.data.crop
+        return (torch.randn(batch, 3, c, c),
+                torch.randint(0, self.spec.num_classes, (batch, c, c)))  # fmt: skip
+
+    def plan_evaluation(self, model, batch, device):  # one sliding window at a time
+        return model(batch[0][:1].to(device))
+
     def build_model(self, device: torch.device) -> torch.nn.Module:
         classes = self.spec.num_classes
         model, self.encoder_config = model_on_encoder(

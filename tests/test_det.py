@@ -33,6 +33,27 @@ def test_global_block_placement():
     assert global_block_indices(32) == [7, 15, 23, 31]
 
 
+def test_explicit_attention_computes_what_sdpa_computes():
+    """model.attention=explicit (detectron2's arithmetic, for memory comparisons) and the
+    default SDPA path are the same function; their gradients too."""
+    torch.manual_seed(0)
+    sdpa = ViTDetBackbone(img_size=64, window=4, global_blocks=[1, 3], **TINY_VIT)
+    explicit = ViTDetBackbone(img_size=64, window=4, global_blocks=[1, 3],
+                              explicit_attention=True, **TINY_VIT)  # fmt: skip
+    for blk in sdpa.blocks:
+        torch.nn.init.normal_(blk.attn.rel_pos_h, std=0.5)
+        torch.nn.init.normal_(blk.attn.rel_pos_w, std=0.5)
+    explicit.load_state_dict(sdpa.state_dict())
+    sdpa.eval(), explicit.eval()  # no drop path: the same function
+    x = torch.randn(2, 3, 64, 64)
+    a, b = sdpa(x), explicit(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    ga, gb = sdpa.blocks[1].attn.rel_pos_h.grad, explicit.blocks[1].attn.rel_pos_h.grad
+    assert torch.allclose(ga, gb, atol=1e-4, rtol=1e-4)
+
+
 def test_a_window_covering_the_image_is_global_attention():
     torch.manual_seed(0)
     windowed = ViTDetBackbone(img_size=64, window=4, global_blocks=[], **TINY_VIT).eval()

@@ -146,6 +146,34 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_gpu_memory_chooses_the_micro_batch_that_fits_and_trains_the_same_numbers(tmp_path):
+    from crossmae.memory import plan_memory
+    from crossmae.task import get_task
+
+    def plan(micro):
+        return plan_memory(get_task("pretrain"), load_config(PretrainConfig, [], [
+            *TINY, f"train.micro_batch={micro}"], complete=True), 1).peak_gib  # fmt: skip
+
+    batch = load_config(PretrainConfig, [], TINY).train.batch_size
+    budget = (plan(batch // 2) + plan(batch)) / 2  # the full batch does not fit, half does
+    full = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'a'}"]))
+    fitted = pretrain(load_config(PretrainConfig, [], [
+        *TINY, f"train.gpu_memory={budget}", f"output_dir={tmp_path / 'b'}"]))  # fmt: skip
+    log = (tmp_path / "b" / "log.txt").read_text()
+    assert f"batch {batch} per GPU needs an estimated" in log
+    assert f"micro-batch {batch // 2}" in log and "x 2 accumulation" in log
+    saved = OmegaConf.load(tmp_path / "b" / "config.yaml")
+    assert saved.train.micro_batch == batch // 2 and saved.train.gpu_memory == budget
+    a, b = losses(Path(full["output_dir"])), losses(Path(fitted["output_dir"]))
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert [x for _, x in a] == pytest.approx([x for _, x in b], rel=1e-5)
+    with pytest.raises(ConfigError, match="even a micro-batch of 1 needs"):
+        pretrain(load_config(PretrainConfig, [], [*TINY, "train.gpu_memory=1e-6",
+                                                  f"output_dir={tmp_path / 'c'}"]))  # fmt: skip
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
     pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'one'}"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,4 @@
 """crossmae's own commands (``convert``, ``analyze``, ``benchmark``, ``ablate``, ``transfer``):
 importing this package registers them (``crossmae.task.register_command``)."""
 
-from . import ablate, analyze, benchmark, convert, transfer  # noqa: F401
+from . import ablate, analyze, benchmark, convert, memory, transfer  # noqa: F401
