@@ -89,8 +89,8 @@ def feature_blocks(depth: int) -> list[int]:
     """Blocks whose outputs feed the pyramid: ViT-B (12) -> 3, 5, 7, 11; ViT-L (24) -> 7, 11,
     15, 23 (MAE / BEiT); others scaled the same way."""
     idx = [depth // 3 - 1, depth // 2 - 1, 2 * depth // 3 - 1, depth - 1]
-    if len(set(idx)) < 4:  # shallow test models: evenly spaced
-        idx = [round((i + 1) * depth / 4) - 1 for i in range(4)]
+    if len(set(idx)) < 4:  # shallow models: evenly spaced (under 4 blocks, some repeat)
+        idx = [max(round((i + 1) * depth / 4) - 1, 0) for i in range(4)]
     return idx
 
 
@@ -157,12 +157,12 @@ class SegViT(nn.Module):
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(B, -1, -1)
         x = torch.cat([cls, tokens], dim=1)
         H, W = self.grid
-        outs = []
+        outs = {}
         for i, blk in enumerate(self.blocks):
             x = blk(x)
             if i in self.out_indices:
-                outs.append(x[:, 1:].transpose(1, 2).reshape(B, -1, H, W))  # (B, D, H, W)
-        return outs
+                outs[i] = x[:, 1:].transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
+        return [outs[i] for i in self.out_indices]  # an encoder of < 4 blocks repeats some
 
 
 class ConvModule(nn.Module):

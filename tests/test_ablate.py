@@ -21,57 +21,11 @@ TINY = ["model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=32",
 
 @pytest.mark.slow
 def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_path, monkeypatch):
+    """Two variants, two seeds and the control, with ``--transfer finetune seg``: each stage on
+    every variant's encoder and on the control, their metrics, gains and claims in the table;
+    a second call runs nothing again."""
     train = cifar_folder(shared_dir, tmp_path / "train", per_class=6, classes=2)
     val = cifar_folder(shared_dir, tmp_path / "val", per_class=3, classes=2)
-    out = tmp_path / "out"
-    argv = ["ablate", "--train", str(train), "--val", str(val), "--out", str(out), "--variants",
-            "mae", "crossmae_g0.25", "--seeds", "2", "--psnr-images", "4", *TINY]  # fmt: skip
-    assert main(argv) == 0
-    result = json.loads((out / "ablation.json").read_text())
-    assert list(result["table"]) == ["mae", "crossmae_g0.25", CONTROL]
-    for name, row in result["table"].items():
-        assert row["seeds"] == 2
-        for m in ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1"):
-            if name == CONTROL and m in ("decoder_gmacs", "img_per_s", "final_loss"):
-                assert row[m] is None  # no decoder runs, nothing trains
-                continue
-            assert set(row[m]) == {"mean", "spread"} and row[m]["spread"] >= 0, m
-        for m in ("knn_top1", "probe_top1"):  # each variant's gain over the untrained encoder
-            if name != CONTROL:
-                g = row["gain"][m]
-                assert g["mean"] == pytest.approx(
-                    row[m]["mean"] - result["table"][CONTROL][m]["mean"]
-                )
-                assert g["learned"] == (g["mean"] > g["spread"])
-    assert [r["steps"] for r in result["runs"]] == [2, 2, 2, 2, 0, 0]
-    controls = [r for r in result["runs"] if r["variant"] == CONTROL]
-    assert (
-        controls[0]["knn_top1"] != controls[1]["knn_top1"]
-        or controls[0]["psnr"] != controls[1]["psnr"]
-    )  # one random init per seed
-    # CrossMAE γ = 0.25 decodes a third of MAE's queries with cross-attention only: cheaper
-    t = result["table"]
-    assert t["crossmae_g0.25"]["decoder_gmacs"]["mean"] < t["mae"]["decoder_gmacs"]["mean"]
-    (claim,) = result["comparisons"]
-    assert claim["a"] == "crossmae_g0.25" and claim["knn_top1"]["verdict"] in (
-        "no difference", "a better", "b better", NOT_LEARNED)  # fmt: skip
-    text = (out / "ablation.md").read_text()
-    assert "| crossmae_g0.25 | 2 |" in text and "CrossMAE matches MAE" in text
-    assert f"| {CONTROL} | 2 | - | - | - |" in text and "gain over control" in text
-    assert (out / "ablation.png").stat().st_size > 1000
-    # a second call runs nothing again
-    import crossmae.runner
-
-    monkeypatch.setattr(crossmae.runner, "run_task", lambda *a, **k: pytest.fail("ran again"))
-    assert main(argv) == 0
-
-
-@pytest.mark.slow
-def test_ablate_transfer_trains_each_stage_on_every_encoder(shared_dir, tmp_path):
-    """``--transfer finetune seg``: each stage on every variant's encoder and on the control,
-    their metrics, gains and claims in the table."""
-    train = cifar_folder(shared_dir, tmp_path / "train", per_class=4, classes=2)
-    val = cifar_folder(shared_dir, tmp_path / "val", per_class=2, classes=2)
     camvid = shared_dir / "data" / "camvid"
     names = sorted(p.stem for p in (camvid / "images" / "train").iterdir())[:2]
     stages = [f"finetune.data.train={train}", f"finetune.data.val={val}",
@@ -84,28 +38,56 @@ def test_ablate_transfer_trains_each_stage_on_every_encoder(shared_dir, tmp_path
               "seg.data.num_workers=0"]  # fmt: skip
     out = tmp_path / "out"
     argv = ["ablate", "--train", str(train), "--val", str(val), "--out", str(out), "--variants",
-            "mae", "crossmae_g0.25", "--seeds", "2", "--psnr-images", "2", "--transfer",
+            "mae", "crossmae_g0.25", "--seeds", "2", "--psnr-images", "4", "--transfer",
             "finetune", "seg", *TINY, *stages]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((out / "ablation.json").read_text())
-    for run in result["runs"]:  # every encoder, the control's too
-        assert {"finetune_top1", "miou"} <= set(run), run["variant"]
-        assert 0 <= run["finetune_top1"] <= 100 and 0 <= run["miou"] <= 100
+    assert list(result["table"]) == ["mae", "crossmae_g0.25", CONTROL]
     for name, row in result["table"].items():
-        for m in ("finetune_top1", "miou"):
-            assert set(row[m]) == {"mean", "spread"}
+        assert row["seeds"] == 2
+        for m in ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1",
+                  "finetune_top1", "miou"):  # fmt: skip
+            if name == CONTROL and m in ("decoder_gmacs", "img_per_s", "final_loss"):
+                assert row[m] is None  # no decoder runs, nothing trains
+                continue
+            assert set(row[m]) == {"mean", "spread"} and row[m]["spread"] >= 0, m
+        for m in ("knn_top1", "probe_top1", "finetune_top1", "miou"):  # each variant's gain
             if name != CONTROL:
-                assert row["gain"][m]["mean"] == pytest.approx(
-                    row[m]["mean"] - result["table"][CONTROL][m]["mean"])  # fmt: skip
-    (claim,) = result["comparisons"]
-    assert {"finetune_top1", "miou"} <= set(claim)
+                g = row["gain"][m]
+                assert g["mean"] == pytest.approx(
+                    row[m]["mean"] - result["table"][CONTROL][m]["mean"]
+                )
+                assert g["learned"] == (g["mean"] > g["spread"])
+    assert [r["steps"] for r in result["runs"]] == [2, 2, 2, 2, 0, 0]
+    for run in result["runs"]:  # every encoder, the control's too
+        assert 0 <= run["finetune_top1"] <= 100 and 0 <= run["miou"] <= 100
+    controls = [r for r in result["runs"] if r["variant"] == CONTROL]
+    assert (
+        controls[0]["knn_top1"] != controls[1]["knn_top1"]
+        or controls[0]["psnr"] != controls[1]["psnr"]
+    )  # one random init per seed
     control = out / "control" / "seed1" / "transfer"
     assert (control / "seg" / "results.json").is_file()
     cfg = (control / "finetune" / "config.yaml").read_text()
     assert "random_init: true" in cfg and "seed: 1" in cfg
+    # CrossMAE γ = 0.25 decodes a third of MAE's queries with cross-attention only: cheaper
+    t = result["table"]
+    assert t["crossmae_g0.25"]["decoder_gmacs"]["mean"] < t["mae"]["decoder_gmacs"]["mean"]
+    (claim,) = result["comparisons"]
+    assert claim["a"] == "crossmae_g0.25" and claim["knn_top1"]["verdict"] in (
+        "no difference", "a better", "b better", NOT_LEARNED)  # fmt: skip
+    assert {"finetune_top1", "miou"} <= set(claim)
     text = (out / "ablation.md").read_text()
+    assert "| crossmae_g0.25 | 2 |" in text and "CrossMAE matches MAE" in text
+    assert f"| {CONTROL} | 2 | - | - | - |" in text and "gain over control" in text
     assert "| variant | seeds | finetune finetune_top1 | gain over control | seg miou |" in text
     assert "--transfer finetune seg" in text.splitlines()[0]
+    assert (out / "ablation.png").stat().st_size > 1000
+    # a second call runs nothing again
+    import crossmae.runner
+
+    monkeypatch.setattr(crossmae.runner, "run_task", lambda *a, **k: pytest.fail("ran again"))
+    assert main(argv) == 0
 
 
 def test_ablate_names_an_unknown_variant(tmp_path, capsys):
