@@ -424,3 +424,25 @@ class Engine:
                 for h in self.hooks:
                     h.after_epoch(self)
         return False
+
+
+def plan_batches(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
+    """(per-process micro batch, accumulation steps) that make up ``global_batch``."""
+    if global_batch % world:
+        raise ConfigError(f"train.batch_size={global_batch} is not divisible by {world} processes")
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if micro <= 0 or per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch={micro} does not divide the per-process batch {per_rank} "
+            f"(batch_size {global_batch} / {world} processes)"
+        )
+    return micro, per_rank // micro
+
+
+def step_options(task: TrainStep, cfg, accum: int) -> StepOptions:
+    """The engine's options: the shared settings (of a config's ``train`` and ``optim``
+    sections), then the task's own (``engine_options()``)."""
+    return StepOptions(precision=cfg.train.precision, accum=accum, clip_grad=cfg.optim.clip_grad,
+                       max_nonfinite=cfg.train.max_nonfinite_steps,
+                       grad_norm_every=cfg.log.every_steps, **task.engine_options())  # fmt: skip

@@ -294,9 +294,8 @@ def fake_tensors():
 def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 2,
                 evaluate: bool = True) -> MemoryPlan:  # fmt: skip
     """The per-GPU peak of ``cfg``'s training on ``gpus`` processes (module docstring)."""
-    from .engine import Engine, check_precision, resolve_precision
+    from .engine import Engine, check_precision, plan_batches, resolve_precision, step_options
     from .optim import build_optimizer, peak_lr
-    from .runner import plan_batches, step_options
 
     cfg = copy.deepcopy(cfg)
     tc = cfg.train

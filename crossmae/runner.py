@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, changed_settings, to_plain
 from .data import ResumableSampler, make_loader
-from .engine import Engine, StepOptions, resolve_precision
+from .engine import Engine, StepOptions, plan_batches, resolve_precision, step_options
 from .hooks import CheckpointHook, EvalHook, MetricsWriter, TqdmHandler
 from .optim import build_optimizer, make_schedule, peak_lr
 from .task import Task, get_task
@@ -143,20 +143,6 @@ def close_run(out: Path | None) -> None:
 
 
 # ----------------------------------------------------------------------------- the run
-def plan_batches(global_batch: int, world: int, micro_batch: int | None) -> tuple[int, int]:
-    """(per-process micro batch, accumulation steps) that make up ``global_batch``."""
-    if global_batch % world:
-        raise ConfigError(f"train.batch_size={global_batch} is not divisible by {world} processes")
-    per_rank = global_batch // world
-    micro = micro_batch or per_rank
-    if micro <= 0 or per_rank % micro:
-        raise ConfigError(
-            f"train.micro_batch={micro} does not divide the per-process batch {per_rank} "
-            f"(batch_size {global_batch} / {world} processes)"
-        )
-    return micro, per_rank // micro
-
-
 def resolve(task: Task, cfg: DictConfig, device: torch.device) -> DictConfig:
     """The config as the run uses it, what config.yaml and checkpoints hold: a copy with its
     open defaults decided (the run folder every process uses, ``train.precision=auto`` on this
@@ -170,13 +156,6 @@ def resolve(task: Task, cfg: DictConfig, device: torch.device) -> DictConfig:
         cfg.train.precision = resolve_precision(cfg.train.precision, device)
     task.resolve(cfg)
     return cfg
-
-
-def step_options(task: Task, cfg: DictConfig, accum: int) -> StepOptions:
-    """The engine's options: the shared settings, then the task's own."""
-    return StepOptions(precision=cfg.train.precision, accum=accum, clip_grad=cfg.optim.clip_grad,
-                       max_nonfinite=cfg.train.max_nonfinite_steps,
-                       grad_norm_every=cfg.log.every_steps, **task.engine_options())  # fmt: skip
 
 
 def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> dict:
