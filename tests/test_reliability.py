@@ -353,11 +353,16 @@ def test_15_transfer_given_a_random_file_says_so(tmp_path, monkeypatch, capsys):
 # its docstring
 def crossmae_cli(*args: str, **kw) -> subprocess.Popen:
     """``python -m crossmae ARGS`` in a session of its own (its process group: what a terminal,
-    ``timeout`` or Slurm signal)."""
+    ``timeout`` or Slurm signal), with SIGINT's default handling as a terminal gives it (a
+    test run started as a background job of a non-interactive shell inherits SIGINT ignored)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def default_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     return subprocess.Popen([sys.executable, "-m", "crossmae", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, **kw)  # fmt: skip
+                            start_new_session=True, preexec_fn=default_sigint, **kw)  # fmt: skip
 
 
 def wait_for(proc: subprocess.Popen, path: Path, test, timeout: float = 180) -> None:
