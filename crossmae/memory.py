@@ -34,6 +34,7 @@ import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -73,8 +74,9 @@ def _bool_indices(indices: list) -> list:
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of the storages alive after every operation (module docstring).
 
-    ``known`` (``track``) are storages that exist before the step (parameters, buffers); the
-    categories of the peak come from ``categorize()``, called at every new peak."""
+    Storages that exist before the step (parameters, buffers) are counted with ``track`` or
+    ``restart``; the split of the peak comes from ``categorize(self)``, called at each new
+    peak."""
 
     def __init__(self, categorize=None):
         super().__init__()
@@ -103,6 +105,7 @@ class LiveBytes(TorchDispatchMode):
     def restart(self, tensors, categorize=None) -> None:
         """Forget every storage counted so far; count ``tensors`` from now on (the peak too)."""
         self.sizes.clear()
+        self._any.clear()
         self._keys = weakref.WeakKeyDictionary()
         self.current = self.peak = 0
         for t in tensors:
@@ -252,18 +255,6 @@ def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
 
 
 @contextlib.contextmanager
-def _patched(pairs):
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in pairs]
-    for owner, name, value in pairs:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-
-
-@contextlib.contextmanager
 def fake_tensors():
     """Fake tensors for everything created inside (constants of the model's code included).
     Fake parameters cannot be moved by ``Module.to`` (it swaps them, which fake tensors refuse);
@@ -287,8 +278,10 @@ def fake_tensors():
              (F, "scaled_dot_product_attention", _cuda_sdpa),
              (torch.Tensor, "softmax", _in_float32(torch.Tensor.softmax))]  # fmt: skip
     pairs += [(F, n, _in_float32(getattr(F, n))) for n in _FLOAT32_UNDER_CUDA_AUTOCAST]
-    with _patched(pairs), FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        yield mode
+    with contextlib.ExitStack() as stack:
+        for owner, name, value in pairs:
+            stack.enter_context(mock.patch.object(owner, name, value))
+        yield stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
 
 
 def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 2,
