@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 
@@ -76,9 +77,8 @@ def save_evaluation_curve(metrics_file: str | Path, out: str | Path,
                           keys: dict[str, str]) -> tuple[Path, Path | None]:  # fmt: skip
     """Every evaluation of a run so far, from its ``metrics.jsonl``: ``evaluation.md`` (a table
     of the metrics ``keys`` names, record key -> label, with the latest training loss recorded
-    by that step)
-    and ``evaluation.png`` (each metric against the step, the loss on a second axis; None while
-    no metric has a value). Returns both paths."""
+    by that step) and ``evaluation.png`` (each metric against the step, the loss on a second
+    axis; None while no metric has a value). Returns both paths."""
     from .checkpoint import write_text_atomic
 
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
@@ -91,8 +91,10 @@ def save_evaluation_curve(metrics_file: str | Path, out: str | Path,
 
     lines = ["| step | epoch | " + " | ".join(keys.values()) + " | train loss |",
              "|---" * (len(keys) + 3) + "|"]  # fmt: skip
+    loss_steps = sorted(losses)
     for r in evals:
-        loss = next((losses[s] for s in sorted(losses, reverse=True) if s <= r["step"]), None)
+        i = bisect.bisect_right(loss_steps, r["step"])  # the last loss record at or before it
+        loss = losses[loss_steps[i - 1]] if i else None
         lines.append(f"| {r['step']} | {r['epoch']:g} | "
                      + " | ".join(cell(r.get(k)) for k in keys)
                      + f" | {'n/a' if loss is None else f'{loss:.4f}'} |")  # fmt: skip
@@ -122,12 +124,17 @@ def save_evaluation_curve(metrics_file: str | Path, out: str | Path,
     ax.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="center right")
     ax.set_title(f"evaluations of {out.name}", fontsize=10)
     fig.tight_layout()
-    png = out / "evaluation.png"
-    tmp = png.with_name(".evaluation.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(png)
-    return md, png
+    return md, save_figure_atomic(fig, out / "evaluation.png", dpi=110)
+
+
+def save_figure_atomic(fig, path: Path, dpi: int) -> Path:
+    """Save and close ``fig`` through a temporary file, so a reader (a watcher redrawing after
+    every evaluation) never sees half a PNG."""
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
+    _pyplot().close(fig)
+    tmp.replace(path)
+    return path
 
 
 def distinct_colors(n: int) -> np.ndarray:

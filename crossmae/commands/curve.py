@@ -159,7 +159,7 @@ def plot_curve(records: list[dict], labels: dict[str, str], path: Path, title: s
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    from ..visualize import _pyplot
+    from ..visualize import _pyplot, save_figure_atomic
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -173,8 +173,4 @@ def plot_curve(records: list[dict], labels: dict[str, str], path: Path, title: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure_atomic(fig, path, dpi=110)
