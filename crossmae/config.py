@@ -130,6 +130,12 @@ TRAIN_PRECISION = one_of("auto", "bf16", "fp16", "fp32")  # auto: bf16 on a GPU,
 DEVICE = one_of("auto", "cpu", "cuda")
 
 
+def GIB_OR_AUTO(v: Any) -> str | None:  # noqa: N802 - a check, named as the constants above
+    if v == "auto" or (isinstance(v, int | float) and not isinstance(v, bool) and v > 0):
+        return None
+    return "must be a positive number of GiB, or auto (this process's GPU's own memory)"
+
+
 def problems_of(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every value of ``cfg`` that fails its field's checks, and every ``cross_checks`` problem
     of its sections (a dataclass's static method: the section -> {key: problem}), as
@@ -250,9 +256,13 @@ class TrainConfig(RunConfig):
     batch_size: int = checked(128, POSITIVE)  # global batch (all processes, accumulation steps)
     # per-process forward; None = batch / processes
     micro_batch: int | None = checked(None, POSITIVE, resumable=True)
-    # GiB of one GPU: before the first step, the largest micro-batch whose planned memory
-    # (crossmae.memory) fits is chosen, the accumulation keeping the batch; None = micro_batch
-    gpu_memory: float | None = checked(None, POSITIVE, resumable=True)
+    # GiB of one GPU (auto: this process's GPU's own): before the first step, the largest
+    # micro-batch whose planned memory (crossmae.memory) fits is chosen, the accumulation keeping
+    # the batch; None = micro_batch
+    gpu_memory: Any = checked(None, GIB_OR_AUTO, resumable=True)
+    # recompute the backbone blocks' activations in backward (less memory, more compute; chosen
+    # by train.gpu_memory when even the smallest micro-batch does not fit without it)
+    activation_checkpointing: bool = checked(False, resumable=True)
     # stop after this many steps, the schedule unchanged (smoke runs)
     max_steps: int | None = checked(None, POSITIVE, resumable=True)
     # autocast: auto = bf16 on a GPU, fp32 on a CPU (most CPUs emulate bf16, many times slower)

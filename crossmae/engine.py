@@ -37,6 +37,7 @@ from .checkpoint import load_state_dict_strict, random_states, restore_random_st
 from .config import ConfigError
 from .data import CudaPrefetcher, ResumableSampler
 from .data.loader import STOP_SIGNALS
+from .models.layers import set_activation_checkpointing
 
 log = logging.getLogger("crossmae")
 
@@ -114,6 +115,8 @@ class StepOptions:
         prefetch: copy the next batch's ``images`` / ``ids_shuffle`` to the GPU while this step
             runs.
         ddp_fp16_compression: all-reduce gradients in fp16.
+        activation_checkpointing: recompute the backbone blocks' activations in backward
+            instead of keeping them (less memory, about a third more compute).
     """
 
     precision: str = "fp32"
@@ -125,6 +128,7 @@ class StepOptions:
     cuda_graph: bool = False
     prefetch: bool = False
     ddp_fp16_compression: bool = False
+    activation_checkpointing: bool = False
 
     def check(self, device: torch.device, world: int) -> None:
         """Settings this device and process count cannot run, named (before anything runs)."""
@@ -294,7 +298,11 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def prepare(self) -> None:
-        """Wrap the model for the loop: DDP on several processes, then ``torch.compile``."""
+        """Wrap the model for the loop: activation checkpointing, DDP on several processes,
+        then ``torch.compile``."""
+        if self.options.activation_checkpointing and not set_activation_checkpointing(self.model):
+            raise ConfigError("train.activation_checkpointing=true: this task's model has no "
+                              "backbone that supports it")  # fmt: skip
         wrapped = self.model
         if self.world > 1:
             wrapped = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
@@ -445,4 +453,6 @@ def step_options(task: TrainStep, cfg, accum: int) -> StepOptions:
     sections), then the task's own (``engine_options()``)."""
     return StepOptions(precision=cfg.train.precision, accum=accum, clip_grad=cfg.optim.clip_grad,
                        max_nonfinite=cfg.train.max_nonfinite_steps,
-                       grad_norm_every=cfg.log.every_steps, **task.engine_options())  # fmt: skip
+                       grad_norm_every=cfg.log.every_steps,
+                       activation_checkpointing=cfg.train.activation_checkpointing,
+                       **task.engine_options())  # fmt: skip

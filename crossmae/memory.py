@@ -1,14 +1,16 @@
 """The GPU memory a training run needs, planned on fake tensors before any GPU is rented.
 
 ``plan_memory(task, cfg, gpus)`` builds the task's real model, optimizer and engine, and runs
-two full training steps (forward, backward, gradient accumulation, clipping, the optimizer) and
-one evaluation forward at the config's sizes and precision, on fake tensors
+one full training step (forward, backward, gradient accumulation, clipping, the optimizer; the
+optimizer's state made first, as the first step makes it, so that the step planned is every
+later one) and one evaluation forward at the config's sizes and precision, on fake tensors
 (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes and dtypes, no data, nothing allocated
 on any device). ``LiveBytes``, a dispatch mode under the fake one, sees every tensor an operation
 creates and counts the bytes alive after each operation, as the CUDA caching allocator would
 (each allocation rounded up to 512 bytes): ``torch.cuda.max_memory_allocated``, not the cache it
 reserves, the CUDA context or cuBLAS's workspace. The peak is split into parameters, gradients,
-optimizer state and the rest (activations and temporaries).
+optimizer state and the rest (activations and temporaries); the step's FLOPs are counted on the
+way (``torch.utils.flop_counter``, fused attention as PyTorch counts it).
 
 The fake tensors live on the CPU (a fake CUDA tensor cannot run backward without a GPU), so
 three things a GPU does differently are applied as a GPU would: the fused AdamW; CUDA's autocast
@@ -37,6 +39,7 @@ from typing import Any
 from unittest import mock
 
 import torch
+from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -155,7 +158,8 @@ class LiveBytes(TorchDispatchMode):
             except Exception as e:  # noqa: BLE001 - named and re-raised with the operation
                 if isinstance(e, PlanError):
                     raise
-                raise PlanError(f"{func}: {type(e).__name__}: {e}") from None
+                first = next(iter(str(e).strip().splitlines()), "")  # one line
+                raise PlanError(f"{func}: {type(e).__name__}: {first}") from None
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 key = self.track(t)
@@ -180,6 +184,8 @@ class MemoryPlan:
     peak_op: str = ""
     eval_peak: int = 0
     notes: list[str] = field(default_factory=list)
+    train_flops_per_image: float = 0.0  # one training step's FLOPs / its images
+    activation_checkpointing: bool = False
 
     @property
     def peak_gib(self) -> float:
@@ -191,6 +197,8 @@ class MemoryPlan:
                 "precision": self.precision, "peak_gib": round(self.peak_gib, 2),
                 "train_gib": round(self.peak / GIB, 2), "eval_gib": round(self.eval_peak / GIB, 2),
                 **{f"{k}_gib": round(v / GIB, 2) for k, v in self.parts.items()},
+                "activation_checkpointing": self.activation_checkpointing,
+                "train_gflop_per_img": round(self.train_flops_per_image / 1e9, 1),
                 "fits": self.peak_gib <= gpu_memory, "gpu_memory_gib": gpu_memory,
                 "notes": self.notes}  # fmt: skip
 
@@ -234,14 +242,40 @@ class _FusedAttention(torch.autograd.Function):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale)  # fmt: skip
         ctx.save_for_backward(q, k, v, bias, out, lse)
+        ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, bias, _, _ = ctx.saved_tensors
+        q, k, v, bias, out, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grads = [torch.empty_like(t) if n else None for t, n in zip((q, k, v), needs, strict=False)]
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=ctx.scale
+        )
+        grads = [g if n else None for g, n in zip(grads, needs, strict=False)]
         return (*grads, torch.empty_like(bias) if bias is not None and needs[3] else None, None)
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward_flops(grad_shape, query_shape, key_shape, value_shape, *args,
+                              out_shape=None, **kwargs):  # fmt: skip
+    return flop_counter.sdpa_backward_flop_count(grad_shape, query_shape, key_shape, value_shape)
+
+
+def count_flops() -> flop_counter.FlopCounterMode:
+    """PyTorch's FLOP counter (a multiply-add is 2 FLOPs), which also counts the planner's
+    fused-attention stand-in as fused attention."""
+    aten = torch.ops.aten
+    return flop_counter.FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+        },
+    )
 
 
 def _cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -284,7 +318,7 @@ def fake_tensors():
         yield stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
 
 
-def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 2,
+def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 1,
                 evaluate: bool = True) -> MemoryPlan:  # fmt: skip
     """The per-GPU peak of ``cfg``'s training on ``gpus`` processes (module docstring)."""
     from .engine import Engine, check_precision, plan_batches, resolve_precision, step_options
@@ -299,7 +333,10 @@ def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 2,
     if "precision" in tc:
         tc.precision = resolve_precision(tc.precision, torch.device("cuda"))
     task.resolve(cfg)
-    options = step_options(task, cfg, accum)
+    # from the second micro-batch on, each one allocates and frees what the second did (the
+    # gradients already exist): two stand for any longer accumulation
+    planned_accum = min(accum, 2)
+    options = step_options(task, cfg, planned_accum)
     options.compile = options.cuda_graph = False
     precision = tc.get("precision", "fp32")
     if options.precision == "fp16":  # the loss scaler needs CUDA; its memory is two scalars
@@ -317,10 +354,21 @@ def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 2,
         engine = Engine(model, optimizer, None, lambda step: 1e-4, task, steps=steps,
                         device=device, options=options)  # fmt: skip
         engine.prepare()
+        # the optimizer's state made as the first step makes it: the steps planned below are
+        # every later step (their peak sees the whole state)
+        trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         # what building left on the host is not on the GPU: from here, the model's own bytes
-        mode.restart([*model.parameters(), *model.buffers()], _categorizer(model, optimizer))
-        batches = (task.example_batch(micro) for _ in range(steps * accum))
-        for _ in range(steps):
+        mode.restart([*model.parameters(), *model.buffers(), *state],
+                     _categorizer(model, optimizer))  # fmt: skip
+        batches = (task.example_batch(micro) for _ in range(steps * planned_accum))
+        with count_flops() as flops:  # the first step: forward, backward, the optimizer
+            engine.train_step(batches)
+        for _ in range(steps - 1):
             engine.train_step(batches)
         train_peak, parts, op = mode.peak, mode.peak_parts, mode.peak_op
         eval_peak = 0
@@ -342,32 +390,80 @@ def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 2,
         eval_peak += buckets if eval_peak else 0
     return MemoryPlan(config=name, gpus=gpus, batch_per_gpu=micro * accum, micro_batch=micro,
                       accumulation=accum, precision=precision, peak=train_peak, parts=parts,
-                      peak_op=op, eval_peak=eval_peak, notes=notes)  # fmt: skip
+                      peak_op=op, eval_peak=eval_peak, notes=notes,
+                      train_flops_per_image=flops.get_total_flops() / (micro * planned_accum),
+                      activation_checkpointing=options.activation_checkpointing)  # fmt: skip
 
 
-def fit_micro_batch(task_cls, cfg, gpus: int, budget_gib: float) -> tuple[int, str]:
+def budget_of(setting, device: torch.device) -> float:
+    """The GiB ``train.gpu_memory`` plans for: its number, or with ``auto`` this process's GPU's
+    own memory (the one moment the planner asks a GPU anything)."""
+    from .config import ConfigError
+
+    if setting != "auto":
+        return float(setting)
+    if device.type != "cuda":
+        raise ConfigError(
+            "train.gpu_memory=auto plans for this process's GPU, and this one runs "
+            "on the CPU: give the card's memory in GiB (train.gpu_memory=24)"
+        )
+    return torch.cuda.get_device_properties(device).total_memory / GIB
+
+
+def fit_micro_batch(task_cls, cfg, gpus: int, budget_gib: float) -> tuple[int, bool, str]:
     """The largest micro-batch (a divisor of the per-GPU batch) whose planned peak fits in
-    ``budget_gib``, and the line that says why; a ``PlanError`` naming the smallest plan when
-    even a micro-batch of 1 does not fit."""
+    ``budget_gib``; activation checkpointing only when even the smallest does not fit without
+    it. Returns the micro-batch, whether to checkpoint, and the line that says why; a
+    ``ConfigError`` naming the smallest plan when nothing fits.
+
+    The first micro-batch planned after the full one is the largest that the full plan's
+    activations, scaled to fewer images, predict to fit; from there the plans step down until
+    one fits and up while the next larger one fits (two or three plans, not one per divisor)."""
     from omegaconf import OmegaConf
 
     from .config import ConfigError
 
     per_gpu = cfg.train.batch_size // gpus
-    tried = []
-    for micro in [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]:
-        trial = copy.deepcopy(cfg)
-        OmegaConf.update(trial, "train.micro_batch", micro)
-        tried.append(plan := plan_memory(task_cls, trial, gpus))
-        if plan.peak_gib <= budget_gib:
-            why = (f"batch {per_gpu} per GPU needs an estimated {tried[0].peak_gib:.3g} GiB of "
-                   f"{budget_gib:g}")  # fmt: skip
-            if micro == per_gpu:
-                return micro, why + ": no accumulation"
-            return micro, (f"{why}: micro-batch {micro} ({plan.peak_gib:.3g} GiB) x "
-                           f"{per_gpu // micro} accumulation")  # fmt: skip
+    micros = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0]  # largest first
+    plans: dict[tuple[int, bool], MemoryPlan] = {}
+
+    def plan(micro: int, ckpt: bool) -> MemoryPlan:
+        if (micro, ckpt) not in plans:
+            trial = copy.deepcopy(cfg)
+            OmegaConf.update(trial, "train.micro_batch", micro)
+            OmegaConf.update(trial, "train.activation_checkpointing", ckpt)
+            plans[micro, ckpt] = plan_memory(task_cls, trial, gpus)
+        return plans[micro, ckpt]
+
+    def fits(i: int, ckpt: bool) -> bool:
+        return plan(micros[i], ckpt).peak_gib <= budget_gib
+
+    given = bool(cfg.train.activation_checkpointing)
+    for ckpt in dict.fromkeys([given, True]):
+        full = plan(per_gpu, ckpt)
+        activations = full.parts.get("activations", 0)
+        per_image = activations / per_gpu
+        room = budget_gib * GIB - (full.peak - activations)
+        i = next((i for i, m in enumerate(micros) if m * per_image <= room), len(micros) - 1)
+        while i < len(micros) and not fits(i, ckpt):
+            i += 1
+        if i == len(micros):
+            continue
+        while i > 0 and fits(i - 1, ckpt):
+            i -= 1
+        micro, chosen = micros[i], plan(micros[i], ckpt)
+        why = (f"batch {per_gpu} per GPU needs an estimated {plan(per_gpu, given).peak_gib:.3g} "
+               f"GiB of {budget_gib:g}")  # fmt: skip
+        if ckpt and not given:
+            why += (f" (micro-batch {micros[-1]}: {plan(micros[-1], False).peak_gib:.3g}); "
+                    "with activation checkpointing")  # fmt: skip
+        if micro == per_gpu:
+            return micro, ckpt, why + ": no accumulation"
+        return micro, ckpt, (f"{why}: micro-batch {micro} ({chosen.peak_gib:.3g} GiB) x "
+                             f"{per_gpu // micro} accumulation")  # fmt: skip
+    smallest = plan(micros[-1], True)
     raise ConfigError(
-        f"train.gpu_memory={budget_gib:g}: even a micro-batch of 1 needs an estimated "
-        f"{tried[-1].peak_gib:.3g} GiB per GPU (peak at {tried[-1].peak_op}); use a GPU with more "
-        "memory, more GPUs do not help a micro-batch of 1"
+        f"train.gpu_memory={budget_gib:g}: even a micro-batch of 1 with activation checkpointing "
+        f"needs an estimated {smallest.peak_gib:.3g} GiB per GPU (peak at {smallest.peak_op}); "
+        "use a GPU with more memory, more GPUs do not help a micro-batch of 1"
     )

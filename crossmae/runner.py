@@ -182,10 +182,13 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
         return _evaluate_only(task, cfg)
     tc = cfg.train
     fitted = None
-    if tc.get("gpu_memory"):  # the largest micro-batch that fits, before anything is written
-        from .memory import fit_micro_batch
+    if tc.get("gpu_memory") is not None:  # the largest micro-batch that fits, before any write
+        from .memory import budget_of, fit_micro_batch
 
-        tc.micro_batch, fitted = fit_micro_batch(type(task), cfg, du.world_size(), tc.gpu_memory)
+        budget = budget_of(tc.gpu_memory, device)
+        tc.micro_batch, tc.activation_checkpointing, fitted = fit_micro_batch(
+            type(task), cfg, du.world_size(), budget
+        )
     micro, accum = plan_batches(tc.batch_size, du.world_size(), tc.micro_batch)
     options = step_options(task, cfg, accum)
     options.check(device, du.world_size())
@@ -193,7 +196,7 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
     out = Path(cfg.output_dir)
     open_run_folder(cfg, out, resume)
     if fitted:
-        log.info("train.gpu_memory=%g: %s", tc.gpu_memory, fitted)
+        log.info("train.gpu_memory=%s (%.3g GiB): %s", tc.gpu_memory, budget, fitted)
 
     # model, then each process's own streams (drop path, augmentations)
     torch.manual_seed(tc.seed)

@@ -27,6 +27,7 @@ from crossmae.models.layers import (
     NORM_EPS,
     PatchEmbed,
     adapt_encoder_state,
+    run_block,
 )
 from crossmae.models.pos_embed import resample_abs_pos_embed
 
@@ -186,6 +187,7 @@ class ViTDetBackbone(nn.Module):
                         explicit_attention)
             for i in range(depth)
         )  # fmt: skip
+        self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -207,7 +209,7 @@ class ViTDetBackbone(nn.Module):
         pos = resample_abs_pos_embed(self.pos_embed, (H, W), (g, g), num_prefix_tokens=1)
         x = x + pos[:, 1:].reshape(1, H, W, -1)  # the cls slot is not used
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, self.grad_checkpointing)
         return x.permute(0, 3, 1, 2)  # (B, D, H, W)
 
     def load_pretrained(

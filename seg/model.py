@@ -23,6 +23,7 @@ from crossmae.models.layers import (
     PatchEmbed,
     adapt_encoder_state,
     init_weights_,
+    run_block,
     vit_layer_id,
 )
 from crossmae.models.pos_embed import sincos_2d
@@ -135,6 +136,7 @@ class SegViT(nn.Module):
             SegBlock(embed_dim, num_heads, mlp_ratio, dpr[i], self.grid, norm_eps)
             for i in range(depth)
         )
+        self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
         init_weights_(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
@@ -159,7 +161,7 @@ class SegViT(nn.Module):
         H, W = self.grid
         outs = {}
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = run_block(blk, x, self.grad_checkpointing)
             if i in self.out_indices:
                 outs[i] = x[:, 1:].transpose(1, 2).reshape(B, -1, H, W)  # (B, D, H, W)
         return [outs[i] for i in self.out_indices]  # an encoder of < 4 blocks repeats some

@@ -121,3 +121,104 @@ def test_detection_plans_with_the_worst_case_of_its_data_dependent_steps(capsys)
     row = json.loads(out[-1])
     assert row["fits"] and row["eval_gib"] > 0 and row["train_gib"] > row["parameters_gib"]
     assert "worst case taken for" in out[-2] and "nms" in out[-2]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_is_chosen_only_when_the_smallest_micro_batch_does_not_fit():
+    """train.gpu_memory: the largest micro-batch that fits; activation checkpointing (which
+    keeps only each block's input) when no micro-batch fits without it (about 40 s)."""
+    from crossmae.config import ConfigError
+    from crossmae.memory import fit_micro_batch
+
+    task = get_task("pretrain")
+    sized = ["model.img_size=64", "train.batch_size=4"]  # activations above the optimizer's peak
+    cfg = load_config(task.schema, [], [*TINY, *sized], complete=True)
+    plain = {m: tiny_plan(*sized, f"train.micro_batch={m}") for m in (4, 2, 1)}
+    ckpt = tiny_plan(*sized, "train.micro_batch=1", "train.activation_checkpointing=true")
+    assert ckpt.parts["activations"] < plain[1].parts["activations"]
+    assert ckpt.parts["parameters"] == plain[1].parts["parameters"]
+    smallest = min(p.peak_gib for p in plain.values())
+    assert ckpt.peak_gib < smallest  # so a budget between them fits only with checkpointing
+    micro, checkpointing, why = fit_micro_batch(task, cfg, 1, (ckpt.peak_gib + smallest) / 2)
+    assert checkpointing and "with activation checkpointing" in why
+    assert f"micro-batch {micro} (" in why or micro == 4
+    micro, checkpointing, why = fit_micro_batch(task, cfg, 1, plain[4].peak_gib)
+    assert (micro, checkpointing) == (4, False) and why.endswith("no accumulation")
+    one = load_config(task.schema, [], [*TINY, "model.img_size=64", "train.batch_size=1"],
+                      complete=True)  # fmt: skip
+    with pytest.raises(ConfigError, match="even a micro-batch of 1 with activation"):
+        fit_micro_batch(task, one, 1, ckpt.peak_gib * 0.5)
+
+
+def test_a_step_it_cannot_plan_is_one_line_naming_the_operation(monkeypatch, capsys):
+    from crossmae.pretrain import PretrainTask
+
+    def losses(self, forward, **inputs):  # a size read from the data, not from the config
+        first = next(v for v in inputs.values() if torch.is_tensor(v))
+        counts = first.flatten()[:4].long()
+        return {"loss": torch.repeat_interleave(counts).float().sum()}
+
+    monkeypatch.setattr(PretrainTask, "losses", losses)
+    args = ["benchmark", "memory", "--config", str(REPO / "configs/ablate/cifar10_cpu.yaml"),
+            *TINY]  # fmt: skip
+    assert main(args) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "cannot plan: aten.repeat_interleave" in out[0]
+
+
+def test_the_planner_touches_no_gpu_when_one_is_present(monkeypatch):
+    def no(*args, **kwargs):
+        raise AssertionError("the planner touched the GPU")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name in ("_lazy_init", "init", "synchronize", "set_device", "mem_get_info"):
+        monkeypatch.setattr(torch.cuda, name, no)
+    assert tiny_plan().peak > 0
+
+
+# an "80 GB" card: 79 GiB as CUDA reports an H100's, less the CUDA context, cuBLAS's workspace
+# and what the caching allocator holds beyond the allocated bytes (about 10 % in our runs)
+CARD_80GB_GIB = 72.0
+
+
+def _plan_row(path):
+    from crossmae.commands.memory import gpus_of_config, planned_config, task_of_config
+
+    task = get_task(task_of_config(path))
+    plan = plan_memory(task, planned_config(task, path, [], None), gpus_of_config(path))
+    return str(path.relative_to(REPO)), plan.gpus, plan.peak_gib
+
+
+@pytest.mark.slow
+def test_every_shipped_multi_gpu_recipe_fits_an_80_gb_card():
+    """The planner over every shipped recipe of 8 GPUs or more, at its documented GPU count
+    (two processes: the planner runs Python, one core each)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from crossmae.commands.memory import gpus_of_config, shipped_configs
+
+    recipes = [p for p in shipped_configs() if gpus_of_config(p) >= 8]
+    assert len(recipes) >= 20  # pretraining, finetune, linear probe, det and seg recipes
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = list(pool.map(_plan_row, recipes))
+    too_big = [row for row in rows if row[2] > CARD_80GB_GIB]
+    assert not too_big, f"planned above {CARD_80GB_GIB} GiB per GPU: {too_big}"
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("auto", "give the card's memory in GiB"), ("-3", "must be a positive number of GiB"),
+     ("lots", "must be a positive number of GiB")],
+)  # fmt: skip
+def test_gpu_memory_takes_gib_or_auto_on_a_gpu(tmp_path, value, message):
+    from crossmae.config import ConfigError
+    from crossmae.runner import run_task
+
+    task = get_task("pretrain")
+    with pytest.raises(ConfigError, match=message):
+        cfg = load_config(task.schema, [], [*TINY, f"train.gpu_memory={value}",
+                                            f"output_dir={tmp_path / 'r'}"])  # fmt: skip
+        run_task(task(cfg), cfg)
+    assert not (tmp_path / "r").exists()

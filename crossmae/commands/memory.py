@@ -7,9 +7,10 @@
 For every config: the per-GPU peak split into parameters, gradients, optimizer state and
 activations, then one JSON line (``config``, ``gpus``, ``batch_per_gpu``, ``peak_gib``, ``fits``
 against ``--gpu-memory``, ...). The GPU count is ``--gpus``, else the one the config's
-``# Hardware:`` line names, else 1. A transfer config's encoder is the registered model of the
-size its file name says (``vit_base`` -> crossmae_vit_base_patch16), untrained (``--arch``
-names another); values a config leaves required (data paths) are not read.
+``# Hardware:`` line names, else 1. A transfer config's encoder, untrained, is ``--arch``, else
+its ``encoder.arch``, else its ``# Encoder:`` line, else the registered model of the size its
+file name says (``vit_base`` -> crossmae_vit_base_patch16); values a config leaves required
+(data paths) are not read.
 """
 
 from __future__ import annotations
@@ -55,11 +56,21 @@ def gpus_of_config(path: Path) -> int:
     return 1
 
 
+def encoder_of_config(path: Path) -> tuple[str, dict] | None:
+    """The encoder a transfer config's ``# Encoder:`` line names, with its settings
+    (``# Encoder: crossmae_vit_tiny_patch8 img_size=32 patch_size=4``)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# Encoder:"):
+            name, *settings = line.removeprefix("# Encoder:").split()
+            return name, {k: int(v) for k, v in (item.split("=", 1) for item in settings)}
+    return None
+
+
 def arch_of_config(path: Path) -> str | None:
     """The registered model whose encoder a transfer config of this file name is sized for."""
     from crossmae.models.registry import list_models
 
-    m = re.search(r"vit_(small|base|large|huge)", path.stem)
+    m = re.search(r"vit_(tiny|small|base|large|huge)", path.stem)
     if m is None:
         return None
     return next(iter(list_models(f"crossmae_vit_{m.group(1)}_*")), None)
@@ -80,9 +91,14 @@ def planned_config(task, path: Path | None, overrides: list[str], arch: str | No
     fill = [f"{k}={PLACEHOLDER}" for k in sorted(required - given - {"encoder.checkpoint"})]
     cfg = load_config(task.schema, files, [*fill, *overrides])
     if "encoder" in cfg:
-        arch = arch or (arch_of_config(path) if path is not None else None) or cfg.encoder.arch
+        named = encoder_of_config(path) if path is not None else None
+        if arch is None and cfg.encoder.arch is None and named is not None:
+            arch, settings = named
+            cfg.encoder.arch_settings = {**cfg.encoder.arch_settings, **settings}
+        arch = arch or cfg.encoder.arch or (arch_of_config(path) if path is not None else None)
         if arch is None:
-            raise ConfigError(f"{path}: no encoder size in its name; name one with --arch")
+            raise ConfigError(f"{path}: no encoder named (encoder.arch, a '# Encoder:' line or "
+                              "vit_<size> in its name); name one with --arch")  # fmt: skip
         cfg.encoder.checkpoint, cfg.encoder.arch = None, arch
     for key in OmegaConf.missing_keys(cfg):
         OmegaConf.update(cfg, key, PLACEHOLDER)
@@ -97,12 +113,17 @@ def plan_one(args, path: Path | None, task_name: str):
     cfg = planned_config(task, path, args.overrides, args.arch)
     gpus = args.gpus or (gpus_of_config(path) if path is not None else 1)
     name = str(path.relative_to(REPO)) if path and path.is_relative_to(REPO) else str(path)
-    if cfg.train.get("gpu_memory"):  # what a run with this setting would choose
-        from crossmae.memory import fit_micro_batch
+    if cfg.train.get("gpu_memory") is not None:  # what a run with this setting would choose
+        import torch
 
-        cfg.train.micro_batch, why = fit_micro_batch(task, cfg, gpus, cfg.train.gpu_memory)
-        print(f"{name}: train.gpu_memory={cfg.train.gpu_memory:g}: {why}")
-        args.gpu_memory = cfg.train.gpu_memory  # the card the verdict is about
+        from crossmae.memory import budget_of, fit_micro_batch
+
+        tc = cfg.train
+        asked = tc.gpu_memory == "auto" and torch.cuda.is_available()  # this machine's GPU
+        budget = budget_of(tc.gpu_memory, torch.device("cuda" if asked else "cpu"))
+        tc.micro_batch, tc.activation_checkpointing, why = fit_micro_batch(task, cfg, gpus, budget)
+        print(f"{name}: train.gpu_memory={tc.gpu_memory}: {why}")
+        args.gpu_memory = budget  # the card the verdict is about
     return plan_memory(task, cfg, gpus, name=name)
 
 
@@ -110,7 +131,9 @@ def describe(plan, gpu_memory: float) -> str:
     gib = {k: v / 2**30 for k, v in plan.parts.items()}
     verdict = "fits" if plan.peak_gib <= gpu_memory else "does NOT fit"
     return (f"{plan.config}: {plan.gpus} GPU(s) x batch {plan.batch_per_gpu} (micro-batch "
-            f"{plan.micro_batch} x {plan.accumulation}), {plan.precision}: peak "
+            f"{plan.micro_batch} x {plan.accumulation}"
+            f"{', activation checkpointing' if plan.activation_checkpointing else ''}), "
+            f"{plan.precision}: peak "
             f"{plan.peak_gib:.2f} GiB per GPU ({verdict} in {gpu_memory:g}); at the training "
             f"peak: parameters {gib.get('parameters', 0):.2f}, gradients "
             f"{gib.get('gradients', 0):.2f}, optimizer {gib.get('optimizer', 0):.2f}, "
@@ -125,13 +148,27 @@ def shipped_configs() -> list[Path]:
     return [p for p in sorted((REPO / "configs").rglob("*.yaml")) if task_of_config(p)]
 
 
+def zoo_table(plans: list, gpu_memory: float) -> str:
+    """The plans as a model-zoo table (markdown)."""
+    lines = ["| config | GPUs | batch per GPU | micro-batch x accumulation | precision | "
+             "estimated peak per GPU | training GFLOPs per image | fits in |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in plans:
+        fits = f"{gpu_memory:g} GiB" if p.peak_gib <= gpu_memory else f"NOT {gpu_memory:g} GiB"
+        ckpt = ", checkpointing" if p.activation_checkpointing else ""
+        lines.append(f"| {p.config} | {p.gpus} | {p.batch_per_gpu} | {p.micro_batch} x "
+                     f"{p.accumulation}{ckpt} | {p.precision} | {p.peak_gib:.2f} GiB | "
+                     f"{p.train_flops_per_image / 1e9:.1f} | {fits} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def cmd_memory(args) -> int:
     from crossmae.memory import PlanError
 
     if not args.config and not args.all:
         raise ConfigError("name a config (--config FILE) or --all")
     paths = shipped_configs() if args.all else [Path(args.config).resolve()]
-    status = 0
+    status, plans = 0, []
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
@@ -141,12 +178,15 @@ def cmd_memory(args) -> int:
             continue
         try:
             plan = plan_one(args, path, task_name)
-        except PlanError as e:
+        except (PlanError, ConfigError) as e:
             print(f"{path}: cannot plan: {e}")
             status = 1
             continue
         print(describe(plan, args.gpu_memory) + "".join(f"; {n}" for n in plan.notes))
-        print(json.dumps(plan.row(args.gpu_memory)))
+        print(json.dumps(plan.row(args.gpu_memory)), flush=True)
+        plans.append(plan)
+    if args.table:
+        print(zoo_table(plans, args.gpu_memory))
     return status
 
 
@@ -164,7 +204,10 @@ def _memory_command(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--arch",
         default=None,
-        help="the encoder of a transfer config (default: from its file name)",
+        help="the encoder of a transfer config (default: its encoder.arch, its '# Encoder:' "
+        "line, or the size its file name says)",
     )
+    p.add_argument("--table", action="store_true",
+                   help="end with the plans as a markdown table (a model zoo)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config settings")
     p.set_defaults(func=cmd_memory)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp  # stochastic depth; fc1 -> exact GELU -> fc2
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 NORM_EPS = 1e-6
 
@@ -53,6 +54,25 @@ def set_attention_backend(model: nn.Module, name: str) -> nn.Module:
         if isinstance(m, Attention | CrossAttention):
             m.backend = name
     return model
+
+
+def run_block(block: nn.Module, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    """``block(x)``; ``checkpointed`` (in training, with gradients) keeps only the block's input
+    and recomputes its activations in backward (non-reentrant ``torch.utils.checkpoint``: drop
+    path replays the same random numbers, the step's numbers are unchanged)."""
+    if checkpointed and block.training and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing on (or off) in every backbone of ``model`` that supports it
+    (a ``grad_checkpointing`` attribute: the ViT encoders, ViTDet's and the segmentation
+    backbone); the number of backbones set."""
+    found = [m for m in model.modules() if hasattr(m, "grad_checkpointing")]
+    for m in found:
+        m.grad_checkpointing = enabled
+    return len(found)
 
 
 class Attention(nn.Module):

@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import NORM_EPS, Block, PatchEmbed, init_weights_, vit_layer_id
+from .layers import NORM_EPS, Block, PatchEmbed, init_weights_, run_block, vit_layer_id
 from .pos_embed import resample_abs_pos_embed, sincos_2d
 
 
@@ -166,10 +165,7 @@ class VisionTransformer(nn.Module):
     # ----------------------------------------------------------------------------- forward
     def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Block ``i`` on tokens (N, T, D), with activation checkpointing when enabled."""
-        blk = self.blocks[i]
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, use_reentrant=False)
-        return blk(x)
+        return run_block(self.blocks[i], x, self.grad_checkpointing)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> all tokens after the blocks and ``norm``: (N, 1 + L, D)."""
