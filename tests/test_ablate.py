@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO
 from test_data import cifar_folder
 
 from crossmae.cli import main
@@ -39,7 +40,9 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
     out = tmp_path / "out"
     argv = ["ablate", "--train", str(train), "--val", str(val), "--out", str(out), "--variants",
             "mae", "crossmae_g0.25", "--seeds", "2", "--psnr-images", "4", "--transfer",
-            "finetune", "seg", *TINY, *stages]  # fmt: skip
+            "finetune", "seg", "--transfer-config",
+            f"finetune={REPO / 'configs/cls/finetune_cifar10_few_labels.yaml'}",
+            *TINY, *stages]  # fmt: skip
     assert main(argv) == 0
     result = json.loads((out / "ablation.json").read_text())
     assert list(result["table"]) == ["mae", "crossmae_g0.25", CONTROL]
@@ -70,6 +73,7 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
     assert (control / "seg" / "results.json").is_file()
     cfg = (control / "finetune" / "config.yaml").read_text()
     assert "random_init: true" in cfg and "seed: 1" in cfg
+    assert "layer_decay: 0.65" in cfg and "mixup: 0.0" in cfg  # the --transfer-config file
     # CrossMAE γ = 0.25 decodes a third of MAE's queries with cross-attention only: cheaper
     t = result["table"]
     assert t["crossmae_g0.25"]["decoder_gmacs"]["mean"] < t["mae"]["decoder_gmacs"]["mean"]
@@ -81,7 +85,7 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
     assert "| crossmae_g0.25 | 2 |" in text and "CrossMAE matches MAE" in text
     assert f"| {CONTROL} | 2 | - | - | - |" in text and "gain over control" in text
     assert "| variant | seeds | finetune finetune_top1 | gain over control | seg miou |" in text
-    assert "--transfer finetune seg" in text.splitlines()[0]
+    assert "--transfer finetune seg --transfer-config finetune=" in text.splitlines()[0]
     assert (out / "ablation.png").stat().st_size > 1000
     # a second call runs nothing again
     import crossmae.runner
@@ -98,6 +102,15 @@ def test_ablate_names_an_unknown_variant(tmp_path, capsys):
     assert main(argv) == 2
     assert "--transfer: unknown stage(s) ['frozen']; choose from ['det', 'finetune', 'seg']" in (
         capsys.readouterr().err)  # fmt: skip
+    argv[-1:] = ["finetune", "--transfer-config", "seg=configs/seg/overfit_camvid.yaml"]
+    assert main(argv) == 2
+    assert (
+        "--transfer-config seg=configs/seg/overfit_camvid.yaml: expected STAGE=FILE with "
+        "STAGE one of --transfer's ['finetune']" in capsys.readouterr().err
+    )
+    argv[-1:] = ["finetune=nowhere.yaml"]
+    assert main(argv) == 2
+    assert "--transfer-config finetune=nowhere.yaml: no such file" in capsys.readouterr().err
 
 
 def rows(variant: str, knn: list[float], probe: list[float]) -> list[dict]:

@@ -112,7 +112,7 @@ def transfer_configs(args, encoder: list[str], folder: Path, seed: int) -> dict:
     return {
         name: load_config(
             task.schema,
-            [REPO / task.transfer.cpu_config],
+            [args.transfer_files.get(name, REPO / task.transfer.cpu_config)],
             [
                 *encoder,
                 f"output_dir={folder / 'transfer' / name}",
@@ -403,6 +403,15 @@ def cmd_ablate(args) -> int:
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1")
     args.transfer = transfer_tasks(args.transfer)
+    args.transfer_files = {}
+    for item in args.transfer_config:
+        stage, _, file = item.partition("=")
+        if stage not in args.transfer or not file:
+            raise ConfigError(f"--transfer-config {item}: expected STAGE=FILE with STAGE one of "
+                              f"--transfer's {list(args.transfer)}")  # fmt: skip
+        if not Path(file).is_file():
+            raise ConfigError(f"--transfer-config {item}: no such file")
+        args.transfer_files[stage] = Path(file)
     stages = ("frozen", *args.transfer)
 
     def settings_of_stage(name: str) -> list[str]:
@@ -426,6 +435,7 @@ def cmd_ablate(args) -> int:
     claims = comparisons(table, accuracy)
     given = [*(f"--config {c}" for c in args.config),
              *([f"--transfer {' '.join(args.transfer)}"] if args.transfer else []),
+             *(f"--transfer-config {c}" for c in args.transfer_config),
              *args.overrides]  # fmt: skip
     header = (f"Ablation on {args.train} (evaluated on {args.val}), {args.seeds} seed(s), "
               f"settings: {' '.join(given) or 'defaults'}")  # fmt: skip
@@ -454,6 +464,9 @@ def _ablate_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", nargs="+", default=[], metavar="STAGE",
                    help="also train these transfer stages on every encoder (seg, finetune, det) "
                    "with their CPU configs; STAGE.KEY=VALUE sets them")  # fmt: skip
+    p.add_argument("--transfer-config", action="append", default=[], metavar="STAGE=FILE",
+                   help="a transfer stage's config file instead of its CPU config "
+                   "(repeatable)")  # fmt: skip
     p.add_argument("--arch", default="tiny_patch8", help="model size: {kind}_vit_ARCH")
     p.add_argument(
         "--psnr-images", type=int_at_least(1), default=500, help="val images for the PSNR"
