@@ -204,16 +204,21 @@ class MemoryPlan:
 
 
 def _categorizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """The peak's split, called at every new peak: the tensor lists are made once (walking the
+    modules at every peak was a third of a detection plan's time)."""
+    params = list(model.parameters())
+    owned = [*params, *model.buffers()]
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
     def categorize(mode: LiveBytes) -> dict[str, int]:
         def total(tensors) -> int:
-            keys = {mode.key_of(t) for t in tensors if isinstance(t, torch.Tensor)}
+            keys = {mode.key_of(t) for t in tensors}
             return sum(mode.sizes.get(k, 0) for k in keys if k is not None)
 
-        params = total([*model.parameters(), *model.buffers()])
-        grads = total([p.grad for p in model.parameters() if p.grad is not None])
-        state = total([v for s in optimizer.state.values() for v in s.values()])
-        return {"parameters": params, "gradients": grads, "optimizer": state,
-                "activations": mode.current - params - grads - state}  # fmt: skip
+        weights, moments = total(owned), total(state)
+        grads = total([p.grad for p in params if p.grad is not None])
+        return {"parameters": weights, "gradients": grads, "optimizer": moments,
+                "activations": mode.current - weights - grads - moments}  # fmt: skip
 
     return categorize
 

@@ -245,14 +245,15 @@ class ROIHeads(nn.Module):
             fg_boxes.append(b[keep])
             fg_classes.append(c[keep])
             mask_targets += [
-                rasterize_polygons_within_box(polys[g], np.asarray(box.tolist(), np.float32), 28)
-                for g, box in zip(m[keep].tolist(), b[keep].cpu(), strict=True)
+                rasterize_polygons_within_box(polys[g], np.asarray(box, np.float32), 28)
+                for g, box in zip(m[keep].tolist(), b[keep].tolist(), strict=True)
             ]
         logits = self.mask_head(self.mask_pooler(features, fg_boxes))
         if mask_targets:
             fg_classes = torch.cat(fg_classes)
             logits = logits[torch.arange(len(fg_classes), device=logits.device), fg_classes]
-            target = torch.stack(mask_targets).to(device=logits.device, dtype=torch.float32)
+            target = torch.from_numpy(np.stack(mask_targets))  # one tensor: one host copy
+            target = target.to(device=logits.device, dtype=torch.float32)
             loss_mask = F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
         else:
             loss_mask = logits.sum() * 0

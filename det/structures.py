@@ -153,10 +153,11 @@ def polygons_to_bitmask(polygons: Polygons, height: int, width: int) -> np.ndarr
     return mask_utils.decode(rle).astype(bool)
 
 
-def rasterize_polygons_within_box(polygons: Polygons, box: np.ndarray, size: int) -> torch.Tensor:
-    """The mask-head target of one instance: its polygons moved into ``box`` (float32 XYXY),
-    scaled to ``size x size`` and rasterised (detectron2's ``rasterize_polygons_within_box``,
-    with its numpy dtypes: float64 polygons, float32 box and ratios)."""
+def rasterize_polygons_within_box(polygons: Polygons, box: np.ndarray, size: int) -> np.ndarray:
+    """The mask-head target of one instance, a ``size x size`` bool array: its polygons moved
+    into ``box`` (float32 XYXY), scaled and rasterised (detectron2's
+    ``rasterize_polygons_within_box``, with its numpy dtypes: float64 polygons, float32 box and
+    ratios). The caller stacks an image's targets into one tensor."""
     w, h = box[2] - box[0], box[3] - box[1]
     polygons = copy.deepcopy(polygons)
     for p in polygons:
@@ -169,7 +170,7 @@ def rasterize_polygons_within_box(polygons: Polygons, box: np.ndarray, size: int
         else:
             p[0::2] *= ratio_w
             p[1::2] *= ratio_h
-    return torch.from_numpy(polygons_to_bitmask(polygons, size, size))
+    return polygons_to_bitmask(polygons, size, size)
 
 
 def polygon_boxes(instances: list[Polygons]) -> torch.Tensor:
