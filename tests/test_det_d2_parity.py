@@ -359,8 +359,9 @@ def check_training(d2: dict, train: dict) -> None:
         matched = t["roi_matched_idxs"][t["roi_sampled_fg"]]
         pairs = zip(matched.tolist(), t["mask_fg_boxes"], strict=True)
         ours = torch.from_numpy(
-            np.stack([rasterize_polygons_within_box(inst.polygons[g], b.numpy(), 28)
-                      for g, b in pairs])  # fmt: skip
+            np.stack(
+                [rasterize_polygons_within_box(inst.polygons[g], b.numpy(), 28) for g, b in pairs]
+            )  # fmt: skip
         )
         assert torch.equal(ours, t["mask_targets"])
     check_losses(d2, train["losses"])
