@@ -10,7 +10,7 @@ from conftest import REPO
 from test_data import cifar_folder
 
 from crossmae.cli import main
-from crossmae.commands.ablate import CONTROL, NOT_LEARNED, aggregate, comparisons
+from crossmae.commands.ablate import CONTROL, NOT_LEARNED, aggregate, comparisons, markdown
 
 TINY = ["model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=32",
         "model.kwargs.depth=2", "model.kwargs.num_heads=2", "model.kwargs.decoder_embed_dim=16",
@@ -140,3 +140,10 @@ def test_claims_are_read_only_where_every_variant_beats_the_untrained_encoder():
     assert claim["probe_top1"]["verdict"] == "a better"
     close = one[:3] + rows("mae", [40.2, 40.8, 40.6], [41.8, 41.2, 41.4])
     assert comparisons(aggregate(close + control))[0]["knn_top1"]["verdict"] == "no difference"
+
+
+def test_a_table_without_a_claim_has_no_claims_table():
+    table = aggregate(rows("crossmae_g0.25", [37.0, 38.0], [47.0, 48.0])
+                      + rows(CONTROL, [30.0, 31.0], [41.0, 42.0]))  # fmt: skip
+    text = markdown(table, comparisons(table), "header", {})
+    assert "| crossmae_g0.25 | 2 |" in text and "claim (a vs b)" not in text

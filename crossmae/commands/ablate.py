@@ -340,9 +340,12 @@ def markdown(table: dict[str, dict], claims: list[dict], header: str,
               "untrained (one random init per seed), evaluated the same way; a gain's spread is "
               "the variant's and the control's added. A claim is read only where both of its "
               f"variants beat the control beyond that spread (\"{NOT_LEARNED}\" otherwise); a "
-              "difference is called one only when it exceeds the two variants' spreads added.",
-              "", "| claim (a vs b) | " + " | ".join(f"{label}: a - b" for label in
-                                                     labels.values()) + " |",
+              "difference is called one only when it exceeds the two variants' spreads "
+              "added."]  # fmt: skip
+    if not claims:  # no claim has both of its variants in this table
+        return "\n".join(lines) + "\n"
+    lines += ["", "| claim (a vs b) | " + " | ".join(f"{label}: a - b" for label in
+                                                 labels.values()) + " |",
               "|---|" + "---|" * len(labels)]  # fmt: skip
     for c in claims:
         cells = [f"{c[m]['difference']:+.2f} ({c[m]['verdict']})" if m in c else "-"
