@@ -415,6 +415,16 @@ def budget_of(setting, device: torch.device) -> float:
     return torch.cuda.get_device_properties(device).total_memory / GIB
 
 
+def fit_to_gpu_memory(task_cls, cfg, gpus: int, device: torch.device) -> tuple[float, str]:
+    """What ``train.gpu_memory`` does to ``cfg`` before a run: the budget in GiB
+    (``budget_of``), then ``train.micro_batch`` and ``train.activation_checkpointing`` set to
+    what fits (``fit_micro_batch``). Returns the budget and the line that says why."""
+    tc = cfg.train
+    budget = budget_of(tc.gpu_memory, device)
+    tc.micro_batch, tc.activation_checkpointing, why = fit_micro_batch(task_cls, cfg, gpus, budget)
+    return budget, why
+
+
 def fit_micro_batch(task_cls, cfg, gpus: int, budget_gib: float) -> tuple[int, bool, str]:
     """The largest micro-batch (a divisor of the per-GPU batch) whose planned peak fits in
     ``budget_gib``; activation checkpointing only when even the smallest does not fit without

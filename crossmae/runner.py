@@ -183,12 +183,9 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
     tc = cfg.train
     fitted = None
     if tc.get("gpu_memory") is not None:  # the largest micro-batch that fits, before any write
-        from .memory import budget_of, fit_micro_batch
+        from .memory import fit_to_gpu_memory
 
-        budget = budget_of(tc.gpu_memory, device)
-        tc.micro_batch, tc.activation_checkpointing, fitted = fit_micro_batch(
-            type(task), cfg, du.world_size(), budget
-        )
+        budget, fitted = fit_to_gpu_memory(type(task), cfg, du.world_size(), device)
     micro, accum = plan_batches(tc.batch_size, du.world_size(), tc.micro_batch)
     options = step_options(task, cfg, accum)
     options.check(device, du.world_size())

@@ -116,13 +116,11 @@ def plan_one(args, path: Path | None, task_name: str):
     if cfg.train.get("gpu_memory") is not None:  # what a run with this setting would choose
         import torch
 
-        from crossmae.memory import budget_of, fit_micro_batch
+        from crossmae.memory import fit_to_gpu_memory
 
-        tc = cfg.train
-        asked = tc.gpu_memory == "auto" and torch.cuda.is_available()  # this machine's GPU
-        budget = budget_of(tc.gpu_memory, torch.device("cuda" if asked else "cpu"))
-        tc.micro_batch, tc.activation_checkpointing, why = fit_micro_batch(task, cfg, gpus, budget)
-        print(f"{name}: train.gpu_memory={tc.gpu_memory}: {why}")
+        asked = cfg.train.gpu_memory == "auto" and torch.cuda.is_available()  # this machine's GPU
+        budget, why = fit_to_gpu_memory(task, cfg, gpus, torch.device("cuda" if asked else "cpu"))
+        print(f"{name}: train.gpu_memory={cfg.train.gpu_memory}: {why}")
         args.gpu_memory = budget  # the card the verdict is about
     return plan_memory(task, cfg, gpus, name=name)
 
