@@ -1,1 +1,2 @@
-"""Classification transfer (finetune, linear probe, kNN) of CrossMAE encoders. Not yet built."""
+"""Classification transfer of CrossMAE encoders: finetuning, the linear probe and frozen-feature
+evaluation (kNN and the fast linear probe), ``cls.task``."""

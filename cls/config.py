@@ -10,6 +10,7 @@ from crossmae.config import (
     FRACTION,
     POSITIVE,
     EncoderSource,
+    EvalConfig,
     LogConfig,
     OptimConfig,
     RunConfig,
@@ -69,6 +70,7 @@ class FinetuneConfig:
     )  # fmt: skip
     train: TrainConfig = section(TrainConfig, epochs=100, batch_size=1024)
     log: LogConfig = section(LogConfig, resumable=True, every_steps=20, ckpt_every_epochs=1)
+    eval: EvalConfig = section(EvalConfig, resumable=True)  # auto: MAE evaluates under autocast
 
 
 @dataclass

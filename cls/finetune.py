@@ -11,11 +11,11 @@ from PIL import Image, ImageOps
 from timm.data import create_transform
 from torch import nn
 
-from crossmae import distributed as du
-from crossmae.data import Labelled, Loader, classify_eval_transform
+from crossmae.data import Labelled, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
+from crossmae.evaluation import DatasetEvaluator, inference_on_dataset
 from crossmae.knn import topk_hits
-from crossmae.report import Progress, table
+from crossmae.report import table
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
@@ -29,41 +29,54 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(img, bits_to_keep)
 
 
-@torch.no_grad()
+class ClassificationEvaluator(DatasetEvaluator):
+    """Top-1 / top-5 and each class's top-1 (``per_class``, by class name) of a classifier's
+    logits against the labels of ``(images, labels, indices)`` batches. Top-5 is None with 5
+    classes or fewer (it would always be 100), as ``cls frozen`` reports it."""
+
+    desc = "classification eval"
+
+    def __init__(self, classes: list[str]):
+        self.classes = classes
+
+    def reset(self) -> None:
+        C = len(self.classes)
+        self.counts = torch.zeros(2)  # top-5 hits, images
+        self.per_class = torch.zeros(2, C)  # top-1 hits, images
+
+    def process(self, inputs, outputs: torch.Tensor) -> None:
+        y, logits, C = inputs[1].to(outputs.device), outputs.float(), len(self.classes)
+        top5 = topk_hits(logits, y, ks=(1, 5)).get(5, torch.zeros((), dtype=torch.long))
+        self.counts += torch.stack([top5.cpu(), torch.tensor(len(y))]).float()
+        correct = (logits.argmax(dim=1) == y).float().cpu()
+        y = y.cpu()
+        self.per_class += torch.stack([torch.zeros(C).index_add_(0, y, correct),
+                                       torch.bincount(y, minlength=C).float()])  # fmt: skip
+
+    def part(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.counts, self.per_class
+
+    def combine(self, parts: list) -> None:
+        self.counts = sum(p[0] for p in parts)
+        self.per_class = sum(p[1] for p in parts)
+
+    def evaluate(self) -> dict:
+        (top5, n), (hits1, images) = self.counts.tolist(), self.per_class.tolist()
+        return {"top1": 100 * sum(hits1) / n, "top5": 100 * top5 / n if len(images) > 5 else None,
+                "images": int(n),
+                "per_class": class_accuracy(self.classes, hits1, images)}  # fmt: skip
+
+
 def evaluate_classifier(
-    model: nn.Module, source, img_size: int, device, batch_size: int = 128, workers: int = 2,
-    precision: torch.dtype | None = torch.bfloat16,
+    model: nn.Module, source, img_size: int, batch_size: int = 128, workers: int = 2,
+    precision: str = "bf16",
 ) -> dict:  # fmt: skip
-    """Top-1 / top-5 on ``source`` and each class's top-1 (``per_class``, by class name): each
-    process takes its own shard (no padding) and the counts are summed, so every image is
-    counted exactly once. Top-5 is None with 5 classes or fewer (it would always be 100), as
-    ``cls frozen`` reports it. ``precision``: the autocast dtype (None: full precision)."""
-    model.eval()
-    shard = du.shard(len(source), du.rank(), du.world_size())
-    ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), shard)
-    C = len(source.classes)
-    counts = torch.zeros(2, device=device)  # top5 hits, images
-    per_class = torch.zeros(2, C, device=device)  # top1 hits, images
-    with Progress(len(shard), "classification eval") as bar:
-        for imgs, y, _ in Loader(ds, batch_size=batch_size, num_workers=workers):
-            imgs, y = imgs.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                logits = model(imgs)
-            hits = topk_hits(logits.float(), y, ks=(1, 5))
-            top5 = hits.get(5, torch.zeros((), device=device, dtype=torch.long))
-            counts += torch.stack([top5, torch.tensor(len(y), device=device)])
-            correct = (logits.float().argmax(dim=1) == y).float()
-            per_class += torch.stack([torch.zeros(C, device=device).index_add_(0, y, correct),
-                                      torch.bincount(y, minlength=C).float()])  # fmt: skip
-            bar.update(len(y))
-    if du.is_dist():
-        torch.distributed.all_reduce(counts)
-        torch.distributed.all_reduce(per_class)
-    model.train()
-    (top5, n), (hits1, images) = counts.tolist(), per_class.tolist()
-    return {"top1": 100 * sum(hits1) / n, "top5": 100 * top5 / n if C > 5 else None,
-            "images": int(n),
-            "per_class": class_accuracy(source.classes, hits1, images)}  # fmt: skip
+    """``ClassificationEvaluator``'s metrics of ``model`` on ``source`` (its evaluation view:
+    resize and centre crop to ``img_size``), at ``precision`` (``crossmae.precision``'s names)."""
+    dataset = Labelled(source, classify_eval_transform(img_size))
+    return inference_on_dataset(model, dataset, ClassificationEvaluator(source.classes),
+                                precision=precision, batch_size=batch_size,
+                                num_workers=workers)  # fmt: skip
 
 
 def class_accuracy(names: list[str], hits: list[float], images: list[float]) -> dict[str, dict]:

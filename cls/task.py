@@ -18,6 +18,7 @@ Accuracy on the val split every epoch (exact distributed counting), best and las
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,21 +26,15 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from crossmae.bench import BenchCase, bench_encoder, register_bench_case
 from crossmae.checkpoint import register_format
 from crossmae.config import ConfigError
 from crossmae.data import Indexed, Labelled
-from crossmae.engine import PRECISIONS, Engine, Hook
+from crossmae.engine import Engine, Hook
 from crossmae.knn import extract_block_features, knn_classify_ks, pooled, topk_accuracy
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import encoder_of
-from crossmae.task import (
-    BenchCase,
-    Task,
-    TransferStage,
-    bench_encoder,
-    register_group,
-    register_task,
-)
+from crossmae.task import Task, TransferStage, register_group, register_task
 
 from .config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
 from .data import class_folders
@@ -68,6 +63,35 @@ class EmaUpdate(Hook):
         self.ema.update(self.model, step=engine.step)
 
 
+def classifier_headline(key: str, result: dict) -> dict:
+    """The last and the best evaluation's top-1 of a finetune / linprobe run as ``key`` and
+    ``key_best``."""
+    return {key: result["last"]["top1"], f"{key}_best": result["best"]["top1"]}
+
+
+def classifier_smoke(name: str, shared: Path, scratch: Path) -> tuple[str, list[str]]:
+    """3 CIFAR-10 classes, 8 training and 4 val images each, 32 px, one epoch (``name``:
+    finetune or linprobe)."""
+    root = cifar_subset(shared, scratch / "cls")
+    return (f"configs/cls/{name}_cifar10_tiny.yaml",
+            [f"data.train={root / 'train'}", f"data.val={root / 'val'}", "data.img_size=32",
+             "train.epochs=1", "optim.warmup_epochs=0", "train.batch_size=8"])  # fmt: skip
+
+
+def frozen_headline(result: dict) -> dict:
+    m = result["metrics"]
+    return {"knn_top1": m["knn_top1"], "fast_probe_top1": m["linprobe_top1"]}
+
+
+def frozen_smoke(shared: Path, scratch: Path) -> tuple[str, list[str]]:
+    """3 CIFAR-10 classes, 8 training and 4 val images each, 32 px, a short probe."""
+    root = cifar_subset(shared, scratch / "cls")
+    return ("configs/cls/frozen_cifar10_tiny.yaml",
+            [f"data.train={root / 'train'}", f"data.val={root / 'val'}", "data.img_size=32",
+             f"data.cache_dir={scratch / 'features'}", "probe.epochs=2",
+             "probe.warmup_epochs=0", "knn.k=5", "knn.ks=[5]"])  # fmt: skip
+
+
 @register_task
 class FinetuneTask(Task):
     """End-to-end finetuning of a pretrained encoder on an ImageFolder (module docstring)."""
@@ -81,7 +105,9 @@ class FinetuneTask(Task):
     curve = {"top1": "top-1", "top5": "top-5"}
     transfer = TransferStage("finetune", 2, "configs/cls/finetune_vit_{size}.yaml", IMAGENET,
                              (("finetune top-1", ("finetune_top1",)),),
-                             cpu_config="configs/cls/finetune_cifar10_tiny.yaml")  # fmt: skip
+                             cpu_config="configs/cls/finetune_cifar10_tiny.yaml",
+                             headline=partial(classifier_headline, "finetune_top1"),
+                             smoke=partial(classifier_smoke, "finetune"))  # fmt: skip
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -156,11 +182,10 @@ class FinetuneTask(Task):
         return (0, 1)
 
     def evaluate(self, step: int) -> dict:
-        size = self.cfg.data.img_size
-        precision = PRECISIONS[self.cfg.train.precision]
-        acc = evaluate_classifier(self.model, self.val_src, size, self.device, precision=precision)
+        size, precision = self.cfg.data.img_size, self.cfg.eval.precision
+        acc = evaluate_classifier(self.model, self.val_src, size, precision=precision)
         if self.ema is not None:
-            acc["ema"] = evaluate_classifier(self.ema.module, self.val_src, size, self.device,
+            acc["ema"] = evaluate_classifier(self.ema.module, self.val_src, size,
                                              precision=precision)  # fmt: skip
         return acc
 
@@ -186,36 +211,6 @@ class FinetuneTask(Task):
 
     def summary(self, result: dict) -> dict:
         return {"last": result["metrics"] or {}}
-
-    @classmethod
-    def headline(cls, result: dict) -> dict:
-        key = cls.transfer.columns[0][1][0]
-        return {key: result["last"]["top1"], f"{key}_best": result["best"]["top1"]}
-
-    @classmethod
-    def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
-        """3 CIFAR-10 classes, 8 training and 4 val images each, 32 px, one epoch."""
-        root = cifar_subset(shared, scratch / "cls")
-        return (f"configs/cls/{cls.name}_cifar10_tiny.yaml",
-                [f"data.train={root / 'train'}", f"data.val={root / 'val'}", "data.img_size=32",
-                 "train.epochs=1", "optim.warmup_epochs=0", "train.batch_size=8"])  # fmt: skip
-
-    @classmethod
-    def benchmark_case(cls, tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
-        """ViT-B finetuning at 224 px, 128 images per GPU, bf16 (tiny: a 4-block 32-wide ViT)."""
-        from crossmae.config import load_config
-
-        enc = bench_encoder(tiny)
-        batch = batch or 128
-        cfg = load_config(cls.schema, [], [f"data.img_size={enc['img_size']}"])
-        task = cls(cfg)
-        task.set_classes(1000)
-        model = classifier_on(VisionTransformer(**enc).state_dict(), enc, cfg, 1000).to(device)
-        g = torch.Generator().manual_seed(0)
-        imgs = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
-        ys = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        return BenchCase(task, model, (imgs, ys, None), batch, "bf16",
-                         lambda: model(imgs), eval_images=batch)  # fmt: skip
 
 
 def classifier_on(state_dict: dict, encoder_config: dict, cfg, num_classes: int) -> nn.Module:
@@ -256,10 +251,9 @@ class LinprobeTask(FinetuneTask):
     help = "the paper's linear probe (frozen encoder, LARS)"
     schema = LinprobeConfig
     transfer = TransferStage("linprobe", 1, "configs/cls/linprobe_vit_{size}.yaml", IMAGENET,
-                             (("linear probe top-1", ("linear_probe_top1",)),))  # fmt: skip
-
-    # not benchmarked: the probe's step is a head's (finetuning's case covers the encoder)
-    benchmark_case = Task.__dict__["benchmark_case"]
+                             (("linear probe top-1", ("linear_probe_top1",)),),
+                             headline=partial(classifier_headline, "linear_probe_top1"),
+                             smoke=partial(classifier_smoke, "linprobe"))  # fmt: skip
 
 
 @register_task
@@ -276,21 +270,8 @@ class FrozenTask(Task):
     transfer = TransferStage("frozen", 0, "configs/cls/frozen_vit_{size}.yaml", IMAGENET,
                              (("kNN top-1", ("knn_top1",)),
                               ("fast linear probe top-1", ("fast_probe_top1",))),
-                             default=False, curve=True)  # fmt: skip
-
-    @classmethod
-    def headline(cls, result: dict) -> dict:
-        m = result["metrics"]
-        return {"knn_top1": m["knn_top1"], "fast_probe_top1": m["linprobe_top1"]}
-
-    @classmethod
-    def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
-        """3 CIFAR-10 classes, 8 training and 4 val images each, 32 px, a short probe."""
-        root = cifar_subset(shared, scratch / "cls")
-        return ("configs/cls/frozen_cifar10_tiny.yaml",
-                [f"data.train={root / 'train'}", f"data.val={root / 'val'}", "data.img_size=32",
-                 f"data.cache_dir={scratch / 'features'}", "probe.epochs=2",
-                 "probe.warmup_epochs=0", "knn.k=5", "knn.ks=[5]"])  # fmt: skip
+                             default=False, curve=True, headline=frozen_headline,
+                             smoke=frozen_smoke)  # fmt: skip
 
     def open_data(self) -> None:
         self.train_src, self.val_src = class_folders(self.cfg.data.train, self.cfg.data.val)
@@ -367,3 +348,21 @@ class FrozenTask(Task):
     def report(self, metrics: dict) -> str:
         c = metrics["per_class"]
         return format_classes({"kNN top-1": c["knn"], "probe top-1": c["linprobe"]})
+
+
+@register_bench_case("finetune")
+def finetune_bench_case(tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
+    """ViT-B finetuning at 224 px, 128 images per GPU, bf16 (tiny: a 4-block 32-wide ViT)."""
+    from crossmae.config import load_config
+
+    enc = bench_encoder(tiny)
+    batch = batch or 128
+    cfg = load_config(FinetuneConfig, [], [f"data.img_size={enc['img_size']}"])
+    task = FinetuneTask(cfg)
+    task.set_classes(1000)
+    model = classifier_on(VisionTransformer(**enc).state_dict(), enc, cfg, 1000).to(device)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(batch, 3, enc["img_size"], enc["img_size"], generator=g).to(device)
+    ys = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    return BenchCase(task, model, (imgs, ys, None), batch, "bf16",
+                     lambda: model(imgs), eval_images=batch)  # fmt: skip

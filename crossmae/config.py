@@ -1,8 +1,10 @@
 """Typed configuration: dataclass schemas merged by OmegaConf from YAML files and ``key=value``
 overrides in struct mode, so a misspelled key or a wrongly typed value is an error naming it.
 
-The defaults of ``PretrainConfig`` are the laptop demo (a small CrossMAE on scikit-image's photos,
-a few CPU minutes); ``configs/pretrain/*.yaml`` hold the paper's settings as diffs against them.
+The validators and the sections every task shares live here; each task's schema lives beside the
+task (pretraining's ``PretrainConfig`` in ``crossmae.pretrain``: the laptop demo, a small CrossMAE
+on scikit-image's photos, a few CPU minutes; ``configs/pretrain/*.yaml`` hold the paper's
+settings as diffs against it).
 Derived values (the actual learning rate, step counts) are computed by the code that uses them and
 logged; they are never written back here.
 """
@@ -291,81 +293,12 @@ class LogConfig:
     progress: bool = True  # a progress bar on a terminal (a log line per record everywhere)
 
 
-# ----------------------------------------------------------------------------- pretraining
 @dataclass
-class ModelConfig:
-    name: str = checked("crossmae_vit_tiny_patch8", registered_model)  # crossmae models lists them
-    img_size: int = checked(64, POSITIVE)
-    patch_size: int | None = checked(None, POSITIVE)  # None = the registered variant's
-    decoder_depth: int | None = checked(4, POSITIVE)  # None = the registered variant's
-    mask_ratio: float = checked(0.75, above(0), below(1))  # p
-    pred_ratio: float | None = checked(None, above(0), at_most(1))  # γ (CrossMAE only); None = p
-    norm_pix_loss: bool = True
-    drop_path_rate: float = checked(0.0, *FRACTION)
-    # any other constructor argument of the model, e.g. {use_fm: [5, 11], fm_weighting: softmax}
-    kwargs: dict[str, Any] = field(default_factory=dict)
+class EvalConfig:
+    """What every task's evaluation shares (``eval.*``; ``crossmae.evaluation``)."""
 
-    @staticmethod
-    def cross_checks(m: DictConfig) -> dict[str, str]:
-        found = {}
-        if m.pred_ratio is not None and m.pred_ratio > m.mask_ratio:
-            found["pred_ratio"] = f"γ={m.pred_ratio} must be at most the mask ratio {m.mask_ratio}"
-        if m.patch_size is not None and m.img_size % m.patch_size:
-            found["img_size"] = f"{m.img_size} is not a multiple of patch_size {m.patch_size}"
-        return found
-
-
-@dataclass
-class DataConfig:
-    path: str | None = None  # ImageFolder root or a flat image folder; None = built-in photos
-    crop_scale: list[float] = checked([0.2, 1.0], length(2), increasing, each(above(0), at_most(1)))
-    # loader processes per training process
-    num_workers: int = checked(2, at_least(0), resumable=True)
-    gpu_decode: bool = False  # decode JPEGs and crop on the device (needs data.path)
-    demo_samples_per_epoch: int = checked(2048, POSITIVE)  # crops per epoch of the built-in photos
-    knn_train: str | None = None  # labelled ImageFolder splits for the kNN monitor
-    knn_val: str | None = None
-
-
-@dataclass
-class PretrainTrainConfig(TrainConfig):
-    compile: bool = checked(False, resumable=True)
-    # replay forward + backward as one CUDA graph (one GPU, no fp16)
-    cuda_graph: bool = checked(False, resumable=True)
-    sdpa: str = checked("auto", one_of("auto", "flash", "efficient", "cudnn", "math"),
-                        resumable=True)  # fmt: skip
-    # compiled step: what torch's partitioner may keep for backward, 1.0 = its fastest choice;
-    # lower recomputes more in backward to hold less (crossmae benchmark saved)
-    activation_memory_budget: float = checked(1.0, at_least(0), at_most(1), resumable=True)
-
-
-@dataclass
-class PretrainLogConfig(LogConfig):
-    vis_every_epochs: int = checked(1, at_least(0))  # reconstruction PNG every N epochs
-    vis_images: int = checked(8, POSITIVE)
-    knn_every_epochs: int = checked(0, at_least(0))  # kNN top-1 on data.knn_train/val (0 = off)
-
-
-@dataclass
-class OnlineProbeConfig:
-    """A linear head trained on the stop-gradient cls token alongside pretraining, its top-1
-    on ``val`` logged (``crossmae/online_probe.py``; needs ``data.path`` as class folders)."""
-
-    val: str | None = None  # held-out class-folder split of data.path's classes; None = off
-    lr: float = checked(0.1, POSITIVE)  # SGD with momentum 0.9 (solo-learn's online probe)
-    every_epochs: int = checked(1, POSITIVE, resumable=True)
-
-
-@dataclass
-class PretrainConfig:
-    output_dir: str | None = checked(None, resumable=True)  # None = runs/<model>-<date>-<time>
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
-    optim: OptimConfig = section(OptimConfig, blr=1.5e-3, weight_decay=0.05, betas=[0.9, 0.95],
-                                 warmup_epochs=1.0)  # fmt: skip
-    train: PretrainTrainConfig = section(PretrainTrainConfig, epochs=12)
-    log: PretrainLogConfig = section(PretrainLogConfig, resumable=True, ckpt_every_epochs=1)
+    # the evaluation's autocast; auto: the training's (train.precision)
+    precision: str = checked("auto", TRAIN_PRECISION)
 
 
 class ConfigError(ValueError):

@@ -38,25 +38,9 @@ from .config import ConfigError
 from .data import CudaPrefetcher, ResumableSampler
 from .data.loader import STOP_SIGNALS
 from .models.layers import set_activation_checkpointing
+from .precision import autocast_dtype
 
 log = logging.getLogger("crossmae")
-
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def resolve_precision(value: str, device: torch.device) -> str:
-    """``train.precision`` on ``device``: ``auto`` is bf16 on a GPU and fp32 on a CPU (which
-    mostly emulates bf16, many times slower); any other value is itself."""
-    if value == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return value
-
-
-def check_precision(value: str, key: str = "train.precision") -> torch.dtype | None:
-    """The autocast dtype of a precision setting (None = full precision)."""
-    if value not in PRECISIONS:
-        raise ConfigError(f"{key} must be one of {sorted(PRECISIONS)}, got {value!r}")
-    return PRECISIONS[value]
 
 
 class StopRequest:
@@ -103,7 +87,7 @@ class StepOptions:
     """How the step runs.
 
     Args:
-        precision: autocast dtype name (``PRECISIONS``); fp16 scales the loss.
+        precision: autocast dtype name (``crossmae.precision.PRECISIONS``); fp16 scales the loss.
         accum: micro-batches per step.
         clip_grad: max gradient norm (None = no clipping).
         max_nonfinite: consecutive non-finite losses before the run stops.
@@ -132,7 +116,7 @@ class StepOptions:
 
     def check(self, device: torch.device, world: int) -> None:
         """Settings this device and process count cannot run, named (before anything runs)."""
-        check_precision(self.precision)
+        autocast_dtype(self.precision)
         if not self.cuda_graph:
             return
         problem = None
@@ -227,7 +211,7 @@ class Engine:
         self.task, self.steps, self.device = task, steps, device
         self.options = options = options or StepOptions()
         self.hooks = list(hooks)
-        self.amp = check_precision(options.precision)
+        self.amp = autocast_dtype(options.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.rank, self.world = du.rank(), du.world_size()
         sampler = getattr(loader, "sampler", None)
@@ -409,6 +393,22 @@ class Engine:
         return batches
 
     # ------------------------------------------------------------------ the loop
+    def run(self, finish: Callable[[bool], bool] | None = None) -> bool:
+        """The whole training and its end: ``train()``, then ``finish(interrupted)`` (the
+        caller's end of a run: final checkpoint and evaluation; it returns whether the run ended
+        early, which ``after_train`` hooks are told), then every hook's ``after_train``; every
+        hook is closed after, also when any of these fails. Returns whether a stop signal ended
+        the loop."""
+        try:
+            interrupted = self.train()
+            ended = finish(interrupted) if finish is not None else interrupted
+            for h in self.hooks:
+                h.after_train(self, ended)
+            return interrupted
+        finally:
+            for h in self.hooks:
+                h.close()
+
     def train(self) -> bool:
         """Train from the current step to ``steps``; returns whether a stop signal ended it."""
         self.prepare()

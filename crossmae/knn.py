@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from . import distributed as du
-from .data import Labelled, Loader, classify_eval_transform
+from .data import Labelled, classify_eval_transform
+from .evaluation import DatasetEvaluator, inference_on_dataset
 from .models import VisionTransformer
-from .report import Progress
 
 
 def block_features(encoder: VisionTransformer, imgs: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -30,7 +30,35 @@ def block_features(encoder: VisionTransformer, imgs: torch.Tensor, blocks: int) 
     return torch.stack(out, dim=1)
 
 
-@torch.no_grad()
+class BlockFeatures(nn.Module):
+    """``block_features`` of ``encoder``'s last ``blocks`` blocks as a module (the evaluation
+    loop's model)."""
+
+    def __init__(self, encoder: VisionTransformer, blocks: int):
+        super().__init__()
+        self.encoder, self.blocks = encoder, blocks
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return block_features(self.encoder, imgs, self.blocks)
+
+
+class FeatureEvaluator(DatasetEvaluator):
+    """Collects the model's outputs as float32 features and the labels of ``(images, labels,
+    indices)`` batches: ``evaluate()`` gives ``{"features", "labels"}`` of every image, in the
+    dataset's order."""
+
+    desc = "features"
+
+    def process(self, inputs, outputs: torch.Tensor) -> None:
+        _, y, i = inputs
+        self.results.append((i, outputs.float().cpu(), y))
+
+    def evaluate(self) -> dict[str, torch.Tensor]:
+        order = torch.cat([r[0] for r in self.results]).argsort()
+        return {"features": torch.cat([r[1] for r in self.results])[order],
+                "labels": torch.cat([r[2] for r in self.results])[order]}  # fmt: skip
+
+
 def extract_block_features(
     encoder: VisionTransformer,
     source,
@@ -42,25 +70,16 @@ def extract_block_features(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``block_features`` (N, blocks, 2, D) float32 and labels (N,) of every image of
-    ``source``, in order, in eval mode (the encoder's mode is restored after). Under
-    torch.distributed each process extracts its own shard and all receive the full, ordered
-    result."""
-    was_training = encoder.training
-    encoder = encoder.to(device).eval()
-    idx = du.shard(len(source), du.rank(), du.world_size())
-    ds = torch.utils.data.Subset(Labelled(source, classify_eval_transform(img_size)), idx)
-    loader = Loader(ds, batch_size=batch_size, num_workers=num_workers)
-    feats, labels, order = [], [], []
-    with Progress(len(idx), "features") as bar:
-        for imgs, y, i in loader:
-            feats.append(block_features(encoder, imgs.to(device), blocks).float().cpu())
-            labels.append(y)
-            order.append(i)
-            bar.update(len(y))
-    encoder.train(was_training)
-    parts = du.all_gather_objects((torch.cat(order), torch.cat(feats), torch.cat(labels)))
-    order = torch.cat([p[0] for p in parts]).argsort()
-    return torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
+    ``source``, in order, in full precision (``FeatureEvaluator``; the encoder's mode is restored
+    after). Under torch.distributed each process extracts its own shard and all receive the full,
+    ordered result."""
+    if not 1 <= blocks <= encoder.depth:
+        raise ValueError(f"the last {blocks} blocks of an encoder of {encoder.depth}")
+    ds = Labelled(source, classify_eval_transform(img_size))
+    out = inference_on_dataset(BlockFeatures(encoder.to(device), blocks), ds, FeatureEvaluator(),
+                               precision="fp32", batch_size=batch_size,
+                               num_workers=num_workers)  # fmt: skip
+    return out["features"], out["labels"]
 
 
 POOLS = {"cls": [0], "avg": [1], "cls+avg": [0, 1]}  # which of block_features' two vectors

@@ -326,8 +326,9 @@ def fake_tensors():
 def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 1,
                 evaluate: bool = True) -> MemoryPlan:  # fmt: skip
     """The per-GPU peak of ``cfg``'s training on ``gpus`` processes (module docstring)."""
-    from .engine import Engine, check_precision, plan_batches, resolve_precision, step_options
+    from .engine import Engine, plan_batches, step_options
     from .optim import build_optimizer, peak_lr
+    from .precision import autocast_dtype, resolve_precision
 
     cfg = copy.deepcopy(cfg)
     tc = cfg.train
@@ -346,7 +347,7 @@ def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 1,
     precision = tc.get("precision", "fp32")
     if options.precision == "fp16":  # the loss scaler needs CUDA; its memory is two scalars
         options.precision = "bf16"
-    check_precision(options.precision)
+    autocast_dtype(options.precision)
     notes = []
     mode = LiveBytes()
     with fake_tensors(), mode:
@@ -380,7 +381,7 @@ def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 1,
         if evaluate and task.evaluates:
             mode.peak = 0
             model.eval()
-            with torch.no_grad(), torch.autocast("cpu", dtype=check_precision(
+            with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype(
                     options.precision), enabled=options.precision != "fp32"):  # fmt: skip
                 task.plan_evaluation(model, task.example_batch(micro, training=False), device)
             eval_peak = mode.peak

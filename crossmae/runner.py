@@ -42,9 +42,10 @@ from .checkpoint import (
 )
 from .config import ConfigError, changed_settings, to_plain
 from .data import ResumableSampler, make_loader
-from .engine import Engine, StepOptions, plan_batches, resolve_precision, step_options
+from .engine import Engine, StepOptions, plan_batches, step_options
 from .hooks import CheckpointHook, EvalHook, MetricsWriter, TqdmHandler
 from .optim import build_optimizer, make_schedule, peak_lr
+from .precision import resolve_precision
 from .task import Task, get_task
 
 log = logging.getLogger("crossmae")
@@ -146,7 +147,8 @@ def close_run(out: Path | None) -> None:
 def resolve(task: Task, cfg: DictConfig, device: torch.device) -> DictConfig:
     """The config as the run uses it, what config.yaml and checkpoints hold: a copy with its
     open defaults decided (the run folder every process uses, ``train.precision=auto`` on this
-    device, the task's own: ``Task.resolve``). The task gets it as ``task.cfg``."""
+    device, ``eval.precision=auto`` as the training's, the task's own: ``Task.resolve``). The
+    task gets it as ``task.cfg``."""
     cfg = copy.deepcopy(cfg)
     task.cfg = cfg
     if "output_dir" in cfg:
@@ -154,6 +156,8 @@ def resolve(task: Task, cfg: DictConfig, device: torch.device) -> DictConfig:
         cfg.output_dir = du.all_gather_objects(name)[0] if name is not None else None
     if "precision" in cfg.train:
         cfg.train.precision = resolve_precision(cfg.train.precision, device)
+    if cfg.get("eval") is not None and cfg.eval.get("precision") == "auto":
+        cfg.eval.precision = cfg.train.precision  # the evaluation's autocast: the training's
     task.resolve(cfg)
     return cfg
 
@@ -294,17 +298,21 @@ def _resume(engine: Engine, task: Task, cfg: DictConfig, out: Path, resume: str 
 def _train(task: Task, out: Path, loop: _Loop) -> dict:
     """Train, then the final checkpoint, evaluation and checkpoint; results.json."""
     engine, saver, evaluator = loop.engine, loop.saver, loop.evaluator
+    diverged = False
+
+    def finish(interrupted: bool) -> bool:
+        nonlocal diverged
+        diverged = not interrupted and not finite_state(engine)
+        if not interrupted and not diverged:  # saved before a final evaluation can fail
+            saver.save_if_stale(engine)
+            if task.evaluates and evaluator.evaluate_if_stale(engine):
+                saver.save(engine)
+        return interrupted or diverged
+
     try:
-        interrupted = engine.train()
+        interrupted = engine.run(finish)
     except FloatingPointError as e:  # the loss stayed non-finite
         raise FloatingPointError(f"{e} ({last_checkpoint_of(out)})") from None
-    diverged = not interrupted and not finite_state(engine)
-    if not interrupted and not diverged:  # saved before a final evaluation can fail
-        saver.save_if_stale(engine)
-        if task.evaluates and evaluator.evaluate_if_stale(engine):
-            saver.save(engine)
-    for h in engine.hooks:
-        h.after_train(engine, interrupted or diverged)
     result = {"output_dir": str(out), "step": engine.step,
               "epoch": engine.step / engine.steps_per_epoch, "interrupted": interrupted,
               "diverged": diverged, "metrics": evaluator.metrics,
@@ -318,8 +326,6 @@ def _train(task: Task, out: Path, loop: _Loop) -> dict:
         write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
         state = "stopped" if interrupted else "diverged" if diverged else "done"
         log.info("%s: %s", state, json.dumps(_brief(result)))
-    for h in engine.hooks:
-        h.close()
     close_run(out)
     engine.stop.forward()
     if diverged:

@@ -58,6 +58,11 @@ class TransferStage:
             the cheap evaluations, repeated for every kept checkpoint of a run.
         cpu_config: a CPU-sized config of the stage on the shared data (relative to the
             repository), which ``crossmae ablate --transfer`` runs on every encoder it compares.
+        headline: a finished run's results.json -> the numbers the transfer table reports
+            (the keys of ``columns``; a ``note`` saying why one is null). None: no numbers.
+        smoke: ``(shared, scratch) -> (config file, settings)`` that run the stage for a few
+            steps on ``shared``'s small data on a CPU (``crossmae transfer --smoke``; ``scratch``
+            is a folder for data it prepares). None: the stage has no smoke run.
     """
 
     name: str
@@ -68,41 +73,12 @@ class TransferStage:
     default: bool = True
     curve: bool = False
     cpu_config: str | None = None
+    headline: Callable[[dict], dict[str, Any]] | None = None
+    smoke: Callable[[Path, Path], tuple[str, list[str]]] | None = None
 
-
-@dataclass
-class BenchCase:
-    """One training step of a task at its recipe's size, for ``crossmae benchmark tasks``.
-
-    Args:
-        task: the task, whose ``inputs`` and ``losses`` make the step.
-        model: its model, on the device.
-        batch: one batch as its loader delivers it.
-        images: images per step.
-        precision: the recipe's autocast precision.
-        evaluate: one evaluation forward (``eval_images`` images).
-    """
-
-    task: Task
-    model: nn.Module
-    batch: Any
-    images: int
-    precision: str
-    evaluate: Callable[[], Any]
-    eval_images: int = 1
-
-
-def bench_encoder(tiny: bool) -> dict[str, Any]:
-    """The encoder settings of a benchmark case: ViT-B/16 at 224 px (the size the transfer
-    recipes are quoted at), or, ``tiny``, a 4-block 32-wide ViT for CPU checks."""
-    if tiny:
-        return dict(img_size=32, patch_size=16, embed_dim=32, depth=4, num_heads=2,
-                    mlp_ratio=4.0, norm_eps=1e-6)  # fmt: skip
-    from .models.sizes import get_size
-
-    base = get_size("base")
-    return dict(img_size=224, patch_size=16, embed_dim=base.embed_dim, depth=base.depth,
-                num_heads=base.num_heads, mlp_ratio=4.0, norm_eps=1e-6)  # fmt: skip
+    def numbers(self, result: dict) -> dict[str, Any]:
+        """``headline(result)`` ({} without a headline)."""
+        return dict(self.headline(result)) if self.headline is not None else {}
 
 
 class Task:
@@ -265,24 +241,6 @@ class Task:
         the training losses)."""
         return self.losses(model, **self.inputs(batch, device))
 
-    # ------------------------------------------------------------------ transfer and benchmark
-    @classmethod
-    def headline(cls, result: dict) -> dict[str, float | None]:
-        """The numbers of a finished run's results.json that the transfer table reports."""
-        return {}
-
-    @classmethod
-    def smoke_settings(cls, shared: Path, scratch: Path) -> list[str]:
-        """Settings that run this stage for a few steps on ``shared``'s small data on a CPU
-        (``crossmae transfer --smoke``); ``scratch`` is a folder for data it prepares."""
-        return []
-
-    @classmethod
-    def benchmark_case(cls, tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
-        """One step at the recipe's size (``tiny``: CPU sizes) for ``crossmae benchmark
-        tasks``; a task without one is not benchmarked."""
-        raise NotImplementedError
-
 
 # ----------------------------------------------------------------------------- registries
 _TASKS: dict[str, type[Task]] = {}
@@ -327,6 +285,30 @@ def register_command(
         _COMMANDS[tuple(words)] = {"help": help, "description": description,
                                    "configure": configure}  # fmt: skip
         return configure
+
+    return add
+
+
+CONVERTER_ERRORS = (RuntimeError,)  # + torch's load_state_dict: one line, not a traceback
+FORCE_HELP = "replace DEST even if it is a checkpoint of another kind"
+
+
+def register_converter(name: str, help: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``crossmae convert NAME SRC DEST [--official-arch ARCH] [--force]`` runs the
+    decorated ``func(args)``: an encoder (any checkpoint ``load_pretrained_encoder`` reads) ->
+    ``args.dest``. The library registers its own (timm), task packages theirs (detectron2's,
+    mmseg's) beside their commands."""
+
+    def add(func: Callable) -> Callable:
+        def configure(p: argparse.ArgumentParser) -> None:
+            p.add_argument("src")
+            p.add_argument("dest")
+            p.add_argument("--official-arch", default=None, help="for an official release input")
+            p.add_argument("--force", action="store_true", help=FORCE_HELP)
+            p.set_defaults(func=func, errors=CONVERTER_ERRORS)
+
+        register_command(("convert", name), help=help)(configure)
+        return func
 
     return add
 

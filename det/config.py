@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from crossmae.config import (
     FRACTION,
     POSITIVE,
-    PRECISION,
+    TRAIN_PRECISION,
     EncoderSource,
+    EvalConfig,
     LogConfig,
     OptimConfig,
     TrainConfig,
@@ -64,10 +65,10 @@ class DetTrain(TrainConfig):
 
 
 @dataclass
-class DetEval:
+class DetEval(EvalConfig):
     every_steps: int = checked(0, at_least(0))  # steps between COCO evaluations (0 = at the end)
     batch_size: int = checked(1, POSITIVE)
-    precision: str = checked("fp32", PRECISION)  # detectron2 evaluates in full precision
+    precision: str = checked("fp32", TRAIN_PRECISION)  # detectron2 evaluates in full precision
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from crossmae import distributed as du
-from crossmae.report import Progress, column_pairs, table
+from crossmae.evaluation import DatasetEvaluator, inference_on_dataset
+from crossmae.report import column_pairs, table
 
 from .model import postprocess
 from .roi_heads import TEST_SCORE_THRESH
@@ -118,46 +118,51 @@ def report(metrics: dict) -> str:
     return "\n".join(parts)
 
 
-@torch.no_grad()
-def evaluate_detector(
-    model,
-    dataset,
-    device: torch.device,
-    *,
-    batch_size: int = 1,
-    precision: torch.dtype | None = None,
-    results_file: str | Path | None = None,
-) -> dict:
-    """Run ``model`` over ``dataset`` (evaluation view; each process takes its own shard, so every
-    image counts once) and score it with COCOeval on the main process (all get the metrics).
-    ``precision``: an autocast dtype, or None for full precision (detectron2's evaluation)."""
-    from torch.utils.data import DataLoader, Subset
+class COCOEvaluator(DatasetEvaluator):
+    """COCO box and mask AP of a detector's outputs on ``dataset`` (``coco_evaluate``): each
+    image's detections post-processed onto the original image and converted to COCO results
+    with the json's category ids; COCOeval runs on the main process. ``results_file``: the
+    results are also written there (detectron2's ``coco_instances_results.json``)."""
 
-    from .data import collate_detection
+    desc = "COCO inference"
+    main_only = True
 
-    was_training = model.training
-    model.eval()
-    idx = du.shard(len(dataset), du.rank(), du.world_size())
-    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=collate_detection)
-    results = []
-    bar = Progress(len(idx), "COCO inference")
-    for imgs, infos in loader:
-        bar.update(len(imgs))
-        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-            preds = model([im.to(device) for im in imgs])
-        for im, p, info in zip(imgs, preds, infos, strict=True):
-            low = (torch.float16, torch.bfloat16)  # autocast outputs, pasted in float32
+    def __init__(self, dataset, results_file: str | Path | None = None):
+        self.dataset, self.results_file = dataset, results_file
+
+    def model_inputs(self, batch, device: torch.device) -> list[torch.Tensor]:
+        return [im.to(device) for im in batch[0]]
+
+    def process(self, inputs, outputs: list[dict]) -> None:
+        imgs, infos = inputs
+        low = (torch.float16, torch.bfloat16)  # autocast outputs, pasted in float32
+        for im, p, info in zip(imgs, outputs, infos, strict=True):
             p = {k: v.float() if v.dtype in low else v for k, v in p.items()}
             p = postprocess(p, tuple(im.shape[-2:]), info["orig_size"])
             for r in instances_to_coco_json(p, info["image_id"]):
-                r["category_id"] = dataset.cat_ids[r["category_id"]]
-                results.append(r)
-    bar.close()
-    results = [r for part in du.all_gather_objects(results) for r in part]
-    metrics = None
-    if du.is_main():
-        metrics = coco_evaluate(dataset.annotation_file, results, image_ids=dataset.image_ids)
-        if results_file is not None:
-            Path(results_file).write_text(json.dumps(results))
-    model.train(was_training)
-    return du.all_gather_objects(metrics)[0]
+                r["category_id"] = self.dataset.cat_ids[r["category_id"]]
+                self.results.append(r)
+
+    def evaluate(self) -> dict:
+        ds = self.dataset
+        metrics = coco_evaluate(ds.annotation_file, self.results, image_ids=ds.image_ids)
+        if self.results_file is not None:
+            Path(self.results_file).write_text(json.dumps(self.results))
+        return metrics
+
+
+def evaluate_detector(
+    model,
+    dataset,
+    *,
+    batch_size: int = 1,
+    precision: str = "fp32",
+    results_file: str | Path | None = None,
+) -> dict:
+    """``COCOEvaluator``'s metrics of ``model`` over ``dataset`` (its evaluation view), at
+    ``precision`` (fp32: detectron2's evaluation)."""
+    from .data import collate_detection
+
+    return inference_on_dataset(model, dataset, COCOEvaluator(dataset, results_file),
+                                precision=precision, batch_size=batch_size,
+                                collate_fn=collate_detection)  # fmt: skip

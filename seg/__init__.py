@@ -1,1 +1,2 @@
-"""UperNet semantic segmentation transfer of CrossMAE encoders. Not yet built."""
+"""UperNet semantic segmentation for CrossMAE encoders: the task (``seg.task``), its command line
+(``seg.commands``), mmseg import / export and mIoU evaluation."""

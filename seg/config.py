@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from crossmae.config import (
     FRACTION,
     POSITIVE,
-    PRECISION,
+    TRAIN_PRECISION,
     EncoderSource,
+    EvalConfig,
     LogConfig,
     OptimConfig,
     TrainConfig,
@@ -62,13 +63,13 @@ class SegModel:
 
 
 @dataclass
-class SegEval:
+class SegEval(EvalConfig):
     every_steps: int = checked(16000, at_least(0))  # 0 = at the end only
     stride: int = checked(341, POSITIVE)
     ratios: list[float] = checked([1.0], not_empty, each(POSITIVE))  # MS: [0.5, ..., 1.75]
     flip: bool = False
     mode: str = checked("slide", one_of("slide", "whole"))
-    precision: str = checked("fp32", PRECISION)  # mmseg evaluates in full precision
+    precision: str = checked("fp32", TRAIN_PRECISION)  # mmseg evaluates in full precision
 
 
 @dataclass

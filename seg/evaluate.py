@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossmae import distributed as du
 from crossmae.config import ConfigError
 from crossmae.data import normalize_pixels
-from crossmae.engine import PRECISIONS
-from crossmae.report import Progress
+from crossmae.evaluation import DatasetEvaluator, first_item, inference_on_dataset
+from crossmae.precision import autocast_dtype
 
 from .data import IGNORE, SegFolder, rescale_size, resize_u8
 from .metrics import SegMetrics, per_class
@@ -42,16 +41,17 @@ def segment(
     ratios=(1.0,),
     flip: bool = False,
     mode: str = "slide",
-    precision: torch.dtype | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Class scores (1, C, H, W) of one uint8 image (3, H, W) as mmseg's test pipeline makes
     them: resized on uint8 to the training ``scale`` (times each of ``ratios``), normalised,
     slide inference (``mode="whole"``: one crop x crop input instead), logits resized back to
     the image. One ratio without flip gives the logits; several ratios or ``flip`` (multi-scale
-    + flip testing) the average of their softmax. ``precision``: an autocast dtype, None = full
-    precision (mmseg's)."""
+    + flip testing) the average of their softmax. ``precision``: the model's autocast (a name of
+    ``crossmae.precision.PRECISIONS``; fp32: mmseg's)."""
     if mode not in ("slide", "whole"):
         raise ConfigError(f"eval_mode must be 'slide' or 'whole', got {mode!r}")
+    dtype = autocast_dtype(precision, "eval.precision")
     p = next(model.parameters())
     H, W = img.shape[-2:]
     scores = torch.zeros(1, num_classes, H, W, device=p.device, dtype=p.dtype)
@@ -60,7 +60,7 @@ def segment(
         x = normalize_pixels(u8.to(p.device), dtype=p.dtype)[None]
         for flipped in (False, True) if flip else (False,):
             xi = x.flip(-1) if flipped else x
-            with torch.autocast(p.device.type, dtype=precision, enabled=precision is not None):
+            with torch.autocast(p.device.type, dtype=dtype, enabled=dtype is not None):
                 if mode == "slide":
                     logits = slide_inference(model, xi, num_classes, crop=crop, stride=stride)
                 else:
@@ -73,25 +73,55 @@ def segment(
     return scores
 
 
-def evaluate_segmenter(model: nn.Module, folder: SegFolder, num_classes: int, **settings) -> dict:
-    """mIoU / mAcc / aAcc over ``folder`` with ``segment``'s scores (``settings``: its keyword
-    arguments), and ``per_class`` IoU / Acc by class name; each process takes its own shard and
-    the confusion matrices are summed, so every image counts once."""
-    was_training = model.training
-    model.eval()
-    metrics = SegMetrics(num_classes, IGNORE)
-    shard = du.shard(len(folder), du.rank(), du.world_size())
-    with Progress(len(shard), "segmentation inference") as bar:
-        for i in shard:
-            img, label, _ = folder[i]
-            scores = segment(model, img, num_classes, **settings)
-            metrics.update(scores.argmax(1)[0].cpu(), label)
-            bar.update()
-    metrics.all_reduce()
-    model.train(was_training)
-    result = metrics.compute()
-    means = {k: result[k] for k in ("aAcc", "mIoU", "mAcc")}
-    return {**means, "per_class": per_class(result, folder.spec.names())}
+class SlideInference(nn.Module):
+    """``segment`` as a module: one uint8 image (3, H, W) -> its class scores (1, C, H, W), so
+    that the evaluation loop runs it as any model (its autocast, not ``segment``'s)."""
+
+    def __init__(self, model: nn.Module, num_classes: int, **settings):
+        super().__init__()
+        self.model, self.num_classes, self.settings = model, num_classes, settings
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return segment(self.model, img, self.num_classes, **self.settings)
+
+
+class SegEvaluator(DatasetEvaluator):
+    """mIoU / mAcc / aAcc of per-pixel class scores against ``(image, label, index)`` items,
+    and ``per_class`` IoU / Acc by class name: one confusion matrix, summed over processes."""
+
+    desc = "segmentation inference"
+
+    def __init__(self, num_classes: int, names: list[str]):
+        self.num_classes, self.names = num_classes, names
+
+    def reset(self) -> None:
+        self.metrics = SegMetrics(self.num_classes, IGNORE)
+
+    def model_inputs(self, batch, device: torch.device) -> torch.Tensor:
+        return batch[0]  # uint8 on the host: resized there with OpenCV, as mmseg does
+
+    def process(self, inputs, outputs: torch.Tensor) -> None:
+        self.metrics.update(outputs.argmax(1)[0].cpu(), inputs[1])
+
+    def part(self) -> torch.Tensor:
+        return self.metrics.cm
+
+    def combine(self, parts: list) -> None:
+        self.metrics.cm = sum(parts)
+
+    def evaluate(self) -> dict:
+        result = self.metrics.compute()
+        means = {k: result[k] for k in ("aAcc", "mIoU", "mAcc")}
+        return {**means, "per_class": per_class(result, self.names)}
+
+
+def evaluate_segmenter(model: nn.Module, folder: SegFolder, num_classes: int, *,
+                       precision: str = "fp32", **settings) -> dict:  # fmt: skip
+    """``SegEvaluator``'s metrics of ``model`` over ``folder`` with ``segment``'s scores
+    (``settings``: its keyword arguments) at ``precision`` (fp32: mmseg's)."""
+    return inference_on_dataset(SlideInference(model, num_classes, **settings), folder,
+                                SegEvaluator(num_classes, folder.spec.names()),
+                                precision=precision, collate_fn=first_item)  # fmt: skip
 
 
 def eval_settings(cfg) -> dict:
@@ -99,4 +129,4 @@ def eval_settings(cfg) -> dict:
     e = cfg.eval
     return {"crop": cfg.data.crop, "stride": e.stride, "scale": tuple(cfg.data.scale),
             "ratios": tuple(e.ratios), "flip": e.flip, "mode": e.mode,
-            "precision": PRECISIONS[e.precision]}  # fmt: skip
+            "precision": e.precision}  # fmt: skip

@@ -350,52 +350,6 @@ def slide_inference(
     return (out / count)[:, :, :H, :W]
 
 
-class CpuSyncBatchNorm(nn.BatchNorm2d):
-    """SyncBatchNorm for CPU processes (gloo), which torch's SyncBatchNorm does not run on: in
-    distributed training the batch statistics are summed over processes with a differentiable
-    all-reduce; otherwise a plain BatchNorm."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from crossmae import distributed as du
-
-        if not (self.training and du.is_dist()):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        C = x.shape[1]
-        count = x.new_full((1,), x.numel() / C)
-        stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count])
-        stats = all_reduce(stats)  # (2C + 1,) summed over processes
-        n = stats[-1]
-        if n <= 1:
-            raise ValueError("Expected more than 1 value per channel when training (SyncBN)")
-        mean = stats[:C] / n
-        var = stats[C : 2 * C] / n - mean * mean  # biased, for normalising
-        with torch.no_grad():
-            m = self.momentum
-            self.num_batches_tracked.add_(1)
-            self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-            self.running_var.mul_(1 - m).add_(var * n / (n - 1), alpha=m)
-        shape = (1, C, 1, 1)
-        x = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-
-def to_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Every BatchNorm of ``model`` synchronised across processes (mmseg's SyncBN), weights
-    kept: torch's SyncBatchNorm on GPUs, ``CpuSyncBatchNorm`` on the CPU."""
-    if device.type != "cpu":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    for name, child in model.named_children():
-        if type(child) is nn.BatchNorm2d:
-            bn = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum)
-            bn.load_state_dict(child.state_dict())
-            setattr(model, name, bn)
-        else:
-            to_sync_batchnorm(child, device)
-    return model
-
-
 def build_segmenter(cfg, num_classes: int, encoder_config: dict) -> UperNet:
     """The UperNet a ``SegConfig`` describes on an encoder of ``encoder_config``, untrained."""
     m = cfg.model

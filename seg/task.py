@@ -19,32 +19,18 @@ The encoder as mmseg's MAE backbone loads it (model.pretrained): crossmae conver
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 import torch
 
 from crossmae import distributed as du
+from crossmae.bench import BenchCase, bench_encoder, register_bench_case
 from crossmae.checkpoint import write_text_atomic
-from crossmae.commands.convert import converter
-from crossmae.config import ConfigError, int_at_least, load_config, without_missing
-from crossmae.engine import check_precision
-from crossmae.models.pretrained import (
-    describe_source,
-    encoder_of,
-    load_pretrained_encoder,
-    model_on_encoder,
-)
-from crossmae.task import (
-    BenchCase,
-    Task,
-    TransferStage,
-    bench_encoder,
-    register_command,
-    register_group,
-    register_task,
-)
+from crossmae.config import ConfigError, load_config
+from crossmae.distributed import to_sync_batchnorm
+from crossmae.models.pretrained import describe_source, encoder_of, model_on_encoder
+from crossmae.task import Task, TransferStage, register_task
 
 from .config import SegConfig
 from .data import SegAugment, SegFolder, label_spec
@@ -55,11 +41,23 @@ from .model import (
     build_segmenter,
     segmentation_losses,
     slide_inference,
-    to_sync_batchnorm,
 )
 
 log = logging.getLogger("crossmae")
-register_group(("seg",), "UperNet semantic segmentation", __doc__)
+
+
+def miou_headline(result: dict) -> dict:
+    m = result["metrics"]
+    return {"miou": m["mIoU"], "macc": m["mAcc"], "aacc": m["aAcc"]}
+
+
+def ade20k_samples_smoke(shared: Path, scratch: Path) -> tuple[str, list[str]]:
+    """The 3 ADE20K samples for training and evaluation, 64-px crops, 2 steps."""
+    return ("configs/seg/upernet_vit_base_ade20k_160k.yaml",
+            [f"data.root={shared / 'data' / 'ade20k_samples'}", "data.train_split=validation",
+             "data.val_split=validation", "data.crop=64", "data.scale=[128,64]",
+             "eval.stride=43", "model.channels=16", "train.steps=2", "train.batch_size=2",
+             "optim.warmup_steps=1"])  # fmt: skip
 
 
 @register_task
@@ -75,10 +73,10 @@ class SegTask(Task):
     transfer = TransferStage("seg", 4, "configs/seg/upernet_vit_{size}_ade20k_160k.yaml",
                              {"ADE20K": ("data.root={root}",)},
                              (("ADE20K mIoU", ("miou",)),),
-                             cpu_config="configs/seg/upernet_camvid_small.yaml")  # fmt: skip
+                             cpu_config="configs/seg/upernet_camvid_small.yaml",
+                             headline=miou_headline, smoke=ade20k_samples_smoke)  # fmt: skip
 
     def open_data(self) -> None:
-        check_precision(self.cfg.eval.precision, "eval.precision")
         d = self.cfg.data
         check_crop(d.crop, tuple(d.scale), max(d.ratio_range))
         self.spec = label_spec(d)
@@ -154,36 +152,6 @@ class SegTask(Task):
         table = format_table(result["metrics"])
         write_text_atomic(Path(result["output_dir"]) / "per_class.md", table + "\n")
 
-    @classmethod
-    def headline(cls, result: dict) -> dict:
-        m = result["metrics"]
-        return {"miou": m["mIoU"], "macc": m["mAcc"], "aacc": m["aAcc"]}
-
-    @classmethod
-    def smoke_settings(cls, shared: Path, scratch: Path) -> tuple[str, list[str]]:
-        """The 3 ADE20K samples for training and evaluation, 64-px crops, 2 steps."""
-        return ("configs/seg/upernet_vit_base_ade20k_160k.yaml",
-                [f"data.root={shared / 'data' / 'ade20k_samples'}", "data.train_split=validation",
-                 "data.val_split=validation", "data.crop=64", "data.scale=[128,64]",
-                 "eval.stride=43", "model.channels=16", "train.steps=2", "train.batch_size=2",
-                 "optim.warmup_steps=1"])  # fmt: skip
-
-    @classmethod
-    def benchmark_case(cls, tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
-        """UperNet-B on 512-px crops, 2 per GPU, fp16; evaluation: one 512 x 683 image by
-        sliding windows, as ADE20K's test images are scaled (tiny: 32 px, 16-wide heads)."""
-        crop, batch = (32 if tiny else 512), batch or 2
-        widths = ["model.channels=16", "model.aux_channels=8"] if tiny else []
-        cfg = load_config(SegConfig, [], [f"data.crop={crop}", *widths])
-        model = build_segmenter(cfg, 150, bench_encoder(tiny)).to(device)
-        g = torch.Generator().manual_seed(0)
-        imgs = torch.randn(batch, 3, crop, crop, generator=g).to(device)
-        labels = torch.randint(0, 150, (batch, crop, crop), generator=g).to(device)
-        image = torch.randn(1, 3, crop, crop * 4 // 3, generator=g).to(device)
-        return BenchCase(cls(cfg), model, (imgs, labels), batch, cfg.train.precision,
-                         lambda: slide_inference(model, image, 150, crop=crop,
-                                                 stride=crop * 2 // 3))  # fmt: skip
-
 
 def check_crop(crop: int, scale: tuple[int, int], ratio: float) -> None:
     """A training crop beyond what the rescaling can give: refused when larger than the longest
@@ -201,106 +169,18 @@ def check_crop(crop: int, scale: tuple[int, int], ratio: float) -> None:
                     "%.0f): every crop is padded", crop, short)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- other commands
-@register_command(("seg", "evaluate"), help="mIoU of a trained or imported segmenter")
-def _evaluate_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="data.root=DIR, data.val_split=..., eval.*")  # fmt: skip
-    p.set_defaults(func=evaluate_checkpoint)
-
-
-def load_segmenter(checkpoint: str, overrides: list[str]) -> tuple:
-    """A trained or imported segmenter, its config (the checkpoint's, ``key=value`` over it)
-    and the validation folder it is scored on (same number of classes)."""
-    from crossmae.checkpoint import load_checkpoint, load_state_dict_strict
-
-    ck = load_checkpoint(checkpoint, expect=SEG_FORMAT)
-    cfg = load_config(SegConfig, [], overrides, base=without_missing(ck["config"]))
-    spec = label_spec(cfg.data)
-    if spec.num_classes != ck["num_classes"]:
-        raise ValueError(
-            f"the dataset has {spec.num_classes} classes, the model {ck['num_classes']}"
-        )
-    model = build_segmenter(cfg, ck["num_classes"], ck["encoder_config"])
-    load_state_dict_strict(model, ck["model"], what=str(checkpoint))
-    return model, cfg, SegFolder(cfg.data.root, cfg.data.val_split, spec)
-
-
-def evaluate_checkpoint(args: argparse.Namespace) -> int:
-    """A trained or imported segmenter on a dataset; ``key=value`` sets the dataset (root,
-    val_split, dataset, ...) and evaluation settings over the checkpoint's config."""
-    from crossmae.checkpoint import strict_json
-
-    model, cfg, folder = load_segmenter(args.checkpoint, args.overrides)
-    device = du.init_from_env(cfg.train.device)
-    m = evaluate_segmenter(model.to(device), folder, folder.spec.num_classes,
-                           **eval_settings(cfg))  # fmt: skip
-    if du.is_main():
-        print(format_table(m))
-        print(strict_json({k: m[k] for k in ("mIoU", "mAcc", "aAcc")}))
-    return 0
-
-
-@register_command(("seg", "visualize"), help="draw a segmenter's predictions beside the ground "
-                  "truth (PNGs)")  # fmt: skip
-def _visualize_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="data.root=DIR, data.val_split=..., eval.*")  # fmt: skip
-    p.add_argument("--out", required=True, help="folder for the PNGs (one per image)")
-    p.add_argument("-n", "--num-images", type=int_at_least(1), default=4,
-                   help="the first N images of the split (default 4)")  # fmt: skip
-    p.set_defaults(func=visualize_checkpoint)
-
-
-def visualize_checkpoint(args: argparse.Namespace) -> int:
-    from .visualize import visualize_segmentation
-
-    model, cfg, folder = load_segmenter(args.checkpoint, args.overrides)
-    model.to("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    files = visualize_segmentation(model, folder, args.out, images=args.num_images,
-                                   **eval_settings(cfg))  # fmt: skip
-    print(f"wrote {len(files)} PNGs to {args.out}: image | ground truth | prediction")
-    return 0
-
-
-@register_command(("seg", "import-mmseg"), help="mmseg MAE UperNet checkpoint -> ours")
-def _import_command(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint")
-    p.add_argument("output")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="e.g. model.out_indices=[3,5,7,11]")  # fmt: skip
-    p.add_argument("--force", action="store_true", help="replace OUTPUT even if it is a "
-                   "checkpoint of another kind")  # fmt: skip
-    p.set_defaults(func=import_checkpoint)
-
-
-def import_checkpoint(args: argparse.Namespace) -> int:
-    from crossmae.checkpoint import check_output, save_atomic
-    from crossmae.config import parse_settings
-
-    from .export import import_mmseg
-
-    check_output(args.checkpoint, args.output, writes=SEG_FORMAT, force=args.force)
-    ck = import_mmseg(args.checkpoint, parse_settings(args.overrides))
-    save_atomic(ck, args.output)
-    enc = ck["encoder_config"]
-    print(f"wrote {args.output}: ViT {enc['embed_dim']}-d x {enc['depth']}, "
-          f"{ck['num_classes']} classes; score it with crossmae seg evaluate {args.output} "
-          "data.root=DIR")  # fmt: skip
-    return 0
-
-
-@converter("to-mmseg", "encoder -> mmsegmentation MAE backbone")
-def to_mmseg_file(args: argparse.Namespace) -> int:
-    from crossmae.checkpoint import check_output, save_atomic
-
-    from .export import to_mmseg
-
-    check_output(args.src, args.dest, force=args.force)
-    sd, _ = load_pretrained_encoder(args.src, official_arch=args.official_arch)
-    save_atomic(to_mmseg(sd), args.dest)
-    print(f"wrote {args.dest}: mmseg MAE backbone layout (layers.*, loaded with mmseg's "
-          f"--cfg-options model.pretrained={args.dest})")  # fmt: skip
-    return 0
+@register_bench_case("seg")
+def seg_bench_case(tiny: bool, batch: int | None, device: torch.device) -> BenchCase:
+    """UperNet-B on 512-px crops, 2 per GPU, fp16; evaluation: one 512 x 683 image by
+    sliding windows, as ADE20K's test images are scaled (tiny: 32 px, 16-wide heads)."""
+    crop, batch = (32 if tiny else 512), batch or 2
+    widths = ["model.channels=16", "model.aux_channels=8"] if tiny else []
+    cfg = load_config(SegConfig, [], [f"data.crop={crop}", *widths])
+    model = build_segmenter(cfg, 150, bench_encoder(tiny)).to(device)
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(batch, 3, crop, crop, generator=g).to(device)
+    labels = torch.randint(0, 150, (batch, crop, crop), generator=g).to(device)
+    image = torch.randn(1, 3, crop, crop * 4 // 3, generator=g).to(device)
+    return BenchCase(SegTask(cfg), model, (imgs, labels), batch, cfg.train.precision,
+                     lambda: slide_inference(model, image, 150, crop=crop,
+                                             stride=crop * 2 // 3))  # fmt: skip

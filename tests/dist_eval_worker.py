@@ -17,6 +17,6 @@ tr, va = class_folders(train, val)
 sd, cfg = load_pretrained_encoder(checkpoint)
 torch.manual_seed(0)
 model = build_classifier(sd, cfg, num_classes=len(tr.classes), img_size=32)
-result = evaluate(model, va, 32, device, batch_size=4, workers=0)
+result = evaluate(model.to(device), va, 32, batch_size=4, workers=0)
 with open(f"{out}-{du.rank()}.json", "w") as f:
     json.dump(result, f)

@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crossmae.bench import BenchCase, bench_encoder, register_bench_case
 from crossmae.config import EncoderSource, LogConfig, OptimConfig, TrainConfig, section
 from crossmae.data import Indexed
+from crossmae.evaluation import DatasetEvaluator, inference_on_dataset
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import load_pretrained_encoder
-from crossmae.task import BenchCase, Task, TransferStage, bench_encoder, register_task
+from crossmae.task import Task, TransferStage, register_task
 
 
 @dataclass
@@ -53,14 +55,37 @@ class PixelTask(Task):
         target = F.unfold(x.mean(1, keepdim=True), self.model.p, stride=self.model.p)
         return {"loss": F.mse_loss(forward(x), target.transpose(1, 2))}
 
-    @torch.no_grad()
-    def evaluate(self, step):  # 4 other random images
+    def evaluate(self, step):  # 4 other random images, through the library's evaluation loop
         g, size = torch.Generator().manual_seed(1), self.model.encoder.img_size
-        x = torch.rand(4, 3, *size, generator=g).to(self.device)
-        return {"mse": float(self.losses(self.model, x)["loss"])}
+        images = torch.rand(4, 3, *size, generator=g)
+        return inference_on_dataset(
+            self.model, images, PixelEvaluator(self.model.p), precision="fp32", batch_size=4
+        )
 
-    @classmethod
-    def benchmark_case(cls, tiny, batch, device):
-        (task := cls(None)).model = PixelHead(VisionTransformer(**bench_encoder(tiny))).to(device)
-        x = torch.rand(batch or 4, 3, *task.model.encoder.img_size, device=device)
-        return BenchCase(task, task.model, x, len(x), "fp32", lambda: task.model(x))
+
+class PixelEvaluator(DatasetEvaluator):
+    """Mean squared error of the predicted grey levels over every pixel of every image."""
+
+    desc = "pixel MSE"
+
+    def __init__(self, patch_size):
+        self.p = patch_size
+
+    def model_inputs(self, batch, device):
+        return batch.to(device)
+
+    def process(self, inputs, outputs):
+        target = F.unfold(inputs.mean(1, keepdim=True), self.p, stride=self.p).transpose(1, 2)
+        self.results.append(
+            (float(F.mse_loss(outputs.cpu(), target, reduction="sum")), target.numel())
+        )
+
+    def evaluate(self):
+        return {"mse": sum(r[0] for r in self.results) / sum(r[1] for r in self.results)}
+
+
+@register_bench_case("pixel")
+def pixel_bench_case(tiny, batch, device):
+    (task := PixelTask(None)).model = PixelHead(VisionTransformer(**bench_encoder(tiny))).to(device)
+    x = torch.rand(batch or 4, 3, *task.model.encoder.img_size, device=device)
+    return BenchCase(task, task.model, x, len(x), "fp32", lambda: task.model(x))

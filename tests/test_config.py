@@ -10,9 +10,9 @@ import torch
 from conftest import REPO
 
 from crossmae.cli import main
-from crossmae.config import ConfigError, PretrainConfig, load_config
+from crossmae.config import ConfigError, load_config
 from crossmae.optim import peak_lr
-from crossmae.pretrain import build_model
+from crossmae.pretrain import PretrainConfig, build_model
 
 PRETRAIN_CONFIGS = sorted((REPO / "configs" / "pretrain").glob("*.yaml"))
 

@@ -17,8 +17,8 @@ from crossmae.commands import curve
 def tiny_run(out, *settings):
     """A pretraining run of the default (laptop) CrossMAE on the built-in photos, 2 steps per
     epoch."""
-    from crossmae.config import PretrainConfig, load_config
-    from crossmae.pretrain import pretrain
+    from crossmae.config import load_config
+    from crossmae.pretrain import PretrainConfig, pretrain
 
     return pretrain(load_config(PretrainConfig, [], [
         f"output_dir={out}", "train.batch_size=8", "data.demo_samples_per_epoch=16",

@@ -23,8 +23,8 @@ from test_train import TINY
 
 from crossmae.checkpoint import LAST, load_checkpoint, save_atomic
 from crossmae.cli import main
-from crossmae.config import ConfigError, PretrainConfig, load_config
-from crossmae.pretrain import pretrain
+from crossmae.config import ConfigError, load_config
+from crossmae.pretrain import PretrainConfig, pretrain
 
 
 def tiny(tmp_path: Path, *extra: str):
@@ -506,7 +506,7 @@ def test_degenerate_class_sets(shared_dir, tmp_path):
     src, _ = class_folders(two, two)
     model = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2,
                               num_classes=2)  # fmt: skip
-    acc = evaluate_classifier(model, src, 32, torch.device("cpu"), workers=0)
+    acc = evaluate_classifier(model, src, 32, workers=0)
     assert acc["top5"] is None and 0 <= acc["top1"] <= 100
 
 

@@ -85,7 +85,7 @@ def test_coco_evaluation_reports_summary_and_per_category_ap(shared_dir):
     # nothing detected: AP null, and why
     none = coco_evaluate(ann, [])
     assert report(none) == NO_DETECTIONS and "0.05" in NO_DETECTIONS
-    head = DetTask.headline({"metrics": none})
+    head = DetTask.transfer.numbers({"metrics": none})
     assert head == {"ap_box": None, "ap_mask": None, "note": NO_DETECTIONS}
 
 
@@ -120,7 +120,7 @@ def test_classifier_evaluation_counts_each_class(tmp_path):
         def forward(self, x):
             return torch.tensor([[1.0, 0.0]]).expand(len(x), 2)
 
-    acc = evaluate_classifier(Cat(), src, 8, torch.device("cpu"), workers=0, precision=None)
+    acc = evaluate_classifier(Cat(), src, 8, workers=0, precision="fp32")
     assert acc["per_class"] == {"cat": {"top1": 100.0, "images": 3},
                                 "dog": {"top1": 0.0, "images": 3}}  # fmt: skip
     assert acc["top1"] == 50.0 and acc["top5"] is None

@@ -322,7 +322,7 @@ def test_distributed_training_uses_syncbn_and_trains_one_crop_per_process(shared
 
     from omegaconf import OmegaConf
 
-    from seg.model import CpuSyncBatchNorm, to_sync_batchnorm
+    from crossmae.distributed import CpuSyncBatchNorm, to_sync_batchnorm
 
     model = UperNet(SegViT(img_size=64, embed_dim=32, depth=4, num_heads=2), 11, channels=16,
                     aux_channels=8)  # fmt: skip

@@ -71,10 +71,10 @@ def installed(tmp_path: Path) -> dict:
 CHECKS = """
 import json, sys
 from crossmae.cli import main
-from crossmae.commands.benchmark import benchmarked_tasks
+from crossmae.bench import bench_cases
 from crossmae.task import transfer_stages
 print(json.dumps({"stages": [t.transfer.name for t in transfer_stages()],
-                  "benchmarked": benchmarked_tasks()}))
+                  "benchmarked": list(bench_cases())}))
 sys.exit(main(sys.argv[1:]))
 """
 

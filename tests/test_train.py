@@ -19,10 +19,10 @@ from test_data import add_bad_files, cifar_folder
 
 import crossmae.pretrain as train_mod
 from crossmae.checkpoint import LAST, load_checkpoint, save_atomic
-from crossmae.config import ConfigError, PretrainConfig, load_config
+from crossmae.config import ConfigError, load_config
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import model_from_checkpoint
-from crossmae.pretrain import pretrain
+from crossmae.pretrain import PretrainConfig, pretrain
 
 TINY = [
     "model.img_size=32",

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.slow  # every test runs (or shares) the end-to-end smok
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 2-step pretraining run of the default (laptop) CrossMAE on the built-in photos."""
-    from crossmae.config import PretrainConfig, load_config
-    from crossmae.pretrain import pretrain
+    from crossmae.config import load_config
+    from crossmae.pretrain import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("pretrain")
     pretrain(load_config(PretrainConfig, [], [

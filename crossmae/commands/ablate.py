@@ -142,7 +142,7 @@ def run_transfers(args, configs: dict) -> dict[str, float | None]:
             result = run_task(task(cfg), cfg, "auto")
             if result["interrupted"]:
                 raise SystemExit(1)
-            write_text_atomic(done, json.dumps({key: task.headline(result)[key]}) + "\n")
+            write_text_atomic(done, json.dumps({key: task.transfer.numbers(result)[key]}) + "\n")
         out[key] = json.loads(done.read_text())[key]
     return out
 

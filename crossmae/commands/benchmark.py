@@ -46,7 +46,8 @@ import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 
 from crossmae import create_model
-from crossmae.config import int_at_least
+from crossmae.bench import bench_cases
+from crossmae.config import ConfigError, int_at_least
 from crossmae.engine import Engine, StepOptions
 from crossmae.models import CrossMAE, model_class
 from crossmae.models.layers import (
@@ -56,7 +57,7 @@ from crossmae.models.layers import (
     set_attention_backend,
 )
 from crossmae.pretrain import pretrain_losses
-from crossmae.task import Task, get_task, register_command, register_group, tasks
+from crossmae.task import register_command, register_group
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32,
             decoder_num_heads=2, decoder_depth=2)  # fmt: skip
@@ -493,15 +494,19 @@ def cmd_step(args) -> int:
 
 
 def cmd_tasks(args) -> int:
-    """The registered tasks' training step (the engine's, at each recipe's precision and size,
-    ``Task.benchmark_case``) and their evaluation throughput: img/s, step ms, peak memory, FLOPs
-    per image and MFU."""
+    """The registered tasks' training step (the engine's, at each recipe's precision and size:
+    each task's case in ``crossmae.bench``) and their evaluation throughput: img/s, step ms,
+    peak memory, FLOPs per image and MFU."""
     from torch.utils.flop_counter import FlopCounterMode
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     peak = args.peak_tflops or matmul_peak_tflops(device)
-    for name in args.tasks or benchmarked_tasks():
-        case = get_task(name).benchmark_case(args.tiny, args.batch, device)
+    cases = bench_cases()
+    for name in args.tasks or list(cases):
+        if name not in cases:
+            raise ConfigError(f"--tasks {name}: no benchmark case is registered for it (cases: "
+                              f"{', '.join(cases)})")  # fmt: skip
+        case = cases[name](args.tiny, args.batch, device)
         params = [p for p in case.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
         options = StepOptions(precision=case.precision, grad_norm_every=10**9,
@@ -534,12 +539,6 @@ def cmd_tasks(args) -> int:
         del engine, case, opt
         gc.collect()
     return 0
-
-
-def benchmarked_tasks() -> list[str]:
-    """The registered tasks that have a benchmark case."""
-    base = Task.benchmark_case.__func__
-    return [t.name for t in tasks() if t.benchmark_case.__func__ is not base]
 
 
 def timed(fn, warmup: int, steps: int, device: torch.device) -> float:

@@ -42,7 +42,13 @@ from crossmae.models import create_model, model_class
 from crossmae.models.official import official_to_ours, to_official
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.models.sizes import size_of
-from crossmae.task import register_command, register_group
+from crossmae.task import (
+    CONVERTER_ERRORS,
+    FORCE_HELP,
+    register_command,
+    register_converter,
+    register_group,
+)
 
 
 def from_official_file(src: str, arch: str, settings: dict) -> dict:
@@ -116,8 +122,6 @@ def cmd_to_timm(args) -> int:
 register_group(
     ("convert",), "checkpoint converters (official, MAE, timm, mmseg, detectron2)", __doc__
 )
-CONVERTER_ERRORS = (RuntimeError,)  # + torch's load_state_dict
-FORCE_HELP = "replace DEST even if it is a checkpoint of another kind"
 
 
 @register_command(("convert", "from-official"), help="official whole-model checkpoint -> ours")
@@ -131,25 +135,6 @@ def _from_official(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_from_official, errors=CONVERTER_ERRORS)
 
 
-def converter(name: str, help: str):
-    """Register ``crossmae convert NAME SRC DEST [--official-arch ARCH]`` running the decorated
-    ``func(args)``: an encoder (any checkpoint ``load_pretrained_encoder`` reads) -> ``args.dest``.
-    Task packages add theirs (detectron2's, mmseg's) this way."""
-
-    def add(func):
-        def configure(p: argparse.ArgumentParser) -> None:
-            p.add_argument("src")
-            p.add_argument("dest")
-            p.add_argument("--official-arch", default=None, help="for an official release input")
-            p.add_argument("--force", action="store_true", help=FORCE_HELP)
-            p.set_defaults(func=func, errors=CONVERTER_ERRORS)
-
-        register_command(("convert", name), help=help)(configure)
-        return func
-
-    return add
-
-
 @register_command(("convert", "to-official"), help="ours -> the official whole-model layout")
 def _to_official(p: argparse.ArgumentParser) -> None:
     p.add_argument("src")
@@ -158,4 +143,4 @@ def _to_official(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_to_official, errors=CONVERTER_ERRORS)
 
 
-converter("to-timm", "encoder -> timm VisionTransformer state dict")(cmd_to_timm)
+register_converter("to-timm", "encoder -> timm VisionTransformer state dict")(cmd_to_timm)

@@ -116,7 +116,7 @@ def curve_points(points: dict[int, tuple]) -> tuple[list[dict], dict[str, str]]:
         for name, plan in plans.items():
             result = st.stage_result(where / name)
             rec["stages"][name] = "done" if result is not None else "missing"
-            metrics = {} if result is None else plan.task.headline(result)
+            metrics = {} if result is None else plan.task.transfer.numbers(result)
             metrics.pop("note", None)
             for label, keys in plan.task.transfer.columns:
                 for key in keys:

@@ -118,7 +118,10 @@ def smoke_plans(chosen: list[type[Task]], scratch: Path) -> dict[str, Plan]:
         raise ConfigError(f"--smoke reads {shared / 'data'} (set CROSSMAE_SHARED)")
     plans = {}
     for task in chosen:
-        config, settings = task.smoke_settings(shared.resolve(), scratch)
+        if task.transfer.smoke is None:
+            raise ConfigError(f"stage {task.transfer.name!r} has no smoke run (its TransferStage "
+                              "sets no smoke); leave it out of --stages")  # fmt: skip
+        config, settings = task.transfer.smoke(shared.resolve(), scratch)
         schema = OmegaConf.structured(task.schema)  # an evaluation has no precision, no log
         ours = [kv for kv in SMOKE_SETTINGS if OmegaConf.select(
             schema, kv.split("=")[0], default=ABSENT) is not ABSENT]  # fmt: skip
@@ -320,7 +323,7 @@ def write_table(out: Path, ckpt: Path, plans: dict[str, Plan], *, smoke: bool = 
     for name, plan in plans.items():
         result = stage_result(out / name)
         config = out / name / "config.yaml"
-        metrics = {} if result is None else plan.task.headline(result)
+        metrics = {} if result is None else plan.task.transfer.numbers(result)
         rows[name] = {"status": "done" if result is not None else "missing",
                       "output_dir": str(out / name),
                       "config": str(config) if config.is_file() else None,
