@@ -18,7 +18,7 @@ import torch
 from crossmae.checkpoint import load_state_dict_strict
 from crossmae.models import VisionTransformer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("crossmae")
 
 
 def build_classifier(

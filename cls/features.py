@@ -17,7 +17,7 @@ from crossmae.checkpoint import save_atomic
 from crossmae.knn import topk_accuracy
 from crossmae.optim import LARS, cosine_lr
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("crossmae")
 
 
 def cached_features(
@@ -29,9 +29,13 @@ def cached_features(
     name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"features-{name}.pt"
     if path.is_file():
-        data = torch.load(path, weights_only=True)
-        log.info("features from cache %s", path)
-        return data["features"], data["labels"]
+        try:
+            data = torch.load(path, weights_only=True)
+            log.info("features from cache %s", path)
+            return data["features"], data["labels"]
+        except Exception as e:  # noqa: BLE001 - a cache is only a shortcut: computed again
+            log.warning("feature cache %s is unreadable (%s: %s): computed again", path,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")  # fmt: skip
     feats, labels = compute()
     if du.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ Accuracy on the val split every epoch (exact distributed counting), best and las
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from functools import partial
 from pathlib import Path
@@ -213,6 +214,16 @@ class FinetuneTask(Task):
         return {"last": result["metrics"] or {}}
 
 
+def file_signature(files: list[Path]) -> str:
+    """A digest of files' names, sizes and modification times (what changes when a file is
+    replaced, added or removed)."""
+    h = hashlib.sha1()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def classifier_on(state_dict: dict, encoder_config: dict, cfg, num_classes: int) -> nn.Module:
     """The classifier of a finetune / linprobe config on encoder weights: finetuning's head
     initialised as MAE's (std 2e-5), the linear probe's a BatchNorm + Linear on a frozen ViT."""
@@ -302,9 +313,14 @@ class FrozenTask(Task):
             source = {"arch": e.arch, "arch_settings": dict(e.arch_settings)}
         else:
             ckpt = Path(e.checkpoint)
-            source = {"checkpoint": str(ckpt.resolve()), "mtime": ckpt.stat().st_mtime}
+            source = {"checkpoint": str(ckpt.resolve()), "file": file_signature([ckpt])}
+        # keyed by contents: the split's files (names, sizes, times) and labels, the encoder
+        # file's, and every setting that shapes a feature
         key = {**source, "random_init": e.random_init, "seed": e.seed, "img_size": d.img_size,
-               "blocks": blocks, "split": str(split.root.resolve())}  # fmt: skip
+               "blocks": blocks, "split": str(split.root.resolve()),
+               "files": file_signature(split.files), "classes": list(split.classes),
+               "labels": hashlib.sha1(str(split.labels).encode()).hexdigest(),
+               "features": "block_features-v1 fp32 resize+center-crop"}  # fmt: skip
         return cached_features(d.cache_dir, key, lambda: extract_block_features(
             self.model, split, img_size=d.img_size, blocks=blocks, batch_size=d.batch_size,
             num_workers=d.num_workers, device=self.device))  # fmt: skip
@@ -319,6 +335,13 @@ class FrozenTask(Task):
                                  ks=sorted({*k.ks, k.k}), temperature=k.temperature)  # fmt: skip
         by_k = {kk: topk_accuracy(v, yva) for kk, v in scores.items()}
         knn_pred = scores[k.k].argmax(dim=1)
+        n = len(ytr)  # a k beyond the training images votes with all of them: said, recorded
+        used = {kk: min(kk, n) for kk in scores}
+        if over := sorted(kk for kk in scores if kk > n):
+            log.warning("knn: k = %s asked, but there are %d training images: each of these "
+                        "uses k = %d", ", ".join(map(str, over)), n, n)  # fmt: skip
+        for kk, v in by_k.items():
+            v["k_used"] = used[kk]
         inputs = {f"last{n}_{q}": (pooled(ftr, q, n), pooled(fva, q, n))
                   for n in self.n_blocks for q in p.pools}  # fmt: skip
         probe = linear_probe_grid(
@@ -331,6 +354,7 @@ class FrozenTask(Task):
                 "weights": "random init" if self.cfg.encoder.random_init else "pretrained",
                 "train_images": len(self.train_src), "val_images": len(self.val_src),
                 "knn_top1": by_k[k.k]["top1"], "knn_top5": by_k[k.k].get("top5"),
+                "knn_k": used[k.k],
                 "knn_by_k": {str(kk): v for kk, v in by_k.items()},
                 "linprobe_top1": best["top1"], "linprobe_top5": best.get("top5"),
                 "linprobe_best": {"input": best["input"], "blr": best["blr"]},
@@ -341,7 +365,9 @@ class FrozenTask(Task):
 
     def describe(self, metrics: dict) -> str:
         best = metrics["linprobe_best"]
-        return (f"kNN top-1 {metrics['knn_top1']:.2f} (k = {self.cfg.knn.k}), linear probe "
+        k, asked = metrics["knn_k"], self.cfg.knn.k
+        k = f"{k}: all the training images, {asked} asked" if k != asked else k
+        return (f"kNN top-1 {metrics['knn_top1']:.2f} (k = {k}), linear probe "
                 f"top-1 {metrics['linprobe_top1']:.2f} ({best['input']}, blr {best['blr']}: "
                 f"the best of {len(metrics['linprobe_grid'])})")  # fmt: skip
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+from pathlib import Path
 
+from .checkpoint import strict_json
 from .config import int_at_least
 from .task import Task, commands, register_command, tasks
 
@@ -45,6 +48,8 @@ def training_command(task: type[Task]):
         if task.trains:
             p.add_argument("--resume", default=None, help="'auto' = continue the output_dir's "
                            "last checkpoint (or start fresh); or a path")  # fmt: skip
+        p.add_argument("--force", action="store_true", help="replace the results an earlier "
+                       "run left in output_dir")  # fmt: skip
         p.add_argument("--print-config", action="store_true", help="print the resolved config "
                        "(files, _base_, key=value, defaults decided) and exit; nothing is "
                        "written")  # fmt: skip
@@ -61,7 +66,10 @@ def run_training(task: type[Task], args: argparse.Namespace) -> int:
     from .hooks import _scalars
     from .runner import run_task
 
-    cfg = load_config(task.schema, args.config, args.overrides, complete=not args.print_config)
+    resume = getattr(args, "resume", None)
+    base = resumed_settings(task, args, resume) if resume else None
+    cfg = load_config(task.schema, args.config, args.overrides, base=base,
+                      complete=not args.print_config)  # fmt: skip
     if args.print_config:
         import torch
         from omegaconf import OmegaConf
@@ -71,10 +79,31 @@ def run_training(task: type[Task], args: argparse.Namespace) -> int:
         gpu = torch.cuda.is_available() and cfg.train.device != "cpu"
         print(OmegaConf.to_yaml(resolve(task(cfg), cfg, torch.device("cuda" if gpu else "cpu"))))
         return 0
-    result = run_task(task(cfg), cfg, getattr(args, "resume", None))
+    result = run_task(task(cfg), cfg, resume, force=args.force)
     brief = {k: v for k, v in result.items() if not isinstance(v, dict | list)}
-    print(json.dumps({**brief, **_scalars(result.get("metrics") or {})}))
+    print(strict_json({**brief, **_scalars(result.get("metrics") or {})}))
     return 1 if result["interrupted"] else 0
+
+
+def resumed_settings(task: type[Task], args: argparse.Namespace, resume: str) -> dict | None:
+    """The settings of the run ``--resume`` continues (its folder's config.yaml), under the
+    command's files and ``key=value``: a run resumes with its own settings unless told
+    otherwise, and ``--print-config`` shows them. None when there is nothing to resume."""
+    from omegaconf import OmegaConf
+
+    from .checkpoint import latest_checkpoint
+    from .config import load_config
+
+    if resume == "auto":
+        out = OmegaConf.select(load_config(task.schema, args.config, args.overrides),
+                               "output_dir")  # fmt: skip
+        ckpt = latest_checkpoint(Path(out)) if out else None
+    else:
+        ckpt = Path(resume)
+    saved = Path(ckpt).parent / "config.yaml" if ckpt else None
+    if saved is None or not saved.is_file():
+        return None
+    return OmegaConf.to_container(OmegaConf.load(saved))
 
 
 # ----------------------------------------------------------------------------- crossmae's own
@@ -153,7 +182,7 @@ def _psnr(args: argparse.Namespace) -> int:
                         "weights": "random init" if args.random_init else "trained",
                         "data": args.data, "all_masked_decoded": args.all_masked,
                         **metrics})  # fmt: skip
-        print(json.dumps(records[-1]))
+        print(strict_json(records[-1]))
     if args.out:
         write_text_atomic(args.out, json.dumps(records, indent=1) + "\n")
     return 0
@@ -195,33 +224,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(BaseException):
+    """A stop signal outside a training loop (which checkpoints first): the command ends."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+_stop.command_stop = True  # the engine's StopRequest does not pass a signal on to this one
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run ``args.func(args)``, the one error path of every command: an expected problem (a
     config value, a missing, malformed or unwritable file, a checkpoint of another kind, a run
-    whose loss stays non-finite: ``ConfigError``, ``OSError``, ``ValueError``, ``KeyError``,
-    ``FloatingPointError`` and the command's own ``errors``) prints one line naming it and
-    returns 2; Ctrl-C prints one line and returns 130; anything else keeps its traceback."""
+    whose loss stays non-finite, an evaluation that failed: ``ConfigError``, ``OSError``,
+    ``ValueError``, ``KeyError``, ``FloatingPointError``, ``EvaluationError`` and the command's
+    own ``errors``) prints one line naming it and
+    returns 2; Ctrl-C prints one line and returns 130, another stop signal (SIGTERM, SIGHUP,
+    ...: ``STOP_SIGNALS``) one line and 128 + its number, the run folder's lock released either
+    way; anything else keeps its traceback."""
     from omegaconf.errors import MissingMandatoryValue
 
     from .config import ConfigError
+    from .data.loader import STOP_SIGNALS
+    from .evaluation import EvaluationError
 
     expected = (ConfigError, OSError, ValueError, KeyError, MissingMandatoryValue,
-                FloatingPointError, *getattr(args, "errors", ()))  # fmt: skip
+                FloatingPointError, EvaluationError, *getattr(args, "errors", ()))  # fmt: skip
     command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+    previous = {}
+    for s in STOP_SIGNALS:
+        if s != signal.SIGINT and signal.getsignal(s) is signal.SIG_DFL:
+            previous[s] = signal.signal(s, _stop)
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which checkpoints and exits 1)
-        # the process ends: what Ctrl-C cut short while it was being built (a data loader
+    except (KeyboardInterrupt, Stopped) as e:  # outside a training loop (which checkpoints)
+        # the process ends: what the signal cut short while it was being built (a data loader
         # starting its workers) may fail in its destructor; that is not news to print
         sys.unraisablehook = lambda unraisable: None
-        print(f"crossmae {command}: interrupted", file=sys.stderr)
-        return 130
+        if isinstance(e, KeyboardInterrupt):
+            print(f"crossmae {command}: interrupted", file=sys.stderr)
+            return 130
+        print(f"crossmae {command}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        return 128 + e.signum
     except expected as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # no repr quotes
         if isinstance(e, MissingMandatoryValue):
             message = f"set the required value {e.full_key}=..."
         print(f"crossmae {command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

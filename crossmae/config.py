@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,9 @@ class TrainConfig(RunConfig):
     max_nonfinite_steps: int = checked(5, POSITIVE)  # non-finite losses in a row stop the run
     # resuming with other settings than the checkpoint's is refused unless this is true
     resume_with_changes: bool = checked(False, resumable=True)
+    # an evaluation inside training that fails (an unreadable val image) ends the run, its
+    # checkpoint written first; false: reported and recorded, and training goes on
+    stop_on_eval_error: bool = checked(False, resumable=True)
 
     @staticmethod
     def cross_checks(t: DictConfig) -> dict[str, str]:
@@ -333,7 +337,7 @@ def load_config(
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must be key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(cfg, _dotlist(cfg, overrides))
     except OmegaConfBaseException as e:
         msg = str(getattr(e, "msg", e)).splitlines()[0]
         raise ConfigError(f"config key {getattr(e, 'full_key', '?')!r}: {msg}") from None
@@ -345,6 +349,53 @@ def load_config(
     if problems := problems_of(cfg):
         raise ConfigError("; ".join(problems))
     return cfg
+
+
+def _dotlist(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides as a config, each value taken as its field's type: a text field
+    (a path, a name) keeps the text given, character for character (``output_dir=0123`` is
+    "0123", ``no`` is "no", ``run #1`` keeps its ``#1``), ``null`` being its one word for None; an
+    empty text is an error naming the key (an unset shell variable, most often). Other fields
+    read the value as YAML (``12``, ``1e-6``, ``true``, ``[1, 2]``)."""
+    items = []
+    for item in overrides:
+        key, raw = item.split("=", 1)
+        if _is_text(cfg, key.strip()):
+            if raw.strip() == "":
+                raise ConfigError(f"{key}= has no value (an unset variable?): give one, or leave "
+                                  f"{key} out for its default")  # fmt: skip
+            item = f"{key}={raw if raw == 'null' else json.dumps(raw)}"
+        items.append(item)
+    try:
+        return OmegaConf.from_dotlist(items)
+    except yaml.YAMLError as e:
+        where = next((o for o in overrides if _yaml_error(o)), overrides[0])
+        raise ConfigError(
+            f"{where!r} is not a value YAML can read "
+            f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})"
+        ) from None
+
+
+def _yaml_error(item: str) -> bool:
+    try:
+        OmegaConf.from_dotlist([item])
+    except yaml.YAMLError:
+        return True
+    except Exception:  # noqa: BLE001 - only YAML's errors are looked for here
+        return False
+    return False
+
+
+def _is_text(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` names a text field (``str`` or ``str | None``) of ``cfg``'s schema."""
+    from omegaconf.nodes import StringNode
+
+    parent, _, leaf = key.rpartition(".")
+    try:
+        node = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(leaf)
+    except Exception:  # noqa: BLE001 - an unknown key: the merge names it
+        return False
+    return isinstance(node, StringNode)
 
 
 BASE_KEY = "_base_"

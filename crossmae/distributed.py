@@ -28,13 +28,47 @@ def init_from_env(device: str = "auto") -> torch.device:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        rank = int(os.environ.get("RANK", 0))
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=timedelta(minutes=30),
             device_id=dev if use_cuda else None,
+            **_joined(world, rank),
         )
     return dev
+
+
+JOIN_TIMEOUT_S = 300.0  # how long the processes of a run wait for each other to start
+
+
+def _joined(world: int, rank: int) -> dict:
+    """The process group's store once all ``world`` processes have joined it, or an error
+    naming who is missing after ``CROSSMAE_JOIN_TIMEOUT`` seconds (default 300): a process
+    started with WORLD_SIZE > 1 and no peer would otherwise wait in silence. Under torchrun,
+    whose agent gathers the processes itself, torch's own rendezvous."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return {}
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    wait = float(os.environ.get("CROSSMAE_JOIN_TIMEOUT", JOIN_TIMEOUT_S))
+    try:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0,
+                              timeout=timedelta(seconds=wait), wait_for_workers=True)  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - torch raises several kinds for the same problem
+        who = (
+            f"{world - 1} other process(es) (RANK 1..{world - 1}) did not join"
+            if rank == 0
+            else f"no main process (RANK 0) answered at {host}:{port}"
+        )
+        raise ConnectionError(
+            f"WORLD_SIZE={world}, RANK={rank}: {who} within {wait:.0f} s ({type(e).__name__}); "
+            "start every process (torchrun --nproc-per-node N ...), or unset WORLD_SIZE for "
+            "one process (CROSSMAE_JOIN_TIMEOUT=S waits longer)"
+        ) from None
+    store.set_timeout(timedelta(minutes=30))
+    return {"store": store, "rank": rank, "world_size": world}
 
 
 def is_dist() -> bool:

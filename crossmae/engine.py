@@ -44,9 +44,10 @@ log = logging.getLogger("crossmae")
 
 
 class StopRequest:
-    """Records SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT so the loop can stop at the next step
-    boundary. On exit, the previous handlers come back; ``forward()`` then re-raises the signal to
-    a previous Python handler (e.g. submitit's, which requeues the job)."""
+    """Records a stop signal (``STOP_SIGNALS``: SIGTERM, SIGINT, SIGHUP, ...) so the loop can
+    stop at the next step boundary. On exit, the previous handlers come back; ``forward()``
+    then re-raises the signal to a previous Python handler (e.g. submitit's, which requeues the
+    job), the command line's own excepted."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -78,7 +79,8 @@ class StopRequest:
         """Pass a received signal on to a previous Python handler (Ctrl-C's default one, which
         would only print a KeyboardInterrupt traceback, excepted)."""
         prev = self._previous.get(self.signum)
-        if self.signum is not None and callable(prev) and prev is not signal.default_int_handler:
+        ours = prev is signal.default_int_handler or getattr(prev, "command_stop", False)
+        if self.signum is not None and callable(prev) and not ours:
             signal.raise_signal(self.signum)
 
 
@@ -148,6 +150,9 @@ class Hook:
     checkpoints."""
 
     name = "hook"
+    # an evaluation (it may fail on its data): the engine calls it after the other hooks, so
+    # that the step's checkpoint is written before it runs
+    evaluation = False
 
     def before_train(self, engine: Engine) -> None: ...
 
@@ -185,7 +190,9 @@ class Engine:
         steps: the step at which training stops.
         device: this process's device.
         options: how the step runs (``StepOptions``).
-        hooks: called after each update, step and epoch, in order.
+        hooks: called after each update, step and epoch, in order, evaluations
+            (``Hook.evaluation``) after the others: a step's checkpoint is written before any
+            evaluation at that step can fail.
     """
 
     def __init__(
@@ -210,7 +217,7 @@ class Engine:
         self.model, self.optimizer, self.loader, self.schedule = model, optimizer, loader, schedule
         self.task, self.steps, self.device = task, steps, device
         self.options = options = options or StepOptions()
-        self.hooks = list(hooks)
+        self.hooks = sorted(hooks, key=lambda h: h.evaluation)  # evaluations last, stable
         self.amp = autocast_dtype(options.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=options.precision == "fp16")
         self.rank, self.world = du.rank(), du.world_size()

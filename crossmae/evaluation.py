@@ -90,8 +90,9 @@ def inference_on_dataset(
     eval mode under ``torch.no_grad`` and autocast at ``precision`` (a name of
     ``crossmae.precision.PRECISIONS``), and its mode is restored after, also when an evaluation
     fails. Every process's part is gathered before ``evaluator.evaluate()``, whose metrics
-    every process returns. ``collate_fn``: the loader's (None: torch's default; ``first_item``
-    passes single items as they are).
+    every process returns. A failure on any process (an unreadable image, a model error) is an
+    ``EvaluationError`` on every process, its data workers shut down. ``collate_fn``: the
+    loader's (None: torch's default; ``first_item`` passes single items as they are).
     """
     dtype = autocast_dtype(precision, "eval.precision")
     param = next(model.parameters(), None)  # a model without parameters runs on the CPU
@@ -102,17 +103,56 @@ def inference_on_dataset(
     evaluator.reset()
     was_training = model.training
     model.eval()
+    batches = iter(loader)
+    failed = None
     try:
         with Progress(len(idx), evaluator.desc) as bar:
-            for batch in loader:
+            for batch in batches:
                 inputs = evaluator.model_inputs(batch, device)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     outputs = model(inputs)
                 evaluator.process(batch, outputs)
                 bar.update(len(outputs))
+    except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
+        failed = failure_of(e)
     finally:
         model.train(was_training)
-    evaluator.combine(du.all_gather_objects(evaluator.part()))
+        if hasattr(batches, "_shutdown_workers"):  # no data worker outlives its evaluation
+            batches._shutdown_workers()
+        del batches
+    parts = du.all_gather_objects((failed, None if failed else evaluator.part()))
+    _raise_if_failed([f for f, _ in parts], evaluator)
+    evaluator.combine([p for _, p in parts])
     if not evaluator.main_only:
         return evaluator.evaluate()
-    return du.all_gather_objects(evaluator.evaluate() if du.is_main() else None)[0]
+    metrics, failed = None, None
+    if du.is_main():
+        try:
+            metrics = evaluator.evaluate()
+        except Exception as e:  # noqa: BLE001 - the other processes wait for the answer
+            failed = failure_of(e)
+    metrics, failed = du.all_gather_objects((metrics, failed))[0]
+    _raise_if_failed([failed], evaluator)
+    return metrics
+
+
+def failure_of(error: Exception) -> str:
+    """One line naming an error, also one raised in a data worker (whose message torch fills
+    with the worker's traceback: its last line is the error itself)."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[1].startswith("Original Traceback"):
+        name, sep, message = lines[-1].partition(":")
+        return f"{name.rpartition('.')[2]}{sep}{message}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation failed on some process; every process raises it (none is left waiting)."""
+
+
+def _raise_if_failed(failures: list[str | None], evaluator: DatasetEvaluator) -> None:
+    bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
+    if bad:
+        rank, failure = bad[0]
+        where = f" (process {rank})" if du.world_size() > 1 else ""
+        raise EvaluationError(f"{evaluator.desc} failed{where}: {failure}")

@@ -271,6 +271,23 @@ class CheckpointHook(Hook):
                 save_atomic({**contents, "epoch": epoch}, path)
 
 
+def evaluation_failed(engine: Engine, what: str, error: Exception, stop: bool) -> None:
+    """An evaluation inside training failed (``what``: its name in the log): with ``stop``
+    (``train.stop_on_eval_error``) the run ends with the error, the step's checkpoint being
+    written already (evaluations run after the checkpoint hook); otherwise one error line, an
+    ``evaluation_error`` record, and training goes on. A failure that not every process saw
+    (anything but an ``EvaluationError`` under torch.distributed) always ends the run."""
+    from .evaluation import EvaluationError
+
+    if stop or (engine.world > 1 and not isinstance(error, EvaluationError)):
+        raise error
+    message = f"{type(error).__name__}: {error}" if not isinstance(error, EvaluationError) else (
+        str(error))  # fmt: skip
+    log.error("step %d: %s failed, training goes on (train.stop_on_eval_error=true would end "
+              "the run): %s", engine.step, what, message)  # fmt: skip
+    engine.record({"step": engine.step, "evaluation_error": f"{what}: {message}"}, "errors")
+
+
 class EvalHook(Hook):
     """The task's evaluation at its intervals (every process joins), recorded under the task's
     ``record_group`` and logged; with the task's ``best_metric``, the best evaluation so far is
@@ -284,19 +301,29 @@ class EvalHook(Hook):
     """
 
     name = "evaluation"
+    evaluation = True
 
     def __init__(self, task: Any, *, every_steps: int = 0, every_epochs: int = 0,
-                 saver: CheckpointHook | None = None, out: Path | None = None):  # fmt: skip
+                 saver: CheckpointHook | None = None, out: Path | None = None,
+                 stop_on_error: bool = False):  # fmt: skip
         self.task, self.every_steps, self.every_epochs, self.saver = (
             task, every_steps, every_epochs, saver
         )  # fmt: skip
-        self.out = out
+        self.out, self.stop_on_error = out, stop_on_error
         self.evaluated_at = -1
         self.metrics: dict | None = None  # the latest evaluation
         self.best: dict | None = None  # the best, with its epoch
 
-    def evaluate(self, engine: Engine) -> dict:
-        metrics = self.task.evaluate(engine.step)
+    def evaluate(self, engine: Engine) -> dict | None:
+        """The task's evaluation, recorded and logged; the checkpoint written at this step
+        (before the evaluation) is written again, with the evaluation's state. A failure is
+        ``evaluation_failed``'s."""
+        try:
+            metrics = self.task.evaluate(engine.step)
+        except Exception as e:  # noqa: BLE001 - evaluation_failed re-raises what it cannot keep
+            evaluation_failed(engine, "the evaluation", e, self.stop_on_error)
+            self.evaluated_at = engine.step
+            return None
         self.metrics, self.evaluated_at = metrics, engine.step
         epoch = engine.step / engine.steps_per_epoch
         flat = _scalars(metrics, self.task.record_prefix)
@@ -311,6 +338,8 @@ class EvalHook(Hook):
         if report := self.task.report(metrics):
             log.info("%s", report)
         self.draw(engine)
+        if self.saver is not None and self.saver.saved_at == engine.step:
+            self.saver.save(engine)  # the checkpoint of this step, now with this evaluation
         return metrics
 
     def draw(self, engine: Engine) -> None:

@@ -23,6 +23,7 @@ from . import distributed as du
 from .config import ConfigError
 from .data import ImageFiles, normalize_pixels
 from .engine import Engine, Hook
+from .hooks import evaluation_failed
 from .knn import extract_features
 
 log = logging.getLogger("crossmae")
@@ -45,7 +46,8 @@ def probe_splits(train: str | None, val: str) -> ImageFiles:
 
 
 class OnlineProbe(Hook):
-    """Trains the head after every update and evaluates it every ``every_epochs`` epochs.
+    """Trains the head after every update and evaluates it every ``every_epochs`` epochs (an
+    evaluation: after the step's checkpoint; a failure is ``evaluation_failed``'s).
 
     Args:
         task: the pretraining task (its model, ``last_batch``: the crops and labels of the last
@@ -57,6 +59,8 @@ class OnlineProbe(Hook):
     """
 
     name = "online_probe"
+
+    evaluation = True
 
     def __init__(self, task, val: ImageFiles, *, lr: float, every_epochs: int, seed: int):
         self.task, self.val, self.every_epochs = task, val, every_epochs
@@ -91,7 +95,11 @@ class OnlineProbe(Hook):
     def after_epoch(self, engine: Engine) -> None:
         epoch = engine.step // engine.steps_per_epoch
         if self.every_epochs and epoch % self.every_epochs == 0:
-            self.evaluate(engine, epoch)
+            try:
+                self.evaluate(engine, epoch)
+            except Exception as e:  # noqa: BLE001 - evaluation_failed re-raises what it cannot keep
+                stop = self.task.cfg.train.stop_on_eval_error
+                evaluation_failed(engine, "the online probe's evaluation", e, stop)
 
     @torch.no_grad()
     def evaluate(self, engine: Engine, epoch: int) -> dict:

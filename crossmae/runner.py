@@ -119,14 +119,25 @@ def setup_logging(out_dir: Path | None, rank: int) -> None:
         logger.addHandler(h)
 
 
-def open_run_folder(cfg: DictConfig, out: Path | None, resume: str | None) -> None:
-    """A folder that does not already hold a run unless resuming, locked, with the resolved
-    ``config.yaml`` (a resumed run's is written once its checkpoint has accepted the settings),
-    and logging into it (``out`` None: logging only)."""
+def open_run_folder(cfg: DictConfig, out: Path | None, resume: str | None, *,
+                    force: bool = False, resumable: bool = True) -> None:  # fmt: skip
+    """A folder that does not already hold a run (a checkpoint, or an evaluation's
+    results.json) unless resuming it (``--resume auto``, or a checkpoint inside it) or
+    ``force``, locked, with the resolved ``config.yaml`` (a resumed run's is written once its
+    checkpoint has accepted the settings), and logging into it (``out`` None: logging only).
+    ``resumable``: the command takes ``--resume`` (said in the error)."""
     if out is not None:
-        if resume is None and latest_checkpoint(out) is not None:
-            raise FileExistsError(f"{out} already holds a run; continue it with --resume auto "
-                                  "or choose another output_dir")  # fmt: skip
+        held = latest_checkpoint(out) or (out / "results.json" if (out / "results.json").is_file()
+                                          else None)  # fmt: skip
+        ways = ("continue it with --resume auto, " if resumable else "") + (
+            "choose another output_dir, or add --force to replace it")  # fmt: skip
+        if held and not force and resume is None:
+            raise FileExistsError(f"{out} already holds a run ({Path(held).name}); {ways}")
+        if held and not force and resume not in (None, "auto") and not _inside(resume, out):
+            raise FileExistsError(
+                f"{out} already holds a run ({Path(held).name}): resuming {resume} from another "
+                f"folder would replace it; {ways}"
+            )
         if du.rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             RunLock.take(out)
@@ -134,6 +145,10 @@ def open_run_folder(cfg: DictConfig, out: Path | None, resume: str | None) -> No
                 write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
         du.barrier()
     setup_logging(out, du.rank())
+
+
+def _inside(path: str, folder: Path) -> bool:
+    return Path(path).resolve().is_relative_to(folder.resolve())
 
 
 def close_run(out: Path | None) -> None:
@@ -162,7 +177,8 @@ def resolve(task: Task, cfg: DictConfig, device: torch.device) -> DictConfig:
     return cfg
 
 
-def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> dict:
+def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None, *,
+             force: bool = False) -> dict:  # fmt: skip
     """Run a task (an instance, or a registered name with ``cfg``) end to end (module docstring).
 
     Args:
@@ -170,6 +186,8 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
         cfg: its merged config (``task.schema``).
         resume: ``"auto"`` (the run folder's last checkpoint, or a fresh run), a checkpoint path,
             or None (a fresh run: a folder that holds a run is an error).
+        force: a fresh run, or a checkpoint of another folder, may replace the results a run
+            folder already holds.
 
     Returns:
         The results (what results.json holds): output folder, step, whether a signal stopped the
@@ -183,7 +201,7 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
     task.device = device = du.init_from_env(cfg.train.device)
     cfg = resolve(task, cfg, device)
     if not task.trains:
-        return _evaluate_only(task, cfg)
+        return _evaluate_only(task, cfg, force)
     tc = cfg.train
     fitted = None
     if tc.get("gpu_memory") is not None:  # the largest micro-batch that fits, before any write
@@ -195,7 +213,7 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None) -> di
     options.check(device, du.world_size())
     task.open_data()
     out = Path(cfg.output_dir)
-    open_run_folder(cfg, out, resume)
+    open_run_folder(cfg, out, resume, force=force)
     if fitted:
         log.info("train.gpu_memory=%s (%.3g GiB): %s", tc.gpu_memory, budget, fitted)
 
@@ -259,7 +277,7 @@ def _loop(task: Task, cfg: DictConfig, out: Path, model, optimizer, loader, sche
                            keep_every_epochs=lc.keep_every_epochs)  # fmt: skip
     every_steps, every_epochs = task.eval_every() if task.evaluates else (0, 0)
     evaluator = EvalHook(task, every_steps=every_steps, every_epochs=every_epochs, saver=saver,
-                         out=out)  # fmt: skip
+                         out=out, stop_on_error=cfg.train.stop_on_eval_error)  # fmt: skip
     writer = MetricsWriter(out, images_per_step=cfg.train.batch_size, every_steps=lc.every_steps,
                            tensorboard=lc.tensorboard, progress=lc.progress,
                            extra=task.record_fields)  # fmt: skip
@@ -305,8 +323,8 @@ def _train(task: Task, out: Path, loop: _Loop) -> dict:
         diverged = not interrupted and not finite_state(engine)
         if not interrupted and not diverged:  # saved before a final evaluation can fail
             saver.save_if_stale(engine)
-            if task.evaluates and evaluator.evaluate_if_stale(engine):
-                saver.save(engine)
+            if task.evaluates:  # which writes the checkpoint again, with its state
+                evaluator.evaluate_if_stale(engine)
         return interrupted or diverged
 
     try:
@@ -347,12 +365,12 @@ def last_checkpoint_of(out: Path) -> str:
     return f"last checkpoint: {last}" if last else "no checkpoint was written yet"
 
 
-def _evaluate_only(task: Task, cfg: DictConfig) -> dict:
+def _evaluate_only(task: Task, cfg: DictConfig, force: bool) -> dict:
     """An evaluation task: its folder (if any), the model, one ``evaluate()``, results.json."""
     task.open_data()
     out = task.output_dir()
     out = Path(du.all_gather_objects(str(out))[0]) if out is not None else None
-    open_run_folder(cfg, out, resume=None)
+    open_run_folder(cfg, out, resume=None, force=force, resumable=False)
     torch.manual_seed(cfg.train.seed)
     task.model = task.build_model(task.device)
     metrics = task.evaluate(0)

@@ -248,11 +248,25 @@ _COMMANDS: dict[tuple[str, ...], dict[str, Any]] = {}  # words -> {help, configu
 
 
 def register_task(cls: type[Task]) -> type[Task]:
-    """Class decorator: make a task known by its ``name`` (twice is an error)."""
-    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
-        raise ValueError(f"task {cls.name!r} is already registered ({_TASKS[cls.name]})")
+    """Class decorator: make a task known by its ``name``. A name, a command or a transfer
+    stage name that another task has already is an error naming both (a plugin cannot replace
+    a built-in task)."""
+    for other in _TASKS.values():
+        if other is cls:
+            continue
+        same = ("name", cls.name) if other.name == cls.name else (
+            ("command", " ".join(cls.command)) if tuple(other.command) == tuple(cls.command)
+            else ("transfer stage", cls.transfer.name) if cls.transfer and other.transfer
+            and other.transfer.name == cls.transfer.name else None)  # fmt: skip
+        if same:
+            raise ValueError(f"{_where(cls)} has the {same[0]} {same[1]!r} of "
+                             f"{_where(other)}: not registered")  # fmt: skip
     _TASKS[cls.name] = cls
     return cls
+
+
+def _where(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def get_task(name: str) -> type[Task]:
@@ -282,6 +296,12 @@ def register_command(
     command of several words sits under the groups its first words name (``register_group``)."""
 
     def add(configure: Callable[[argparse.ArgumentParser], None]) -> Callable:
+        known = _COMMANDS.get(tuple(words))
+        if known is not None and known["configure"] is not None and (
+                known["configure"].__qualname__, known["configure"].__module__) != (
+                configure.__qualname__, configure.__module__):  # fmt: skip
+            raise ValueError(f"command {' '.join(words)!r} of {configure.__module__} is "
+                             f"{known['configure'].__module__}'s: not registered")  # fmt: skip
         _COMMANDS[tuple(words)] = {"help": help, "description": description,
                                    "configure": configure}  # fmt: skip
         return configure
@@ -327,17 +347,27 @@ _loaded = False
 
 
 def load_plugins() -> None:
-    """Import every module named by a ``crossmae.plugins`` entry point (once): each registers its
-    tasks and commands. A plugin that fails to import is an error naming it."""
+    """Import every module named by a ``crossmae.plugins`` entry point (once; this
+    distribution's own first): each registers its tasks and commands. A plugin that fails to
+    import (a syntax error, a missing module, an exception, a name a built-in has) is one
+    warning naming it and why; every other command still works."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=_builtin_first):
         try:
             ep.load()
-        except ImportError as e:
-            _loaded = False
-            raise ImportError(
-                f"crossmae plugin {ep.name!r} ({ep.value}) failed to import: {e}"
-            ) from e
+        except Exception as e:  # noqa: BLE001 - one broken plugin must not break the others
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            log.warning("crossmae plugin %r (%s) was not loaded: %s: %s", ep.name, ep.value,
+                        type(e).__name__, first)  # fmt: skip
+            PLUGIN_ERRORS[ep.name] = f"{type(e).__name__}: {first}"
+
+
+PLUGIN_ERRORS: dict[str, str] = {}  # plugin -> why it was not loaded
+
+
+def _builtin_first(ep) -> tuple[bool, str]:
+    dist = getattr(ep, "dist", None)
+    return (getattr(dist, "name", None) != "crossmae", ep.name)

@@ -145,3 +145,37 @@ def test_a_config_names_its_base_and_overrides_only_what_differs(tmp_path):
     (tmp_path / "d.yaml").write_text("_base_: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="not found"):
         load_config(PretrainConfig, [tmp_path / "d.yaml"])
+
+
+@pytest.mark.parametrize("value", ["0123", "no", "off", "1e3", "/tmp/my run #1", "[a, b]", "~"])
+def test_a_text_setting_keeps_the_text_given(value):
+    """A path or a name on the command line is the text typed, character for character: not
+    YAML's reading of it (0123 an octal 83, no a False, '#1' a comment, ~ a null)."""
+    from cls.config import FinetuneConfig
+
+    assert load_config(PretrainConfig, [], [f"output_dir={value}"]).output_dir == value
+    assert load_config(PretrainConfig, [], [f"data.path={value}"]).data.path == value
+    cfg = load_config(FinetuneConfig, [], [f"data.train={value}", f"encoder.checkpoint={value}"])
+    assert cfg.data.train == value and cfg.encoder.checkpoint == value
+
+
+def test_empty_text_is_an_error_and_null_keeps_its_meaning():
+    """An empty value (an unset shell variable) names its key; ``null`` is the one word for
+    None (encoder.checkpoint=null: an untrained encoder); numbers and lists still read as YAML."""
+    for setting in ("data.path=", "output_dir=", "data.path=  "):
+        key = setting.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"^{key}= has no value .* leave {key} out"):
+            load_config(PretrainConfig, [], [setting])
+    assert load_config(PretrainConfig, [], ["output_dir=null"]).output_dir is None
+    cfg = load_config(PretrainConfig, [], ["train.seed=7", "optim.blr=1e-3",
+                                           "data.crop_scale=[0.3, 1]"])  # fmt: skip
+    assert (cfg.train.seed, cfg.optim.blr, list(cfg.data.crop_scale)) == (7, 1e-3, [0.3, 1.0])
+
+
+@pytest.mark.parametrize("setting", ["train.seed=[1,", "train.seed=*a", "model.kwargs={a: 1"])
+def test_a_value_yaml_cannot_read_is_one_line_naming_it(setting, capsys):
+    with pytest.raises(ConfigError, match="is not a value YAML can read"):
+        load_config(PretrainConfig, [], [setting])
+    assert main(["pretrain", setting, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and repr(setting) in err and "Traceback" not in err

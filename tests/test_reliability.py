@@ -61,11 +61,19 @@ def test_2_the_training_is_saved_before_a_final_evaluation_that_fails(tmp_path):
             raise RuntimeError("the evaluation found a problem")
 
     tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
-    cfg = load_config(Failing.schema, [], [f"encoder.checkpoint={tmp_path / 'enc.pt'}",
-                                           f"output_dir={tmp_path / 'run'}"])  # fmt: skip
+    common = [f"encoder.checkpoint={tmp_path / 'enc.pt'}"]
+    cfg = load_config(Failing.schema, [], [*common, f"output_dir={tmp_path / 'run'}"])
+    result = run_task(Failing(cfg), cfg)  # reported, and the run ends as a finished one
+    assert result["step"] == 4 and not result["interrupted"] and result["metrics"] is None
+    assert load_checkpoint(tmp_path / "run" / LAST)["step"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["evaluation_error"] for r in rows if "evaluation_error" in r] == [
+        "the evaluation: RuntimeError: the evaluation found a problem"]  # fmt: skip
+    cfg = load_config(Failing.schema, [], [*common, f"output_dir={tmp_path / 'stop'}",
+                                           "train.stop_on_eval_error=true"])  # fmt: skip
     with pytest.raises(RuntimeError, match="found a problem"):
         run_task(Failing(cfg), cfg)
-    assert load_checkpoint(tmp_path / "run" / LAST)["step"] == 4
+    assert load_checkpoint(tmp_path / "stop" / LAST)["step"] == 4
 
 
 @pytest.mark.parametrize(
@@ -379,8 +387,13 @@ def wait_for(proc: subprocess.Popen, path: Path, test, timeout: float = 180) -> 
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_an_evaluation_with_data_workers_is_one_line(shared_dir, tmp_path):
-    """An evaluation stopped by Ctrl-C to the process group: one line, no traceback."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])  # fmt: skip
+def test_a_stop_signal_during_an_evaluation_with_data_workers_is_one_line(shared_dir, tmp_path,
+                                                                          sig):  # fmt: skip
+    """An evaluation (no training loop) stopped by any ending signal to the process group: one
+    line naming it, its status (130 for Ctrl-C, 128 + the signal's number otherwise), no
+    traceback and no lock left in the run folder."""
     from conftest import tiny_encoder_export
 
     tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
@@ -390,10 +403,15 @@ def test_ctrl_c_during_an_evaluation_with_data_workers_is_one_line(shared_dir, t
                         "data.img_size=32", "data.num_workers=2", "data.batch_size=16",
                         f"output_dir={tmp_path / 'eval'}")  # fmt: skip
     wait_for(proc, tmp_path / "eval" / "log.txt", lambda t: "features of" in t)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "crossmae cls frozen: interrupted" in out, out
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "crossmae cls frozen: interrupted" in out, out
+    else:
+        assert proc.returncode == 128 + sig, out
+        assert f"crossmae cls frozen: stopped by {sig.name}" in out, out
     assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert not (tmp_path / "eval" / "run.lock").exists()
 
 
 def test_a_diverged_run_does_not_look_finished(tmp_path, monkeypatch, capsys):
@@ -588,3 +606,203 @@ def test_nonfinite_steps_are_numbered_as_in_the_records(tmp_path, monkeypatch):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
     assert [r["step"] for r in rows if r.get("skipped_steps")] == [2]
     assert "step 2: non-finite loss, step skipped" in (tmp_path / "log.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("monitor", ["knn", "probe"])
+def test_a_failing_evaluation_inside_training_loses_no_training(shared_dir, tmp_path, monitor):
+    """An evaluation inside training that fails on its data (a zero-byte image in the kNN
+    monitor's or the online probe's val folder, read by data workers) is one error line and a
+    record, and training goes on to its end; asked to stop (train.stop_on_eval_error=true), the
+    run ends with one line, the epoch's checkpoint and encoder.pt written before the evaluation,
+    no lock and no data worker left (the command returns within its timeout)."""
+    from test_data import cifar_folder
+
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=16, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=3, classes=2)
+    (val / "airplane" / "empty.png").write_bytes(b"")
+    if monitor == "knn":
+        settings = [f"data.knn_train={train}", f"data.knn_val={val}", "log.knn_every_epochs=1"]
+    else:
+        settings = [f"data.path={train}", f"probe.val={val}"]
+    tiny = [s for s in TINY if not s.startswith("data.num_workers")]
+    args = ["pretrain", *tiny, *settings, "data.num_workers=2", "log.progress=false"]
+    run = tmp_path / "run"
+    proc = crossmae_cli(*args, f"output_dir={run}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert out.count("failed, training goes on") == 2 and "empty.png" in out, out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert len([r for r in rows if "evaluation_error" in r]) == 2
+    result = json.loads((run / "results.json").read_text())
+    assert result["interrupted"] is False and result["step"] == 4  # 2 epochs of 2 steps
+    assert load_checkpoint(run / LAST)["step"] == 4 and (run / "encoder.pt").is_file()
+
+    stop = tmp_path / "stop"
+    proc = crossmae_cli(*args, "train.stop_on_eval_error=true", f"output_dir={stop}")
+    out, _ = proc.communicate(timeout=300)
+    errors = [line for line in out.splitlines() if "crossmae pretrain: error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1 and "empty.png" in errors[0], out
+    assert "Traceback" not in out
+    steps_per_epoch = load_checkpoint(run / LAST)["step"] // 2
+    assert load_checkpoint(stop / LAST)["step"] == steps_per_epoch  # epoch 1, before evaluating
+    assert torch.load(stop / "encoder.pt", weights_only=True)["step"] == steps_per_epoch
+    assert not (stop / "run.lock").exists()
+
+
+def test_no_command_replaces_another_runs_results_without_force(shared_dir, tmp_path, capsys):
+    """A run folder's checkpoint or results.json is replaced only with --force: a fresh run
+    into it, a checkpoint of another folder resumed into it, and an evaluation (cls frozen,
+    which takes no --resume and is not told to use it) into an earlier one are refused, naming
+    the folder and the ways out; --force replaces."""
+    from conftest import tiny_encoder_export
+    from test_data import cifar_folder
+
+    base = ["pretrain", *TINY, "log.vis_every_epochs=0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*base, f"output_dir={a}"]) == 0
+    assert main([*base, "train.seed=1", f"output_dir={b}"]) == 0
+    before = (b / LAST).read_bytes()
+    capsys.readouterr()
+    assert main([*base, f"output_dir={b}"]) == 2
+    assert main([*base, "--resume", str(a / LAST), f"output_dir={b}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(f"{b} already holds a run (checkpoint-last.pt)" in e for e in err)
+    assert "resuming" in err[1] and "from another folder would replace it" in err[1]
+    assert all("--force" in e and "--resume auto" in e for e in err)
+    assert (b / LAST).read_bytes() == before
+    own = [*base, "train.seed=1", "--resume", str(b / LAST), f"output_dir={b}"]
+    assert main(own) == 0  # its own checkpoint: fine
+    assert main([*base, "--resume", str(a / LAST), f"output_dir={b}", "--force"]) == 0
+
+    tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=4, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=2, classes=2)
+    frozen = ["cls", "frozen", f"encoder.checkpoint={tmp_path / 'enc.pt'}", f"data.train={train}",
+              f"data.val={val}", "data.img_size=32", "data.num_workers=0", "probe.epochs=2",
+              "probe.warmup_epochs=0", "probe.batch_size=4", "knn.ks=[3]", "knn.k=3",
+              f"output_dir={tmp_path / 'eval'}"]  # fmt: skip
+    assert main(frozen) == 0
+    results = (tmp_path / "eval" / "results.json").read_text()
+    capsys.readouterr()
+    assert main([*frozen, "probe.epochs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (results.json)" in err and "--force" in err
+    assert "--resume" not in err  # cls frozen takes none
+    assert (tmp_path / "eval" / "results.json").read_text() == results
+    assert main([*frozen, "probe.epochs=3", "--force"]) == 0
+
+
+def test_the_feature_cache_is_keyed_by_the_files_it_was_made_from(shared_dir, tmp_path, capfd):
+    """cls frozen's cache: a val image replaced by another (same count, same names) or added, or
+    the encoder file rewritten, computes the features again; a truncated cache file is computed
+    again with a warning, not a traceback."""
+    import shutil
+    import time
+
+    from conftest import tiny_encoder_export
+    from test_data import cifar_folder
+
+    tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=4, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=3, classes=2)
+    cache = tmp_path / "cache"
+    args = ["cls", "frozen", f"encoder.checkpoint={tmp_path / 'enc.pt'}", f"data.train={train}",
+            f"data.val={val}", "data.img_size=32", "data.num_workers=0", "probe.epochs=1",
+            "probe.warmup_epochs=0", "probe.batch_size=4", "knn.ks=[3]", "knn.k=3",
+            f"data.cache_dir={cache}"]  # fmt: skip
+
+    log = []
+
+    def cached() -> int:
+        capfd.readouterr()
+        assert main(args) == 0
+        log[:] = capfd.readouterr().err.splitlines()
+        return sum("features from cache" in line for line in log)
+
+    assert cached() == 0 and cached() == 2  # made, then both splits read back
+    first = sorted((val / "airplane").iterdir())[0]
+    other = sorted((train / "automobile").iterdir())[0]
+    time.sleep(0.01)
+    first.unlink()
+    shutil.copyfile(other, first)  # the same name, another picture
+    assert cached() == 1  # train from the cache, val computed again
+    shutil.copyfile(other, val / "airplane" / "extra.png")
+    assert cached() == 1
+    tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)  # rewritten
+    assert cached() == 0
+    for f in cache.iterdir():
+        f.write_bytes(f.read_bytes()[:100])
+    assert cached() == 0
+    assert sum("is unreadable" in line and "computed again" in line for line in log) == 2
+
+
+def test_a_knn_k_beyond_the_training_images_says_what_was_used(shared_dir, tmp_path, capfd):
+    """knn.k (and each of knn.ks) larger than the training set votes with all its images: the
+    log says so, the result line shows the k used, and results.json records it."""
+    from conftest import tiny_encoder_export
+    from test_data import cifar_folder
+
+    tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
+    train = cifar_folder(shared_dir, tmp_path / "train", per_class=4, classes=2)
+    val = cifar_folder(shared_dir, tmp_path / "val", per_class=2, classes=2)
+    out = tmp_path / "eval"
+    assert main(["cls", "frozen", f"encoder.checkpoint={tmp_path / 'enc.pt'}",
+                 f"data.train={train}", f"data.val={val}", "data.img_size=32",
+                 "data.num_workers=0", "probe.epochs=1", "probe.warmup_epochs=0",
+                 "probe.batch_size=4", "knn.k=100", "knn.ks=[3,200]",
+                 f"output_dir={out}"]) == 0  # fmt: skip
+    err = capfd.readouterr().err
+    assert "k = 100, 200 asked, but there are 8 training images: each of these uses k = 8" in err
+    assert "(k = 8: all the training images, 100 asked)" in err
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    assert m["knn_k"] == 8 and m["knn_by_k"]["200"]["k_used"] == 8
+    assert m["knn_by_k"]["3"]["k_used"] == 3
+    assert m["knn_by_k"]["100"]["top1"] == m["knn_by_k"]["200"]["top1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_whose_peers_never_start_says_so_in_bounded_time(tmp_path, rank):
+    """WORLD_SIZE=2 and no other process: the main process names the processes that did not
+    join, another one the main process it could not reach, one line each, within
+    CROSSMAE_JOIN_TIMEOUT, instead of waiting in silence."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "RANK": str(rank),
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "CROSSMAE_JOIN_TIMEOUT": "3",
+    }
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    proc = subprocess.run([sys.executable, "-m", "crossmae", "pretrain", *TINY,
+                           f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    who = "1 other process(es) (RANK 1..1) did not join" if rank == 0 else (
+        f"no main process (RANK 0) answered at 127.0.0.1:{port}")  # fmt: skip
+    assert f"WORLD_SIZE=2, RANK={rank}: {who} within 3 s" in errors[0], errors
+    assert "Traceback" not in proc.stderr
+
+
+def test_print_config_and_resume_use_the_runs_own_settings(tmp_path, capsys):
+    """--resume continues a run with the settings it was trained with (its config.yaml under
+    the command's own), and --print-config --resume shows those settings, not the defaults."""
+    run = tmp_path / "run"
+    assert main(["pretrain", *TINY, "train.seed=3", "log.vis_every_epochs=0",
+                 f"output_dir={run}"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["pretrain", "--print-config", "--resume", "auto", f"output_dir={run}"]) == 0
+    printed = capsys.readouterr().out
+    assert "seed: 3" in printed and "embed_dim: 32" in printed and "img_size: 32" in printed
+    assert main(["pretrain", "--print-config", "--resume", str(run / LAST)]) == 0
+    assert "seed: 3" in capsys.readouterr().out
+    assert main(["pretrain", "--resume", "auto", f"output_dir={run}"]) == 0  # nothing left to do
+    assert main(["pretrain", "--resume", "auto", f"output_dir={run}", "train.seed=4"]) == 2
+    assert "train.seed: 3 -> 4" in capsys.readouterr().err

@@ -103,3 +103,62 @@ def test_an_installed_task_is_found_by_the_cli_the_benchmark_and_the_transfer_st
     assert help_.returncode == 0 and "Required: encoder.checkpoint, output_dir" in " ".join(
         help_.stdout.split()
     )
+
+
+PLUGINS = {
+    "clash": "from cls.task import FrozenTask\nfrom crossmae.task import register_task\n\n"
+    "@register_task\nclass Mine(FrozenTask):\n    name = 'mine'\n",
+    "stage": "import dataclasses\nfrom cls.task import FrozenTask\n"
+    "from crossmae.task import register_task\n\n@register_task\n"
+    "class Other(FrozenTask):\n    name, command = 'other', ('other', 'run')\n"
+    "    transfer = dataclasses.replace(FrozenTask.transfer, order=7)\n",
+    "syntax": "def broken(:\n",
+    "missing": "import crossmae_no_such_module\n",
+    "boom": "raise RuntimeError('boom at import')\n",
+}
+
+
+@pytest.mark.slow
+def test_a_plugin_cannot_replace_a_built_in_and_a_broken_one_breaks_nothing_else(tmp_path):
+    """A plugin task with a built-in's command (cls frozen) or transfer stage name (frozen) is
+    refused with one line naming both; a plugin with a syntax error, a missing module or an
+    exception at import is one line naming it; --help, the built-in commands and the stage list
+    work as without them."""
+    for name, text in PLUGINS.items():
+        (tmp_path / f"plugin_{name}.py").write_text(text)
+    dist = tmp_path / "crossmae_broken-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: crossmae-broken\nVersion: 0.1\n")
+    points = "".join(f"{n} = plugin_{n}\n" for n in PLUGINS)
+    (dist / "entry_points.txt").write_text(f"[crossmae.plugins]\n{points}")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(tmp_path), str(TESTS), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    help_ = subprocess.run([sys.executable, "-m", "crossmae", "--help"], capture_output=True,
+                           text=True, timeout=300, env=env, cwd=REPO)  # fmt: skip
+    assert help_.returncode == 0 and "pretrain" in help_.stdout, help_.stderr
+    lines = [line for line in help_.stderr.splitlines() if "was not loaded" in line]
+    assert len(lines) == len(PLUGINS), help_.stderr
+    why = {n: next(line for line in lines if f"plugin {n!r}" in line) for n in PLUGINS}
+    assert "the command 'cls frozen' of cls.task.FrozenTask" in why["clash"]
+    assert "plugin_clash.Mine" in why["clash"]
+    assert "the transfer stage 'frozen'" in why["stage"]
+    assert "SyntaxError" in why["syntax"] and "ModuleNotFoundError" in why["missing"]
+    assert "RuntimeError: boom at import" in why["boom"]
+    assert "Traceback" not in help_.stderr
+    listed = crossmae("transfer", "--list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout.splitlines()[0])["stages"] == [
+        "frozen", "linprobe", "finetune", "det", "seg"]  # fmt: skip
+    frozen = subprocess.run(
+        [sys.executable, "-m", "crossmae", "cls", "frozen", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=REPO,
+    )
+    assert frozen.returncode == 0 and "kNN" in frozen.stdout

@@ -304,9 +304,11 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])  # fmt: skip
 def test_a_stop_signal_to_the_process_group_leaves_a_usable_checkpoint(tmp_path, sig):
-    """SIGTERM (timeout, Slurm, submitit) and Ctrl-C alike, sent to the whole process group as
+    """SIGTERM (timeout, Slurm, submitit), Ctrl-C and SIGHUP (a closed terminal, an ssh drop)
+    alike, sent to the whole process group as
     they are, data workers included: the workers leave it to the main process, which finishes
     its step, writes the checkpoint and encoder.pt, and exits 1 without a traceback; --resume
     auto completes the run."""

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from crossmae import create_model
 from crossmae.bench import bench_cases
+from crossmae.checkpoint import strict_json
 from crossmae.config import ConfigError, int_at_least
 from crossmae.engine import Engine, StepOptions
 from crossmae.models import CrossMAE, model_class
@@ -405,7 +406,7 @@ def cmd_saved(args) -> int:
                     "largest": [{"producer": p, "dtype": d, "shape": list(shape), "count": n,
                                  "mib": b / 2**20} for (p, d, shape), (n, b) in top],
                 }  # fmt: skip
-                print(json.dumps(rec), flush=True)
+                print(strict_json(rec), flush=True)
                 print(f"# {name} γ={rec['pred_ratio']} batch {args.batch}, memory budget {budget:g}"
                       f" ({device.type}): {rec['saved_tensors']} tensors, "
                       f"{rec['saved_gib'] * 1024:.1f} MiB saved for backward; forward outputs "
@@ -458,7 +459,7 @@ def cmd_step(args) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 rec["peak_tflops"] = args.peak_tflops
-                print(json.dumps(rec), flush=True)
+                print(strict_json(rec), flush=True)
                 rows.append(rec)
                 if args.out:  # line by line: a run cut short keeps what it measured
                     with open(args.out, "a") as f:
@@ -532,7 +533,7 @@ def cmd_tasks(args) -> int:
                "device": torch.cuda.get_device_name(device) if cuda else "cpu"}  # fmt: skip
         if peak:
             rec["mfu"] = rec["img_per_s"] * flops / (peak * 1e12)
-        print(json.dumps(rec), flush=True)
+        print(strict_json(rec), flush=True)
         if args.out:
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -586,15 +587,15 @@ def cmd_attention(args) -> int:
                     sync(device)
                 times[backend] = (time.perf_counter() - t) / args.iters * 1e3
             except RuntimeError as e:  # the backend does not take this shape / dtype / device
-                print(json.dumps({"shape": label, "sdpa": backend, "unsupported": str(e)[:120]}))
+                print(strict_json({"shape": label, "sdpa": backend, "unsupported": str(e)[:120]}))
                 continue
             rec = {"shape": label, "batch": args.batch, "heads": h, "queries": nq, "keys": nk,
                    "head_dim": d, "dtype": str(dtype), "sdpa": backend,
                    "fwd_bwd_ms": times[backend]}  # fmt: skip
-            print(json.dumps(rec), flush=True)
+            print(strict_json(rec), flush=True)
         named = {b: ms for b, ms in times.items() if b != "auto"}
         fastest[label] = min(named, key=named.get) if named else None
-    print(json.dumps({"fastest": fastest}))
+    print(strict_json({"fastest": fastest}))
     return 0
 
 
@@ -632,7 +633,7 @@ def data_rates(args) -> int:
         rec = {"pipeline": f"cpu decode + RRC + flip (PIL), {output}", "images": n,
                "img_size": args.img_size, "img_per_s_per_worker": cpu_rate,
                "folder": args.folder}  # fmt: skip
-        print(json.dumps(rec))
+        print(strict_json(rec))
     if torch.cuda.is_available() and not args.no_gpu:
         from crossmae.data.gpu import JpegSamples, collate_raw, decode_batch
 
@@ -650,7 +651,7 @@ def data_rates(args) -> int:
         rate = n / (time.perf_counter() - t)
         rec = {"pipeline": "GPU decode_jpeg + RRC + flip", "images": n, "img_size": args.img_size,
                "img_per_s": rate, "device": torch.cuda.get_device_name()}  # fmt: skip
-        print(json.dumps(rec))
+        print(strict_json(rec))
     return 0
 
 

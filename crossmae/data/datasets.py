@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("crossmae")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".gif")
 

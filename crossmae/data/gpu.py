@@ -17,7 +17,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from .datasets import ImageFiles, read_or_skip
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, rrc_params
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("crossmae")
 
 
 class JpegSamples(torch.utils.data.Dataset):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import read_or_skip
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("crossmae")
 
 
 def sample_seed(*keys: int) -> int:
@@ -155,8 +155,11 @@ def collate(samples: list[Sample]) -> dict:
     }
 
 
-# the signals that stop a run: the main process checkpoints and exits; data workers ignore them
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# the signals that stop a run, every one whose default would end the process and that is sent
+# from outside (a closed terminal or ssh session: SIGHUP; Ctrl-\: SIGQUIT; a CPU-time limit:
+# SIGXCPU; Slurm: SIGUSR1/2): the main process checkpoints and exits; data workers ignore them
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGXCPU,
+                signal.SIGUSR1, signal.SIGUSR2)  # fmt: skip
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
