@@ -90,7 +90,8 @@ def _replace_atomic(path: str | Path, write) -> Path:
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         cause = e if isinstance(e, OSError) else e.__cause__ or e
-        raise OSError(f"could not write {path} (the previous file is kept): {cause}") from e
+        kept = "the previous file is kept" if Path(path).exists() else "no file was written"
+        raise OSError(f"could not write {path} ({kept}): {cause}") from e
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,19 @@ def in_table(table: str) -> Check:
     return check
 
 
+def fraction_option(text: str) -> float:
+    """A command-line option's type: a number in [0, 1] (a score threshold)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """A command-line option's type: an integer of at least ``low`` (argparse names the option
     and the value when it is not)."""
@@ -158,6 +172,12 @@ def problems_of(cfg: DictConfig, prefix: str = "") -> list[str]:
         if value is None:
             continue
         plain = OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+        if isinstance(plain, float) and not math.isfinite(plain):
+            found.append(f"{key}={plain}: must be a finite number")
+            continue
+        if f.name == "seed" and isinstance(plain, int) and not 0 <= plain < 2**32:
+            found.append(f"{key}={plain}: a seed must be in 0 .. 2**32 - 1")
+            continue
         for check in f.metadata.get("checks", ()):
             if (problem := check(plain)) is not None:
                 found.append(f"{key}={plain}: {problem}")
@@ -405,12 +425,16 @@ def _file_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
     """A config file and the files it builds on, base first: a file's ``_base_: other.yaml``
     (relative to the file) is read before it, so a large model's file holds only what differs
     from the base one."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file (give a YAML file in it)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: {BASE_KEY} chain loops back to itself")
     try:
         diff = OmegaConf.load(path)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is YAML text)") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""

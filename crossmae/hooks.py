@@ -216,8 +216,9 @@ class CheckpointHook(Hook):
         gathered). ``training_state=False`` leaves out the optimizer and scaler. Weights that
         are not finite are not written over the previous file (returns False)."""
         if not engine.weights_finite():  # every process has the same weights
-            log.warning("step %d: non-finite weights, %s not written (the previous one is kept)",
-                        engine.step, tag)  # fmt: skip
+            kept = "the previous one is kept" if (self.out / tag).exists() else "none written yet"
+            log.warning("step %d: non-finite weights, %s not written (%s)", engine.step, tag,
+                        kept)  # fmt: skip
             return False
         rngs = engine.gather_random_states()
         if tag == LAST:
@@ -254,6 +255,12 @@ class CheckpointHook(Hook):
         last = engine.step >= engine.steps
         if self.keep_every_epochs and (done % self.keep_every_epochs == 0 or last):
             self.keep(engine, done)
+
+    def after_train(self, engine: Engine, interrupted: bool) -> None:
+        """A run that ends mid-epoch (``train.steps``, ``max_steps``) keeps its last state too,
+        as the epoch it is in (the file says its step)."""
+        if not interrupted and self.keep_every_epochs and engine.step % engine.steps_per_epoch:
+            self.keep(engine, math.ceil(engine.step / engine.steps_per_epoch))
 
     def keep(self, engine: Engine, epoch: int) -> None:
         """``NAME-epochN.pt`` of each export (weights that are not finite are not kept), or the

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from crossmae.config import int_at_least
+from crossmae.config import fraction_option, int_at_least
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.task import register_command, register_converter, register_group
 
@@ -75,7 +75,7 @@ def _visualize_command(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the PNGs (one per image)")
     p.add_argument("-n", "--num-images", type=int_at_least(1), default=8,
                    help="the first N images of the json (default 8)")  # fmt: skip
-    p.add_argument("--score", type=float, default=0.5,
+    p.add_argument("--score", type=fraction_option, default=0.5,
                    help="draw predictions scored at least this (default 0.5)")  # fmt: skip
     p.set_defaults(func=visualize_checkpoint)
 

@@ -165,9 +165,23 @@ def build_detector(cfg, num_classes: int, encoder_config: dict) -> ViTDetMaskRCN
         raise ValueError(
             f"model.img_size={cfg.img_size} is not a multiple of the patch size {patch}"
         )
+    pretrain_size = cfg.pretrain_img_size or encoder_config["img_size"]
+    if pretrain_size % patch:  # the position table is resampled from the pretraining grid
+        source = (
+            "model.pretrain_img_size"
+            if cfg.pretrain_img_size
+            else f"the encoder's img_size (its patch size {encoder_config.get('patch_size')})"
+        )
+        raise ValueError(
+            f"the pretraining image size {pretrain_size} ({source}) is not a multiple of the "
+            f"detector's patch size {patch} (model.patch_size): set model.pretrain_img_size to "
+            f"a multiple of {patch} near {pretrain_size}, e.g. "
+            f"{max(patch, round(pretrain_size / patch) * patch)}, or model.patch_size to the "
+            "encoder's"
+        )
     backbone = ViTDetBackbone(
         img_size=cfg.img_size,
-        pretrain_img_size=cfg.pretrain_img_size or encoder_config["img_size"],
+        pretrain_img_size=pretrain_size,
         patch_size=patch,
         **encoder_widths(encoder_config),
         drop_path_rate=cfg.drop_path_rate,

@@ -133,3 +133,32 @@ def test_curve_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's own check
         main(["transfer", "--curve", "--poll", "0", str(tmp_path)])
     assert e.value.code == 2 and "--poll: must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_curve_of_two_models_is_refused_naming_them(tmp_path, capsys):
+    """Kept encoders of different models in one folder (a folder reused with another depth or
+    patch size) are not drawn as one curve: one line names the epochs of each."""
+    tiny_run(tmp_path / "a", "train.epochs=1", "log.keep_every_epochs=1")
+    tiny_run(tmp_path / "b", "train.epochs=2", "log.keep_every_epochs=1", "model.patch_size=16")
+    shutil.copy(tmp_path / "a" / "encoder-epoch1.pt", tmp_path / "b" / "encoder-epoch1.pt")
+    capsys.readouterr()
+    assert main(["transfer", "--curve", str(tmp_path / "b"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "kept checkpoints are of 2 different encoders (epochs 1:" in err
+    assert "epochs 2:" in err and "one curve is one model" in err
+
+
+def test_watching_a_run_folder_that_is_deleted_ends_with_one_line(tmp_path, monkeypatch, capsys):
+    """--watch on a run whose folder disappears (deleted, moved) ends naming it, instead of
+    polling forever and rewriting an empty curve."""
+    run = tmp_path / "run"
+    run.mkdir()  # a run that has kept nothing yet, still running
+
+    def gone(seconds):
+        shutil.rmtree(run)
+
+    monkeypatch.setattr(curve.time, "sleep", gone)
+    argv = ["transfer", "--curve", str(run), str(tmp_path / "out"), "--watch", "--poll", "1"]
+    assert main(argv) == 2
+    assert f"{run} no longer exists" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -635,8 +636,9 @@ def test_a_failing_evaluation_inside_training_loses_no_training(shared_dir, tmp_
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert len([r for r in rows if "evaluation_error" in r]) == 2
     result = json.loads((run / "results.json").read_text())
-    assert result["interrupted"] is False and result["step"] == 4  # 2 epochs of 2 steps
-    assert load_checkpoint(run / LAST)["step"] == 4 and (run / "encoder.pt").is_file()
+    steps = 8 if monitor == "knn" else 4  # 2 epochs of 64 built-in crops / of 32 images, batch 16
+    assert result["interrupted"] is False and result["step"] == steps
+    assert load_checkpoint(run / LAST)["step"] == steps and (run / "encoder.pt").is_file()
 
     stop = tmp_path / "stop"
     proc = crossmae_cli(*args, "train.stop_on_eval_error=true", f"output_dir={stop}")
@@ -806,3 +808,46 @@ def test_print_config_and_resume_use_the_runs_own_settings(tmp_path, capsys):
     assert main(["pretrain", "--resume", "auto", f"output_dir={run}"]) == 0  # nothing left to do
     assert main(["pretrain", "--resume", "auto", f"output_dir={run}", "train.seed=4"]) == 2
     assert "train.seed: 3 -> 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "arch, found",
+    [
+        ("mae_vit_small_patch16", "ViT-tiny (192-d, 12 blocks)"),
+        ("mae_vit_tiny_patch8", "ViT-tiny (192-d, 12 blocks)"),
+    ],
+)
+def test_an_official_file_read_as_another_architecture_is_one_line(tmp_path, arch, found):
+    """encoder.official_arch of another width, or of another patch size, names what the file
+    holds and what was asked, before any model is built (a strict load would otherwise fail
+    with torch's list of mismatched tensors)."""
+    from crossmae.models import create_model
+    from crossmae.models.official import to_official
+    from crossmae.models.pretrained import load_pretrained_encoder
+
+    with torch.device("meta"):
+        model = create_model("mae_vit_tiny_patch16")
+    sd = {k: torch.zeros(v.shape) for k, v in model.state_dict().items()}
+    torch.save({"model": to_official(sd, kind="mae")}, tmp_path / "official.pth")
+    with pytest.raises(ValueError, match=rf"holds {re.escape(found)}, not the encoder of "
+                                         rf"official_arch={arch}"):  # fmt: skip
+        load_pretrained_encoder(tmp_path / "official.pth", official_arch=arch)
+    _, config = load_pretrained_encoder(tmp_path / "official.pth",
+                                        official_arch="mae_vit_tiny_patch16")  # fmt: skip
+    assert (config["embed_dim"], config["patch_size"]) == (192, 16)
+
+
+@pytest.mark.parametrize("stop", ["train.max_steps=6", "train.steps=6"])
+def test_a_run_ending_mid_epoch_keeps_its_last_encoder(tmp_path, stop):
+    """log.keep_every_epochs keeps the last state as the README says, also when train.steps or
+    max_steps ends the run inside an epoch: as the epoch it is in, its step inside."""
+    run = tmp_path / "run"
+    settings = [s for s in TINY if not s.startswith("train.epochs")]
+    if stop.startswith("train.max_steps"):
+        settings.append("train.epochs=2")
+    else:
+        settings.append("train.epochs=null")
+    assert main(["pretrain", *settings, stop, "log.keep_every_epochs=1",
+                 "log.vis_every_epochs=0", f"output_dir={run}"]) == 0  # fmt: skip
+    kept = {p.name: torch.load(p, weights_only=True)["step"] for p in run.glob("encoder-epoch*")}
+    assert kept == {"encoder-epoch1.pt": 4, "encoder-epoch2.pt": 6}  # 4 steps per epoch

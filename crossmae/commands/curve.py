@@ -40,6 +40,39 @@ def kept_checkpoints(run: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
+def check_one_model(kept: dict[int, Path]) -> None:
+    """Kept checkpoints of one model: another model's (a run folder reused with another model
+    name, patch size or depth) would draw two runs as one curve."""
+    seen: dict[str, list[int]] = {}
+    for epoch, path in kept.items():
+        seen.setdefault(encoder_description(path), []).append(epoch)
+    if len(seen) > 1:
+        groups = "; ".join(f"epochs {', '.join(map(str, e))}: {json.loads(c)}"
+                           for c, e in seen.items())  # fmt: skip
+        raise ConfigError(f"the kept checkpoints are of {len(seen)} different encoders ({groups})"
+                          ": one curve is one model; move the other run's files away")  # fmt: skip
+
+
+_DESCRIBED: dict[tuple[str, int], str] = {}  # (file, mtime) -> its encoder's settings
+
+
+def encoder_description(path: Path) -> str:
+    """A kept file's encoder settings as JSON, read once per file (memory-mapped: the weights
+    are not read)."""
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _DESCRIBED:
+        import torch
+
+        from ..models.pretrained import load_pretrained_encoder
+
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        config = ckpt.get("encoder_config") if isinstance(ckpt, dict) else None
+        if config is None:  # a whole checkpoint (older runs)
+            config = load_pretrained_encoder(path)[1]
+        _DESCRIBED[key] = json.dumps(config, sort_keys=True)
+    return _DESCRIBED[key]
+
+
 def run_state(run: Path) -> str:
     """``running`` (no results.json yet), ``stopped`` (interrupted: it may be resumed),
     ``diverged`` or ``done``."""
@@ -62,8 +95,11 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
     failed: set[int] = set()  # not tried again by this command
     said: set[int] = set()
     while True:
+        if not run.is_dir():
+            raise ConfigError(f"{run} no longer exists: the curve so far is in {out}")
         state = run_state(run)  # before the listing: a finished run's list is complete
         kept = kept_checkpoints(run)
+        check_one_model(kept)
         if not kept and (not args.watch or state in ("done", "diverged")):
             raise ConfigError(f"{run} holds no kept checkpoint (encoder-epochN.pt): pretrain "
                               "with log.keep_every_epochs=N")  # fmt: skip

@@ -48,7 +48,7 @@ from pathlib import Path
 
 from ..config import ConfigError, int_at_least
 from ..task import register_command, transfer_stages
-from .stages import evaluate_checkpoint, make_plans, stage_configs
+from .stages import encoder_size, evaluate_checkpoint, make_plans, stage_configs
 
 
 @register_command(("transfer",), help="transfer evaluation of a checkpoint: every stage, one "
@@ -98,6 +98,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint).resolve()
     if not ckpt.is_file():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    if args.smoke:  # refused at once, as without --smoke (whose configs need its size)
+        encoder_size(ckpt)
     out = Path(args.out or ckpt.parent / ("transfer-smoke" if args.smoke else "transfer"))
     out = out.resolve()
     plans = make_plans(tasks, ckpt, out, configs, smoke=args.smoke)

@@ -57,6 +57,26 @@ def _encoder_config_of(model_name: str, model_config: dict[str, Any]) -> dict[st
         return dict(create_model(model_name, **model_config).encoder.config)
 
 
+def _check_official_arch(sd: dict, config: dict, arch: str, path) -> None:
+    """An official file read as ``arch``: every tensor of the file's encoder has the shape that
+    ``arch``'s encoder gives it, or an error naming both sizes."""
+    from .sizes import size_of_state_dict
+    from .vit import VisionTransformer
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in VisionTransformer(**config).state_dict().items()}
+    if all(tuple(v.shape) == shapes.get(k) for k, v in sd.items()) and len(sd) == len(shapes):
+        return
+    try:
+        found = size_of_state_dict(sd)
+        found = f"ViT-{found.name} ({found.embed_dim}-d, {found.depth} blocks)"
+    except ValueError:
+        found = "an encoder of another size"
+    raise ValueError(f"{path} holds {found}, not the encoder of official_arch={arch} "
+                     f"({config['embed_dim']}-d, {config['depth']} blocks, patch "
+                     f"{config['patch_size']}): name the model it was trained as")  # fmt: skip
+
+
 def load_pretrained_encoder(
     path: str | Path, *, official_arch: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -93,7 +113,9 @@ def load_pretrained_encoder(
         ours = official_to_ours(ckpt["model"], kind=kind)
         sd = {k.removeprefix("encoder."): v for k, v in ours.items() if k.startswith("encoder.")}
         overrides = {"weight_fm": "norm.weight" not in sd} if kind == CrossMAE.kind else {}
-        return sd, _encoder_config_of(official_arch, overrides)
+        config = _encoder_config_of(official_arch, overrides)
+        _check_official_arch(sd, config, official_arch, path)
+        return sd, config
     raise ValueError(f"{path}: not a pretraining checkpoint, encoder export or official release")
 
 
