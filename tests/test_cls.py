@@ -36,17 +36,25 @@ def tiny_checkpoints(tmp_path_factory):
     return model, d
 
 
-def test_every_format_loads_the_same_encoder(tiny_checkpoints):
-    model, d = tiny_checkpoints
-    ours, cfg = load_pretrained_encoder(d / "encoder.pt")
-    official, cfg2 = load_pretrained_encoder(
-        d / "official.pth", official_arch="crossmae_vit_base_patch16"
-    )
-    assert cfg["embed_dim"] == 768 or cfg["embed_dim"] == TINY["embed_dim"]
+def test_every_format_loads_the_same_encoder(tiny_checkpoints, tmp_path):
+    """Our export and an official release of the same registered model load the same encoder
+    (an official file says no widths: its official_arch must be the model it was trained as, a
+    file of other widths is refused naming both)."""
+    torch.manual_seed(0)
+    model = create_model("crossmae_vit_tiny_patch16")
+    save_atomic(encoder_export(model, model_name="crossmae_vit_tiny_patch16"), tmp_path / "e.pt")
+    torch.save({"model": to_official(model.state_dict(), kind="crossmae")}, tmp_path / "o.pth")
+    ours, cfg = load_pretrained_encoder(tmp_path / "e.pt")
+    official, cfg2 = load_pretrained_encoder(tmp_path / "o.pth",
+                                             official_arch="crossmae_vit_tiny_patch16")  # fmt: skip
+    assert cfg == cfg2 and cfg["embed_dim"] == 192
     assert set(ours) == set(official) == set(model.encoder.state_dict())
     assert all(torch.equal(ours[k], official[k]) for k in ours)
     with pytest.raises(ValueError, match="official_arch"):
-        load_pretrained_encoder(d / "official.pth")
+        load_pretrained_encoder(tmp_path / "o.pth")
+    _, d = tiny_checkpoints  # the tiny widths of no registered model
+    with pytest.raises(ValueError, match="not the encoder of official_arch=crossmae_vit_base"):
+        load_pretrained_encoder(d / "official.pth", official_arch="crossmae_vit_base_patch16")
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
