@@ -104,7 +104,7 @@ def inference_on_dataset(
     was_training = model.training
     model.eval()
     batches = iter(loader)
-    failed = None
+    failed, cause = None, None
     try:
         with Progress(len(idx), evaluator.desc) as bar:
             for batch in batches:
@@ -114,14 +114,14 @@ def inference_on_dataset(
                 evaluator.process(batch, outputs)
                 bar.update(len(outputs))
     except Exception as e:  # noqa: BLE001 - every process must learn of it (below)
-        failed = failure_of(e)
+        failed, cause = failure_of(e), e
     finally:
         model.train(was_training)
         if hasattr(batches, "_shutdown_workers"):  # no data worker outlives its evaluation
             batches._shutdown_workers()
         del batches
     parts = du.all_gather_objects((failed, None if failed else evaluator.part()))
-    _raise_if_failed([f for f, _ in parts], evaluator)
+    _raise_if_failed([f for f, _ in parts], evaluator, cause)
     evaluator.combine([p for _, p in parts])
     if not evaluator.main_only:
         return evaluator.evaluate()
@@ -130,9 +130,9 @@ def inference_on_dataset(
         try:
             metrics = evaluator.evaluate()
         except Exception as e:  # noqa: BLE001 - the other processes wait for the answer
-            failed = failure_of(e)
+            failed, cause = failure_of(e), e
     metrics, failed = du.all_gather_objects((metrics, failed))[0]
-    _raise_if_failed([failed], evaluator)
+    _raise_if_failed([failed], evaluator, cause)
     return metrics
 
 
@@ -150,9 +150,12 @@ class EvaluationError(RuntimeError):
     """An evaluation failed on some process; every process raises it (none is left waiting)."""
 
 
-def _raise_if_failed(failures: list[str | None], evaluator: DatasetEvaluator) -> None:
+def _raise_if_failed(failures: list[str | None], evaluator: DatasetEvaluator,
+                     cause: BaseException | None) -> None:  # fmt: skip
+    """An ``EvaluationError`` on every process if one failed (chained to this process's own
+    error, if it had one: its traceback for a debugger; the command line prints one line)."""
     bad = [(rank, f) for rank, f in enumerate(failures) if f is not None]
     if bad:
         rank, failure = bad[0]
         where = f" (process {rank})" if du.world_size() > 1 else ""
-        raise EvaluationError(f"{evaluator.desc} failed{where}: {failure}")
+        raise EvaluationError(f"{evaluator.desc} failed{where}: {failure}") from cause
