@@ -239,10 +239,17 @@ class PretrainTask(Task):
         )
 
     def resolve(self, cfg) -> None:
-        """γ = p unless set (CrossMAE; MAE predicts every masked patch and has no γ)."""
+        """γ = p unless set (CrossMAE; MAE predicts every masked patch and has no γ); the patch
+        size and decoder depth of the registered variant unless set (config.yaml says what
+        ran)."""
         m = cfg.model
         if m.pred_ratio is None and issubclass(model_class(m.name), CrossMAE):
             m.pred_ratio = m.mask_ratio
+        if m.patch_size is None or m.decoder_depth is None:
+            with torch.device("meta"):  # the architecture only
+                built = build_model(m)
+            m.patch_size = m.patch_size or built.patch_size
+            m.decoder_depth = m.decoder_depth or built.config["decoder_depth"]
 
     def engine_options(self) -> dict:
         tc = self.cfg.train
