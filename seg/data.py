@@ -35,20 +35,25 @@ class LabelSpec:
 
     def convert(self, raw: np.ndarray) -> torch.Tensor:
         lab = torch.from_numpy(raw.astype(np.int64))
-        if self.reduce_zero_label:
-            lab = torch.where(lab == 0, IGNORE + 1, lab) - 1  # 0 -> 255, k -> k - 1
+        if self.reduce_zero_label:  # mmseg's: 0 -> 255, k -> k - 1, and 255 (254 then) -> 255
+            lab = torch.where(lab == 0, IGNORE + 1, lab) - 1
+            lab = torch.where(lab == IGNORE - 1, IGNORE, lab)
         if self.ignore_value is not None:
             lab = torch.where(
                 torch.from_numpy(raw.astype(np.int64)) == self.ignore_value, IGNORE, lab
             )
         inside = (lab >= 0) & (lab < self.num_classes)
         if not self.ignore_other_labels:
-            other = lab[~inside & (lab != IGNORE)]
-            if other.numel():
-                values = sorted({int(v) for v in other.unique()[:8]})
+            bad = ~inside & (lab != IGNORE)
+            if bad.any():
+                raw_values = sorted(int(v) for v in torch.from_numpy(raw)[bad].unique()[:8])
+                mapped = sorted(int(v) for v in lab[bad].unique()[:8])
+                how = (f" (classes {mapped} after reduce_zero_label's shift by one)"
+                       if self.reduce_zero_label else "")  # fmt: skip
                 raise LabelError(
-                    f"labels {values} are outside 0..{self.num_classes - 1} (raw values, after "
-                    "the dataset's mapping); set data.ignore_other_labels=true to ignore them"
+                    f"label values {raw_values} in the file{how} are outside the "
+                    f"{self.num_classes} classes 0..{self.num_classes - 1}; set "
+                    "data.ignore_other_labels=true to ignore them"
                 )
         return torch.where(inside, lab, IGNORE)
 

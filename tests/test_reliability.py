@@ -227,7 +227,8 @@ def test_11_a_label_map_of_another_size_names_the_file(tmp_path):
     folder = SegFolder(tmp_path, "train", LabelSpec(num_classes=3))
     with pytest.raises(LabelError, match=r"a.png: a \(8, 16\) label map for a \(12, 16\) image"):
         folder[0]
-    with pytest.raises(LabelError, match=r"b.png: labels \[7\] are outside 0..2"):
+    with pytest.raises(LabelError, match=r"b.png: label values \[7\] in the file are outside "
+                       r"the 3 classes 0..2"):  # fmt: skip
         folder[1]
 
 

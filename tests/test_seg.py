@@ -94,9 +94,14 @@ def test_perfect_predictions_give_miou_1(ade):
 
 
 def test_label_conventions(shared_dir):
-    assert ADE20K.convert(np.array([0, 1, 150])).tolist() == [IGNORE, 0, 149]
-    with pytest.raises(LabelError, match=r"labels \[150\] are outside 0..149"):
-        ADE20K.convert(np.array([0, 151]))  # no such class: an error, not silently ignored
+    # mmseg's reduce_zero_label: 0 -> 255, k -> k - 1, and a raw 255 (254 after the shift) -> 255
+    assert ADE20K.convert(np.array([0, 1, 150, 255])).tolist() == [IGNORE, 0, 149, IGNORE]
+    # no such class: an error naming the file's value (151, and 254 beside the ignore 255), not
+    # silently ignored
+    with pytest.raises(LabelError, match=r"label values \[151, 254\] in the file \(classes "
+                       r"\[150, 253\] after reduce_zero_label's shift by one\) are outside the "
+                       r"150 classes 0..149"):  # fmt: skip
+        ADE20K.convert(np.array([0, 151, 254, 255]))
     lenient = dataclasses.replace(ADE20K, ignore_other_labels=True)
     assert lenient.convert(np.array([0, 151])).tolist() == [IGNORE, IGNORE]
     assert CAMVID.convert(np.array([0, 10, 11])).tolist() == [0, 10, IGNORE]
