@@ -55,6 +55,8 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         for s in STOP_SIGNALS:
+            if s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN:
+                continue  # started under nohup: a closed terminal must not stop the run
             with contextlib.suppress(ValueError):  # not in the main thread
                 self._previous[s] = signal.signal(s, self._handle)
         return self

@@ -367,8 +367,9 @@ def crossmae_cli(*args: str, **kw) -> subprocess.Popen:
     test run started as a background job of a non-interactive shell inherits SIGINT ignored)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
-    def default_sigint() -> None:
+    def default_sigint() -> None:  # and SIGHUP's, which nohup would have ignored
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
     return subprocess.Popen([sys.executable, "-m", "crossmae", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -852,3 +853,20 @@ def test_a_run_ending_mid_epoch_keeps_its_last_encoder(tmp_path, stop):
                  "log.vis_every_epochs=0", f"output_dir={run}"]) == 0  # fmt: skip
     kept = {p.name: torch.load(p, weights_only=True)["step"] for p in run.glob("encoder-epoch*")}
     assert kept == {"encoder-epoch1.pt": 4, "encoder-epoch2.pt": 6}  # 4 steps per epoch
+
+
+def test_a_run_started_under_nohup_is_not_stopped_by_a_closed_terminal():
+    """SIGHUP stops a run as SIGTERM does, unless the run was started with it ignored (nohup):
+    that choice is kept, for training and for every other command."""
+    from crossmae.engine import StopRequest
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopRequest() as stop:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with StopRequest() as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+    finally:
+        signal.signal(signal.SIGHUP, previous)

@@ -313,7 +313,13 @@ def test_a_stop_signal_to_the_process_group_leaves_a_usable_checkpoint(tmp_path,
     its step, writes the checkpoint and encoder.pt, and exits 1 without a traceback; --resume
     auto completes the run."""
     run = tmp_path / "run"
-    proc = cli(*LONG, "data.num_workers=2", f"output_dir={run}", start_new_session=True)
+    proc = cli(
+        *LONG,
+        "data.num_workers=2",
+        f"output_dir={run}",
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+    )  # not nohup's
     wait_for_step(run, proc, 3)
     os.killpg(proc.pid, sig)
     out, _ = proc.communicate(timeout=120)
