@@ -156,7 +156,7 @@ def collate(samples: list[Sample]) -> dict:
 
 
 # the signals that stop a run, every one whose default would end the process and that is sent
-# from outside (a closed terminal or ssh session: SIGHUP; Ctrl-\: SIGQUIT; a CPU-time limit:
+# from outside (a closed terminal or ssh connection: SIGHUP; Ctrl-\: SIGQUIT; a CPU-time limit:
 # SIGXCPU; Slurm: SIGUSR1/2): the main process checkpoints and exits; data workers ignore them
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGXCPU,
                 signal.SIGUSR1, signal.SIGUSR2)  # fmt: skip
