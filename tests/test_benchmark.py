@@ -134,3 +134,10 @@ def test_transfer_task_steps_are_timed_on_the_engine():
     ]  # fmt: skip
     for r in rows:
         assert r["img_per_s"] > 0 and r["eval_img_per_s"] > 0 and r["gflop_per_img"] > 0
+
+
+def test_the_command_line_names_the_attention_backends_the_models_have():
+    from crossmae.commands.benchmark import SDPA_NAMES
+    from crossmae.models.layers import SDPA_BACKENDS
+
+    assert tuple(SDPA_BACKENDS) == SDPA_NAMES
