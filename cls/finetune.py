@@ -15,7 +15,7 @@ from crossmae.data import Labelled, classify_eval_transform
 from crossmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD, SingleDrawRandomResizedCrop
 from crossmae.evaluation import DatasetEvaluator, inference_on_dataset
 from crossmae.knn import topk_hits
-from crossmae.report import table
+from crossmae.progress import table
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:

@@ -32,6 +32,7 @@ from crossmae.checkpoint import register_format
 from crossmae.config import ConfigError
 from crossmae.data import Indexed, Labelled
 from crossmae.engine import Engine, Hook
+from crossmae.evaluation import Evaluation
 from crossmae.knn import extract_block_features, knn_classify_ks, pooled, topk_accuracy
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import encoder_of
@@ -102,8 +103,6 @@ class FinetuneTask(Task):
     help = "end-to-end finetuning (MAE / CrossMAE recipe)"
     schema = FinetuneConfig
     format = FINETUNE_FORMAT
-    best_metric, record_prefix = "top1", "val_"
-    curve = {"top1": "top-1", "top5": "top-5"}
     transfer = TransferStage("finetune", 2, "configs/cls/finetune_vit_{size}.yaml", IMAGENET,
                              (("finetune top-1", ("finetune_top1",)),),
                              cpu_config="configs/cls/finetune_cifar10_tiny.yaml",
@@ -176,13 +175,21 @@ class FinetuneTask(Task):
             imgs, y = self.mixup(imgs, y)
         return {"imgs": imgs, "y": y}
 
-    def losses(self, forward, imgs: torch.Tensor, y: torch.Tensor) -> dict:
-        return {"loss": self.criterion(forward(imgs).float(), y)}
+    def losses(self, model, imgs: torch.Tensor, y: torch.Tensor) -> dict:
+        return {"loss": self.criterion(model(imgs).float(), y)}
 
-    def eval_every(self) -> tuple[int, int]:
-        return (0, 1)
+    def evaluation(self) -> Evaluation:
+        return Evaluation(
+            self._evaluate,
+            every_epochs=1,
+            line=self._line,
+            tables=self._tables,
+            best="top1",
+            prefix="val_",
+            curve={"top1": "top-1", "top5": "top-5"},
+        )
 
-    def evaluate(self, step: int) -> dict:
+    def _evaluate(self, step: int) -> dict:
         size, precision = self.cfg.data.img_size, self.cfg.eval.precision
         acc = evaluate_classifier(self.model, self.val_src, size, precision=precision)
         if self.ema is not None:
@@ -190,27 +197,27 @@ class FinetuneTask(Task):
                                              precision=precision)  # fmt: skip
         return acc
 
-    def describe(self, metrics: dict) -> str:
+    def _line(self, metrics: dict) -> str:
         top5 = f" top-5 {metrics['top5']:.2f}" if metrics["top5"] is not None else ""
         return f"top-1 {metrics['top1']:.2f}{top5}"
 
-    def report(self, metrics: dict) -> str:
+    def _tables(self, metrics: dict) -> str:
         return format_classes({"top-1": metrics["per_class"]})
 
-    def state(self) -> dict:
+    def checkpoint_fields(self) -> dict:
         state = {"encoder_config": self.model.config, "classes": self.train_src.classes}
         if self.ema is not None:
             state["ema"] = self.ema.module.state_dict()
         return state
 
-    def load_state(self, ckpt: dict) -> None:
+    def restore(self, ckpt: dict) -> None:
         if self.ema is not None:
             self.ema.module.load_state_dict(ckpt["ema"])
 
     def hooks(self) -> list[Hook]:
         return [EmaUpdate(self.ema, self.model)] if self.ema is not None else []
 
-    def summary(self, result: dict) -> dict:
+    def result_fields(self, result: dict) -> dict:
         return {"last": result["metrics"] or {}}
 
 
@@ -277,7 +284,6 @@ class FrozenTask(Task):
     command = ("cls", "frozen")
     help = "kNN and fast linear probe of a frozen encoder"
     schema = FrozenEvalConfig
-    trains = False
     transfer = TransferStage("frozen", 0, "configs/cls/frozen_vit_{size}.yaml", IMAGENET,
                              (("kNN top-1", ("knn_top1",)),
                               ("fast linear probe top-1", ("fast_probe_top1",))),
@@ -325,7 +331,10 @@ class FrozenTask(Task):
             self.model, split, img_size=d.img_size, blocks=blocks, batch_size=d.batch_size,
             num_workers=d.num_workers, device=self.device))  # fmt: skip
 
-    def evaluate(self, step: int = 0) -> dict:
+    def evaluation(self) -> Evaluation:
+        return Evaluation(self._evaluate, line=self._line, tables=self._tables)
+
+    def _evaluate(self, step: int = 0) -> dict:
         log.info("features of %d training and %d validation images", len(self.train_src),
                  len(self.val_src))  # fmt: skip
         (ftr, ytr), (fva, yva) = self.features(self.train_src), self.features(self.val_src)
@@ -363,7 +372,7 @@ class FrozenTask(Task):
                               "linprobe": per_class_of(probe["best_predictions"], yva,
                                                        self.val_src)}}  # fmt: skip
 
-    def describe(self, metrics: dict) -> str:
+    def _line(self, metrics: dict) -> str:
         best = metrics["linprobe_best"]
         k, asked = metrics["knn_k"], self.cfg.knn.k
         k = f"{k}: all the training images, {asked} asked" if k != asked else k
@@ -371,7 +380,7 @@ class FrozenTask(Task):
                 f"top-1 {metrics['linprobe_top1']:.2f} ({best['input']}, blr {best['blr']}: "
                 f"the best of {len(metrics['linprobe_grid'])})")  # fmt: skip
 
-    def report(self, metrics: dict) -> str:
+    def _tables(self, metrics: dict) -> str:
         c = metrics["per_class"]
         return format_classes({"kNN top-1": c["knn"], "probe top-1": c["linprobe"]})
 

@@ -38,16 +38,16 @@ def settings_help(schema: type) -> str:
 
 def training_command(task: type[Task]):
     """The command of a task: ``--config FILE`` (repeatable, merged in order), ``--resume
-    auto|PATH`` (a task that trains) and ``key=value`` settings, the same for every task; its
-    help names the schema's sections and required keys."""
+    auto|PATH`` and ``key=value`` settings, the same for every task; its help names the
+    schema's sections and required keys."""
 
     def configure(p: argparse.ArgumentParser) -> None:
         p.epilog = settings_help(task.schema)
         p.add_argument("--config", action="append", default=[],
                        help="YAML file (repeatable, in order)")  # fmt: skip
-        if task.trains:
-            p.add_argument("--resume", default=None, help="'auto' = continue the output_dir's "
-                           "last checkpoint (or start fresh); or a path")  # fmt: skip
+        p.add_argument("--resume", default=None, help="'auto' = continue the output_dir's "
+                       "last checkpoint (or start fresh; a task that trains nothing evaluates "
+                       "again); or a path")  # fmt: skip
         p.add_argument("--force", action="store_true", help="replace the results an earlier "
                        "run left in output_dir")  # fmt: skip
         p.add_argument("--print-config", action="store_true", help="print the resolved config "

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,8 +489,22 @@ def changed_settings(saved: dict, now: DictConfig) -> list[str]:
         return out
 
     a, b = flat(saved), flat(to_plain(now))
-    keys = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and not resumable(now, k))
+    keys = sorted(k for k in a.keys() | b.keys()
+                  if not _same_setting(a.get(k), b.get(k)) and not resumable(now, k))  # fmt: skip
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal values, or two spellings of one existing file or folder (``runs/x/encoder.pt``
+    written relative now, absolute when the run started)."""
+    if a == b:
+        return True
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (here): not shown to be the same
+        return False
 
 
 def to_plain(cfg: DictConfig) -> dict[str, Any]:

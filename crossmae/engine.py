@@ -45,7 +45,7 @@ log = logging.getLogger("crossmae")
 
 class StopRequest:
     """Records a stop signal (``STOP_SIGNALS``: SIGTERM, SIGINT, SIGHUP, ...) so the loop can
-    stop at the next step boundary. On exit, the previous handlers come back; ``forward()``
+    stop at the next step boundary. On exit, the previous handlers come back; ``pass_on()``
     then re-raises the signal to a previous Python handler (e.g. submitit's, which requeues the
     job), the command line's own excepted."""
 
@@ -77,7 +77,7 @@ class StopRequest:
         nonfinite, stopping = du.all_reduce_max(flags.float()).tolist()
         return bool(nonfinite), bool(stopping)
 
-    def forward(self) -> None:
+    def pass_on(self) -> None:
         """Pass a received signal on to a previous Python handler (Ctrl-C's default one, which
         would only print a KeyboardInterrupt traceback, excepted)."""
         prev = self._previous.get(self.signum)
@@ -143,7 +143,7 @@ class TrainStep(Protocol):
 
     def inputs(self, batch: Any, device: torch.device) -> dict[str, Any]: ...
 
-    def losses(self, forward: nn.Module, **inputs: Any) -> dict[str, torch.Tensor]: ...
+    def losses(self, model: nn.Module, **inputs: Any) -> dict[str, torch.Tensor]: ...
 
 
 class Hook:
@@ -179,6 +179,27 @@ class Hook:
     def close(self) -> None: ...
 
 
+def prepare_model(model: nn.Module, options: StepOptions, world: int,
+                  device: torch.device) -> tuple[nn.Module, nn.Module]:  # fmt: skip
+    """The one place a model is wrapped for training: activation checkpointing, DDP over
+    ``world`` processes (with fp16 gradient compression if asked), then ``torch.compile``.
+    Returns (the DDP module, for ``no_sync``; the module a step calls)."""
+    if options.activation_checkpointing and not set_activation_checkpointing(model):
+        raise ConfigError("train.activation_checkpointing=true: this task's model has no "
+                          "backbone that supports it")  # fmt: skip
+    ddp = model
+    if world > 1:
+        ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+        if options.ddp_fp16_compression:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
+                fp16_compress_hook,
+            )
+
+            ddp.register_comm_hook(None, fp16_compress_hook)
+    mode = options.compile if isinstance(options.compile, str) else None
+    return ddp, (torch.compile(ddp, mode=mode) if options.compile else ddp)
+
+
 class Engine:
     """The training loop (module docstring).
 
@@ -188,7 +209,7 @@ class Engine:
         loader: the training batches, a loader over a ``ResumableSampler`` (None: the caller
             feeds ``train_step`` itself, as the benchmark does).
         schedule: the lr of a step.
-        task: what a step computes: ``inputs(batch, device)`` and ``losses(forward, **inputs)``.
+        task: what a step computes: ``inputs(batch, device)`` and ``losses(model, **inputs)``.
         steps: the step at which training stops.
         device: this process's device.
         options: how the step runs (``StepOptions``).
@@ -234,7 +255,7 @@ class Engine:
         self.grad_norm: torch.Tensor | None = None  # when computed (``grad_norm_every``)
         self.data_time = 0.0  # seconds spent waiting for its batches
         self.stopping = False  # a stop signal reached some process
-        self.forward: nn.Module = model  # DDP / compiled: set by prepare()
+        self.wrapped: nn.Module = model  # DDP / compiled: set by prepare()
         self.ddp: nn.Module = model
         self.graphed = None  # the CUDA graph, captured on the first micro-batch
         self.stop = StopRequest()
@@ -291,31 +312,14 @@ class Engine:
 
     # ------------------------------------------------------------------ the step
     def prepare(self) -> None:
-        """Wrap the model for the loop: activation checkpointing, DDP on several processes,
-        then ``torch.compile``."""
-        if self.options.activation_checkpointing and not set_activation_checkpointing(self.model):
-            raise ConfigError("train.activation_checkpointing=true: this task's model has no "
-                              "backbone that supports it")  # fmt: skip
-        wrapped = self.model
-        if self.world > 1:
-            wrapped = DDP(self.model, device_ids=[self.device] if self.device.type == "cuda"
-                          else None)  # fmt: skip
-            if self.options.ddp_fp16_compression:
-                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import (
-                    fp16_compress_hook,
-                )
-
-                wrapped.register_comm_hook(None, fp16_compress_hook)
-        self.ddp = wrapped
-        compile_ = self.options.compile
-        mode = compile_ if isinstance(compile_, str) else None
-        self.forward = torch.compile(wrapped, mode=mode) if compile_ else wrapped
+        """Wrap the model for the loop (``prepare_model``)."""
+        self.ddp, self.wrapped = prepare_model(self.model, self.options, self.world, self.device)
 
     def _losses(self, inputs: dict) -> dict[str, torch.Tensor]:
         # autocast's weight cache is off under CUDA-graph capture
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
                             cache_enabled=not self.options.cuda_graph):  # fmt: skip
-            return self.task.losses(self.forward, **inputs)
+            return self.task.losses(self.wrapped, **inputs)
 
     def _graph_loss(self, **inputs) -> torch.Tensor:
         return self._losses(inputs)["loss"]

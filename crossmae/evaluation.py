@@ -7,11 +7,16 @@ and its mode restored after, the evaluation precision (autocast), progress, and 
 of every process's part before ``evaluate``. Classification top-1 (``cls``), COCO AP (``det``),
 mIoU (``seg``) and the frozen features of kNN and the linear probe (``crossmae.knn``) are
 evaluators of this loop.
+
+A task hands the runner its evaluation as one object (``Evaluation``): what to run after a
+number of steps, how often, and how its result is logged, kept and drawn. The runner's
+evaluation hook takes that object, not the task.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +26,47 @@ from torch.utils.data import Dataset, Subset
 from . import distributed as du
 from .data import Loader
 from .precision import autocast_dtype
-from .report import Progress
+from .progress import Progress
+
+
+def numbers_line(metrics: dict) -> str:
+    """``key value`` for each number of ``metrics``, one line."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A task's evaluation as the runner runs it (``Task.evaluation``).
+
+    Args:
+        run: steps taken -> the metrics on the task's held-out data (every process calls it;
+            usually ``inference_on_dataset`` with the task's evaluator).
+        every_steps, every_epochs: the intervals between evaluations during training (0: at the
+            end only).
+        line: metrics -> one log line (default: every number).
+        tables: metrics -> the tables logged below that line (per class, per category); None:
+            none.
+        best: a key of the metrics: the best evaluation so far is kept as ``checkpoint-best.pt``
+            and in the results. None: no best.
+        group, prefix: where the metrics go in metrics.jsonl / TensorBoard.
+        curve: metrics (nested keys joined by "/") -> label, drawn against the step after every
+            evaluation (``evaluation.md`` / ``.png``); empty: ``best``.
+    """
+
+    run: Callable[[int], dict]
+    every_steps: int = 0
+    every_epochs: int = 0
+    line: Callable[[dict], str] = numbers_line
+    tables: Callable[[dict], str] | None = None
+    best: str | None = None
+    group: str = "eval"
+    prefix: str = ""
+    curve: dict[str, str] = field(default_factory=dict)
+
+    def curve_keys(self) -> dict[str, str]:
+        """The record keys of the curve (``prefix`` + key) -> label."""
+        curve = self.curve or ({self.best: self.best} if self.best else {})
+        return {self.prefix + k: label for k, label in curve.items()}
 
 
 class DatasetEvaluator:

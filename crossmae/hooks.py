@@ -22,14 +22,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from . import distributed as du
 from .checkpoint import LAST, save_atomic, strict_json, write_text_atomic
 from .engine import Engine, Hook
-from .report import duration
+from .evaluation import Evaluation
+from .progress import duration
 
 log = logging.getLogger("crossmae")
 
@@ -296,54 +296,54 @@ def evaluation_failed(engine: Engine, what: str, error: Exception, stop: bool) -
 
 
 class EvalHook(Hook):
-    """The task's evaluation at its intervals (every process joins), recorded under the task's
-    ``record_group`` and logged; with the task's ``best_metric``, the best evaluation so far is
-    kept (``best``) and written as ``checkpoint-best.pt`` (no optimizer state).
+    """A task's evaluation (``crossmae.evaluation.Evaluation``) at its intervals (every process
+    joins), recorded under its ``group`` and logged; with a ``best`` metric, the best evaluation
+    so far is kept (``best``) and written as ``checkpoint-best.pt`` (no optimizer state).
 
     Args:
-        task: the task (``evaluate``, ``describe``, ``record_group`` / ``record_prefix``,
-            ``best_metric``).
-        every_steps, every_epochs: intervals (0 = never).
+        evaluation: what to run, how often, how to log and keep it (None: the task has no
+            evaluation; the hook does nothing).
         saver: the checkpoint hook that writes ``checkpoint-best.pt``.
+        out: the run folder, where the curve of the evaluations is drawn (None: not drawn).
+        stop_on_error: a failing evaluation ends the run (else it is logged and recorded).
     """
 
     name = "evaluation"
     evaluation = True
 
-    def __init__(self, task: Any, *, every_steps: int = 0, every_epochs: int = 0,
-                 saver: CheckpointHook | None = None, out: Path | None = None,
-                 stop_on_error: bool = False):  # fmt: skip
-        self.task, self.every_steps, self.every_epochs, self.saver = (
-            task, every_steps, every_epochs, saver
-        )  # fmt: skip
-        self.out, self.stop_on_error = out, stop_on_error
+    def __init__(self, evaluation: Evaluation | None, *, saver: CheckpointHook | None = None,
+                 out: Path | None = None, stop_on_error: bool = False):  # fmt: skip
+        self.spec, self.saver, self.out, self.stop_on_error = evaluation, saver, out, stop_on_error
+        every = (evaluation.every_steps, evaluation.every_epochs) if evaluation else (0, 0)
+        self.every_steps, self.every_epochs = every
         self.evaluated_at = -1
         self.metrics: dict | None = None  # the latest evaluation
         self.best: dict | None = None  # the best, with its epoch
 
     def evaluate(self, engine: Engine) -> dict | None:
-        """The task's evaluation, recorded and logged; the checkpoint written at this step
-        (before the evaluation) is written again, with the evaluation's state. A failure is
+        """The evaluation, recorded and logged; the checkpoint written at this step (before the
+        evaluation) is written again, with the evaluation's state. A failure is
         ``evaluation_failed``'s."""
+        spec = self.spec
         try:
-            metrics = self.task.evaluate(engine.step)
+            metrics = spec.run(engine.step)
         except Exception as e:  # noqa: BLE001 - evaluation_failed re-raises what it cannot keep
             evaluation_failed(engine, "the evaluation", e, self.stop_on_error)
             self.evaluated_at = engine.step
             return None
         self.metrics, self.evaluated_at = metrics, engine.step
         epoch = engine.step / engine.steps_per_epoch
-        flat = _scalars(metrics, self.task.record_prefix)
-        engine.record({"step": engine.step, "epoch": epoch, **flat}, self.task.record_group)
-        key = self.task.best_metric
+        engine.record({"step": engine.step, "epoch": epoch, **_scalars(metrics, spec.prefix)},
+                      spec.group)  # fmt: skip
+        key = spec.best
         if key is not None and (self.best is None or metrics[key] > self.best[key]):
             self.best = {**metrics, "epoch": math.floor(epoch)}
             if self.saver is not None:
                 self.saver.save(engine, "checkpoint-best.pt", training_state=False)
         best = f" (best {key} {self.best[key]:.4g})" if key is not None else ""
-        log.info("step %d (epoch %g): %s%s", engine.step, epoch, self.task.describe(metrics), best)
-        if report := self.task.report(metrics):
-            log.info("%s", report)
+        log.info("step %d (epoch %g): %s%s", engine.step, epoch, spec.line(metrics), best)
+        if spec.tables is not None and (tables := spec.tables(metrics)):
+            log.info("%s", tables)
         self.draw(engine)
         if self.saver is not None and self.saver.saved_at == engine.step:
             self.saver.save(engine)  # the checkpoint of this step, now with this evaluation
@@ -351,18 +351,17 @@ class EvalHook(Hook):
 
     def draw(self, engine: Engine) -> None:
         """The evaluations so far as a table and a curve in the run folder (rank 0)."""
-        curve = self.task.curve or ({key: key} if (key := self.task.best_metric) else {})
+        curve = self.spec.curve_keys()
         if self.out is None or engine.rank != 0 or not curve:
             return
         from .visualize import save_evaluation_curve
 
-        prefix = self.task.record_prefix
-        save_evaluation_curve(self.out / "metrics.jsonl", self.out,
-                              {prefix + k: label for k, label in curve.items()})  # fmt: skip
+        save_evaluation_curve(self.out / "metrics.jsonl", self.out, curve)
 
     def evaluate_if_stale(self, engine: Engine) -> bool:
-        """Evaluate unless this step was evaluated; returns whether it evaluated."""
-        if self.evaluated_at == engine.step:
+        """Evaluate unless this step was evaluated (or there is no evaluation); returns whether
+        it evaluated."""
+        if self.spec is None or self.evaluated_at == engine.step:
             return False
         self.evaluate(engine)
         return True

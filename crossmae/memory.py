@@ -378,7 +378,7 @@ def plan_memory(task_cls, cfg, gpus: int, *, name: str = "", steps: int = 1,
             engine.train_step(batches)
         train_peak, parts, op = mode.peak, mode.peak_parts, mode.peak_op
         eval_peak = 0
-        if evaluate and task.evaluates:
+        if evaluate and task.evaluation() is not None:
             mode.peak = 0
             model.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype(

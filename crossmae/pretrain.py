@@ -55,6 +55,7 @@ from .data import (
 )
 from .data.gpu import JpegSamples, collate_raw, decode_batch
 from .engine import Engine, Hook
+from .evaluation import Evaluation
 from .knn import extract_features, knn_classify, topk_accuracy
 from .models import create_model, model_class
 from .models.crossmae import CrossMAE
@@ -185,12 +186,12 @@ def build_model(mcfg: ModelConfig) -> nn.Module:
 
 
 def pretrain_losses(
-    forward: nn.Module, imgs: torch.Tensor, ids_shuffle: torch.Tensor, *, budget: float = 1.0
+    model: nn.Module, imgs: torch.Tensor, ids_shuffle: torch.Tensor, *, budget: float = 1.0
 ) -> dict[str, torch.Tensor]:
     """The losses of a pretraining step: the model's named losses and their sum. ``budget``: the
     activation memory budget the compiled step is partitioned with (read when it compiles)."""
     with functorch_config.patch(activation_memory_budget=budget):
-        out = forward(imgs, ids_shuffle=ids_shuffle, with_pred=False)
+        out = model(imgs, ids_shuffle=ids_shuffle, with_pred=False)
     parts = {n: v for n, v in out.items() if n.startswith("loss_")}
     return {**parts, "loss": sum(parts.values())}
 
@@ -204,7 +205,6 @@ class PretrainTask(Task):
     help = "pretrain CrossMAE / MAE (no arguments: a small CrossMAE on built-in photos)"
     schema = PretrainConfig
     format = PRETRAIN_FORMAT
-    record_group, record_prefix = "knn", "knn_"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -296,9 +296,9 @@ class PretrainTask(Task):
             self.last_batch = (imgs, batch["labels"].to(device, non_blocking=True))
         return {"imgs": imgs, "ids_shuffle": batch["ids_shuffle"].to(device, non_blocking=True)}
 
-    def losses(self, forward, imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> dict:
+    def losses(self, model, imgs: torch.Tensor, ids_shuffle: torch.Tensor) -> dict:
         budget = self.cfg.train.activation_memory_budget
-        return pretrain_losses(forward, imgs, ids_shuffle, budget=budget)
+        return pretrain_losses(model, imgs, ids_shuffle, budget=budget)
 
     # ------------------------------------------------------------------ memory planning
     def plan_data(self) -> None:
@@ -312,14 +312,14 @@ class PretrainTask(Task):
                 "skipped": []}  # fmt: skip
 
     # ------------------------------------------------------------------ the kNN monitor
-    @property
-    def evaluates(self) -> bool:
-        return bool(self.knn_splits)
+    def evaluation(self) -> Evaluation | None:
+        if not self.knn_splits:
+            return None
+        return Evaluation(self.knn_monitor, every_epochs=self.cfg.log.knn_every_epochs,
+                          line=lambda m: f"kNN top-1 {m['top1']:.2f}", group="knn",
+                          prefix="knn_")  # fmt: skip
 
-    def eval_every(self) -> tuple[int, int]:
-        return (0, self.cfg.log.knn_every_epochs)
-
-    def evaluate(self, step: int) -> dict:
+    def knn_monitor(self, step: int) -> dict:
         """kNN top-1 / top-5 (k = 20) of the encoder's average-pooled features."""
         feats = [
             extract_features(self.model.encoder, split, img_size=self.cfg.model.img_size,
@@ -331,18 +331,15 @@ class PretrainTask(Task):
         scores = knn_classify(ftr, ytr, fva, num_classes=len(self.knn_splits[0].classes))
         return topk_accuracy(scores, yva)
 
-    def describe(self, metrics: dict) -> str:
-        return f"kNN top-1 {metrics['top1']:.2f}"
-
     # ------------------------------------------------------------------ checkpoints and results
-    def state(self) -> dict:
+    def checkpoint_fields(self) -> dict:
         m = self.model
         return {"model_name": self.cfg.model.name, "model_config": m.config,
                 "mask_ratio": self.mask_ratio, "pred_ratio": self.pred_ratio,
                 "norm_pix_loss": m.norm_pix_loss, "img_size": self.cfg.model.img_size,
                 "patch_size": m.patch_size, "skipped": self.skipped}  # fmt: skip
 
-    def load_state(self, ckpt: dict) -> None:
+    def restore(self, ckpt: dict) -> None:
         self.skipped.extend(ckpt.get("skipped", []))
 
     def hooks(self) -> list[Hook]:
@@ -358,7 +355,7 @@ class PretrainTask(Task):
     def record_fields(self) -> dict:
         return {"skipped_files": len(set(self.skipped))}
 
-    def summary(self, result: dict) -> dict:
+    def result_fields(self, result: dict) -> dict:
         names = sorted({n for part in du.all_gather_objects(self.skipped) for n in part})
         if names and du.rank() == 0:
             log.warning("skipped %d unreadable files: %s", len(names), ", ".join(names[:10]))
@@ -373,7 +370,7 @@ class PretrainTask(Task):
         return {"encoder.pt": encoder_export(self.model, model_name=self.cfg.model.name,
                                              extra=extra)}  # fmt: skip
 
-    def finish(self, result: dict) -> None:
+    def after_run(self, result: dict) -> None:
         out = Path(result["output_dir"])
         log.info("look at %s: loss.png, recon/epoch-*.png (reconstructions), metrics.jsonl, tb/; "
                  "checkpoint-last.pt and encoder.pt for the transfer tasks", out)  # fmt: skip

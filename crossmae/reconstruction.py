@@ -10,7 +10,7 @@ from torch import nn
 
 from .data.transforms import denormalize
 from .models.masking import normalize_patches, patchify, unpatchify
-from .report import Progress
+from .progress import Progress
 
 PSNR_CAP = 100.0  # dB reported for a perfect reconstruction
 

@@ -14,7 +14,9 @@ It alone owns what every run shares, in this order:
    loses no training) and once more after it;
 8. ``results.json``: step, whether a signal stopped the run, the metrics and what the task adds.
 
-An evaluation-only task (``Task.trains`` false) stops after step 3 with one ``evaluate()``.
+A task that trains nothing (its schema has no ``optim`` section: frozen features) stops after
+step 3 with one run of its evaluation and its results.json; ``--resume auto`` has nothing to
+continue there and evaluates again.
 """
 
 from __future__ import annotations
@@ -200,8 +202,8 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None, *,
     # settings and data: checked before anything is written
     task.device = device = du.init_from_env(cfg.train.device)
     cfg = resolve(task, cfg, device)
-    if not task.trains:
-        return _evaluate_only(task, cfg, force)
+    if "optim" not in cfg:  # nothing to optimise: one run of the evaluation
+        return _evaluate_only(task, cfg, force=force or resume == "auto")
     tc = cfg.train
     fitted = None
     if tc.get("gpu_memory") is not None:  # the largest micro-batch that fits, before any write
@@ -240,8 +242,8 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None, *,
     optimizer = build_optimizer(task.param_groups(model), lr, cfg.optim, device)
 
     # engine and hooks
-    loop = _loop(task, cfg, out, model, optimizer, loader, schedule, total, options)
-    engine = loop.engine
+    training = _training(task, cfg, out, model, optimizer, loader, schedule, total, options)
+    engine = training.engine
     _resume(engine, task, cfg, out, resume)
     log.info("%s: %.2fM parameters (%.2fM trained) | %d process(es) x micro-batch %d x %d "
              "accumulation = batch %d | %d steps/epoch, %d steps, stop at step %d | lr %.3g "
@@ -250,11 +252,11 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None, *,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
              du.world_size(), micro, accum, tc.batch_size, spe, total, engine.steps, lr,
              schedule.name, schedule.warmup_steps, tc.precision, device)  # fmt: skip
-    return _train(task, out, loop)
+    return _train(task, out, training)
 
 
 @dataclass
-class _Loop:
+class _Training:
     """The engine and the hooks the runner itself calls at the end."""
 
     engine: Engine
@@ -263,28 +265,27 @@ class _Loop:
     saver: CheckpointHook
 
 
-def _loop(task: Task, cfg: DictConfig, out: Path, model, optimizer, loader, schedule,
-          total: int, options: StepOptions) -> _Loop:  # fmt: skip
+def _training(task: Task, cfg: DictConfig, out: Path, model, optimizer, loader, schedule,
+              total: int, options: StepOptions) -> _Training:  # fmt: skip
     """The engine and its hooks: metrics, the task's own, evaluation, checkpoints."""
     lc = cfg.log
 
     def fields() -> dict:
         return {"format": task.format, "version": __version__, "task": task.name,
-                "config": to_plain(cfg), **task.state()}  # fmt: skip
+                "config": to_plain(cfg), **task.checkpoint_fields()}  # fmt: skip
 
     saver = CheckpointHook(out, fields, every_steps=lc.ckpt_every_steps,
                            every_epochs=lc.ckpt_every_epochs, exports=task.exports,
                            keep_every_epochs=lc.keep_every_epochs)  # fmt: skip
-    every_steps, every_epochs = task.eval_every() if task.evaluates else (0, 0)
-    evaluator = EvalHook(task, every_steps=every_steps, every_epochs=every_epochs, saver=saver,
-                         out=out, stop_on_error=cfg.train.stop_on_eval_error)  # fmt: skip
+    evaluator = EvalHook(task.evaluation(), saver=saver, out=out,
+                         stop_on_error=cfg.train.stop_on_eval_error)  # fmt: skip
     writer = MetricsWriter(out, images_per_step=cfg.train.batch_size, every_steps=lc.every_steps,
                            tensorboard=lc.tensorboard, progress=lc.progress,
                            extra=task.record_fields)  # fmt: skip
     steps = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     engine = Engine(model, optimizer, loader, schedule, task, steps=steps, device=task.device,
                     options=options, hooks=[writer, *task.hooks(), evaluator, saver])  # fmt: skip
-    return _Loop(engine, writer, evaluator, saver)
+    return _Training(engine, writer, evaluator, saver)
 
 
 def _resume(engine: Engine, task: Task, cfg: DictConfig, out: Path, resume: str | None) -> None:
@@ -308,14 +309,14 @@ def _resume(engine: Engine, task: Task, cfg: DictConfig, out: Path, resume: str 
     if du.rank() == 0:
         write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg))
     engine.load_state_dict(ck, what=str(path), seed=cfg.train.seed)
-    task.load_state(ck)
+    task.restore(ck)
     log.info("resumed from %s at step %d (epoch %d)", path, engine.step,
              engine.step // engine.steps_per_epoch)  # fmt: skip
 
 
-def _train(task: Task, out: Path, loop: _Loop) -> dict:
+def _train(task: Task, out: Path, training: _Training) -> dict:
     """Train, then the final checkpoint, evaluation and checkpoint; results.json."""
-    engine, saver, evaluator = loop.engine, loop.saver, loop.evaluator
+    engine, saver, evaluator = training.engine, training.saver, training.evaluator
     diverged = False
 
     def finish(interrupted: bool) -> bool:
@@ -323,8 +324,7 @@ def _train(task: Task, out: Path, loop: _Loop) -> dict:
         diverged = not interrupted and not finite_state(engine)
         if not interrupted and not diverged:  # saved before a final evaluation can fail
             saver.save_if_stale(engine)
-            if task.evaluates:  # which writes the checkpoint again, with its state
-                evaluator.evaluate_if_stale(engine)
+            evaluator.evaluate_if_stale(engine)  # which writes the checkpoint again
         return interrupted or diverged
 
     try:
@@ -334,18 +334,18 @@ def _train(task: Task, out: Path, loop: _Loop) -> dict:
     result = {"output_dir": str(out), "step": engine.step,
               "epoch": engine.step / engine.steps_per_epoch, "interrupted": interrupted,
               "diverged": diverged, "metrics": evaluator.metrics,
-              "final_loss": loop.writer.last_record.get("loss", float("nan"))}  # fmt: skip
-    if task.best_metric is not None:
+              "final_loss": training.writer.last_record.get("loss", float("nan"))}  # fmt: skip
+    if evaluator.spec is not None and evaluator.spec.best is not None:
         result["best"] = evaluator.best
-    result.update(task.summary(result))
+    result.update(task.result_fields(result))
     if du.rank() == 0:
         if not (interrupted or diverged):
-            task.finish(result)
+            task.after_run(result)
         write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
         state = "stopped" if interrupted else "diverged" if diverged else "done"
         log.info("%s: %s", state, json.dumps(_brief(result)))
     close_run(out)
-    engine.stop.forward()
+    engine.stop.pass_on()
     if diverged:
         raise FloatingPointError(
             f"the run diverged: the loss of its last step ({engine.step}) was non-finite, or its "
@@ -366,21 +366,25 @@ def last_checkpoint_of(out: Path) -> str:
 
 
 def _evaluate_only(task: Task, cfg: DictConfig, force: bool) -> dict:
-    """An evaluation task: its folder (if any), the model, one ``evaluate()``, results.json."""
+    """A task that trains nothing: its folder (if any), the model, one run of its evaluation,
+    results.json."""
     task.open_data()
     out = task.output_dir()
     out = Path(du.all_gather_objects(str(out))[0]) if out is not None else None
     open_run_folder(cfg, out, resume=None, force=force, resumable=False)
     torch.manual_seed(cfg.train.seed)
     task.model = task.build_model(task.device)
-    metrics = task.evaluate(0)
+    spec = task.evaluation()
+    if spec is None:
+        raise ConfigError(f"{task.name} trains nothing (no optim section) and has no evaluation")
+    metrics = spec.run(0)
     result = {"output_dir": str(out) if out else None, "interrupted": False, "metrics": metrics,
-              **task.summary({"metrics": metrics})}  # fmt: skip
+              **task.result_fields({"metrics": metrics})}  # fmt: skip
     if du.rank() == 0 and out is not None:
         write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
-    log.info("%s: %s", task.name, task.describe(metrics))
-    if report := task.report(metrics):
-        log.info("%s", report)
+    log.info("%s: %s", task.name, spec.line(metrics))
+    if spec.tables is not None and (tables := spec.tables(metrics)):
+        log.info("%s", tables)
     close_run(out)
     return result
 

@@ -16,9 +16,9 @@ no task package: a package is found through its ``crossmae.plugins`` entry point
 The order of a training run, for orientation (the runner's):
 ``task = Task(cfg)`` -> ``open_data()`` -> run folder -> seed -> ``build_model(device)`` ->
 ``train_set()`` / ``collate_fn()`` -> ``param_groups(model)`` -> engine with ``inputs`` / ``losses``
-and the hooks (``hooks()``, evaluation by ``evaluate()`` every ``eval_every()``) -> resume
-(``load_state``) -> train -> checkpoint, final ``evaluate()``, checkpoint -> ``summary(result)``
--> ``finish(result)`` and results.json.
+and the hooks (``hooks()``, ``evaluation()`` at its intervals) -> resume (``restore``) ->
+train -> checkpoint, final evaluation, checkpoint -> ``result_fields(result)`` ->
+``after_run(result)`` and results.json.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset, default_collate
+
+from .evaluation import Evaluation
 
 log = logging.getLogger("crossmae")
 PLUGIN_GROUP = "crossmae.plugins"  # entry points: modules that register tasks and commands
@@ -93,15 +95,10 @@ class Task:
             ``train`` / ``log`` / ``eval``; ``optim``, ``train`` and ``log`` are the shared ones,
             ``crossmae.config``).
         format: the ``"format"`` of its checkpoints (``crossmae.checkpoint.register_format``).
-        trains: False for an evaluation without training (frozen features): no optimizer, no
-            steps, ``evaluate()`` once.
-        best_metric: a key of ``evaluate()``'s result: the best evaluation so far is kept as
-            ``checkpoint-best.pt`` and in the result.
-        record_group, record_prefix: where evaluation records go in metrics.jsonl / TensorBoard.
-        curve: the metrics (keys of ``evaluate()``'s result, nested ones joined by "/") drawn
-            against the step after every evaluation (``evaluation.md`` / ``.png`` in the run
-            folder), with their labels; empty: ``best_metric``.
         transfer: how ``crossmae transfer`` runs it (None: not a transfer stage).
+
+    A task whose schema has no ``optim`` section trains nothing (frozen features): the runner
+    builds its model and runs its ``evaluation()`` once (``crossmae.runner``).
     """
 
     name: ClassVar[str]
@@ -109,11 +106,6 @@ class Task:
     help: ClassVar[str] = ""
     schema: ClassVar[type]
     format: ClassVar[str | None] = None
-    trains: ClassVar[bool] = True
-    best_metric: ClassVar[str | None] = None
-    record_group: ClassVar[str] = "eval"
-    record_prefix: ClassVar[str] = ""
-    curve: ClassVar[dict[str, str]] = {}
     transfer: ClassVar[TransferStage | None] = None
 
     def __init__(self, cfg: DictConfig):
@@ -165,41 +157,25 @@ class Task:
         """A loader batch -> the keyword inputs of ``losses``, on ``device``."""
         raise NotImplementedError
 
-    def losses(self, forward: nn.Module, **inputs: Any) -> dict[str, torch.Tensor]:
-        """The named losses of one micro-batch and their total, ``"loss"``; ``forward`` is the
-        model as the engine wraps it (DDP, compiled)."""
+    def losses(self, model: nn.Module, **inputs: Any) -> dict[str, torch.Tensor]:
+        """The named losses of one micro-batch and their total, ``"loss"``; ``model`` is the
+        task's model as the engine wraps it (``crossmae.engine.prepare_model``: DDP,
+        compiled)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ evaluation
-    @property
-    def evaluates(self) -> bool:
-        """Whether the task has an evaluation (at ``eval_every()`` and at the end)."""
-        return True
-
-    def eval_every(self) -> tuple[int, int]:
-        """(every N steps, every N epochs) between evaluations; 0 = never (the end only)."""
-        return (0, 0)
-
-    def evaluate(self, step: int) -> dict:
-        """The task's metrics on its held-out data after ``step`` steps (every process joins)."""
-        raise NotImplementedError
-
-    def describe(self, metrics: dict) -> str:
-        """One log line of an evaluation's result."""
-        return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-
-    def report(self, metrics: dict) -> str:
-        """The evaluation's tables (per class, per category), logged below ``describe``'s line
-        ("": none)."""
-        return ""
+    def evaluation(self) -> Evaluation | None:
+        """The task's evaluation on its held-out data, its intervals and how its result is
+        logged and kept (called once the model is built); None: the task has none."""
+        return None
 
     # ------------------------------------------------------------------ checkpoints and results
-    def state(self) -> dict[str, Any]:
+    def checkpoint_fields(self) -> dict[str, Any]:
         """What every checkpoint holds besides the model and the training state (plain values)."""
         return {}
 
-    def load_state(self, ckpt: dict) -> None:
-        """Restore what ``state`` saved, when a run resumes."""
+    def restore(self, ckpt: dict) -> None:
+        """Restore what ``checkpoint_fields`` saved, when a run resumes."""
 
     def exports(self, step: int) -> dict[str, dict]:
         """Files kept current beside ``checkpoint-last.pt`` (name -> what it holds after
@@ -216,12 +192,12 @@ class Task:
         """Extra fields of every training record."""
         return {}
 
-    def summary(self, result: dict) -> dict[str, Any]:
+    def result_fields(self, result: dict) -> dict[str, Any]:
         """What results.json holds besides step, metrics and the run's state (every process
         calls it)."""
         return {}
 
-    def finish(self, result: dict) -> None:
+    def after_run(self, result: dict) -> None:
         """After the final checkpoint and evaluation, on rank 0 of a finished run (exports)."""
 
     # ------------------------------------------------------------------ memory planning

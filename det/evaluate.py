@@ -19,7 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from crossmae.evaluation import DatasetEvaluator, inference_on_dataset
-from crossmae.report import column_pairs, table
+from crossmae.progress import column_pairs, table
 
 from .model import postprocess
 from .roi_heads import TEST_SCORE_THRESH

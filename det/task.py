@@ -28,6 +28,7 @@ import torch
 
 from crossmae.bench import BenchCase, bench_encoder, register_bench_case
 from crossmae.config import load_config
+from crossmae.evaluation import Evaluation
 from crossmae.models.pretrained import model_on_encoder
 from crossmae.task import Task, TransferStage, register_task
 
@@ -87,7 +88,6 @@ class DetTask(Task):
     help = "train ViTDet Mask R-CNN (COCO AP at the end)"
     schema = DetConfig
     format = DET_FORMAT
-    curve = {"bbox/AP": "box AP", "segm/AP": "mask AP"}
     transfer = TransferStage("det", 3, "configs/det/mask_rcnn_vit_{size}_*ep.yaml", COCO,
                              (("COCO AP box / AP mask", ("ap_box", "ap_mask")),),
                              cpu_config="configs/det/mask_rcnn_coco128_small.yaml",
@@ -147,29 +147,29 @@ class DetTask(Task):
         return {"imgs": [im.to(device, non_blocking=True) for im in imgs],
                 "targets": [t.to(device) for t in targets]}  # fmt: skip
 
-    def losses(self, forward, imgs: list, targets: list) -> dict:
-        parts = forward(imgs, targets)
+    def losses(self, model, imgs: list, targets: list) -> dict:
+        parts = model(imgs, targets)
         return {**parts, "loss": sum(parts.values())}
 
-    def eval_every(self) -> tuple[int, int]:
-        return (self.cfg.eval.every_steps, 0)
+    def evaluation(self) -> Evaluation:
+        return Evaluation(self._evaluate, every_steps=self.cfg.eval.every_steps,
+                          line=self._line, tables=report,
+                          curve={"bbox/AP": "box AP", "segm/AP": "mask AP"})  # fmt: skip
 
-    def evaluate(self, step: int) -> dict:
+    def _evaluate(self, step: int) -> dict:
         e = self.cfg.eval
         results = Path(self.cfg.output_dir) / f"coco_results-{step}.json"
         return evaluate_detector(self.model, self.val_data, batch_size=e.batch_size,
                                  precision=e.precision, results_file=results)  # fmt: skip
 
-    def describe(self, metrics: dict) -> str:
+    @staticmethod
+    def _line(metrics: dict) -> str:
         if not metrics.get("detections"):
             return NO_DETECTIONS
         return (f"box AP {metrics['bbox']['AP']:.2f}, mask AP {metrics['segm']['AP']:.2f} "
                 f"({metrics['detections']} detections)")  # fmt: skip
 
-    def report(self, metrics: dict) -> str:
-        return report(metrics)
-
-    def state(self) -> dict:
+    def checkpoint_fields(self) -> dict:
         return {"categories": self.train_data.cat_ids, "num_classes": self.train_data.num_classes,
                 "encoder_config": self.encoder_config}  # fmt: skip
 

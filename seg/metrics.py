@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from crossmae import distributed as du
-from crossmae.report import table
+from crossmae.progress import table
 
 
 class SegMetrics:

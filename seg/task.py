@@ -29,6 +29,7 @@ from crossmae.bench import BenchCase, bench_encoder, register_bench_case
 from crossmae.checkpoint import write_text_atomic
 from crossmae.config import ConfigError, load_config
 from crossmae.distributed import to_sync_batchnorm
+from crossmae.evaluation import Evaluation
 from crossmae.models.pretrained import describe_source, encoder_of, model_on_encoder
 from crossmae.task import Task, TransferStage, register_task
 
@@ -69,7 +70,6 @@ class SegTask(Task):
     help = "train UperNet (mIoU at the end)"
     schema = SegConfig
     format = SEG_FORMAT
-    curve = {"mIoU": "mIoU", "aAcc": "pixel accuracy"}
     transfer = TransferStage("seg", 4, "configs/seg/upernet_vit_{size}_ade20k_160k.yaml",
                              {"ADE20K": ("data.root={root}",)},
                              (("ADE20K mIoU", ("miou",)),),
@@ -126,29 +126,29 @@ class SegTask(Task):
         return {"imgs": imgs.to(device, non_blocking=True),
                 "labels": labels.to(device, non_blocking=True)}  # fmt: skip
 
-    def losses(self, forward, imgs: torch.Tensor, labels: torch.Tensor) -> dict:
+    def losses(self, model, imgs: torch.Tensor, labels: torch.Tensor) -> dict:
         m = self.cfg.model
-        parts = segmentation_losses(forward(imgs), labels, aux_weight=m.aux_weight,
+        parts = segmentation_losses(model(imgs), labels, aux_weight=m.aux_weight,
                                     avg_non_ignore=m.loss_avg_non_ignore)  # fmt: skip
         return {**parts, "loss": parts["decode_loss_ce"] + parts["aux_loss_ce"]}
 
-    def eval_every(self) -> tuple[int, int]:
-        return (self.cfg.eval.every_steps, 0)
+    def evaluation(self) -> Evaluation:
+        return Evaluation(self._evaluate, every_steps=self.cfg.eval.every_steps,
+                          line=self._line, tables=format_table,
+                          curve={"mIoU": "mIoU", "aAcc": "pixel accuracy"})  # fmt: skip
 
-    def evaluate(self, step: int) -> dict:
+    def _evaluate(self, step: int) -> dict:
         return evaluate_segmenter(self.model, self.val_folder, self.spec.num_classes,
                                   **eval_settings(self.cfg))  # fmt: skip
 
-    def describe(self, metrics: dict) -> str:
+    @staticmethod
+    def _line(metrics: dict) -> str:
         return f"mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f}"
 
-    def report(self, metrics: dict) -> str:
-        return format_table(metrics)
-
-    def state(self) -> dict:
+    def checkpoint_fields(self) -> dict:
         return {"encoder_config": self.encoder_config, "num_classes": self.spec.num_classes}
 
-    def finish(self, result: dict) -> None:
+    def after_run(self, result: dict) -> None:
         table = format_table(result["metrics"])
         write_text_atomic(Path(result["output_dir"]) / "per_class.md", table + "\n")
 

@@ -9,7 +9,7 @@ from torch import nn
 from crossmae.bench import BenchCase, bench_encoder, register_bench_case
 from crossmae.config import EncoderSource, LogConfig, OptimConfig, TrainConfig, section
 from crossmae.data import Indexed
-from crossmae.evaluation import DatasetEvaluator, inference_on_dataset
+from crossmae.evaluation import DatasetEvaluator, Evaluation, inference_on_dataset
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.task import Task, TransferStage, register_task
@@ -51,16 +51,19 @@ class PixelTask(Task):
     def inputs(self, batch, device):
         return {"x": batch.to(device)}
 
-    def losses(self, forward, x):
+    def losses(self, model, x):
         target = F.unfold(x.mean(1, keepdim=True), self.model.p, stride=self.model.p)
-        return {"loss": F.mse_loss(forward(x), target.transpose(1, 2))}
+        return {"loss": F.mse_loss(model(x), target.transpose(1, 2))}
 
-    def evaluate(self, step):  # 4 other random images, through the library's evaluation loop
-        g, size = torch.Generator().manual_seed(1), self.model.encoder.img_size
-        images = torch.rand(4, 3, *size, generator=g)
-        return inference_on_dataset(
-            self.model, images, PixelEvaluator(self.model.p), precision="fp32", batch_size=4
-        )
+    def evaluation(self):
+        def mse(step):  # 4 other random images, through the library's evaluation loop
+            g, size = torch.Generator().manual_seed(1), self.model.encoder.img_size
+            images = torch.rand(4, 3, *size, generator=g)
+            return inference_on_dataset(
+                self.model, images, PixelEvaluator(self.model.p), precision="fp32", batch_size=4
+            )
+
+        return Evaluation(mse)
 
 
 class PixelEvaluator(DatasetEvaluator):

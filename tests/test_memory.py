@@ -153,7 +153,7 @@ def test_activation_checkpointing_is_chosen_only_when_the_smallest_micro_batch_d
 def test_a_step_it_cannot_plan_is_one_line_naming_the_operation(monkeypatch, capsys):
     from crossmae.pretrain import PretrainTask
 
-    def losses(self, forward, **inputs):  # a size read from the data, not from the config
+    def losses(self, model, **inputs):  # a size read from the data, not from the config
         first = next(v for v in inputs.values() if torch.is_tensor(v))
         counts = first.flatten()[:4].long()
         return {"loss": torch.repeat_interleave(counts).float().sum()}

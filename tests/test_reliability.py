@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO
+from omegaconf import OmegaConf
 from PIL import Image
 from test_train import TINY
 
 from crossmae.checkpoint import LAST, load_checkpoint, save_atomic
 from crossmae.cli import main
 from crossmae.config import ConfigError, load_config
+from crossmae.evaluation import Evaluation
 from crossmae.pretrain import PretrainConfig, pretrain
 
 
@@ -58,8 +60,11 @@ def test_2_the_training_is_saved_before_a_final_evaluation_that_fails(tmp_path):
     from crossmae.runner import run_task
 
     class Failing(PixelTask):
-        def evaluate(self, step):
-            raise RuntimeError("the evaluation found a problem")
+        def evaluation(self):
+            def fail(step):
+                raise RuntimeError("the evaluation found a problem")
+
+            return Evaluation(fail)
 
     tiny_encoder_export(tmp_path / "enc.pt", embed_dim=32, depth=2, num_heads=2)
     common = [f"encoder.checkpoint={tmp_path / 'enc.pt'}"]
@@ -190,6 +195,23 @@ def test_8_resuming_with_other_settings_is_refused_unless_asked(tmp_path):
     changed = tiny(tmp_path, "train.epochs=2", "train.resume_with_changes=true")
     assert pretrain(changed, resume="auto")["step"] == 8
     assert "epochs: 2" in (tmp_path / "config.yaml").read_text()
+
+
+def test_8_a_path_spelt_another_way_is_the_same_setting(tmp_path, monkeypatch):
+    from crossmae.config import changed_settings
+
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "encoder.pt").write_bytes(b"x")
+    (tmp_path / "runs" / "other.pt").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    saved = {"encoder": {"checkpoint": str(tmp_path / "runs" / "encoder.pt")}, "seed": 0}
+    now = OmegaConf.create({"encoder": {"checkpoint": "runs/../runs/encoder.pt"}, "seed": 0})
+    assert changed_settings(saved, now) == []  # absolute when started, relative on resume
+    now.encoder.checkpoint = "runs/other.pt"  # another file with the same bytes: a change
+    assert changed_settings(saved, now) == [f"encoder.checkpoint: {tmp_path}/runs/encoder.pt -> "
+                                            "runs/other.pt"]  # fmt: skip
+    now.encoder.checkpoint = "missing.pt"  # nothing on disk to show they are one file
+    assert len(changed_settings(saved, now)) == 1
 
 
 @pytest.mark.parametrize("mask, expected", [(0.9, 0.9), (0.5, 0.5), (0.75, 0.75)])

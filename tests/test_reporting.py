@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmae.report import Progress, column_pairs, duration, rate, table
+from crossmae.progress import Progress, column_pairs, duration, rate, table
 
 
 class Lines(logging.Handler):

@@ -477,8 +477,8 @@ class Regression:
     def inputs(self, batch, device):
         return {"x": batch[0].to(device), "y": batch[1].to(device)}
 
-    def losses(self, forward, x, y):
-        return {"loss": ((forward(x) - y) ** 2).mean()}
+    def losses(self, model, x, y):
+        return {"loss": ((model(x) - y) ** 2).mean()}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

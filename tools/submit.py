@@ -8,10 +8,10 @@ through submitit, one task per GPU.
     python tools/submit.py --task "det train" --config configs/det/mask_rcnn_vit_base_100ep.yaml \\
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt ... output_dir=runs/det_b
 
-Every training task runs with ``--resume auto``. Slurm signals the job (USR2) before its time
+Every task runs with ``--resume auto``. Slurm signals the job (USR2) before its time
 limit, and submitit forwards preemption as well: the training loop then finishes its step, writes
 ``checkpoint-last.pt``, and hands the signal back to submitit, which requeues the job; the
-requeued job continues from that checkpoint (an evaluation starts over).
+requeued job continues from that checkpoint (a task that trains nothing evaluates again).
 
 ``--cluster local --wait`` runs the same task on this machine through submitit's local executor
 (``--gpus-per-node 0 --tasks-per-node 2`` for a CPU check with gloo).
@@ -28,26 +28,25 @@ import submitit
 from crossmae.config import int_at_least
 
 
-def task_commands() -> dict[str, bool]:
-    """The registered tasks' commands (``crossmae.task``) -> whether the task trains (and so
-    resumes from its checkpoints)."""
+def task_commands() -> list[str]:
+    """The registered tasks' commands (``crossmae.task``)."""
     from crossmae.task import tasks
 
-    return {" ".join(t.command): t.trains for t in tasks()}
+    return [" ".join(t.command) for t in tasks()]
 
 
 class Task(submitit.helpers.Checkpointable):
     """A picklable callable: set torch.distributed's variables from Slurm's, then run the task.
     ``checkpoint()`` (inherited) resubmits the same arguments, which resume automatically."""
 
-    def __init__(self, task: str, argv: list[str], resume: bool = True):
-        self.task, self.argv, self.resume = task, argv, resume
+    def __init__(self, task: str, argv: list[str]):
+        self.task, self.argv = task, argv
 
     def __call__(self) -> int:
         from crossmae.cli import main
 
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        return main([*self.task.split(), *self.argv, *(["--resume", "auto"] * self.resume)])
+        return main([*self.task.split(), *self.argv, "--resume", "auto"])
 
 
 def main() -> int:
@@ -58,7 +57,7 @@ def main() -> int:
         "--task",
         default="pretrain",
         type=lambda t: t.removeprefix("crossmae "),
-        choices=list(task_commands()),
+        choices=task_commands(),
         help="a task's command",
     )
     parser.add_argument("--cluster", choices=["slurm", "local"], default="slurm")
@@ -98,7 +97,7 @@ def main() -> int:
         slurm_signal_delay_s=args.signal_delay_s,
     )
     argv = [a for c in args.config for a in ("--config", c)] + args.overrides
-    job = executor.submit(Task(args.task, argv, resume=task_commands()[args.task]))
+    job = executor.submit(Task(args.task, argv))
     print(f"submitted job {job.job_id}; logs in {log_dir}")
     if args.wait:
         codes = job.results()  # raises with the task's traceback if one failed

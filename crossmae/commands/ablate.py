@@ -87,11 +87,11 @@ def settings_of(variant: str, arch: str) -> list[str]:
 
 
 def transfer_tasks(names: list[str]) -> dict[str, type]:
-    """The transfer stages ``--transfer`` names (those that train and have a CPU config)."""
+    """The transfer stages ``--transfer`` names (those with a CPU config)."""
     from ..config import ConfigError
     from ..task import transfer_stages
 
-    known = {t.transfer.name: t for t in transfer_stages() if t.trains and t.transfer.cpu_config}
+    known = {t.transfer.name: t for t in transfer_stages() if t.transfer.cpu_config}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"--transfer: unknown stage(s) {unknown}; choose from {sorted(known)}")

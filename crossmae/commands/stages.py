@@ -193,7 +193,7 @@ def launch_command(plan: Plan, smoke: bool) -> tuple[list[str], list[str]]:
         return [python, str(REPO / "tools" / "submit.py"), "--task", " ".join(plan.task.command),
                 "--wait", "--nodes", nnodes, "--gpus-per-node", nproc,
                 *shlex.split(env.get("SLURM_ARGS", ""))], []  # fmt: skip
-    resume = ["--resume", "auto"] if plan.task.trains else []  # an evaluation starts over
+    resume = ["--resume", "auto"]  # a task that trains nothing evaluates again
     if int(nnodes) == 1 and nproc == "1":  # one process: no launcher needed
         return [python, "-m", "crossmae", *plan.task.command], resume
     if int(nnodes) > 1:
