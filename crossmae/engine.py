@@ -410,8 +410,8 @@ class Engine:
         """The whole training and its end: ``train()``, then ``finish(interrupted)`` (the
         caller's end of a run: final checkpoint and evaluation; it returns whether the run ended
         early, which ``after_train`` hooks are told), then every hook's ``after_train``; every
-        hook is closed after, also when any of these fails. Returns whether a stop signal ended
-        the loop."""
+        hook is closed after, also when any of these fails, and so is the loader (its
+        persistent workers stop). Returns whether a stop signal ended the loop."""
         try:
             interrupted = self.train()
             ended = finish(interrupted) if finish is not None else interrupted
@@ -419,6 +419,8 @@ class Engine:
                 h.after_train(self, ended)
             return interrupted
         finally:
+            if hasattr(self.loader, "close"):
+                self.loader.close()
             for h in self.hooks:
                 h.close()
 

@@ -892,3 +892,27 @@ def test_a_run_started_under_nohup_is_not_stopped_by_a_closed_terminal():
             assert signal.getsignal(signal.SIGHUP) == stop._handle
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_process_with_data_workers_still_open_exits():
+    """Data workers ignore stop signals (the main process ends the run), so the SIGTERM that
+    multiprocessing sends them at interpreter exit cannot end them: a loader left open (its
+    persistent workers alive) is closed before that, and the process exits."""
+    code = (
+        "import torch\n"
+        "from crossmae.data.loader import Loader\n"
+        "loader = Loader(torch.arange(8.0), batch_size=2, num_workers=2, persistent_workers=True)\n"
+        "cycle = [loader]; cycle.append(cycle)  # alive until a collection that exit never runs\n"
+        "print(sum(float(b.sum()) for b in loader))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "28.0"
+
+
+def test_a_training_run_stops_its_data_workers_when_it_ends(tmp_path):
+    from crossmae.data.loader import _OPEN
+
+    pretrain(tiny(tmp_path, "train.epochs=1", "data.num_workers=2"))
+    assert not [loader for loader in _OPEN if loader._iterator is not None]

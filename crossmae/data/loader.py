@@ -8,9 +8,11 @@ nothing, and 1 process with global batch B sees the same batches as N processes 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -186,7 +188,11 @@ def stop_signals_held():
 class Loader(DataLoader):
     """A ``DataLoader`` whose workers leave stop signals to this process: they start with the
     signals held (``stop_signals_held``) and ignore them (``ignore_stop_signals``), so Ctrl-C
-    or a SIGTERM to the process group ends a run through its main process only."""
+    or a SIGTERM to the process group ends a run through its main process only.
+
+    Workers that ignore SIGTERM cannot be ended by the one multiprocessing sends them at
+    interpreter exit, so a loader's persistent workers are stopped by ``close()``: at the end of
+    a training run (the engine's), and at exit for any loader still open."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("worker_init_fn", ignore_stop_signals)
@@ -194,7 +200,31 @@ class Loader(DataLoader):
 
     def __iter__(self):
         with stop_signals_held():  # workers start here (once, when persistent)
-            return super().__iter__()
+            batches = super().__iter__()
+        _OPEN.add(self)
+        return batches
+
+    def close(self) -> None:
+        """Stop the persistent workers now (a later iteration starts new ones); a worker still
+        alive after torch's shutdown is killed."""
+        _OPEN.discard(self)
+        batches, self._iterator = getattr(self, "_iterator", None), None
+        if batches is None or not hasattr(batches, "_shutdown_workers"):
+            return
+        batches._shutdown_workers()
+        for worker in getattr(batches, "_workers", []):
+            if worker.is_alive():  # it ignores SIGTERM: torch's terminate() did not end it
+                worker.kill()
+                worker.join()
+
+
+_OPEN: weakref.WeakSet[Loader] = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's exit handler (torch imports it first), so
+def _close_open_loaders() -> None:  # it runs before that handler joins the workers
+    for loader in list(_OPEN):
+        loader.close()
 
 
 def make_loader(
