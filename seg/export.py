@@ -12,7 +12,7 @@ The pretrained file (``crossmae convert to-mmseg``) holds the backbone keys with
 mmseg's MAE backbone loads its ``Pretrained`` file into itself, non-strictly, so prefixed keys
 would silently load nothing. Then, in mmsegmentation 1.x:
 
-    python tools/train.py configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py \
+    python tools/train.py configs/mae/mae-base_upernet_8xb2-amp-160k_ade20k-512x512.py \\
         --cfg-options model.pretrained=pretrain/crossmae_b_mmseg.pth
 """
 

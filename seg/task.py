@@ -7,10 +7,11 @@ table), ``seg visualize`` (predictions beside the ground truth, PNGs), ``seg imp
 ``convert to-mmseg``.
 
     torchrun --nproc-per-node 8 -m crossmae seg train \\
-        --config configs/seg/upernet_vit_base_ade20k_160k.yaml data.root=/data/ADEChallengeData \\
+        --config configs/seg/upernet_vit_base_ade20k_160k.yaml \\
+        data.root=/data/ADEChallengeData2016 \\
         encoder.checkpoint=runs/crossmae_b_800/checkpoint-last.pt output_dir=runs/seg_b
     crossmae seg evaluate runs/seg_b/checkpoint-last.pt data.root=/data/ADEChallengeData2016
-    crossmae seg visualize runs/seg_b/checkpoint-last.pt data.root=/data/ADEChallengeData2016 \
+    crossmae seg visualize runs/seg_b/checkpoint-last.pt data.root=/data/ADEChallengeData2016 \\
         --out PNGS
     crossmae seg import-mmseg upernet_mae-base_ade20k.pth upernet_b.pt [key=value ...]
 

@@ -101,3 +101,21 @@ def test_no_import_circle():
         return False
 
     assert not [m for m in edges if reaches(m)]
+
+
+def test_no_command_example_in_a_docstring_loses_its_line_break():
+    """A lone backslash at the end of a line of a (non-raw) docstring joins the two lines, so a
+    multi-line command example in ``--help`` prints as one run-on line: it must be ``\\\\``."""
+    import io
+    import re
+    import tokenize
+
+    joined = []
+    for pkg in PRODUCT:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+                prefix = re.match(r"[A-Za-z]*", tok.string).group().lower()
+                if tok.type == tokenize.STRING and "r" not in prefix and re.search(
+                        r"(?<!\\)(\\\\)*\\\n", tok.string):  # fmt: skip
+                    joined.append(f"{path.relative_to(REPO)}:{tok.start[0]}")
+    assert not joined, joined

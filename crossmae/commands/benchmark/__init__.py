@@ -2,17 +2,17 @@
 pipeline (decoded + augmented images per second).
 
     # training step, real sizes, on a GPU (one JSON line per run, then a table)
-    crossmae benchmark step --models crossmae_vit_base_patch16 mae_vit_base_patch16 \
+    crossmae benchmark step --models crossmae_vit_base_patch16 mae_vit_base_patch16 \\
         --pred-ratios 0.25 0.75 --batch 256 --modes eager compiled
     # forward + backward replayed as one CUDA graph (what train.cuda_graph=true runs), compiled
-    crossmae benchmark step --models crossmae_vit_base_patch16 --pred-ratios 0.25 \
+    crossmae benchmark step --models crossmae_vit_base_patch16 --pred-ratios 0.25 \\
         --modes graphed
     # attention kernels (fwd + bwd) at the encoder's and decoder's shapes, per SDPA backend
     crossmae benchmark attention --batch 256
     # the same at a tiny size on CPU (what CI runs)
     crossmae benchmark step --tiny --batch 8 --steps 3 --warmup 1
     # what the compiled step keeps for backward, at any size, on CPU, without running it
-    crossmae benchmark saved --models crossmae_vit_base_patch16 --batch 256 \
+    crossmae benchmark saved --models crossmae_vit_base_patch16 --batch 256 \\
         --memory-budget 1.0 0.9
     # image pipeline: CPU decode + RandomResizedCrop per worker, and the GPU decode path
     crossmae benchmark data --folder ../shared/data/imagenette/train --images 300
