@@ -130,6 +130,14 @@ def test_curve_errors_name_the_problem(tmp_path, capsys):
                                                       str(tmp_path))  # fmt: skip
     assert "nope.yaml does not exist" in error("--curve", "--config", "frozen=nope.yaml",
                                                str(tmp_path))  # fmt: skip
+    out = tmp_path / "out"  # one OUT, one run: another run's curve there is refused at once
+    out.mkdir()
+    (out / "curve.json").write_text(json.dumps({"run": str(tmp_path / "other-run")}))
+    assert "holds the curve of another run" in error("--curve", str(tmp_path), str(out))
+    (out / "curve.json").write_text(json.dumps({"run": str(tmp_path / "." / "")}))  # its own
+    assert "log.keep_every_epochs=N" in error("--curve", str(tmp_path), str(out))
+    (out / "curve.json").write_text("[1, 2]")
+    assert "is not a curve this command wrote" in error("--curve", str(tmp_path), str(out))
     with pytest.raises(SystemExit) as e:  # argparse's own check
         main(["transfer", "--curve", "--poll", "0", str(tmp_path)])
     assert e.value.code == 2 and "--poll: must be at least 1" in capsys.readouterr().err

@@ -92,6 +92,7 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
     if not run.is_dir():
         raise ConfigError(f"--curve takes a pretraining run's folder, not {args.checkpoint}")
     out = Path(args.out or run / "curve").resolve()
+    check_out_is_this_runs(out, run)
     failed: set[int] = set()  # not tried again by this command
     said: set[int] = set()
     while True:
@@ -140,6 +141,21 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
         print(f"crossmae transfer --curve: evaluations failed at epoch(s) "
               f"{' '.join(map(str, sorted(failed)))}", file=sys.stderr)  # fmt: skip
     return 1 if failed or state == "diverged" else 0
+
+
+def check_out_is_this_runs(out: Path, run: Path) -> None:
+    """OUT holds one run's curve: the curve of another run there is refused before anything is
+    evaluated (its epochN/ results would be taken for this run's)."""
+    try:
+        other = json.loads((out / "curve.json").read_text()).get("run")
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{out / 'curve.json'} is not a curve this command wrote ({e}): "
+                          "give another OUT") from None  # fmt: skip
+    if other is not None and Path(other).resolve() != run:
+        raise ConfigError(f"{out} holds the curve of another run ({other}): one OUT is one "
+                          f"run's curve; give {run.name}'s curve another OUT")  # fmt: skip
 
 
 def curve_points(points: dict[int, tuple]) -> tuple[list[dict], dict[str, str]]:
