@@ -138,3 +138,6 @@ class FrozenEvalConfig:
     knn: KnnConfig = field(default_factory=KnnConfig)
     probe: FastProbeConfig = field(default_factory=FastProbeConfig)
     train: RunConfig = field(default_factory=RunConfig)
+    # also the same architecture untrained (encoder.random_init=true, encoder.seed), evaluated the
+    # same way and reported beside with the gain: what a small-data number is worth
+    control: bool = False

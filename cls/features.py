@@ -16,6 +16,7 @@ from crossmae import distributed as du
 from crossmae.checkpoint import save_atomic
 from crossmae.knn import topk_accuracy
 from crossmae.optim import LARS, cosine_lr
+from crossmae.progress import Progress
 
 log = logging.getLogger("crossmae")
 
@@ -55,6 +56,24 @@ class ProbeHead(nn.Sequential):
         nn.init.zeros_(self[1].bias)
 
 
+def _probe_epoch(heads, combos, inputs, train_labels, opt, g, steps_per_epoch: int,
+                 batch_size: int, step: int, total: int, warmup: int) -> None:  # fmt: skip
+    """One epoch of every head of the grid on the same batches, from global step ``step``."""
+    perm = torch.randperm(len(train_labels), generator=g)
+    for s in range(steps_per_epoch):
+        idx = perm[s * batch_size : (s + 1) * batch_size]
+        y = train_labels[idx]
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(
+                step + s, base_lr=group["base_lr"], total_steps=total, warmup_steps=warmup
+            )
+        loss = sum(F.cross_entropy(h(inputs[name][0][idx]), y)
+                   for h, (name, _) in zip(heads, combos, strict=True))  # fmt: skip
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
 def linear_probe_grid(
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
     train_labels: torch.Tensor,
@@ -91,21 +110,13 @@ def linear_probe_grid(
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
     step = 0
     heads.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for s in range(steps_per_epoch):
-            idx = perm[s * batch_size : (s + 1) * batch_size]
-            y = train_labels[idx]
-            for group in opt.param_groups:
-                group["lr"] = cosine_lr(
-                    step, base_lr=group["base_lr"], total_steps=total, warmup_steps=warmup
-                )
-            loss = sum(F.cross_entropy(h(inputs[name][0][idx]), y)
-                       for h, (name, _) in zip(heads, combos, strict=True))  # fmt: skip
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+    desc = f"linear probe grid ({len(heads)} heads, {n} features, batch {batch_size})"
+    with Progress(epochs, desc, unit="epochs", every_s=10.0) as progress:
+        for _ in range(epochs):
+            _probe_epoch(heads, combos, inputs, train_labels, opt, g, steps_per_epoch,
+                         batch_size, step, total, warmup)  # fmt: skip
+            step += steps_per_epoch
+            progress.update()
     heads.eval()
     grid, predictions = [], []
     with torch.no_grad():

@@ -17,6 +17,7 @@ Accuracy on the val split every epoch (exact distributed counting), best and las
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 from functools import partial
@@ -332,7 +333,28 @@ class FrozenTask(Task):
             num_workers=d.num_workers, device=self.device))  # fmt: skip
 
     def evaluation(self) -> Evaluation:
-        return Evaluation(self._evaluate, line=self._line, tables=self._tables)
+        return Evaluation(self._with_control, line=self._line, tables=self._tables)
+
+    def _with_control(self, step: int = 0) -> dict:
+        """The evaluation; with ``control``, the same of the architecture untrained beside it
+        (``control``: its numbers; ``gain``: this encoder's minus the control's)."""
+        metrics = self._evaluate(step)
+        if not self.cfg.control or self.cfg.encoder.random_init:
+            return metrics
+        cfg = copy.deepcopy(self.cfg)
+        cfg.encoder.random_init, cfg.control = True, False
+        log.info("control: the same architecture untrained (encoder.seed=%d), evaluated the "
+                 "same way", cfg.encoder.seed)  # fmt: skip
+        control = FrozenTask(cfg)
+        control.device, control.train_src, control.val_src = (
+            self.device, self.train_src, self.val_src)  # fmt: skip
+        control.model = control.build_model(self.device)
+        theirs = control._evaluate(step)
+        keys = ("knn_top1", "knn_top5", "linprobe_top1", "linprobe_top5")
+        metrics["control"] = {k: theirs[k] for k in keys}
+        metrics["gain"] = {k: metrics[k] - theirs[k] for k in keys
+                           if metrics[k] is not None and theirs[k] is not None}  # fmt: skip
+        return metrics
 
     def _evaluate(self, step: int = 0) -> dict:
         log.info("features of %d training and %d validation images", len(self.train_src),
@@ -376,9 +398,15 @@ class FrozenTask(Task):
         best = metrics["linprobe_best"]
         k, asked = metrics["knn_k"], self.cfg.knn.k
         k = f"{k}: all the training images, {asked} asked" if k != asked else k
-        return (f"kNN top-1 {metrics['knn_top1']:.2f} (k = {k}), linear probe "
+        line = (f"kNN top-1 {metrics['knn_top1']:.2f} (k = {k}), linear probe "
                 f"top-1 {metrics['linprobe_top1']:.2f} ({best['input']}, blr {best['blr']}: "
-                f"the best of {len(metrics['linprobe_grid'])})")  # fmt: skip
+                f"the best of {len(metrics['linprobe_grid'])} on this split)")  # fmt: skip
+        if (control := metrics.get("control")) is not None:
+            gain = metrics["gain"]
+            line += (f"; untrained control: kNN {control['knn_top1']:.2f} "
+                     f"({gain['knn_top1']:+.2f}), probe {control['linprobe_top1']:.2f} "
+                     f"({gain['linprobe_top1']:+.2f})")  # fmt: skip
+        return line
 
     def _tables(self, metrics: dict) -> str:
         c = metrics["per_class"]

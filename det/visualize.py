@@ -66,6 +66,15 @@ def ground_truth(dataset: CocoInstances, image_id: int, h: int, w: int) -> tuple
     return boxes.reshape(-1, 4), classes, [dataset.class_names[c] for c in classes], masks
 
 
+def prediction_title(scores: torch.Tensor, kept: int, score: float) -> str:
+    """The prediction panel's title: how many passed ``score``; for an empty panel, the highest
+    score reached (a model that has not learned yet, or a threshold set too high)."""
+    if kept or not len(scores):
+        return f"prediction ({kept} with score >= {score:g})" if len(scores) else (
+            "prediction (no detection at all)")  # fmt: skip
+    return f"prediction (none with score >= {score:g}; highest score {float(scores.max()):.3f})"
+
+
 @torch.no_grad()
 def visualize_detections(model, dataset: CocoInstances, out: str | Path, *, images: int = 8,
                          score: float = 0.5) -> list[Path]:  # fmt: skip
@@ -96,7 +105,7 @@ def visualize_detections(model, dataset: CocoInstances, out: str | Path, *, imag
         written.append(save_panels(
             Path(out) / f"{name}.png",
             [(f"ground truth ({len(dataset.anns[info['image_id']])})", gt),
-             (f"prediction ({len(classes)} with score >= {score:g})", drawn)],
+             (prediction_title(pred["scores"], len(classes), score), drawn)],
             title=f"{meta['file_name']} (image {info['image_id']})",
         ))  # fmt: skip
     return written

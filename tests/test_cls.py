@@ -152,6 +152,13 @@ def test_the_probe_grid_covers_every_setting_and_its_best_is_the_single_run(shar
     assert {
         g["input"] for g in frozen("probe.n_blocks=[9]", "probe.pools=[cls]")["linprobe_grid"]
     } == {"last4_cls"}
+    # control=true: the same architecture untrained, evaluated the same way, and the gain
+    one = ("probe.n_blocks=[4]", "probe.pools=[cls]", "probe.blrs=[0.3]")
+    pretrained, untrained = frozen(*one, "control=true"), frozen(*one, "encoder.random_init=true")
+    assert pretrained["linprobe_top1"] == frozen(*one)["linprobe_top1"]
+    for key in ("knn_top1", "linprobe_top1"):
+        assert pretrained["control"][key] == untrained[key]
+        assert pretrained["gain"][key] == pytest.approx(pretrained[key] - untrained[key])
 
 
 @pytest.mark.slow

@@ -395,3 +395,15 @@ def test_nms_keeps_box_precision_under_fp16_scores():
     boxes = torch.tensor([[1000.3, 0, 1010.7, 10], [1000.4, 0, 1010.6, 10.0]])
     scores = torch.tensor([0.9, 0.8], dtype=torch.float16)
     assert batched_nms(boxes, scores, torch.zeros(2, dtype=torch.long), 0.99).tolist() == [0, 1]
+
+
+def test_an_empty_prediction_panel_says_the_highest_score_reached():
+    from det.visualize import prediction_title
+
+    scores = torch.tensor([0.031, 0.2, 0.6])
+    assert prediction_title(scores, 1, 0.5) == "prediction (1 with score >= 0.5)"
+    assert prediction_title(scores[:2], 0, 0.5) == (
+        "prediction (none with score >= 0.5; highest score 0.200)")  # fmt: skip
+    assert prediction_title(scores[:1], 0, 0.05) == (
+        "prediction (none with score >= 0.05; highest score 0.031)")  # fmt: skip
+    assert prediction_title(torch.zeros(0), 0, 0.5) == "prediction (no detection at all)"
