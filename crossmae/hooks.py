@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -185,6 +186,21 @@ class MetricsWriter(Hook):
         self._bar = self._file = self._writer = None
 
 
+# how a stopped run is continued, as the stop message says it: a command that runs training in
+# its own process (crossmae ablate) pushes its own way while it runs (``resume_hint``)
+RESUME_HINT = ["--resume auto"]
+
+
+@contextlib.contextmanager
+def resume_hint(text: str):
+    """While in the block, a stopped run says "continue with ``text``"."""
+    RESUME_HINT.append(text)
+    try:
+        yield
+    finally:
+        RESUME_HINT.pop()
+
+
 class CheckpointHook(Hook):
     """``checkpoint-last.pt`` at its intervals and at a stop signal (module docstring).
 
@@ -240,11 +256,11 @@ class CheckpointHook(Hook):
             by = engine.stop.signum
             name = signal.Signals(by).name if by else "from another process"
             if self.save(engine):
-                log.warning("signal %s: checkpoint written at step %d; continue with --resume "
-                            "auto", name, engine.step)  # fmt: skip
+                log.warning("signal %s: checkpoint written at step %d; continue with %s", name,
+                            engine.step, RESUME_HINT[-1])  # fmt: skip
             else:
-                log.warning("signal %s: stopped at step %d; continue with --resume auto from "
-                            "the last checkpoint", name, engine.step)  # fmt: skip
+                log.warning("signal %s: stopped at step %d; continue with %s from the last "
+                            "checkpoint", name, engine.step, RESUME_HINT[-1])  # fmt: skip
         elif self.every_steps and engine.step % self.every_steps == 0:
             self.save(engine)
 

@@ -62,7 +62,7 @@ from .models.crossmae import CrossMAE
 from .models.layers import sdpa_device_problem, set_attention_backend
 from .models.pretrained import encoder_export
 from .online_probe import OnlineProbe, probe_splits
-from .reconstruction import reconstruct
+from .reconstruction import masked_psnr, reconstruct
 from .task import Task, register_task
 from .visualize import save_loss_curve, save_reconstruction_grid
 
@@ -394,11 +394,16 @@ class ReconstructionImages(Hook):
         model, device = self.task.model, self.task.device
         imgs, ids = self.batch["images"].to(device), self.batch["ids_shuffle"].to(device)
         rec = reconstruct(model, imgs, ids, pred_ratio=self.task.mask_ratio)
-        title = (f"{self.task.cfg.model.name}  epoch {epoch}  step {engine.step}  (all masked "
-                 "patches decoded)")  # fmt: skip
+        psnr = float(masked_psnr(rec["pred"], rec["original"], rec["predicted"],
+                                 model.patch_size).mean())  # fmt: skip
+        engine.record({"step": engine.step, "epoch": epoch, "recon_psnr": psnr}, "recon")
+        norm = ("; norm-pix outputs shown with each patch's true mean and spread"
+                if model.norm_pix_loss else "")  # fmt: skip
+        title = (f"{self.task.cfg.model.name}  epoch {epoch}  step {engine.step}  masked-patch "
+                 f"PSNR {psnr:.2f} dB\n(every masked patch decoded{norm})")  # fmt: skip
         (self.out / "recon").mkdir(exist_ok=True)
         save_reconstruction_grid(rec, self.out / "recon" / f"epoch-{epoch:04d}.png", title)
-        save_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
+        save_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", lr=engine.schedule)
 
     def after_epoch(self, engine: Engine) -> None:
         every = self.task.cfg.log.vis_every_epochs

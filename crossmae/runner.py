@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import atexit
 import copy
-import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from .engine import Engine, StepOptions, plan_batches, step_options
 from .hooks import CheckpointHook, EvalHook, MetricsWriter, TqdmHandler
 from .optim import build_optimizer, make_schedule, peak_lr
 from .precision import resolve_precision
+from .progress import duration
 from .task import Task, get_task
 
 log = logging.getLogger("crossmae")
@@ -327,6 +328,7 @@ def _train(task: Task, out: Path, training: _Training) -> dict:
             evaluator.evaluate_if_stale(engine)  # which writes the checkpoint again
         return interrupted or diverged
 
+    start, t0 = engine.step, time.perf_counter()
     try:
         interrupted = engine.run(finish)
     except FloatingPointError as e:  # the loss stayed non-finite
@@ -343,7 +345,8 @@ def _train(task: Task, out: Path, training: _Training) -> dict:
             task.after_run(result)
         write_text_atomic(out / "results.json", strict_json(result, indent=1) + "\n")
         state = "stopped" if interrupted else "diverged" if diverged else "done"
-        log.info("%s: %s", state, json.dumps(_brief(result)))
+        took, steps = time.perf_counter() - t0, engine.step - start
+        log.info("%s: %s", state, _summary_line(result, steps, took, training.writer))
     close_run(out)
     engine.stop.pass_on()
     if diverged:
@@ -389,6 +392,12 @@ def _evaluate_only(task: Task, cfg: DictConfig, force: bool) -> dict:
     return result
 
 
-def _brief(result: dict) -> dict:
-    """The result without its long entries (per-class tables, file lists), for the log."""
-    return {k: v for k, v in result.items() if not isinstance(v, dict | list)}
+def _summary_line(result: dict, steps: int, seconds: float, writer: MetricsWriter) -> str:
+    """The end of a run in one line: step, this run's time and overall speed (evaluations and
+    checkpoints included, as detectron2's "total training time"), final loss, results."""
+    rate = steps * writer.images_per_step / max(seconds, 1e-9)
+    speed = (f", {duration(seconds)} for {steps} steps: {seconds / steps:.3g} s/step, "
+             f"{rate:.3g} img/s overall") if steps else ""  # fmt: skip
+    results = Path(result["output_dir"]) / "results.json"
+    return (f"step {result['step']} (epoch {result['epoch']:.3g}){speed}; final loss "
+            f"{result['final_loss']:.4g}; {results}")  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,8 +46,11 @@ def save_reconstruction_grid(
     return path
 
 
-def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
-    """Training loss (and lr) against the step, from a ``metrics.jsonl``; None if it has none."""
+def save_loss_curve(metrics_file: str | Path, path: str | Path,
+                    lr: Callable[[int], float] | None = None) -> Path | None:  # fmt: skip
+    """Training loss (and lr) against the step, from a ``metrics.jsonl``; None if it has none.
+    ``lr``: the schedule (step -> lr), drawn at every step (else the records' lr, which each
+    give the lr of their last step only)."""
     rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line]
     rows = [r for r in rows if "loss" in r and "lr" in r]
     for r in rows:  # a record of skipped (non-finite) steps only: no loss, a gap in the curve
@@ -61,7 +65,10 @@ def save_loss_curve(metrics_file: str | Path, path: str | Path) -> Path | None:
     ax.set_ylabel("reconstruction loss")
     ax.grid(alpha=0.3)
     ax2 = ax.twinx()
-    ax2.plot(steps, [r["lr"] for r in rows], color="tab:gray", alpha=0.5, lw=1,
+    # step s (a record's "step": s updates done) was taken at the lr of schedule(s - 1)
+    lr_steps = np.arange(1, int(steps[-1]) + 1) if lr is not None else steps
+    lrs = [lr(int(s) - 1) for s in lr_steps] if lr is not None else [r["lr"] for r in rows]
+    ax2.plot(lr_steps, lrs, color="tab:gray", alpha=0.5, lw=1,
              label="learning rate (right axis)")  # fmt: skip
     ax2.set_ylabel("learning rate", color="tab:gray")
     lines = ax.get_lines() + ax2.get_lines()

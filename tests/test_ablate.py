@@ -4,6 +4,7 @@ comparisons, and a second call that runs nothing again."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import REPO
@@ -21,7 +22,8 @@ TINY = ["model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=32",
 
 
 @pytest.mark.slow
-def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_path, monkeypatch):
+def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_path, monkeypatch,
+                                                                capfd):  # fmt: skip
     """Two variants, two seeds and the control, with ``--transfer finetune seg``: each stage on
     every variant's encoder and on the control, their metrics, gains and claims in the table;
     a second call runs nothing again."""
@@ -44,6 +46,9 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
             f"finetune={REPO / 'configs/cls/finetune_cifar10_few_labels.yaml'}",
             *TINY, *stages]  # fmt: skip
     assert main(argv) == 0
+    err = capfd.readouterr().err  # where it stands: run k of 6, an ETA from the second on
+    assert "ablate: run 1 of 6, mae seed 0\n" in err and "ablate: run 6 of 6, control seed 1" in err
+    assert re.search(r"ablate: run 2 of 6, mae seed 1, about \S+ left for the 5 runs to go", err)
     result = json.loads((out / "ablation.json").read_text())
     assert list(result["table"]) == ["mae", "crossmae_g0.25", CONTROL]
     for name, row in result["table"].items():
@@ -92,6 +97,8 @@ def test_ablate_writes_one_table_and_continues_where_it_stopped(shared_dir, tmp_
 
     monkeypatch.setattr(crossmae.runner, "run_task", lambda *a, **k: pytest.fail("ran again"))
     assert main(argv) == 0
+    err = capfd.readouterr().err
+    assert err.count("finished earlier, read from its folder") == 6
 
 
 def test_ablate_names_an_unknown_variant(tmp_path, capsys):

@@ -69,6 +69,27 @@ def test_from_official_with_the_wrong_architecture_names_the_keys(shared_dir, tm
     assert not (tmp_path / "o.pt").exists()
 
 
+@pytest.mark.parametrize("name, sizes", [
+    ("crossmae_vit_tiny_patch8", {"img_size": 64, "decoder_depth": 4}),  # the main job's model
+    ("mae_vit_tiny_patch16", {"img_size": 32, "depth": 3, "decoder_depth": 2}),
+])  # fmt: skip
+def test_from_official_reads_the_sizes_the_file_says(name, sizes, tmp_path, capsys):
+    """The round trip of a model whose sizes differ from its name's defaults needs no
+    settings: image size, depths and widths are read from the state dict, and said."""
+    torch.manual_seed(0)
+    model = create_model(name, **sizes)
+    save_atomic({"format": PRETRAIN_FORMAT, "model_name": name, "model_config": sizes,
+                 "model": model.state_dict()}, tmp_path / "ours.pt")  # fmt: skip
+    assert convert_main(["to-official", str(tmp_path / "ours.pt"), str(tmp_path / "o.pth")]) == 0
+    argv = ["from-official", str(tmp_path / "o.pth"), str(tmp_path / "back.pt"), "--arch", name]
+    assert convert_main(argv) == 0
+    said = " ".join(f"{k}={v}" for k, v in sizes.items())
+    assert f"read from the file: {said}" in capsys.readouterr().out
+    back = load_checkpoint(tmp_path / "back.pt")
+    assert back["model_config"] == sizes
+    assert all(torch.equal(back["model"][k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("weight_fm", [True, False])
 def test_timm_export_loads_strictly_and_gives_the_same_features(weight_fm, tmp_path):
     model = ours_checkpoint(tmp_path / "ours.pt", weight_fm=weight_fm)

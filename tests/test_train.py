@@ -48,7 +48,7 @@ TINY = [
 
 def losses(run: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]  # the training records
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:
@@ -76,7 +76,8 @@ def losses_safe(metrics: Path) -> list[tuple[int, float]]:
     for line in metrics.read_text().splitlines():
         try:
             r = json.loads(line)
-            out.append((r["step"], r["loss"]))
+            if "loss" in r:  # a training record
+                out.append((r["step"], r["loss"]))
         except json.JSONDecodeError:  # a line being written
             pass
     return out
@@ -100,6 +101,13 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     assert "steps/epoch, 8 steps, stop at step 8" in text
     assert re.search(r"step 4/8 \(50%\): loss [0-9.]+, lr [0-9.e-]+ \| [0-9.]+ s/step, [0-9.]+ "
                      r"img/s, ETA \d+s", text)  # fmt: skip
+    # and ends with the run's time and overall speed
+    assert re.search(r"done: step 8 \(epoch 2\), \S+ for 8 steps: [0-9.]+ s/step, [0-9.]+ img/s "
+                     r"overall; final loss [0-9.]+; ", text)  # fmt: skip
+    # every reconstruction figure's masked-patch PSNR, in the records too
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    psnr = [(r["epoch"], r["recon_psnr"]) for r in rows if "recon_psnr" in r]
+    assert [e for e, _ in psnr] == [1, 2] and all(5 < p < 60 for _, p in psnr)
     ckpt = load_checkpoint(run / LAST)  # weights_only
     assert ckpt["step"] == 8 and ckpt["mask_ratio"] == 0.75 and ckpt["patch_size"] == 8
     assert ckpt["config"]["model"]["name"] == "crossmae_vit_tiny_patch8" and ckpt["version"]
@@ -407,7 +415,8 @@ def test_mixed_precision_and_clipping_run(tmp_path, precision):
     cfg = load_config(PretrainConfig, [], [*TINY, *overrides, f"output_dir={tmp_path}"])
     summary = pretrain(cfg)
     assert summary["step"] == 3 and summary["final_loss"] == summary["final_loss"]
-    assert all("grad_norm" in json.loads(line) for line in (tmp_path / "metrics.jsonl").open())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert all("grad_norm" in r for r in rows if "loss" in r)
 
 
 def test_device_decode_pipeline_trains(shared_dir, tmp_path):

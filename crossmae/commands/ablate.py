@@ -28,6 +28,7 @@ and those starting with a transfer stage's name to that stage (``seg.train.steps
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -125,6 +126,41 @@ def transfer_configs(args, encoder: list[str], folder: Path, seed: int) -> dict:
         )  # fmt: skip
         for name, task in args.transfer.items()
     }
+
+
+class Tally:
+    """Where ``ablate`` stands: "run k of N" before each (a variant and seed: pretraining,
+    evaluation, transfer stages; or a control seed), a finished one said and skipped, and an
+    ETA from the runs this command has trained so far."""
+
+    def __init__(self, total: int):
+        self.total, self.k, self.trained, self.seconds = total, 0, 0, 0.0
+
+    @contextlib.contextmanager
+    def run(self, what: str, finished: bool):
+        import time
+
+        from ..progress import duration
+
+        self.k += 1
+        if finished:
+            log.info("ablate: run %d of %d, %s: finished earlier, read from its folder", self.k,
+                     self.total, what)  # fmt: skip
+            yield
+            return
+        left = self.total - self.k + 1
+        eta = (f", about {duration(self.seconds / self.trained * left)} left for the {left} "
+               "runs to go" if self.trained else "")  # fmt: skip
+        log.info("ablate: run %d of %d, %s%s", self.k, self.total, what, eta)
+        t0 = time.perf_counter()
+        yield
+        self.trained, self.seconds = self.trained + 1, self.seconds + time.perf_counter() - t0
+
+
+def finished(folder: Path, stages) -> bool:
+    """Whether a run's pretraining / evaluation and every transfer stage have their results."""
+    return all((f / "ablate.json").is_file()
+               for f in (folder, *(folder / "transfer" / n for n in stages)))  # fmt: skip
 
 
 def run_transfers(args, configs: dict) -> dict[str, float | None]:
@@ -428,9 +464,20 @@ def cmd_ablate(args) -> int:
     runs = [(v, s, *run_configs(args, v, s, shared, frozen))
             for v in args.variants for s in range(args.seeds)]  # fmt: skip
     get_task("frozen")(runs[0][3]).open_data()  # train / val: class folders, the same classes
-    results = [run_one(args, *run) for run in runs]
-    first = {s: (p, e) for _, s, p, e, _ in reversed(runs)}  # each seed's first run: its encoder
-    results += [run_control(args, s, *first[s]) for s in range(args.seeds)]
+    from ..hooks import resume_hint
+
+    tally = Tally(len(runs) + args.seeds)
+    results = []
+    with resume_hint("the same crossmae ablate command (it continues where it stopped)"):
+        for run in runs:
+            folder = Path(run[2].output_dir)
+            with tally.run(f"{run[0]} seed {run[1]}", finished(folder, args.transfer)):
+                results.append(run_one(args, *run))
+        first = {s: (p, e) for _, s, p, e, _ in reversed(runs)}  # each seed's first run
+        for s in range(args.seeds):
+            folder = out / "control" / f"seed{s}"
+            with tally.run(f"control seed {s}", finished(folder, args.transfer)):
+                results.append(run_control(args, s, *first[s]))
     transfer = {transfer_metric(t): f"{name} {transfer_metric(t)}"
                 for name, t in args.transfer.items()}  # fmt: skip
     accuracy = (*ACCURACY, *transfer)

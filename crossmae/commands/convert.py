@@ -23,7 +23,9 @@ error that lists it. Outputs are written atomically.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -59,8 +61,9 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{src}: not an official checkpoint ({{'model': state_dict}})")
     kind = model_class(arch).kind
-    model = create_model(arch, **settings)
     ours = official_to_ours(state, kind=kind)
+    settings = {**read_settings(ours, arch), **settings}  # what the file says, unless given
+    model = create_model(arch, **settings)
     dtypes = {v.dtype for v in ours.values() if torch.is_floating_point(v)}
     if len(dtypes) == 1:
         model = model.to(dtypes.pop())
@@ -72,6 +75,35 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
         "model": model.state_dict(),
         "converted_from": str(src),
     }
+
+
+def read_settings(state: dict, arch: str) -> dict:
+    """The sizes a whole-model state dict (our layout) says, where they differ from ``arch``'s
+    defaults: patch size, image size (a square grid), widths and both depths; said in one
+    line. Head counts are not in a state dict: set them (``decoder_num_heads=...``) if they
+    differ."""
+    from crossmae.models.registry import variant
+
+    def blocks(prefix: str) -> int:
+        return len({k.split(".")[2] for k in state if k.startswith(f"{prefix}.blocks.")})
+
+    try:
+        proj, pos = state["encoder.patch_embed.proj.weight"], state["encoder.pos_embed"]
+        patch, tokens = proj.shape[-1], pos.shape[1] - 1
+        found = {"patch_size": patch, "img_size": math.isqrt(tokens) * patch,
+                 "embed_dim": proj.shape[0], "depth": blocks("encoder"),
+                 "decoder_depth": blocks("decoder"),
+                 "decoder_embed_dim": state["decoder.pos_embed"].shape[-1]}  # fmt: skip
+    except (KeyError, AttributeError, IndexError):
+        return {}  # not a whole model: the strict load below names what is missing
+    v = variant(arch)
+    params = inspect.signature(v.cls).parameters
+    known = {k: p.default for k, p in params.items() if p.default is not p.empty} | v.defaults
+    changed = {k: int(n) for k, n in found.items() if k in known and known[k] != n}
+    if changed:
+        print(f"read from the file: {' '.join(f'{k}={n}' for k, n in changed.items())} "
+              f"(where {arch}'s defaults differ)")  # fmt: skip
+    return changed
 
 
 def cmd_from_official(args) -> int:
