@@ -114,6 +114,20 @@ def _models_command(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_models)
 
 
+def _main_job_model() -> str:
+    """The model ``crossmae pretrain`` builds with no settings: its name, what the name does not
+    say, and its parameters."""
+    import torch
+
+    from .models.registry import describe
+    from .pretrain import ModelConfig, build_model
+
+    with torch.device("meta"):
+        model = build_model(ModelConfig())
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return f"{describe(model.model_name, model.config)}: {params:.2f}M parameters"
+
+
 def _models(args: argparse.Namespace) -> int:
     import torch
 
@@ -123,8 +137,10 @@ def _models(args: argparse.Namespace) -> int:
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
+    main_job = _main_job_model()
     if not args.params:
         print("\n".join(names))
+        print(f"\n(crossmae pretrain with no settings builds {main_job})")
         return 0
     print(f"{'model':32s} {'state-dict keys':>15s} {'params (M)':>11s} {'trainable (M)':>14s}")
     for name in names:
@@ -134,6 +150,7 @@ def _models(args: argparse.Namespace) -> int:
         total = sum(v.numel() for v in sd.values()) / 1e6
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         print(f"{name:32s} {len(sd):15d} {total:11.2f} {trainable:14.2f}")
+    print(f"\n(crossmae pretrain with no settings builds {main_job})")
     return 0
 
 

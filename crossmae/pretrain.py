@@ -61,6 +61,7 @@ from .models import create_model, model_class
 from .models.crossmae import CrossMAE
 from .models.layers import sdpa_device_problem, set_attention_backend
 from .models.pretrained import encoder_export
+from .models.registry import describe
 from .online_probe import OnlineProbe, probe_splits
 from .reconstruction import masked_psnr, reconstruct
 from .task import Task, register_task
@@ -261,8 +262,10 @@ class PretrainTask(Task):
         model = set_attention_backend(build_model(self.cfg.model).to(device), self.cfg.train.sdpa)
         self.mask_ratio = model.mask_ratio
         self.pred_ratio = getattr(model, "pred_ratio", model.mask_ratio)
-        log.info("%s: p=%.2f γ=%.2f, compile %s, CUDA graph %s, attention %s", self.cfg.model.name,
-                 self.mask_ratio, self.pred_ratio, self.cfg.train.compile,
+        ratios = (f"p={self.mask_ratio:.2f} γ={self.pred_ratio:.2f}" if isinstance(model, CrossMAE)
+                  else f"p={self.mask_ratio:.2f}, every masked patch predicted")  # fmt: skip
+        log.info("%s: %s, compile %s, CUDA graph %s, attention %s",
+                 describe(self.cfg.model.name, model.config), ratios, self.cfg.train.compile,
                  self.cfg.train.cuda_graph, self.cfg.train.sdpa)  # fmt: skip
         return model
 

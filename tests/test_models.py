@@ -252,3 +252,20 @@ def test_patchify_round_trip_and_layout():
     assert torch.equal(unpatchify(x, 8, (4, 6)), imgs)
     # patch 1 is the second patch of the first row; pixels ordered (row, col, channel)
     assert torch.equal(x[0, 1, :3], imgs[0, :, 0, 8])
+
+
+def test_a_model_is_named_with_what_its_name_does_not_say(capsys):
+    from crossmae.cli import main
+    from crossmae.models import create_model
+    from crossmae.models.registry import describe
+
+    config = create_model("crossmae_vit_tiny_patch8", img_size=64, decoder_depth=4).config
+    assert describe("crossmae_vit_tiny_patch8", config) == (
+        "crossmae_vit_tiny_patch8 (img_size=64, decoder_depth=4)")  # fmt: skip
+    plain = create_model("mae_vit_tiny_patch8").config
+    assert describe("mae_vit_tiny_patch8", plain) == "mae_vit_tiny_patch8"
+    assert main(["models", "*tiny_patch8"]) == 0
+    out = capsys.readouterr().out  # the main job's model among the listed ones
+    assert (
+        "crossmae pretrain with no settings builds crossmae_vit_tiny_patch8 (img_size=64, " in out
+    )

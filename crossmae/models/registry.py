@@ -61,6 +61,26 @@ def model_class(name: str) -> type[nn.Module]:
     return variant(name).cls
 
 
+SIZE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+             "decoder_depth", "decoder_num_heads")  # fmt: skip
+
+
+def sizes_beyond_name(name: str, config: dict) -> dict:
+    """The sizes in a model's ``config`` that its registered name does not say (they differ
+    from the variant's defaults), e.g. ``{"img_size": 64, "decoder_depth": 4}``."""
+    v = variant(name)
+    params = inspect.signature(v.cls).parameters
+    defaults = {k: p.default for k, p in params.items() if p.default is not p.empty} | v.defaults
+    return {k: config[k] for k in SIZE_KEYS if k in config and config[k] != defaults.get(k)}
+
+
+def describe(name: str, config: dict) -> str:
+    """A model's name and what the name does not say: ``crossmae_vit_tiny_patch8 (img_size=64,
+    decoder_depth=4)``."""
+    extra = sizes_beyond_name(name, config)
+    return name + (f" ({', '.join(f'{k}={v}' for k, v in extra.items())})" if extra else "")
+
+
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered variant; keyword overrides replace its defaults (e.g. ``pred_ratio``,
     ``decoder_depth``, ``img_size``). The result carries ``model_name`` and ``config`` (every
