@@ -7,6 +7,8 @@ not count; a prediction outside 0..C-1 counts as wrong for its pixel and as no c
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from crossmae import distributed as du
@@ -82,9 +84,19 @@ def per_class(result: dict, class_names: list[str]) -> dict[str, dict[str, float
     }
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def format_table(metrics: dict) -> str:
-    """mmseg's per-class results table (IoU / Acc per class, ``-`` for a class in neither labels
-    nor predictions), then the summary."""
-    rows = [[name, v["IoU"], v["Acc"]] for name, v in metrics["per_class"].items()]
+    """mmseg's per-class results table (IoU / Acc per class), then the summary. A class in
+    neither the labels nor the predictions (all of its cells ``-``: most of ADE20K's 150 on a
+    few images) is left out, and the count of those said (results.json keeps every class)."""
+    per_class = metrics["per_class"]
+    rows = [[name, v["IoU"], v["Acc"]] for name, v in per_class.items()
+            if not (_missing(v["IoU"]) and _missing(v["Acc"]))]  # fmt: skip
+    absent = len(per_class) - len(rows)
+    note = (f"({absent} of the {len(per_class)} classes are in neither the labels nor the "
+            "predictions: not listed)\n") if absent else ""  # fmt: skip
     summary = table(["aAcc", "mIoU", "mAcc"], [[metrics[k] for k in ("aAcc", "mIoU", "mAcc")]])
-    return f"per class results:\n{table(['Class', 'IoU', 'Acc'], rows)}\nSummary:\n{summary}"
+    return f"per class results:\n{table(['Class', 'IoU', 'Acc'], rows)}\n{note}Summary:\n{summary}"

@@ -89,7 +89,7 @@ def test_coco_evaluation_reports_summary_and_per_category_ap(shared_dir):
     assert head == {"ap_box": None, "ap_mask": None, "note": NO_DETECTIONS}
 
 
-def test_segmentation_table_names_every_class():
+def test_segmentation_table_names_every_class_present():
     from seg.metrics import SegMetrics, format_table, per_class
 
     m = SegMetrics(3)
@@ -102,7 +102,12 @@ def test_segmentation_table_names_every_class():
     text = format_table(metrics)
     assert re.search(r"\| road +\| 50\.00 +\| 50\.00 +\|", text)
     assert re.search(r"\| sky +\| 50\.00 +\| 100\.00 +\|", text)
-    assert re.search(r"\| car +\| - +\| - +\|", text)
+    assert "car" not in text  # in neither labels nor predictions: counted, not listed
+    assert "(1 of the 3 classes are in neither the labels nor the predictions" in text
+    m.update(torch.tensor([[2]]), torch.tensor([[0]]))  # a car predicted where there is none
+    metrics["per_class"] = per_class(m.compute(), ["road", "sky", "car"])
+    text = format_table(metrics)
+    assert re.search(r"\| car +\| 0\.00 +\| - +\|", text) and "not listed" not in text
     assert "| 66.67 | 50.00 | 75.00 |" in text  # aAcc, mIoU, mAcc
 
 

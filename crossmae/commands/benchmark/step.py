@@ -168,6 +168,11 @@ def print_profile(step, device: torch.device, title: str, path: str) -> None:
 
 def cmd_step(args) -> int:
     device = model_device(args)
+    if device.type == "cpu":
+        print("# on a CPU: the step runs under bf16 autocast, which most CPUs emulate (pretraining "
+              "runs fp32 there): these rows show that the step runs and what it counts, not how "
+              "fast pretraining is on this machine (the log of crossmae pretrain says that)",
+              flush=True)  # fmt: skip
     if args.peak_tflops is None:
         args.peak_tflops = matmul_peak_tflops(device)
     rows = []
@@ -177,6 +182,9 @@ def cmd_step(args) -> int:
             for mode, budget in itertools.product(args.modes, args.memory_budget):
                 if mode == "eager" and budget != args.memory_budget[0]:
                     continue  # the budget is the compiled step's
+                print(f"# timing {name} γ={g} {mode}: {args.warmup} warm-up and {args.steps} "
+                      "timed steps" + (" (compiling first)" if mode != "eager" else ""),
+                      flush=True)  # fmt: skip
                 with compile_settings(args, budget):
                     rec = bench_step(name, g, mode, budget, args, device)
                 torch._dynamo.reset()  # free this model before the next one's peak is measured
