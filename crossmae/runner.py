@@ -253,6 +253,12 @@ def run_task(task: Task | str, cfg: DictConfig, resume: str | None = None, *,
              sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6,
              du.world_size(), micro, accum, tc.batch_size, spe, total, engine.steps, lr,
              schedule.name, schedule.warmup_steps, tc.precision, device)  # fmt: skip
+    if device.type == "cpu":
+        log.info("CPU threads: %d per process (OMP_NUM_THREADS=%s), OpenMP waits %s "
+                 "(OMP_WAIT_POLICY), %d data worker(s); %d cores", torch.get_num_threads(),
+                 os.environ.get("OMP_NUM_THREADS", "unset"),
+                 os.environ.get("OMP_WAIT_POLICY", "unset").lower(), workers,
+                 os.cpu_count() or 0)  # fmt: skip
     return _train(task, out, training)
 
 

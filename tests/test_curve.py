@@ -63,8 +63,12 @@ def test_curve_over_three_checkpoints_skips_evaluated_ones_and_watches(
     assert main(["transfer", "--curve", "--smoke", str(run), str(out)]) == 0
     printed = capsys.readouterr().out
     assert all(f"== epoch {e}: {run}/encoder-epoch{e}.pt" in printed for e in (1, 2, 3))
+    # epoch 0 first: the same architecture untrained, the control the curve is read against
+    assert "== epoch 0: the untrained encoder of encoder-epoch1.pt's architecture" in printed
     table = json.loads((out / "curve.json").read_text())
-    assert [p["epoch"] for p in table["points"]] == [1, 2, 3]
+    assert [p["epoch"] for p in table["points"]] == [0, 1, 2, 3]
+    control = json.loads((out / "epoch0" / "frozen" / "results.json").read_text())["metrics"]
+    assert control["weights"] == "random init"
     assert list(table["metrics"]) == ["knn_top1", "fast_probe_top1"]
     for point in table["points"]:
         assert point["stages"] == {"frozen": "done"}
@@ -77,6 +81,7 @@ def test_curve_over_three_checkpoints_skips_evaluated_ones_and_watches(
     md = (out / "curve.md").read_text()
     assert "| epoch | frozen: kNN top-1 | frozen: fast linear probe top-1 |" in md
     assert md.count("\n| 1 |") + md.count("\n| 2 |") + md.count("\n| 3 |") == 3
+    assert md.count("\n| 0 (untrained) |") == 1
     assert (out / "curve.png").stat().st_size > 5000
 
     # again: nothing is evaluated; a new kept checkpoint alone is
@@ -84,12 +89,12 @@ def test_curve_over_three_checkpoints_skips_evaluated_ones_and_watches(
     shutil.copy(run / "encoder-epoch3.pt", run / "encoder-epoch4.pt")
     assert main(["transfer", "--curve", "--smoke", str(run), str(out)]) == 0
     printed = capsys.readouterr().out
-    assert all(f"== epoch {e}: evaluated already" in printed for e in (1, 2, 3))
+    assert all(f"== epoch {e}: evaluated already" in printed for e in (0, 1, 2, 3))
     assert "== epoch 4: " in printed and "evaluated already" not in printed.split("== epoch 4")[1]
     after = {e: (out / f"epoch{e}" / "frozen" / "results.json").stat().st_mtime for e in (1, 2, 3)}
     assert after == before
     assert [p["epoch"] for p in json.loads((out / "curve.json").read_text())["points"]] == [
-        1, 2, 3, 4]  # fmt: skip
+        0, 1, 2, 3, 4]  # fmt: skip
 
     # --watch on a run still going: look, wait, look again until it has finished
     (run / "results.json").rename(run / "results.json.done")
@@ -107,7 +112,7 @@ def test_curve_over_three_checkpoints_skips_evaluated_ones_and_watches(
     assert waits == [7] and "the run is running; looking again in 7 s" in printed
     assert "== epoch 5: " in printed
     points = json.loads((out / "curve.json").read_text())["points"]
-    assert [p["epoch"] for p in points] == [1, 2, 3, 4, 5]
+    assert [p["epoch"] for p in points] == [0, 1, 2, 3, 4, 5]
     assert json.loads((out / "curve.json").read_text())["run_state"] == "done"
 
 

@@ -101,6 +101,9 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     assert "steps/epoch, 8 steps, stop at step 8" in text
     assert re.search(r"step 4/8 \(50%\): loss [0-9.]+, lr [0-9.e-]+ \| [0-9.]+ s/step, [0-9.]+ "
                      r"img/s, ETA \d+s", text)  # fmt: skip
+    assert re.search(
+        r"CPU threads: \d+ per process \(OMP_NUM_THREADS=\S+\), OpenMP waits \w+", text
+    )
     # and ends with the run's time and overall speed
     assert re.search(r"done: step 8 \(epoch 2\), \S+ for 8 steps: [0-9.]+ s/step, [0-9.]+ img/s "
                      r"overall; final loss [0-9.]+; ", text)  # fmt: skip
@@ -601,3 +604,15 @@ def test_a_model_setting_given_twice_is_refused_before_anything_is_written(tmp_p
         pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={tmp_path / 'run'}",
                                                   "model.kwargs.drop_path_rate=0.1"]))  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("given, used", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_while_waiting_unless_told(given, used):
+    """Importing crossmae (before torch) makes OpenMP wait passively unless the environment
+    says otherwise: spinning threads slowed a CPU step 4.5x beside one busy process."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update({"OMP_WAIT_POLICY": given} if given else {})
+    code = "import os, crossmae; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout  # fmt: skip
+    assert out.strip() == used

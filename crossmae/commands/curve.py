@@ -1,6 +1,7 @@
 """Transfer curves: every checkpoint a pretraining run kept (``log.keep_every_epochs``: the
 encoder as ``encoder-epochN.pt``) evaluated with the same transfer stages, then each metric
-against the pretraining epoch (OUT/curve.md, curve.json, curve.png).
+against the pretraining epoch (OUT/curve.md, curve.json, curve.png), starting at epoch 0: the
+same architecture untrained, the control every later point is read against.
 
     tools/transfer.sh --curve runs/crossmae_b OUT                   # the cheap stages (kNN + probe)
     tools/transfer.sh --curve runs/crossmae_b OUT --watch           # while the run goes on
@@ -105,17 +106,21 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
             raise ConfigError(f"{run} holds no kept checkpoint (encoder-epochN.pt): pretrain "
                               "with log.keep_every_epochs=N")  # fmt: skip
         points = {}
-        for epoch, ckpt in kept.items():
+        for epoch, ckpt in with_control(kept).items():
             where = out / f"epoch{epoch}"
             plans = st.make_plans(tasks, ckpt, where, configs, smoke=args.smoke,
                                   scratch=out / "smoke_data")  # fmt: skip
+            if epoch == 0:  # the control: the architecture of the first kept encoder, untrained
+                for plan in plans.values():
+                    plan.settings.append("encoder.random_init=true")
             points[epoch] = (ckpt, where, plans)
             if epoch in failed or all(st.stage_result(where / n) for n in plans):
                 if epoch not in said and epoch not in failed:
                     print(f"== epoch {epoch}: evaluated already ({where}), skipped", flush=True)
                 said.add(epoch)
                 continue
-            print(f"== epoch {epoch}: {ckpt}", flush=True)
+            what = f"the untrained encoder of {ckpt.name}'s architecture" if epoch == 0 else ckpt
+            print(f"== epoch {epoch}: {what}", flush=True)
             if st.evaluate_checkpoint(ckpt, where, plans, smoke=args.smoke) != 0:
                 failed.add(epoch)
             said.add(epoch)
@@ -141,6 +146,14 @@ def run_curve(args, tasks: list[type[Task]], configs: dict[str, Path]) -> int:
         print(f"crossmae transfer --curve: evaluations failed at epoch(s) "
               f"{' '.join(map(str, sorted(failed)))}", file=sys.stderr)  # fmt: skip
     return 1 if failed or state == "diverged" else 0
+
+
+def with_control(kept: dict[int, Path]) -> dict[int, Path]:
+    """The kept checkpoints, epoch 0 first: the untrained encoder of their architecture (its
+    evaluation is the curve's starting point, the control every later point is read against)."""
+    if not kept or 0 in kept:
+        return kept
+    return {0: next(iter(kept.values())), **kept}
 
 
 def check_out_is_this_runs(out: Path, run: Path) -> None:
@@ -195,7 +208,8 @@ def write_curve(out: Path, run: Path, points: dict[int, tuple], state: str) -> N
              "|---" * (len(labels) + 1) + "|"]  # fmt: skip
     for rec in records:
         cells = [st.fmt(rec["metrics"].get(k)) for k in labels]
-        lines.append(f"| {rec['epoch']} | " + " | ".join(cells) + " |")
+        epoch = f"{rec['epoch']} (untrained)" if rec["epoch"] == 0 else rec["epoch"]
+        lines.append(f"| {epoch} | " + " | ".join(cells) + " |")
     lines.append("")
     if png is not None:
         lines += [f"![each metric against the pretraining epoch]({png.name})", ""]
