@@ -140,7 +140,7 @@ def _models(args: argparse.Namespace) -> int:
     main_job = _main_job_model()
     if not args.params:
         print("\n".join(names))
-        print(f"\n(crossmae pretrain with no settings builds {main_job})")
+        print(f"(crossmae pretrain with no settings builds {main_job})", file=sys.stderr)
         return 0
     print(f"{'model':32s} {'state-dict keys':>15s} {'params (M)':>11s} {'trainable (M)':>14s}")
     for name in names:
@@ -150,7 +150,7 @@ def _models(args: argparse.Namespace) -> int:
         total = sum(v.numel() for v in sd.values()) / 1e6
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
         print(f"{name:32s} {len(sd):15d} {total:11.2f} {trainable:14.2f}")
-    print(f"\n(crossmae pretrain with no settings builds {main_job})")
+    print(f"(crossmae pretrain with no settings builds {main_job})", file=sys.stderr)
     return 0
 
 

@@ -61,6 +61,8 @@ def from_official_file(src: str, arch: str, settings: dict) -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{src}: not an official checkpoint ({{'model': state_dict}})")
     kind = model_class(arch).kind
+    with torch.device("meta"):  # the settings given are checked before the file is read
+        create_model(arch, **settings)
     ours = official_to_ours(state, kind=kind)
     settings = {**read_settings(ours, arch), **settings}  # what the file says, unless given
     model = create_model(arch, **settings)
