@@ -26,6 +26,7 @@ def tiny_run(out, *settings):
         "data.num_workers=0", *settings]))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kept_encoders_every_n_epochs_and_at_the_last(tmp_path):
     tiny_run(tmp_path, "train.epochs=3", "log.keep_every_epochs=2")
     kept = curve.kept_checkpoints(tmp_path)

@@ -79,6 +79,7 @@ def test_a_training_step_is_split_into_parameters_gradients_optimizer_and_activa
     assert row["fits"] and row["batch_per_gpu"] == 32 and row["peak_gib"] > 0
 
 
+@pytest.mark.slow
 def test_accumulation_and_more_gpus_shrink_the_activations_only():
     full = tiny_plan()
     split = tiny_plan("train.micro_batch=8")
@@ -90,6 +91,7 @@ def test_accumulation_and_more_gpus_shrink_the_activations_only():
     assert four.parts["activations"] < full.parts["activations"] / 2
 
 
+@pytest.mark.slow
 def test_memory_command_prints_the_split_and_one_json_line(tmp_path, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text("# Hardware: one 8-GPU node.\n")

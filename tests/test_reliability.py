@@ -530,6 +530,7 @@ def test_ablate_checks_every_setting_and_split_before_the_first_run(shared_dir, 
     assert "train.epochs=0: must be greater than 0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_warmup_as_long_as_the_run_is_named(tmp_path):
     pretrain(tiny(tmp_path, "optim.warmup_epochs=3"))  # 2 epochs
     assert "the lr never reaches its peak" in (tmp_path / "log.txt").read_text()
@@ -621,6 +622,7 @@ def test_submit_refuses_zero_nodes(monkeypatch, capsys):
     assert ex.value.code == 2 and "--nodes: must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_numbered_as_in_the_records(tmp_path, monkeypatch):
     from test_train import NanAfter
 
@@ -677,6 +679,7 @@ def test_a_failing_evaluation_inside_training_loses_no_training(shared_dir, tmp_
     assert not (stop / "run.lock").exists()
 
 
+@pytest.mark.slow
 def test_no_command_replaces_another_runs_results_without_force(shared_dir, tmp_path, capsys):
     """A run folder's checkpoint or results.json is replaced only with --force: a fresh run
     into it, a checkpoint of another folder resumed into it, and an evaluation (cls frozen,
@@ -720,6 +723,7 @@ def test_no_command_replaces_another_runs_results_without_force(shared_dir, tmp_
     assert main([*frozen, "probe.epochs=3", "--force"]) == 0
 
 
+@pytest.mark.slow
 def test_the_feature_cache_is_keyed_by_the_files_it_was_made_from(shared_dir, tmp_path, capfd):
     """cls frozen's cache: a val image replaced by another (same count, same names) or added, or
     the encoder file rewritten, computes the features again; a truncated cache file is computed
@@ -818,6 +822,7 @@ def test_a_process_whose_peers_never_start_says_so_in_bounded_time(tmp_path, ran
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_print_config_and_resume_use_the_runs_own_settings(tmp_path, capsys):
     """--resume continues a run with the settings it was trained with (its config.yaml under
     the command's own), and --print-config --resume shows those settings, not the defaults."""
@@ -895,6 +900,7 @@ def test_a_run_started_under_nohup_is_not_stopped_by_a_closed_terminal():
         signal.signal(signal.SIGHUP, previous)
 
 
+@pytest.mark.slow
 def test_a_process_with_data_workers_still_open_exits():
     """Data workers ignore stop signals (the main process ends the run), so the SIGTERM that
     multiprocessing sends them at interpreter exit cannot end them: a loader left open (its

@@ -422,6 +422,7 @@ def test_mixed_precision_and_clipping_run(tmp_path, precision):
     assert all("grad_norm" in r for r in rows if "loss" in r)
 
 
+@pytest.mark.slow
 def test_device_decode_pipeline_trains(shared_dir, tmp_path):
     root = cifar_folder(shared_dir, tmp_path / "data", per_class=16, classes=1)
     overrides = [f"data.path={root}", "data.gpu_decode=true", "train.max_steps=2"]
@@ -606,6 +607,7 @@ def test_a_model_setting_given_twice_is_refused_before_anything_is_written(tmp_p
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given, used", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
 def test_openmp_threads_sleep_while_waiting_unless_told(given, used):
     """Importing crossmae (before torch) makes OpenMP wait passively unless the environment
