@@ -465,7 +465,9 @@ def cmd_ablate(args) -> int:
             for v in args.variants for s in range(args.seeds)]  # fmt: skip
     get_task("frozen")(runs[0][3]).open_data()  # train / val: class folders, the same classes
     from ..hooks import resume_hint
+    from ..runner import setup_logging
 
+    setup_logging(None, 0)  # its own lines before the first run's (which sets the same up)
     tally = Tally(len(runs) + args.seeds)
     results = []
     with resume_hint("the same crossmae ablate command (it continues where it stopped)"):
