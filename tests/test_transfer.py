@@ -169,8 +169,12 @@ def test_readme_commands_work_on_the_main_jobs_run_folder(
     ok("cls", "frozen", "--config", str(REPO / "configs/cls/frozen_cifar10_tiny.yaml"),
        f"encoder.checkpoint={run / 'encoder.pt'}", f"output_dir={tmp_path / 'frozen'}",
        f"data.train={cifar / 'train'}", f"data.val={cifar / 'val'}", "data.cache_dir=null",
-       "probe.epochs=2", "probe.warmup_epochs=1")  # fmt: skip
-    assert "per-class top-1" in (tmp_path / "frozen" / "log.txt").read_text()
+       "probe.epochs=2", "probe.warmup_epochs=1", "control=true")  # fmt: skip
+    log = (tmp_path / "frozen" / "log.txt").read_text()
+    assert "per-class top-1" in log and "; untrained control: kNN " in log  # as the README shows
+    frozen = json.loads((tmp_path / "frozen" / "results.json").read_text())["metrics"]
+    assert frozen["gain"]["knn_top1"] == pytest.approx(
+        frozen["knn_top1"] - frozen["control"]["knn_top1"])  # fmt: skip
     for kind in ("to-official", "to-mae", "to-timm", "to-mmseg"):
         ok("convert", kind, str(pretrained), str(tmp_path / f"{kind}.pth"))
     images = str(data / "imagenette" / "val")
