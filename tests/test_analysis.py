@@ -99,6 +99,10 @@ def test_every_analysis_command_writes_its_outputs(shared_dir, tmp_path):
         assert (out / f"{name}.png").stat().st_size > 1000
     rec = json.loads((out / "reconstructions.json").read_text())
     assert rec["predicted_patches"] == {"MAE": 12, "CrossMAE γ=0.25": 4, "CrossMAE, all masked": 12}
+    ours_checkpoint(tmp_path / "p.pt", pred_ratio=0.75)  # γ = p: one CrossMAE column, not two
+    assert analyze("recon", "--crossmae", str(tmp_path / "p.pt"), *common, "-n", "2") == 0
+    rec = json.loads((out / "reconstructions.json").read_text())
+    assert rec["predicted_patches"] == {"CrossMAE γ=p=0.75": 12}
     blocks = json.loads((out / "decoder_blocks.json").read_text())
     assert blocks["max_abs_error_sum_vs_prediction"] < 1e-4
     iba = json.loads((out / "iba_weights.json").read_text())

@@ -98,8 +98,12 @@ def cmd_recon(args) -> int:
         runs = {}
         if mae is not None:
             runs["MAE"] = reconstruct(mae, imgs, ids)
-        runs[f"CrossMAE γ={cross.pred_ratio:g}"] = reconstruct(cross, imgs, ids)
-        runs["CrossMAE, all masked"] = reconstruct(cross, imgs, ids, pred_ratio=cross.mask_ratio)
+        if cross.pred_ratio < cross.mask_ratio:
+            runs[f"CrossMAE γ={cross.pred_ratio:g}"] = reconstruct(cross, imgs, ids)
+            runs["CrossMAE, all masked"] = reconstruct(cross, imgs, ids,
+                                                       pred_ratio=cross.mask_ratio)  # fmt: skip
+        else:  # γ = p: it predicts every masked patch already (a second column would repeat it)
+            runs[f"CrossMAE γ=p={cross.pred_ratio:g}"] = reconstruct(cross, imgs, ids)
     psnr = {
         name: masked_psnr(r["pred"], r["original"], r["predicted"], cross.patch_size).tolist()
         for name, r in runs.items()
@@ -116,7 +120,11 @@ def cmd_recon(args) -> int:
             show(axes[r][c], x[r], title if r == 0 else None)
             if db is not None:
                 axes[r][c].set_xlabel(f"{db[r]:.2f} dB", fontsize=7, labelpad=1)
-    fig.suptitle("PSNR over the masked patches each model predicted", fontsize=8)
+    norm = ("\n(norm-pix outputs shown with each\npatch's true mean and spread)"
+            if cross.norm_pix_loss else "")  # fmt: skip
+    title = f"PSNR over the masked patches each model predicted{norm}"
+    # above the column titles, at the figure's top edge: the tight box saved grows to fit it
+    fig.suptitle(title, fontsize=8, va="bottom", y=1.0)
     save_figure(fig, args.out / "reconstructions.png")
     write_json(args.out, "reconstructions.json", {
         "crossmae": args.crossmae, "mae": args.mae, "images": args.images or "skimage photos",
