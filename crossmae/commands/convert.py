@@ -23,7 +23,6 @@ error that lists it. Outputs are written atomically.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 from pathlib import Path
@@ -84,7 +83,7 @@ def read_settings(state: dict, arch: str) -> dict:
     defaults: patch size, image size (a square grid), widths and both depths; said in one
     line. Head counts are not in a state dict: set them (``decoder_num_heads=...``) if they
     differ."""
-    from crossmae.models.registry import variant
+    from crossmae.models.registry import sizes_beyond_name
 
     def blocks(prefix: str) -> int:
         return len({k.split(".")[2] for k in state if k.startswith(f"{prefix}.blocks.")})
@@ -98,10 +97,7 @@ def read_settings(state: dict, arch: str) -> dict:
                  "decoder_embed_dim": state["decoder.pos_embed"].shape[-1]}  # fmt: skip
     except (KeyError, AttributeError, IndexError):
         return {}  # not a whole model: the strict load below names what is missing
-    v = variant(arch)
-    params = inspect.signature(v.cls).parameters
-    known = {k: p.default for k, p in params.items() if p.default is not p.empty} | v.defaults
-    changed = {k: int(n) for k, n in found.items() if k in known and known[k] != n}
+    changed = sizes_beyond_name(arch, {k: int(n) for k, n in found.items()})
     if changed:
         print(f"read from the file: {' '.join(f'{k}={n}' for k, n in changed.items())} "
               f"(where {arch}'s defaults differ)")  # fmt: skip
