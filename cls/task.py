@@ -37,7 +37,7 @@ from crossmae.evaluation import Evaluation
 from crossmae.knn import extract_block_features, knn_classify_ks, pooled, topk_accuracy
 from crossmae.models import VisionTransformer
 from crossmae.models.pretrained import encoder_of
-from crossmae.task import Task, TransferStage, register_group, register_task
+from crossmae.task import EncoderScore, Task, TransferStage, register_group, register_task
 
 from .config import FinetuneConfig, FrozenEvalConfig, LinprobeConfig
 from .data import class_folders
@@ -84,6 +84,22 @@ def classifier_smoke(name: str, shared: Path, scratch: Path) -> tuple[str, list[
 def frozen_headline(result: dict) -> dict:
     m = result["metrics"]
     return {"knn_top1": m["knn_top1"], "fast_probe_top1": m["linprobe_top1"]}
+
+
+def frozen_ablation_settings(encoder: Path, train: str, val: str, img_size: int,
+                             workers: int) -> list[str]:  # fmt: skip
+    """``crossmae ablate``'s scoring of one encoder: the probe of
+    configs/cls/frozen_imagenette_small.yaml on one feature, the last block's patch mean, for kNN
+    (k = 20) and the probe alike."""
+    return [f"encoder.checkpoint={encoder}", f"data.train={train}", f"data.val={val}",
+            f"data.img_size={img_size}", f"data.num_workers={workers}", "model.pool=avg",
+            "probe.epochs=50", "probe.warmup_epochs=5", "probe.batch_size=1024",
+            "probe.blrs=[0.1,0.3,1.0,3.0,10.0]", "probe.n_blocks=[1]", "probe.pools=[avg]",
+            "knn.ks=[20]"]  # fmt: skip
+
+
+def frozen_scores(metrics: dict) -> dict[str, float]:
+    return {"knn_top1": metrics["knn_top1"], "probe_top1": metrics["linprobe_top1"]}
 
 
 def frozen_smoke(shared: Path, scratch: Path) -> tuple[str, list[str]]:
@@ -289,7 +305,9 @@ class FrozenTask(Task):
                              (("kNN top-1", ("knn_top1",)),
                               ("fast linear probe top-1", ("fast_probe_top1",))),
                              default=False, curve=True, headline=frozen_headline,
-                             smoke=frozen_smoke)  # fmt: skip
+                             smoke=frozen_smoke,
+                             scores_encoders=EncoderScore(frozen_ablation_settings,
+                                                          frozen_scores))  # fmt: skip
 
     def open_data(self) -> None:
         self.train_src, self.val_src = class_folders(self.cfg.data.train, self.cfg.data.val)

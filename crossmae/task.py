@@ -44,6 +44,22 @@ PLUGIN_GROUP = "crossmae.plugins"  # entry points: modules that register tasks a
 
 
 @dataclass(frozen=True)
+class EncoderScore:
+    """The evaluation ``crossmae ablate`` runs on every encoder it compares (and on the untrained
+    control): a stage that declares one scores encoders on their frozen features.
+
+    Args:
+        settings: ``(encoder file, train folder, val folder, image size, data workers)`` -> the
+            stage's settings that score that encoder on those folders (its CPU-sized defaults
+            included); ``crossmae ablate``'s ``STAGE.KEY=VALUE`` settings go over them.
+        scores: a finished run's metrics -> ``{"knn_top1": ..., "probe_top1": ...}``.
+    """
+
+    settings: Callable[[Path, str, str, int, int], list[str]]
+    scores: Callable[[dict], dict[str, float]]
+
+
+@dataclass(frozen=True)
 class TransferStage:
     """How ``crossmae transfer`` (``tools/transfer.sh``) runs a task on a pretrained checkpoint.
 
@@ -65,6 +81,8 @@ class TransferStage:
         smoke: ``(shared, scratch) -> (config file, settings)`` that run the stage for a few
             steps on ``shared``'s small data on a CPU (``crossmae transfer --smoke``; ``scratch``
             is a folder for data it prepares). None: the stage has no smoke run.
+        scores_encoders: the stage is ``crossmae ablate``'s evaluation of every encoder
+            (``EncoderScore``; one registered stage declares it). None: it is not.
     """
 
     name: str
@@ -77,6 +95,7 @@ class TransferStage:
     cpu_config: str | None = None
     headline: Callable[[dict], dict[str, Any]] | None = None
     smoke: Callable[[Path, Path], tuple[str, list[str]]] | None = None
+    scores_encoders: EncoderScore | None = None
 
     def numbers(self, result: dict) -> dict[str, Any]:
         """``headline(result)`` ({} without a headline)."""
@@ -263,6 +282,20 @@ def tasks() -> Iterator[type[Task]]:
 def transfer_stages() -> list[type[Task]]:
     """The tasks that are transfer stages, in their stage order."""
     return sorted((t for t in tasks() if t.transfer is not None), key=lambda t: t.transfer.order)
+
+
+def encoder_scorer() -> type[Task]:
+    """The transfer stage that scores encoders for ``crossmae ablate`` (``EncoderScore``)."""
+    found = [t for t in transfer_stages() if t.transfer.scores_encoders is not None]
+    if len(found) != 1:
+        have = ", ".join(t.transfer.name for t in found) or (
+            "none (the cls package provides one, cls frozen: pip install -e .)"
+        )
+        raise RuntimeError(
+            "crossmae ablate needs exactly one registered transfer stage that "
+            f"scores encoders (TransferStage.scores_encoders); found {have}"
+        )
+    return found[0]
 
 
 def register_command(

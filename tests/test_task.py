@@ -162,3 +162,34 @@ def test_a_plugin_cannot_replace_a_built_in_and_a_broken_one_breaks_nothing_else
         cwd=REPO,
     )
     assert frozen.returncode == 0 and "kNN" in frozen.stdout
+
+
+def test_ablate_finds_its_encoder_evaluation_by_role_not_by_name(monkeypatch):
+    """``crossmae ablate`` scores encoders with the one transfer stage that declares
+    ``scores_encoders`` (cls frozen), whatever its name; none or two is a clear error."""
+    from dataclasses import replace
+
+    import crossmae.task as task_module
+    from crossmae.task import encoder_scorer, get_task
+
+    frozen = get_task("frozen")
+    assert encoder_scorer() is frozen
+    settings = frozen.transfer.scores_encoders.settings(Path("e.pt"), "tr", "va", 32, 0)
+    cfg = load_config(frozen.schema, [], settings)  # every setting is one of its schema
+    assert (cfg.encoder.checkpoint, cfg.data.train, cfg.data.val) == ("e.pt", "tr", "va")
+    assert frozen.transfer.scores_encoders.scores({"knn_top1": 1.0, "linprobe_top1": 2.0}) == {
+        "knn_top1": 1.0, "probe_top1": 2.0}  # fmt: skip
+    renamed = type(
+        "Renamed",
+        (frozen,),
+        {"name": "renamed", "transfer": replace(frozen.transfer, name="renamed")},
+    )
+    monkeypatch.setitem(task_module._TASKS, "frozen", renamed)
+    assert encoder_scorer() is renamed
+    monkeypatch.setitem(task_module._TASKS, "second", frozen)
+    with pytest.raises(RuntimeError, match="exactly one .* found renamed, frozen$"):
+        encoder_scorer()
+    monkeypatch.setitem(task_module._TASKS, "frozen", get_task("seg"))
+    monkeypatch.delitem(task_module._TASKS, "second")
+    with pytest.raises(RuntimeError, match="found none"):
+        encoder_scorer()

@@ -21,7 +21,8 @@ included, each with its CPU-sized config on the shared data (``TransferStage.cpu
 paper's COCO and ADE20K comparisons in miniature).
 
 ``key=value`` settings apply to every pretraining run (``crossmae pretrain``'s schema); those
-starting with ``frozen.`` to the evaluation (``cls frozen``'s, e.g. ``frozen.probe.epochs=20``),
+starting with ``frozen.`` to the evaluation (the transfer stage that scores encoders,
+``TransferStage.scores_encoders``: ``cls frozen``'s, e.g. ``frozen.probe.epochs=20``),
 and those starting with a transfer stage's name to that stage (``seg.train.steps=400``).
 """
 
@@ -68,11 +69,6 @@ CLAIMS = [
     ("inter-block attention also helps MAE (Table 7)", "mae_iba", "mae"),
 ]  # fmt: skip
 
-# the evaluation's defaults at this scale (configs/cls/frozen_imagenette_small.yaml's probe) on
-# one feature, the last block's patch mean, for kNN and the probe alike
-FROZEN_DEFAULTS = ["probe.epochs=50", "probe.warmup_epochs=5", "probe.batch_size=1024",
-                   "probe.blrs=[0.1,0.3,1.0,3.0,10.0]", "probe.n_blocks=[1]",
-                   "probe.pools=[avg]", "knn.ks=[20]"]  # fmt: skip
 METRICS = ("decoder_gmacs", "img_per_s", "final_loss", "psnr", "knn_top1", "probe_top1")
 ACCURACY = ("knn_top1", "probe_top1")
 CONTROL = "control (untrained)"  # the same encoder, random init, evaluated the same way
@@ -184,23 +180,35 @@ def run_transfers(args, configs: dict) -> dict[str, float | None]:
 
 
 def run_configs(args, variant: str, seed: int, shared: list[str], frozen: list[str]) -> tuple:
-    """The pretraining config of one variant and seed, its evaluation's (``cls frozen``'s) and
-    its transfer stages', all complete: a wrong setting fails here, before any run starts."""
+    """The pretraining config of one variant and seed, its evaluation's (the stage that scores
+    encoders, ``cls frozen``) and its transfer stages', all complete: a wrong setting fails here,
+    before any run starts."""
     from ..config import load_config
-    from ..task import get_task
+    from ..pretrain import PretrainTask
+    from ..task import encoder_scorer
 
     run = Path(args.out) / variant / f"seed{seed}"
-    pretrain = load_config(get_task("pretrain").schema, args.config, [
+    pretrain = load_config(PretrainTask.schema, args.config, [
         f"data.path={args.train}", f"output_dir={run}", f"train.seed={seed}",
         "log.progress=false", "log.tensorboard=false", *shared,
         *settings_of(variant, args.arch)], complete=True)  # fmt: skip
-    evaluation = load_config(get_task("frozen").schema, [], [
-        f"encoder.checkpoint={run / 'encoder.pt'}", f"data.train={args.train}",
-        f"data.val={args.val}", f"data.img_size={pretrain.model.img_size}", "model.pool=avg",
-        f"data.num_workers={pretrain.data.num_workers}", *FROZEN_DEFAULTS, *frozen],
-        complete=True)  # fmt: skip
+    scorer = encoder_scorer()
+    evaluation = load_config(scorer.schema, [], [
+        *scorer.transfer.scores_encoders.settings(run / "encoder.pt", args.train, args.val,
+                                                  pretrain.model.img_size,
+                                                  pretrain.data.num_workers),
+        *frozen], complete=True)  # fmt: skip
     transfers = transfer_configs(args, [f"encoder.checkpoint={run / 'encoder.pt'}"], run, seed)
     return pretrain, evaluation, transfers
+
+
+def score_encoder(cfg) -> dict[str, float]:
+    """kNN and probe top-1 of one encoder: a run of the stage that scores encoders."""
+    from ..runner import run_task
+    from ..task import encoder_scorer
+
+    scorer = encoder_scorer()
+    return scorer.transfer.scores_encoders.scores(run_task(scorer(cfg), cfg)["metrics"])
 
 
 def run_one(args, variant: str, seed: int, cfg, evaluation, transfers) -> dict:
@@ -211,21 +219,21 @@ def run_one(args, variant: str, seed: int, cfg, evaluation, transfers) -> dict:
     from ..analysis import flop_counts
     from ..checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
     from ..models.pretrained import model_from_checkpoint
+    from ..pretrain import PretrainTask
     from ..reconstruction import folder_reconstruction_metrics
     from ..runner import run_task
-    from ..task import get_task
 
     run = Path(cfg.output_dir)
     done = run / "ablate.json"
     if done.is_file():
         return json.loads(done.read_text()) | run_transfers(args, transfers)
     log.info("ablate: %s seed %d -> %s", variant, seed, run)
-    summary = run_task(get_task("pretrain")(cfg), cfg, "auto")
+    summary = run_task(PretrainTask(cfg), cfg, "auto")
     if summary["interrupted"]:
         raise SystemExit(1)
     model = model_from_checkpoint(load_checkpoint(run / "checkpoint-last.pt",
                                                   expect=PRETRAIN_FORMAT)).eval()  # fmt: skip
-    acc = run_task(get_task("frozen")(evaluation), evaluation)["metrics"]
+    acc = score_encoder(evaluation)
     rec = folder_reconstruction_metrics(model, args.val, images=args.psnr_images, seed=0)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     speeds = [r["img_per_s"] for r in rows if "img_per_s" in r]
@@ -234,7 +242,7 @@ def run_one(args, variant: str, seed: int, cfg, evaluation, transfers) -> dict:
         "variant": variant, "kind": model.kind, "seed": seed, "steps": summary["step"],
         "decoder_gmacs": flop_counts(model)["decoder"],
         "img_per_s": statistics.fmean(speeds), "final_loss": summary["final_loss"],
-        "psnr": rec["psnr"], "knn_top1": acc["knn_top1"], "probe_top1": acc["linprobe_top1"],
+        "psnr": rec["psnr"], **acc,
         "settings": settings_of(variant, args.arch), "threads": torch.get_num_threads(),
     }  # fmt: skip
     write_text_atomic(done, json.dumps(result, indent=1) + "\n")
@@ -251,8 +259,6 @@ def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
     from ..checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
     from ..models import create_model
     from ..reconstruction import folder_reconstruction_metrics
-    from ..runner import run_task
-    from ..task import get_task
 
     folder = Path(args.out) / "control" / f"seed{seed}"
     done = folder / "ablate.json"
@@ -263,7 +269,7 @@ def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
         return json.loads(done.read_text()) | run_transfers(args, controls)
     log.info("ablate: control (untrained encoder) seed %d", seed)
     cfg = OmegaConf.merge(evaluation, {"encoder": {"random_init": True, "seed": seed}})
-    acc = run_task(get_task("frozen")(cfg), cfg)["metrics"]
+    acc = score_encoder(cfg)
     ckpt = load_checkpoint(Path(pretrain_cfg.output_dir) / "checkpoint-last.pt",
                            expect=PRETRAIN_FORMAT)  # fmt: skip
     torch.manual_seed(seed)
@@ -271,8 +277,7 @@ def run_control(args, seed: int, pretrain_cfg, evaluation) -> dict:
     rec = folder_reconstruction_metrics(model, args.val, images=args.psnr_images, seed=0)
     result = {"variant": CONTROL, "kind": None, "seed": seed, "steps": 0, "decoder_gmacs": None,
               "img_per_s": None, "final_loss": None, "psnr": rec["psnr"],
-              "knn_top1": acc["knn_top1"], "probe_top1": acc["linprobe_top1"],
-              "settings": untrained}  # fmt: skip
+              **acc, "settings": untrained}  # fmt: skip
     done.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(done, json.dumps(result, indent=1) + "\n")
     return result | run_transfers(args, controls)
@@ -430,7 +435,7 @@ def plot(table: dict[str, dict], path: Path) -> None:
 def cmd_ablate(args) -> int:
     from ..checkpoint import write_text_atomic
     from ..config import ConfigError
-    from ..task import get_task
+    from ..task import encoder_scorer
 
     # settings written after --variants or --transfer are settings, not names
     for names in ("variants", "transfer"):
@@ -451,19 +456,20 @@ def cmd_ablate(args) -> int:
         if not Path(file).is_file():
             raise ConfigError(f"--transfer-config {item}: no such file")
         args.transfer_files[stage] = Path(file)
-    stages = ("frozen", *args.transfer)
+    scorer = encoder_scorer()
+    stages = (scorer.transfer.name, *args.transfer)
 
     def settings_of_stage(name: str) -> list[str]:
         return [o.removeprefix(f"{name}.") for o in args.overrides if o.startswith(f"{name}.")]
 
-    frozen = settings_of_stage("frozen")
+    frozen = settings_of_stage(scorer.transfer.name)
     args.stage_settings = {name: settings_of_stage(name) for name in args.transfer}
     shared = [o for o in args.overrides if not o.startswith(tuple(f"{n}." for n in stages))]
     out = Path(args.out)
     # every run's settings and the splits, checked before the first run starts
     runs = [(v, s, *run_configs(args, v, s, shared, frozen))
             for v in args.variants for s in range(args.seeds)]  # fmt: skip
-    get_task("frozen")(runs[0][3]).open_data()  # train / val: class folders, the same classes
+    scorer(runs[0][3]).open_data()  # train / val: class folders, the same classes
     from ..hooks import resume_hint
     from ..runner import setup_logging
 
