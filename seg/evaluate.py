@@ -17,7 +17,39 @@ from crossmae.precision import autocast_dtype
 
 from .data import IGNORE, SegFolder, rescale_size, resize_u8
 from .metrics import SegMetrics, per_class
-from .model import slide_inference
+
+
+def slide_windows(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of mmseg's ``slide_inference`` windows over a (height, width) image at
+    least ``crop`` on each side, in its order: every ``stride`` pixels, the last flush with the
+    border."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    ys = [max(min(r * stride + crop, height) - crop, 0) for r in range(rows)]
+    xs = [max(min(c * stride + crop, width) - crop, 0) for c in range(cols)]
+    return [(y, x) for y in ys for x in xs]
+
+
+@torch.no_grad()
+def slide_inference(
+    model: nn.Module, img: torch.Tensor, num_classes: int, crop: int = 512, stride: int = 341
+) -> torch.Tensor:
+    """Logits (B, C, H, W) of an image of any size by overlapping ``crop`` windows every
+    ``stride`` pixels (``slide_windows``), each window's logits resized to the crop and averaged
+    where they overlap (mmseg's ``slide_inference``); an image smaller than the crop is padded
+    with zeros to it first."""
+    B, _, H, W = img.shape
+    img = F.pad(img, (0, max(crop - W, 0), 0, max(crop - H, 0)))
+    Hp, Wp = img.shape[-2:]
+    out = img.new_zeros(B, num_classes, Hp, Wp)
+    count = img.new_zeros(1, 1, Hp, Wp)
+    for y, x in slide_windows(Hp, Wp, crop, stride):
+        logits = model(img[:, :, y : y + crop, x : x + crop])["logits"].to(out.dtype)
+        out[:, :, y : y + crop, x : x + crop] += F.interpolate(
+            logits, size=(crop, crop), mode="bilinear", align_corners=False
+        )
+        count[:, :, y : y + crop, x : x + crop] += 1
+    return (out / count)[:, :, :H, :W]
 
 
 def rescaled(img: torch.Tensor, scale, ratio: float = 1.0) -> torch.Tensor:

@@ -36,14 +36,9 @@ from crossmae.task import Task, TransferStage, register_task
 
 from .config import SegConfig
 from .data import SegAugment, SegFolder, label_spec
-from .evaluate import eval_settings, evaluate_segmenter
+from .evaluate import eval_settings, evaluate_segmenter, slide_inference
 from .metrics import format_table
-from .model import (
-    SEG_FORMAT,
-    build_segmenter,
-    segmentation_losses,
-    slide_inference,
-)
+from .model import SEG_FORMAT, build_segmenter, segmentation_losses
 
 log = logging.getLogger("crossmae")
 

@@ -8,8 +8,9 @@ import torch
 
 from crossmae import distributed as du
 from seg.data import CAMVID, IGNORE, SegFolder
+from seg.evaluate import slide_inference
 from seg.metrics import SegMetrics
-from seg.model import SegViT, UperNet, slide_inference
+from seg.model import SegViT, UperNet
 
 root, n, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 du.init_from_env("cpu")

@@ -14,8 +14,9 @@ from PIL import Image
 
 from crossmae.data.datasets import LabelError
 from seg.data import ADE20K, CAMVID, IGNORE, SegFolder
+from seg.evaluate import slide_inference
 from seg.metrics import SegMetrics, pixel_accuracy
-from seg.model import SegViT, UperNet, slide_inference
+from seg.model import SegViT, UperNet
 
 
 def ade_benchmark_reference(preds: list[np.ndarray], labels: list[np.ndarray], C: int = 150):

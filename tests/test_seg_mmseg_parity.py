@@ -27,10 +27,10 @@ from crossmae.models.pretrained import encoder_export
 from crossmae.optim import make_schedule, optimizer_groups
 from seg.config import SegConfig
 from seg.data import IGNORE, rescale_size, resize_u8
-from seg.evaluate import segment
+from seg.evaluate import segment, slide_inference, slide_windows
 from seg.export import backbone_to_mmseg, import_mmseg, mmseg_architecture
 from seg.metrics import SegMetrics
-from seg.model import SegViT, UperNet, segmentation_losses, slide_inference, slide_windows
+from seg.model import SegViT, UperNet, segmentation_losses
 
 FIXTURE_ENV = "CROSSMAE_MMSEG_FIXTURE"
 REL = 1e-10  # float64 features and logits, relative to the largest
