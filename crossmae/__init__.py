@@ -10,11 +10,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from importlib.metadata import PackageNotFoundError, version  # noqa: E402
 
-from .models import create_model, list_models  # noqa: E402
-
 try:
     __version__ = version("crossmae")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = ["__version__", "create_model", "list_models"]
+
+
+def __getattr__(name: str):
+    """``create_model`` and ``list_models`` imported when first used: ``import crossmae`` (and
+    the command line's help) does not load torch."""
+    if name in ("create_model", "list_models"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'crossmae' has no attribute {name!r}")

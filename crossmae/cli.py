@@ -213,31 +213,37 @@ def plain(doc: str) -> str:
     return inspect.cleandoc(doc).replace("``", "`")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of every registered command: groups and their commands as nested
-    sub-commands, each task's training command under its ``command`` words."""
+def command_entries() -> dict[tuple[str, ...], dict]:
+    """Every registered command (words -> ``help``, ``description``, ``group``, ``configure``),
+    each task's training command under its ``command`` words, a group nobody described named
+    after its commands' first words."""
     from . import commands as _builtin  # noqa: F401  (registers convert, analyze, ...)
 
     entries = commands()
     for task in tasks():
         entries[task.command] = {"help": task.help, "description": task.__doc__,
                                  "configure": training_command(task)}  # fmt: skip
-    for words in list(entries):  # a group nobody described: its commands' first words
+    for words in list(entries):
         for k in range(1, len(words)):
             entries.setdefault(words[:k], {"help": f"{' '.join(words[:k])} commands",
                                            "description": None, "configure": None})  # fmt: skip
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="crossmae", description=plain(__doc__),
-                                     formatter_class=raw)  # fmt: skip
-    groups = {(): parser.add_subparsers(dest="command", required=True, metavar="COMMAND")}
-    for words in sorted(entries, key=lambda w: (len(w), w)):
-        spec = entries[words]
-        parent, about = groups[words[:-1]], plain(spec["description"] or spec["help"])
-        p = parent.add_parser(words[-1], help=spec["help"], description=about, formatter_class=raw)
-        if spec["configure"] is None:  # a group: its commands follow
-            groups[words] = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-        else:
-            spec["configure"](p)
+    return {w: {"help": e["help"], "description": plain(e["description"] or e["help"]),
+                "group": e["configure"] is None, "configure": e["configure"]}
+            for w, e in entries.items()}  # fmt: skip
+
+
+def build_parser(keep_index: bool = False) -> argparse.ArgumentParser:
+    """The parser of every registered command: groups and their commands as nested
+    sub-commands. ``keep_index``: also write the command index (``crossmae.command_index``) if
+    it is out of date and every plugin loaded."""
+    from . import command_index
+    from .task import PLUGIN_ERRORS
+
+    entries, about = command_entries(), plain(__doc__)
+    parser, parsers = command_index.build(entries, lambda words, e: e["configure"], about)
+    if keep_index and not PLUGIN_ERRORS and command_index.load() is None:
+        packages = {"crossmae", *(value.partition(".")[0] for _, value in command_index.plugins())}
+        command_index.save(entries, parsers, about, packages)
     return parser
 
 
@@ -313,7 +319,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(build_parser(), argv)
+    args = parse_args(build_parser(keep_index=True), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     return run_command(args)
 

@@ -37,10 +37,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from .command_index import PLUGIN_GROUP
 from .evaluation import Evaluation
 
 log = logging.getLogger("crossmae")
-PLUGIN_GROUP = "crossmae.plugins"  # entry points: modules that register tasks and commands
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ENV = "CROSSMAE_SHARED"
+# the command index (crossmae.command_index) of the tests' commands, theirs alone and removed after
+os.environ["CROSSMAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="crossmae-test-index-")
+atexit.register(shutil.rmtree, os.environ["CROSSMAE_CACHE_DIR"], ignore_errors=True)
 
 
 def shared_root() -> Path:
