@@ -403,3 +403,19 @@ def test_training_pipeline_is_mmsegs(shared_dir):
     out = photometric_distortion(red, Fixed([0, 0, 0, 1, 17, 0]))
     assert out.dtype == np.uint8 and out[0, 0, 0] == 255 and out[0, 0, 2] == 0
     assert out[0, 0, 1] in (144, 145)  # 34 degrees: G = 255 * 34 / 60
+
+
+def test_pictures_use_the_dataset_palette_unless_two_shown_classes_look_alike():
+    from seg.visualize import class_colors
+
+    ade = ADE20K.colors()
+    assert ade.shape == (150, 3) and CAMVID.colors().shape == (11, 3)
+    assert ade[0].tolist() == [120, 120, 120] and CAMVID.colors()[3].tolist() == [128, 64, 128]
+    colors, which = class_colors(ade, 150, [0, 2, 12])  # wall, sky, person
+    assert which == "dataset palette" and colors is ade
+    colors, which = class_colors(ade, 150, [0, 6, 48])  # road and skyscraper share 8c8c8c
+    assert which.startswith("distinct colours: the dataset palette has two")
+    shown = colors[[0, 6, 48]].astype(int)
+    assert min(np.abs(shown[i] - shown[j]).sum() for i, j in ((0, 1), (0, 2), (1, 2))) > 0
+    colors, which = class_colors(None, 5, [1, 3])
+    assert which == "distinct colours" and (colors[1] != colors[3]).any()
