@@ -4,11 +4,14 @@ the Slurm launcher path, and its errors."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import REPO
@@ -134,25 +137,48 @@ def test_errors_name_the_problem(pretrained, tmp_path, monkeypatch, capsys):
     assert "NPROC must be a number of processes, not 'abc'" in err
 
 
+def refuse(token: str):
+    raise ValueError(f"{token} is not JSON")
+
+
 def strict(path) -> object:
     """A JSON file (or JSON-lines file) parsed as strict JSON: NaN / Infinity are errors."""
-
-    def refuse(token: str):
-        raise ValueError(f"{path}: {token} is not JSON")
-
     text = path.read_text()
     if path.suffix == ".jsonl":
         return [json.loads(line, parse_constant=refuse) for line in text.splitlines() if line]
     return json.loads(text, parse_constant=refuse)
 
 
+SILENCE = 30  # seconds a command may go without a line to its user (at the smoke sizes)
+
+
+class Lines(logging.Handler):
+    """When each of crossmae's log lines was written."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.times: list[float] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.times.append(time.monotonic())
+
+
+@pytest.fixture
+def lines():
+    handler = Lines()
+    logging.getLogger("crossmae").addHandler(handler)
+    yield handler
+    logging.getLogger("crossmae").removeHandler(handler)
+
+
 def test_readme_commands_work_on_the_main_jobs_run_folder(
-    shared_dir, pretrained, smoke, tmp_path, capsys
+    shared_dir, pretrained, smoke, tmp_path, capsys, lines
 ):
     """The README's commands, as written, on the default pretraining run's folder (8-px patches,
     64 px): transfer --smoke (above: det and seg resample the patches to 16 px and say so), the
     quick frozen evaluation, the converters, psnr, the analyses, then evaluate and visualize on
-    the smoke's detector and segmenter. Every JSON written is strict JSON."""
+    the smoke's detector and segmenter. Every JSON written is strict JSON, and no command goes
+    more than ``SILENCE`` seconds without a line."""
     run, out = pretrained.parent, smoke[0]
     data = shared_dir / "data"
     for stage in ("det", "seg"):
@@ -162,8 +188,16 @@ def test_readme_commands_work_on_the_main_jobs_run_folder(
 
     def ok(*argv: str) -> str:
         capsys.readouterr()
+        lines.times = [time.monotonic()]
         assert main(list(argv)) == 0, argv
-        return capsys.readouterr().out
+        out = capsys.readouterr().out
+        lines.times.append(time.monotonic())  # its output printed at the end counts as a line
+        gap = max(b - a for a, b in itertools.pairwise(lines.times))
+        assert gap <= SILENCE, f"crossmae {' '.join(argv[:2])}: {gap:.0f} s without a line"
+        for line in out.splitlines():  # every JSON it prints is strict
+            if line.startswith("{"):
+                json.loads(line, parse_constant=refuse)
+        return out
 
     cifar = out / "smoke_data" / "cls"
     ok("cls", "frozen", "--config", str(REPO / "configs/cls/frozen_cifar10_tiny.yaml"),
