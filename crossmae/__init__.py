@@ -8,12 +8,7 @@ import os
 # passive one 1.8 times, and the idle step no slower (docs/results.md, "CPU threads").
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from importlib.metadata import PackageNotFoundError, version  # noqa: E402
-
-try:
-    __version__ = version("crossmae")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+unknown"
+from .version import __version__  # noqa: E402
 
 __all__ = ["__version__", "create_model", "list_models"]
 

@@ -37,7 +37,7 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
 def encoder_export(model: nn.Module, *, model_name: str, extra: dict | None = None) -> dict:
     """Encoder-only checkpoint: timm / official-MAE key names under ``"encoder"``, the encoder's
     constructor settings under ``"encoder_config"`` (``VisionTransformer(**encoder_config)``)."""
-    from .. import __version__
+    from ..version import __version__
 
     model = unwrap(model)
     return {
