@@ -6,15 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crossmae.config import (
+from crossmae.checks import (
     FRACTION,
     POSITIVE,
-    EncoderSource,
-    EvalConfig,
-    LogConfig,
-    OptimConfig,
-    RunConfig,
-    TrainConfig,
     above,
     at_least,
     at_most,
@@ -25,6 +19,14 @@ from crossmae.config import (
     not_empty,
     one_of,
     section,
+)
+from crossmae.config import (
+    EncoderSource,
+    EvalConfig,
+    LogConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
 )
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from .checkpoint import strict_json
-from .config import int_at_least
+from .checks import int_at_least
 from .task import Task, commands, register_command, tasks
 
 

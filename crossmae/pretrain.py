@@ -25,13 +25,9 @@ from torch import nn
 
 from . import distributed as du
 from .checkpoint import PRETRAIN_FORMAT
-from .config import (
+from .checks import (
     FRACTION,
     POSITIVE,
-    ConfigError,
-    LogConfig,
-    OptimConfig,
-    TrainConfig,
     above,
     at_least,
     at_most,
@@ -43,8 +39,8 @@ from .config import (
     one_of,
     registered_model,
     section,
-    to_plain,
 )
+from .config import ConfigError, LogConfig, OptimConfig, TrainConfig, to_plain
 from .data import (
     BuiltinPhotos,
     EvalTransform,

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from crossmae.config import fraction_option, int_at_least
+from crossmae.checks import fraction_option, int_at_least
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.task import register_command, register_converter, register_group
 

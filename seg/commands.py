@@ -8,7 +8,8 @@ import argparse
 import torch
 
 from crossmae import distributed as du
-from crossmae.config import int_at_least, load_config, without_missing
+from crossmae.checks import int_at_least
+from crossmae.config import load_config, without_missing
 from crossmae.models.pretrained import load_pretrained_encoder
 from crossmae.task import register_command, register_converter, register_group
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from crossmae.config import (
+from crossmae.checks import (
     FRACTION,
     POSITIVE,
     TRAIN_PRECISION,
-    EncoderSource,
-    EvalConfig,
-    LogConfig,
-    OptimConfig,
-    TrainConfig,
     above,
     at_least,
     at_most,
@@ -25,6 +20,7 @@ from crossmae.config import (
     one_of,
     section,
 )
+from crossmae.config import EncoderSource, EvalConfig, LogConfig, OptimConfig, TrainConfig
 
 
 @dataclass

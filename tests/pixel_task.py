@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossmae.bench import BenchCase, bench_encoder, register_bench_case
-from crossmae.config import EncoderSource, LogConfig, OptimConfig, TrainConfig, section
+from crossmae.checks import section
+from crossmae.config import EncoderSource, LogConfig, OptimConfig, TrainConfig
 from crossmae.data import Indexed
 from crossmae.evaluation import DatasetEvaluator, Evaluation, inference_on_dataset
 from crossmae.models import VisionTransformer

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import submitit
 
-from crossmae.config import int_at_least
+from crossmae.checks import int_at_least
 
 
 def task_commands() -> list[str]:

@@ -35,7 +35,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from ..config import int_at_least
+from ..checks import int_at_least
 from ..models import MAE
 from ..task import register_command
 

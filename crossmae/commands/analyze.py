@@ -30,7 +30,8 @@ import torch
 
 from crossmae.analysis import decoder_block_terms, flop_counts, iba_weights, mae_attention_mass
 from crossmae.checkpoint import PRETRAIN_FORMAT, load_checkpoint, write_text_atomic
-from crossmae.config import int_at_least, parse_settings
+from crossmae.checks import int_at_least
+from crossmae.config import parse_settings
 from crossmae.data import BuiltinPhotos, EvalTransform, ImageFiles, denormalize
 from crossmae.models import MAE, CrossMAE, create_model, model_class
 from crossmae.models.masking import normalize_patches, patchify, unpatchify

@@ -20,7 +20,8 @@ import json
 import re
 from pathlib import Path
 
-from crossmae.config import ConfigError, int_at_least
+from crossmae.checks import int_at_least
+from crossmae.config import ConfigError
 from crossmae.task import register_command
 
 REPO = Path(__file__).resolve().parents[2]

@@ -46,7 +46,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import ConfigError, int_at_least
+from ..checks import int_at_least
+from ..config import ConfigError
 from ..task import register_command, transfer_stages
 from .stages import encoder_size, evaluate_checkpoint, make_plans, stage_configs
 

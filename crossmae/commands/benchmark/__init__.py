@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from crossmae.config import int_at_least
+from crossmae.checks import int_at_least
 from crossmae.task import register_command, register_group
 
 # the names of crossmae.models.layers.SDPA_BACKENDS, here so that building the command line
