@@ -371,13 +371,15 @@ class PretrainTask(Task):
 
     def after_run(self, result: dict) -> None:
         out = Path(result["output_dir"])
-        log.info("look at %s: loss.png, recon/epoch-*.png (reconstructions), metrics.jsonl, tb/; "
+        log.info("look at %s: loss.png, recon/epoch-*.png (reconstructions; epoch-0000.png: "
+                 "untrained), metrics.jsonl, tb/; "
                  "checkpoint-last.pt and encoder.pt for the transfer tasks", out)  # fmt: skip
 
 
 class ReconstructionImages(Hook):
     """Rank 0: the reconstruction PNG of fixed images (every masked patch decoded) and the loss
-    curve, every ``log.vis_every_epochs`` epochs and at the end of a run stopped mid-epoch."""
+    curve, before the first step (``epoch-0000.png``: the untrained model), every
+    ``log.vis_every_epochs`` epochs and at the end of a run stopped mid-epoch."""
 
     name = "reconstructions"
 
@@ -389,7 +391,7 @@ class ReconstructionImages(Hook):
         images = PretrainSamples(src, EvalTransform(cfg.model.img_size), task.model.mask_sampler)
         self.batch = collate([images[(i, cfg.train.seed + i)] for i in idx])
 
-    def draw(self, engine: Engine, epoch: int) -> None:
+    def draw(self, engine: Engine, epoch: int, name: str | None = None) -> None:
         model, device = self.task.model, self.task.device
         imgs, ids = self.batch["images"].to(device), self.batch["ids_shuffle"].to(device)
         rec = reconstruct(model, imgs, ids, pred_ratio=self.task.mask_ratio)
@@ -398,11 +400,17 @@ class ReconstructionImages(Hook):
         engine.record({"step": engine.step, "epoch": epoch, "recon_psnr": psnr}, "recon")
         norm = ("; norm-pix outputs shown with each patch's true mean and spread"
                 if model.norm_pix_loss else "")  # fmt: skip
-        title = (f"{self.task.cfg.model.name}  epoch {epoch}  step {engine.step}  masked-patch "
-                 f"PSNR {psnr:.2f} dB\n(every masked patch decoded{norm})")  # fmt: skip
+        when = "untrained" if engine.step == 0 else f"epoch {epoch}  step {engine.step}"
+        title = (f"{self.task.cfg.model.name}  {when}  masked-patch PSNR {psnr:.2f} dB\n"
+                 f"(every masked patch decoded{norm})")  # fmt: skip
         (self.out / "recon").mkdir(exist_ok=True)
-        save_reconstruction_grid(rec, self.out / "recon" / f"epoch-{epoch:04d}.png", title)
+        name = name or f"epoch-{epoch:04d}.png"
+        save_reconstruction_grid(rec, self.out / "recon" / name, title)
         save_loss_curve(self.out / "metrics.jsonl", self.out / "loss.png", lr=engine.schedule)
+
+    def before_train(self, engine: Engine) -> None:
+        if engine.rank == 0 and engine.step == 0 and self.task.cfg.log.vis_every_epochs:
+            self.draw(engine, 0)  # the untrained model: what every later figure is read against
 
     def after_epoch(self, engine: Engine) -> None:
         every = self.task.cfg.log.vis_every_epochs
@@ -412,7 +420,8 @@ class ReconstructionImages(Hook):
 
     def after_train(self, engine: Engine, interrupted: bool) -> None:
         if engine.rank == 0 and not interrupted and engine.step % engine.steps_per_epoch:
-            self.draw(engine, engine.step // engine.steps_per_epoch)  # stopped mid-epoch
+            epoch = engine.step // engine.steps_per_epoch  # stopped mid-epoch: its own file
+            self.draw(engine, epoch, f"epoch-{epoch:04d}-step-{engine.step}.png")
 
 
 def pretrain(cfg, *, resume: str | None = None) -> dict:

@@ -89,7 +89,8 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     summary = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
     assert summary["step"] == 8 and not summary["interrupted"]
     for f in ("config.yaml", "log.txt", "metrics.jsonl", "loss.png", "results.json", "encoder.pt",
-              "recon/epoch-0001.png", "recon/epoch-0002.png", LAST):  # fmt: skip
+              "recon/epoch-0000.png", "recon/epoch-0001.png", "recon/epoch-0002.png",
+              LAST):  # fmt: skip
         assert (run / f).is_file(), f
     assert [s for s, _ in losses(run)] == list(range(1, 9))
     # config.yaml holds what the run used: its folder, γ (= p by default), the precision
@@ -107,10 +108,12 @@ def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     # and ends with the run's time and overall speed
     assert re.search(r"done: step 8 \(epoch 2\), \S+ for 8 steps: [0-9.]+ s/step, [0-9.]+ img/s "
                      r"overall; final loss [0-9.]+; ", text)  # fmt: skip
-    # every reconstruction figure's masked-patch PSNR, in the records too
+    # every reconstruction figure's masked-patch PSNR, in the records too, the untrained
+    # model's (epoch 0, step 0) first
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    psnr = [(r["epoch"], r["recon_psnr"]) for r in rows if "recon_psnr" in r]
-    assert [e for e, _ in psnr] == [1, 2] and all(5 < p < 60 for _, p in psnr)
+    psnr = [(r["step"], r["epoch"], r["recon_psnr"]) for r in rows if "recon_psnr" in r]
+    assert [(s, e) for s, e, _ in psnr] == [(0, 0), (4, 1), (8, 2)]
+    assert all(5 < p < 60 for *_, p in psnr)
     ckpt = load_checkpoint(run / LAST)  # weights_only
     assert ckpt["step"] == 8 and ckpt["mask_ratio"] == 0.75 and ckpt["patch_size"] == 8
     assert ckpt["config"]["model"]["name"] == "crossmae_vit_tiny_patch8" and ckpt["version"]
