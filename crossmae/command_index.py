@@ -91,7 +91,7 @@ def load() -> dict | None:
         if any(_stat(f) != st for f, st in index["files"].items()):
             return None
         return index if index["plugins"] == plugins() else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):  # RuntimeError: no home
         return None
 
 
@@ -111,7 +111,10 @@ def save(entries: dict[tuple[str, ...], dict], parsers: dict, description: str,
         "tree": [[list(w), e["help"], e["description"], e["group"]] for w, e in entries.items()],
         "help": {" ".join(w): p.format_help() for w, p in parsers.items()},
     }  # fmt: skip
-    path = index_file()
+    try:
+        path = index_file()
+    except RuntimeError:  # no home folder to keep it in
+        return
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,14 @@ def test_the_answer_imports_no_task_package(index):
                          check=True).stdout  # fmt: skip
     assert out.startswith("usage: crossmae cls [-h] ACTION ...")
     assert out.rstrip().endswith("0 []")
+
+
+def test_no_home_folder_means_no_index_not_an_error(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory")
+
+    monkeypatch.delenv("CROSSMAE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(command_index.Path, "home", staticmethod(no_home))
+    assert command_index.answer(["--help"]) is None
+    cli.build_parser(keep_index=True)  # the full parser still answers, keeping nothing
