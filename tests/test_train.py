@@ -43,6 +43,7 @@ TINY = [
     "log.progress=false",
     "log.tensorboard=false",
     "log.vis_images=2",
+    "log.vis_every_epochs=0",  # no figures (about a second each); the tests of them turn them on
 ]
 
 
@@ -86,7 +87,8 @@ def losses_safe(metrics: Path) -> list[tuple[int, float]]:
 @pytest.mark.slow
 def test_run_folder_checkpoint_and_encoder_export(tmp_path):
     run = tmp_path / "run"
-    summary = pretrain(load_config(PretrainConfig, [], [*TINY, f"output_dir={run}"]))
+    settings = [*TINY, "log.vis_every_epochs=1", f"output_dir={run}"]
+    summary = pretrain(load_config(PretrainConfig, [], settings))
     assert summary["step"] == 8 and not summary["interrupted"]
     for f in ("config.yaml", "log.txt", "metrics.jsonl", "loss.png", "results.json", "encoder.pt",
               "recon/epoch-0000.png", "recon/epoch-0001.png", "recon/epoch-0002.png",
@@ -440,7 +442,8 @@ def test_device_decode_pipeline_trains(shared_dir, tmp_path):
 def test_knn_monitor_during_pretraining(shared_dir, tmp_path):
     train = cifar_folder(shared_dir, tmp_path / "knn_train", per_class=6, classes=2)
     val = cifar_folder(shared_dir, tmp_path / "knn_val", per_class=3, classes=2)
-    overrides = [f"data.knn_train={train}", f"data.knn_val={val}", "log.knn_every_epochs=1"]
+    overrides = [f"data.knn_train={train}", f"data.knn_val={val}", "log.knn_every_epochs=1",
+                 "log.vis_every_epochs=1"]  # fmt: skip
     pretrain(load_config(PretrainConfig, [], [*TINY, *overrides, f"output_dir={tmp_path / 'r'}"]))
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").open()]
     knn = [r for r in rows if "knn_top1" in r]
