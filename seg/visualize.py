@@ -1,8 +1,8 @@
 """Pictures of what a segmenter predicts (``crossmae seg visualize``, mmseg's ``--show-dir``):
 for each of the first N validation images, the image, its ground truth and the prediction as
 colour overlays, with a legend of the classes shown. Colours are the dataset's own palette
-(ADE20K's, CamVid's) unless two classes shown in one image would look alike in it (or the
-dataset has none): then distinct colours, and the figure says so."""
+(ADE20K's, CamVid's); a class whose colour would look like that of another class shown in the
+same image gets a distinct one instead, and the figure says how many did."""
 
 from __future__ import annotations
 
@@ -21,19 +21,27 @@ CLOSE = 60  # RGB distance under which two classes' colours are taken for one on
 
 def class_colors(palette: np.ndarray | None, num_classes: int,
                  shown: list[int]) -> tuple[np.ndarray, str]:  # fmt: skip
-    """(num_classes, 3) uint8 colours for an image showing ``shown`` classes: the palette, or
-    distinct colours for the shown classes where the palette has none or two of them close;
-    and the note saying which."""
-    if palette is not None:
-        chosen = palette[shown].astype(np.float32)
-        gaps = np.linalg.norm(chosen[:, None] - chosen[None], axis=-1)
-        if len(shown) < 2 or gaps[np.triu_indices(len(shown), 1)].min() >= CLOSE:
-            return palette, "dataset palette"
+    """(num_classes, 3) uint8 colours for an image showing ``shown`` classes, and the note that
+    says which: the dataset's palette, except that a shown class whose palette colour is close
+    to one already given gets the first distinct colour that is close to none (without a
+    palette, distinct colours throughout)."""
     colors = np.zeros((num_classes, 3), dtype=np.uint8)
-    colors[shown] = distinct_colors(len(shown))
     if palette is None:
+        colors[shown] = distinct_colors(len(shown))
         return colors, "distinct colours"
-    return colors, "distinct colours: the dataset palette has two of these classes alike"
+    spare = [c.astype(np.float32) for c in distinct_colors(64)]
+    given: list[np.ndarray] = []
+    changed = []
+    for c in shown:
+        want = palette[c].astype(np.float32)
+        if any(np.linalg.norm(want - g) < CLOSE for g in given):
+            changed.append(c)
+            want = next((d for d in spare if all(np.linalg.norm(d - g) >= CLOSE for g in given)),
+                        spare[len(changed) % len(spare)])  # fmt: skip
+        given.append(want)
+        colors[c] = want
+    return colors, "dataset palette" + (f"; {len(changed)} class(es) alike in it recoloured"
+                                        if changed else "")  # fmt: skip
 
 
 def overlay(

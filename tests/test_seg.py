@@ -405,17 +405,22 @@ def test_training_pipeline_is_mmsegs(shared_dir):
     assert out[0, 0, 1] in (144, 145)  # 34 degrees: G = 255 * 34 / 60
 
 
-def test_pictures_use_the_dataset_palette_unless_two_shown_classes_look_alike():
-    from seg.visualize import class_colors
+def test_pictures_use_the_dataset_palette_and_recolour_only_classes_alike_in_it():
+    from seg.visualize import CLOSE, class_colors
 
     ade = ADE20K.colors()
     assert ade.shape == (150, 3) and CAMVID.colors().shape == (11, 3)
     assert ade[0].tolist() == [120, 120, 120] and CAMVID.colors()[3].tolist() == [128, 64, 128]
     colors, which = class_colors(ade, 150, [0, 2, 12])  # wall, sky, person
-    assert which == "dataset palette" and colors is ade
-    colors, which = class_colors(ade, 150, [0, 6, 48])  # road and skyscraper share 8c8c8c
-    assert which.startswith("distinct colours: the dataset palette has two")
-    shown = colors[[0, 6, 48]].astype(int)
-    assert min(np.abs(shown[i] - shown[j]).sum() for i, j in ((0, 1), (0, 2), (1, 2))) > 0
+    assert which == "dataset palette" and (colors[[0, 2, 12]] == ade[[0, 2, 12]]).all()
+    colors, which = class_colors(ade, 150, [2, 6, 48])  # road and skyscraper share 8c8c8c
+    assert which == "dataset palette; 1 class(es) alike in it recoloured"
+    assert (colors[[2, 6]] == ade[[2, 6]]).all() and (colors[48] != ade[48]).any()
+    shown = colors[[2, 6, 48]].astype(float)
+    assert min(np.linalg.norm(shown[i] - shown[j]) for i, j in ((0, 1), (0, 2), (1, 2))) >= CLOSE
+    many = list(range(0, 150, 7))  # 22 classes: every pair apart, whatever the palette
+    colors = class_colors(ade, 150, many)[0][many].astype(float)
+    gaps = np.linalg.norm(colors[:, None] - colors[None], axis=-1)
+    assert gaps[np.triu_indices(len(many), 1)].min() >= CLOSE
     colors, which = class_colors(None, 5, [1, 3])
     assert which == "distinct colours" and (colors[1] != colors[3]).any()
