@@ -139,7 +139,10 @@ def answer(argv: list[str]) -> int | None:
             break
     rest = argv[len(words) :]
     group = not words or entries[words]["group"]
-    if (rest[:1] and rest[0] in HELP) if group else any(t in HELP for t in rest):
+    # a group's -h counts right after its words (a word after them is a command), a command's
+    # anywhere among its arguments
+    asks_help = rest[:1] in (["-h"], ["--help"]) if group else any(t in HELP for t in rest)
+    if asks_help:
         sys.stdout.write(index["help"][" ".join(words)])
         return 0
     if group and (not rest or not rest[0].startswith("-")):
